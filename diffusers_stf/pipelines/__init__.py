@@ -1,0 +1,3 @@
+"""Pipelines."""
+
+from .pipeline_edm import EDMPipeline

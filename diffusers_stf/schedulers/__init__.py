@@ -1,0 +1,6 @@
+"""diffusers-native schedulers, one per file."""
+
+from .scheduling_edm_heun import EDMHeunScheduler, EDMSchedulerOutput
+from .scheduling_edm_stochastic import EDMStochasticScheduler
+
+# Score-based foundations (issue 7) add their schedulers below.
