@@ -20,3 +20,13 @@ from .schedulers import EDMHeunScheduler, EDMSchedulerOutput, EDMStochasticSched
 from .pipelines import EDMPipeline
 
 __version__ = "0.1.0"
+
+# --- Stable Target Field / EDM losses and training plumbing (issue 3) ---
+
+# --- Sequence-aware loss (issue 6) ---
+
+# --- Discriminator guidance (issue 4) ---
+
+# --- Evaluation (issue 5) ---
+
+# --- Score-based foundations (issue 7) ---

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import List, Optional, Union
 
 import torch
@@ -25,6 +27,40 @@ class EDMPipeline(DiffusionPipeline):
     def __init__(self, unet: UNet2DModel, scheduler: EDMHeunScheduler):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs):
+        """Save as diffusers does, then name our components ``["diffusers_stf", "<Class>"]`` in ``model_index.json``.
+
+        diffusers records the defining module (``diffusers_stf.schedulers.scheduling_edm_heun``), which would make our
+        internal file layout part of the on-disk format; the package re-exports every component class instead.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path) as f:
+            index = json.load(f)
+        for name, value in index.items():
+            if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith("diffusers_stf."):
+                index[name] = ["diffusers_stf", value[1]]
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs):
+        """Load from a local folder written by ``save_pretrained``, or from a Hub repo id.
+
+        A repo id is downloaded first with ``huggingface_hub.snapshot_download`` and then loaded from the local snapshot:
+        diffusers' own download step cannot resolve components defined in an installed package. ``revision``,
+        ``token``, ``cache_dir``, ``local_files_only`` and ``force_download`` go to the download; all other keyword
+        arguments (e.g. ``discriminator=None``, ``torch_dtype``) go to ``DiffusionPipeline.from_pretrained``.
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            from huggingface_hub import snapshot_download
+
+            download_keys = ("revision", "token", "cache_dir", "local_files_only", "force_download")
+            download_kwargs = {k: kwargs.pop(k) for k in download_keys if k in kwargs}
+            path = snapshot_download(path, **download_kwargs)
+        return super().from_pretrained(path, **kwargs)
 
     def _check_inputs(self, batch_size: int, num_inference_steps: int, output_type: str):
         if not isinstance(batch_size, int) or batch_size < 1:
