@@ -1,1 +1,27 @@
-"""evaluation"""
+"""Offline evaluation: Fréchet distance, improved precision/recall and class statistics over pluggable feature
+extractors (the shipped digits classifier, FID's Inception-v3 from a local file, any transformers backbone), and
+seeded, resumable sampling of saved pipelines."""
+
+from .classification import class_statistics
+from .evaluator import (
+    compute_features,
+    default_cache_dir,
+    evaluate_images,
+    reference_images,
+    reference_statistics,
+)
+from .feature_extractors import (
+    DIGITS_CLASSIFIER_PATH,
+    DigitsClassifier,
+    DigitsFeatureExtractor,
+    FeatureExtractor,
+    InceptionFeatureExtractor,
+    TransformersFeatureExtractor,
+    download_inception_weights,
+    load_feature_extractor,
+)
+from .frechet import feature_statistics, frechet_distance, frechet_distance_from_features
+from .images import load_images, match_channels, quantize, save_image_grid, to_uint8
+from .inception import INCEPTION_FID_WEIGHTS_URL, FIDInceptionV3
+from .precision_recall import knn_radii, manifold_membership, precision_recall
+from .sampling import count_calls, generate_batch, generate_images, load_pipeline, make_scheduler

@@ -1,0 +1,169 @@
+"""Training objectives of the Discriminator Guidance discriminator (Kim et al., ICML 2023).
+
+Real images (label 1) and generated ones (label 0) are both diffused by the forward process, x = y + σ·n, at
+independently sampled noise levels, and the discriminator d_φ(x, σ) (returning the logit ℓ = log(d/(1 − d))) is
+trained to tell them apart (DG eq. 7, Algorithm 1). At the optimum the density ratio r = e^ℓ = d/(1 − d) is
+p_data,σ/p_model,σ, whichever strictly proper objective is used; DG Appendix B compares three Bregman divergences
+between r and the true ratio:
+
+* :class:`DiscriminatorBCELoss`: the binary cross-entropy of DG's main text, −E_real[log d] − E_fake[log(1 − d)];
+* :class:`DiscriminatorLSIFLoss`: least-squares importance fitting, E_fake[r²/2] − E_real[r];
+* :class:`DiscriminatorUKLLoss`: unnormalised KL, E_fake[r] − E_real[log r].
+
+The expectations over real and fake images are taken separately, so the minimiser is the density ratio whatever the
+proportion of each in a batch.
+
+σ is sampled log-uniformly (:func:`sample_sigma_log_uniform`). DG samples the VP time τ by importance sampling with
+density ∝ β(τ)/(1 − e^{−∫β}) on [1e-5, 1]; since σ(τ)² = e^{∫β} − 1, that density makes ln σ² uniform, i.e. σ
+log-uniform on [σ_VP(1e-5), σ_VP(1)] ≈ [0.0010, 152.2] (the default range).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..preconditioning import VPPreconditioning
+
+_VP = VPPreconditioning()
+DG_TRAIN_TIME_MIN = 1e-5  # DG train.py: t_min of the importance-sampled VP time
+DG_SIGMA_MIN = float(_VP.sigma(torch.tensor(DG_TRAIN_TIME_MIN, dtype=torch.float64)))  # ≈ 0.0010
+DG_SIGMA_MAX = float(_VP.sigma(torch.tensor(1.0, dtype=torch.float64)))  # ≈ 152.2
+
+
+def sample_sigma_log_uniform(
+    batch_size: int,
+    sigma_min: float = DG_SIGMA_MIN,
+    sigma_max: float = DG_SIGMA_MAX,
+    generator: Optional[torch.Generator] = None,
+    device=None,
+) -> torch.Tensor:
+    """σ with ln σ ~ U[ln σ_min, ln σ_max] (float64, shape (batch_size,)): DG's importance-sampled VP time,
+    written in σ (module docstring)."""
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    u = torch.rand(batch_size, generator=generator, dtype=torch.float64, device=generator.device if generator else None)
+    sigma = torch.exp(math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min)))
+    return sigma.to(device) if device is not None else sigma
+
+
+@dataclass
+class DiscriminatorLossOutput:
+    """Result of a discriminator loss.
+
+    Args:
+        loss: the scalar objective.
+        logits: ℓ of the real then the fake images, shape (n_real + n_fake,) (detached).
+        sigma: their noise levels (float64).
+        is_real: 1 for real, 0 for fake.
+    """
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    sigma: torch.Tensor
+    is_real: torch.Tensor
+
+    @property
+    def correct(self) -> torch.Tensor:
+        """Whether each image is classified correctly (d > ½ for real, d < ½ for fake)."""
+        return (self.logits > 0) == self.is_real.bool()
+
+
+class DiscriminatorLoss:
+    """Shared part of the three objectives: diffuse real and fake images at log-uniform σ and score them.
+
+    Args:
+        sigma_min, sigma_max: the range of the log-uniform σ (default: DG's).
+    """
+
+    name = ""
+
+    def __init__(self, sigma_min: float = DG_SIGMA_MIN, sigma_max: float = DG_SIGMA_MAX):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def divergence(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, discriminator, images, class_labels=None, generator=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ℓ(y + σ·n, σ) with σ log-uniform and n ~ N(0, I) (the forward process of DG Algorithm 1)."""
+        sigma = sample_sigma_log_uniform(len(images), self.sigma_min, self.sigma_max, generator, device=images.device)
+        noise = torch.randn(images.shape, generator=generator, device=generator.device if generator else None)
+        noise = noise.to(device=images.device, dtype=images.dtype)
+        noisy = images + sigma.to(images.dtype).reshape(-1, *([1] * (images.ndim - 1))) * noise
+        return discriminator(noisy, sigma, class_labels).logits, sigma
+
+    def __call__(
+        self,
+        discriminator,
+        real: torch.Tensor,
+        fake: torch.Tensor,
+        real_labels: Optional[torch.Tensor] = None,
+        fake_labels: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> DiscriminatorLossOutput:
+        """The objective on a batch of real and a batch of generated images (both in [−1, 1]).
+
+        Args:
+            discriminator: a :class:`~diffusers_stf.Discriminator` (or any module ``(x, σ, labels) -> .logits``).
+            real, fake: the two batches; their sizes may differ.
+            real_labels, fake_labels: class labels, for a class-conditional discriminator.
+            generator: randomness of σ and of the noise.
+        """
+        if len(real) == 0 or len(fake) == 0:
+            raise ValueError("need at least one real and one fake image")
+        logits_real, sigma_real = self.logits(discriminator, real, real_labels, generator)
+        logits_fake, sigma_fake = self.logits(discriminator, fake, fake_labels, generator)
+        loss = self.divergence(logits_real.float(), logits_fake.float())
+        is_real = torch.cat([torch.ones_like(logits_real), torch.zeros_like(logits_fake)])
+        return DiscriminatorLossOutput(
+            loss=loss,
+            logits=torch.cat([logits_real, logits_fake]).detach(),
+            sigma=torch.cat([sigma_real, sigma_fake]),
+            is_real=is_real.detach(),
+        )
+
+
+class DiscriminatorBCELoss(DiscriminatorLoss):
+    """DG eq. 7: −E_real[log d] − E_fake[log(1 − d)], on logits (log d = −softplus(−ℓ), log(1 − d) = −softplus(ℓ)),
+    which is the numerically stable form of DG's ``BCELoss`` on sigmoid outputs."""
+
+    name = "bce"
+
+    def divergence(self, logits_real, logits_fake):
+        return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+
+
+class DiscriminatorLSIFLoss(DiscriminatorLoss):
+    """DG Appendix B, least-squares importance fitting: E_fake[r²/2] − E_real[r] with r = e^ℓ (the Bregman
+    divergence of f(r) = (r − 1)²/2 up to a constant); minimised by r = p_data/p_model."""
+
+    name = "lsif"
+
+    def divergence(self, logits_real, logits_fake):
+        return 0.5 * torch.exp(2 * logits_fake).mean() - torch.exp(logits_real).mean()
+
+
+class DiscriminatorUKLLoss(DiscriminatorLoss):
+    """DG Appendix B, unnormalised Kullback–Leibler: E_fake[r] − E_real[log r] with r = e^ℓ (the Bregman divergence of
+    f(r) = r·log r − r up to a constant); minimised by r = p_data/p_model."""
+
+    name = "ukl"
+
+    def divergence(self, logits_real, logits_fake):
+        return torch.exp(logits_fake).mean() - logits_real.mean()
+
+
+DISCRIMINATOR_LOSSES = {cls.name: cls for cls in (DiscriminatorBCELoss, DiscriminatorLSIFLoss, DiscriminatorUKLLoss)}
+
+
+def make_discriminator_loss(name: str, **kwargs) -> DiscriminatorLoss:
+    """``bce`` (DG's default), ``lsif`` or ``ukl``."""
+    if name not in DISCRIMINATOR_LOSSES:
+        raise ValueError(f"loss must be one of {sorted(DISCRIMINATOR_LOSSES)}, got {name!r}")
+    return DISCRIMINATOR_LOSSES[name](**kwargs)

@@ -1,0 +1,244 @@
+"""The sequence-aware loss of Nguyen et al. 2024, "On Inference Stability for Diffusion Models" (SA-DPM, AAAI 2024).
+
+A DDPM ε-prediction network f_θ (a diffusers ``UNet2DModel``) is trained on K consecutive timesteps at once:
+
+    L_sa = E_{t, x_0, ε} ‖ (1/K) Σ_{s=t}^{t+K−1} τ_s (f_θ(x_s, s) − ε_s) ‖²,   t ∈ {1−K, …, T},         (paper eq. 10)
+    L    = L_simple + λ·L_sa,                                                                              (paper eq. 11)
+
+with τ_s = 0 outside {2, …, T} for the Theorem 1 weights (outside {1, …, T} for uniform weights). Penalising the
+squared *sum* of the K residuals (not the sum of squares) penalises residuals that add up along the sampling chain,
+which is what accumulates into the estimation gap (see :mod:`diffusers_stf.estimation_gap`).
+
+Time indices. The paper counts t = 1..T with x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε and ᾱ_t = Π_{s≤t}(1 − β_s). diffusers
+counts timesteps 0..T−1: the UNet sees, and ``DDPMScheduler.add_noise`` uses, the index t − 1. In this module
+``timesteps``/``window_start``/``steps`` are **1-based (paper) unless the name says "index"**; tensors over time
+(``sequence_aware_weights``, ``alphas_cumprod``) have length T and entry t − 1 belongs to paper time t.
+
+Differences from the official code (VinAIResearch/SA-DPM ``sequence_aware_loss``), all selectable:
+
+- weights: the official code trains with τ_s = 1 (``weighting="uniform"``, our default); ``weighting="paper"`` uses
+  Theorem 1's τ_s, which are ≤ 1e-2 for the usual schedules and make L_sa tiny unless λ is raised accordingly;
+- window: the official code puts the L_simple timestep at the *end* of the window and drops the windows that run past
+  T (``window="official"``); ``window="paper"`` (default) samples the window start from the paper's range, see
+  :meth:`SequenceAwareLoss.sample_windows`;
+- both draw one independent noise ε_s per step of the window, each x_s built from the same x_0
+  (``noise="independent"``); ``noise="shared"`` reuses one ε for all K steps, a different estimator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from ..preconditioning import betas_for_schedule
+
+WEIGHTINGS = ("uniform", "paper")
+WINDOWS = ("paper", "official")
+NOISE_COUPLINGS = ("independent", "shared")
+REDUCTIONS = ("mean", "sum")
+
+
+def _check_betas(betas) -> torch.Tensor:
+    betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+    if betas.ndim != 1 or len(betas) < 2:
+        raise ValueError(f"betas must be a 1-D tensor of length T >= 2, got shape {tuple(betas.shape)}")
+    if not bool(((betas > 0) & (betas < 1)).all()):
+        raise ValueError("betas must lie in the open interval (0, 1)")
+    return betas
+
+
+def sequence_aware_weights(betas, weighting: str = "paper") -> torch.Tensor:
+    """τ_t of Theorem 1: the coefficient with which the noise residual f_θ(x_t, t) − ε_t of step t enters the
+    accumulated estimation gap at x_1 of a DDPM chain started at x_T,
+
+        τ_i = √ᾱ_{i−1}(1−ᾱ_1) / (√α_1 (1−ᾱ_{i−1})) · γ_{1,i} · √(1−ᾱ_i)/√ᾱ_i,   γ_{1,i} = √ᾱ_{i−1} β_i/(1−ᾱ_i),
+
+    for i = 2..T and τ_1 = 0 (the last DDPM step predicts x_0 directly, so nothing accumulates through it). The first
+    factor is Π_{j=2}^{i−1} γ_{2,j}, the product of the posterior-mean coefficients of x_j; the last two are the
+    coefficient β_i/(√α_i √(1−ᾱ_i)) of ε_θ in the DDPM mean μ_θ(x_i, i).
+
+    Args:
+        betas: the DDPM β_1..β_T (entry t − 1 is β_t), e.g. from ``betas_for_schedule``; each in (0, 1).
+        weighting: ``paper`` (Theorem 1) or ``uniform`` (τ_t = 1 for t = 1..T, what the official code trains with).
+
+    Returns:
+        float64 tensor of length T; entry t − 1 is τ_t (1-based t), entry 0 is τ_1.
+    """
+    betas = _check_betas(betas)
+    if weighting == "uniform":
+        return torch.ones_like(betas)
+    if weighting != "paper":
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # entry i−1 is ᾱ_i
+    abar_i, abar_prev, beta_i = alphas_cumprod[1:], alphas_cumprod[:-1], betas[1:]  # i = 2..T
+    alpha_1 = abar_1 = alphas_cumprod[0]
+    gamma_1 = abar_prev.sqrt() * beta_i / (1 - abar_i)
+    chain = abar_prev.sqrt() * (1 - abar_1) / (alpha_1.sqrt() * (1 - abar_prev))
+    tau = chain * gamma_1 * (1 - abar_i).sqrt() / abar_i.sqrt()
+    return torch.cat([torch.zeros(1, dtype=torch.float64), tau])
+
+
+@dataclass
+class SequenceAwareLossOutput:
+    """Per-sample terms of L = L_simple + λ·L_sa (shape [B]); ``loss.mean()`` is the training objective."""
+
+    loss: torch.Tensor
+    simple: torch.Tensor
+    sa: torch.Tensor
+
+
+class SequenceAwareLoss:
+    """L_simple + λ·L_sa for an ε-prediction ``UNet2DModel`` on a discrete DDPM schedule (paper eqs. 10–11).
+
+    Each batch row draws its L_simple timestep s ~ U{1..T} (so ``sa_lambda=0`` is exactly DDPM's L_simple) and a
+    window of K consecutive steps containing s. The K·B noisy inputs x_{t+j} (in-range ones only) go through the UNet
+    as **one** batched forward pass; the residual at s is shared by both terms, so a step costs K network evaluations
+    per image (one when λ = 0).
+
+    Args:
+        betas: DDPM β_1..β_T (entry t − 1 is β_t).
+        num_steps: K, the number of consecutive steps (paper: SA-2, SA-3, SA-4). K = 1 is a τ²-reweighted L_simple.
+        sa_lambda: λ (paper: 1 for K=2, 0.3 for K=3, 0.2 for K=4). 0 gives the DDPM baseline with one evaluation.
+        weighting: ``uniform`` (τ = 1, the official code) or ``paper`` (Theorem 1, :func:`sequence_aware_weights`).
+        window: ``paper`` (window start t ~ U{1−K..T}, made exact by an importance weight) or ``official`` (s is the
+            window's last step, windows past T never occur, no weight).
+        noise: ``independent`` (a fresh ε_s for every step of the window, as the official code) or ``shared`` (one ε
+            for the whole window).
+        reduction: ``mean`` (mean over C·H·W, as ``F.mse_loss``) or ``sum`` (sum over C·H·W, as the official code);
+            both terms are reduced the same way, so λ means the same in both.
+        target: optional ``target(x_s, x_0, noise, timestep_index) -> ε-target`` replacing ε_s (e.g. the VP Stable
+            Target Field); ``timestep_index`` is 0-based. Default: the noise ε_s itself.
+    """
+
+    def __init__(
+        self,
+        betas,
+        num_steps: int = 2,
+        sa_lambda: float = 1.0,
+        weighting: str = "uniform",
+        window: str = "paper",
+        noise: str = "independent",
+        reduction: str = "mean",
+        target: Optional[Callable] = None,
+    ):
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps (K) must be an integer >= 1, got {num_steps!r}")
+        if not sa_lambda >= 0:
+            raise ValueError(f"sa_lambda must be >= 0, got {sa_lambda}")
+        for name, value, allowed in (("window", window, WINDOWS), ("noise", noise, NOISE_COUPLINGS),
+                                     ("reduction", reduction, REDUCTIONS), ("weighting", weighting, WEIGHTINGS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        betas = _check_betas(betas)
+        if num_steps > len(betas):
+            raise ValueError(f"num_steps (K) must be <= T = {len(betas)}, got {num_steps}")
+        self.num_train_timesteps = len(betas)
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        self.tau = sequence_aware_weights(betas, weighting)
+        self.num_steps, self.sa_lambda = num_steps, float(sa_lambda)
+        self.weighting, self.window, self.noise, self.reduction = weighting, window, noise, reduction
+        self.target = target
+
+    @classmethod
+    def from_scheduler_config(cls, config, **kwargs) -> "SequenceAwareLoss":
+        """Build from a ``DDPMScheduler`` (or DDIM/EDM-``ddpm``) config: its T and β schedule, in float64."""
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        betas = betas_for_schedule(get("num_train_timesteps", 1000), get("beta_start", 1e-4), get("beta_end", 2e-2),
+                                   get("beta_schedule", "linear"), get("trained_betas", None))
+        return cls(betas, **kwargs)
+
+    def sample_windows(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Draw (window start t, position k of the L_simple step s = t + k), both 1-based/[B] long tensors.
+
+        s ~ U{1..T}. ``window="paper"``: k ~ U{0..K−1}, so t = s − k has probability n(t)/(T·K) with n(t) the number
+        of window steps inside {1..T}; :meth:`window_weights` turns this into the paper's t ~ U{1−K..T} (the one
+        window with n = 0 contributes nothing). ``window="official"``: k = K − 1.
+        """
+        T, K = self.num_train_timesteps, self.num_steps
+        s = torch.randint(1, T + 1, (batch_size,), generator=generator)
+        if self.window == "paper":
+            k = torch.randint(0, K, (batch_size,), generator=generator)
+        else:
+            k = torch.full((batch_size,), K - 1, dtype=torch.long)
+        return (s - k).to(device), k.to(device)
+
+    def window_weights(self, window_start: torch.Tensor) -> torch.Tensor:
+        """Importance weight T·K/((T+K)·n(t)) of a window drawn by :meth:`sample_windows` (``paper``), 1 otherwise."""
+        if self.window == "official":
+            return torch.ones(window_start.shape, dtype=torch.float32, device=window_start.device)
+        T, K = self.num_train_timesteps, self.num_steps
+        steps = window_start[None] + torch.arange(K, device=window_start.device)[:, None]
+        n = ((steps >= 1) & (steps <= T)).sum(0).clamp(min=1)
+        return (T * K / ((T + K) * n)).float()
+
+    def draw_noise(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """ε_{t+j} for j = 0..K−1, shape [K, *images.shape]: independent draws, or one draw repeated (``shared``)."""
+        draws = 1 if self.noise == "shared" else self.num_steps
+        noise = torch.randn((draws, *images.shape), generator=generator, dtype=torch.float32)
+        return noise.to(images.device).expand(self.num_steps, *images.shape)
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        return x.mean(1) if self.reduction == "mean" else x.sum(1)
+
+    def __call__(
+        self,
+        unet,
+        images: torch.Tensor,
+        class_labels: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+        window_start: Optional[torch.Tensor] = None,
+        position: Optional[torch.Tensor] = None,
+        noise: Optional[torch.Tensor] = None,
+    ) -> SequenceAwareLossOutput:
+        """Per-sample L_simple + λ·L_sa for a batch of clean images x_0 in [-1, 1].
+
+        Args:
+            unet: ε-prediction network called as ``unet(x, timestep_index)`` (``.sample`` or a tensor).
+            images: x_0, shape [B, C, H, W].
+            class_labels: optional [B] labels for a class-conditional UNet.
+            generator: RNG for the windows and the noise.
+            window_start, position: explicit 1-based window starts t and positions k (see :meth:`sample_windows`);
+                the L_simple step is s = t + k, which must lie in 1..T.
+            noise: explicit ε of shape [K, B, C, H, W]; entry j belongs to step t + j.
+        """
+        B, K, T = images.shape[0], self.num_steps, self.num_train_timesteps
+        device = images.device
+        if window_start is None:
+            window_start, position = self.sample_windows(B, device, generator)
+        window_start, position = window_start.to(device).long(), position.to(device).long()
+        if not bool(((position >= 0) & (position < K)).all()):
+            raise ValueError(f"position must lie in 0..K-1 = 0..{K - 1}")
+        if not bool(((window_start + position >= 1) & (window_start + position <= T)).all()):
+            raise ValueError(f"window_start + position (the L_simple timestep) must lie in 1..T = 1..{T}")
+        noise = self.draw_noise(images, generator) if noise is None else noise.to(device)
+        if noise.shape != (K, *images.shape):
+            raise ValueError(f"noise must have shape {(K, *images.shape)}, got {tuple(noise.shape)}")
+
+        steps = window_start[None] + torch.arange(K, device=device)[:, None]  # s = t + j, [K, B]
+        in_range = (steps >= 1) & (steps <= T)
+        is_simple = torch.arange(K, device=device)[:, None] == position[None]
+        evaluate = in_range if self.sa_lambda > 0 else is_simple
+        rows = torch.arange(B, device=device).expand(K, B)[evaluate]
+        index = steps[evaluate] - 1  # diffusers' 0-based timestep
+        abar = self.alphas_cumprod.to(device)[index].float().reshape(-1, *([1] * (images.ndim - 1)))
+        eps, x0 = noise[evaluate], images[rows].float()
+        x_s = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+        kwargs = {} if class_labels is None else {"class_labels": class_labels.to(device)[rows]}
+        out = unet(x_s.to(images.dtype), index, **kwargs)  # the K·B evaluations in one forward pass
+        out = (out.sample if hasattr(out, "sample") else out).float()
+        target = eps if self.target is None else self.target(x_s, x0, eps, index).float()
+
+        residual = torch.zeros((K, *images.shape), dtype=out.dtype, device=device)
+        residual = residual.index_put((evaluate,), out - target)
+        simple = self._reduce(residual[position, torch.arange(B, device=device)] ** 2)
+        if self.sa_lambda == 0:
+            sa = torch.zeros_like(simple)
+        else:
+            tau = self.tau.to(device)[(steps - 1).clamp(0, T - 1)].float() * in_range
+            window_mean = (tau.reshape(K, B, *([1] * (images.ndim - 1))) * residual).mean(0)  # (1/K) Σ_s τ_s r_s
+            sa = self.window_weights(window_start) * self._reduce(window_mean**2)
+        return SequenceAwareLossOutput(loss=simple + self.sa_lambda * sa, simple=simple, sa=sa)
