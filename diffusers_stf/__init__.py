@@ -22,10 +22,23 @@ from .pipelines import EDMPipeline
 __version__ = "0.1.0"
 
 # --- Stable Target Field / EDM losses and training plumbing (issue 3) ---
+from .augment import AugmentConditionedUNet2DModel, AugmentPipe
+from .losses import (
+    DDPMStableTargetFieldLoss,
+    EDMLoss,
+    StableTargetFieldLoss,
+    VELoss,
+    stable_target_epsilon,
+    stable_target_field,
+)
 
 # --- Sequence-aware loss (issue 6) ---
+from .estimation_gap import EstimationGapOutput, estimation_gap, plot_estimation_gaps
+from .losses.sequence_aware import SequenceAwareLoss, SequenceAwareLossOutput, sequence_aware_weights
 
 # --- Discriminator guidance (issue 4) ---
+from .models import Discriminator
+from .pipelines.pipeline_discriminator_guided import DiscriminatorGuidedPipeline
 
 # --- Evaluation (issue 5) ---
 

@@ -26,6 +26,7 @@ and ``σ_t = √((1−ᾱ_t)/ᾱ_t)``, the same network samples with the EDM sch
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Optional, Sequence, Union
 
@@ -79,7 +80,7 @@ def betas_for_schedule(
     )
 
 
-class Preconditioning:
+class Preconditioning(abc.ABC):
     """Base class: the four scalings of EDM eq. 7 and the σ range the network supports."""
 
     name: str = ""
@@ -89,14 +90,16 @@ class Preconditioning:
     def c_skip(self, sigma: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(sigma)
 
+    @abc.abstractmethod
     def c_out(self, sigma: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     def c_in(self, sigma: torch.Tensor) -> torch.Tensor:
         return 1 / (sigma**2 + 1).sqrt()
 
+    @abc.abstractmethod
     def c_noise(self, sigma: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     def round_sigma(self, sigma: TensorOrFloat) -> torch.Tensor:
         """Snap σ to a value the network was trained on (the identity for continuous-time networks)."""
@@ -123,9 +126,6 @@ class Preconditioning:
         sigma = _as_tensor(sigma).to(device=sample.device, dtype=sample.dtype)
         sigma = sigma.reshape(-1, *([1] * (sample.ndim - 1))) if sigma.ndim else sigma
         return self.c_skip(sigma) * sample + self.c_out(sigma) * network_output.to(sample.dtype)
-
-    def config(self) -> dict:
-        return {"preconditioning": self.name}
 
 
 class EDMPreconditioning(Preconditioning):

@@ -18,8 +18,9 @@ class SchedulerContractTests:
     sample_shape = (4, 3, 8, 8)
     compatible_classes = ()
 
-    def get_scheduler_config(self, **overrides):
-        raise NotImplementedError("subclasses return the scheduler's config dict")
+    def get_scheduler_config(self, **overrides) -> dict:
+        """The scheduler's config dict (subclasses define it)."""
+        return dict(overrides)
 
     # fixtures ---------------------------------------------------------------------------------------------------
     def make(self, **overrides):

@@ -148,7 +148,7 @@ class ScoreModel(nn.Module):
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(x.shape[0])
         timestep = noise_level_timestep(sigma, self.timestep_type, self.sigmas)
         kwargs = {} if class_labels is None else {"class_labels": class_labels}
-        model_dtype = next(self.model.parameters()).dtype
+        model_dtype = next(self.model.parameters(), x).dtype
         out = self.model(x.to(model_dtype), timestep, **kwargs)
         out = out.sample if hasattr(out, "sample") else out
         return score_from_model_output(out.to(x.dtype), sigma, self.prediction_type)

@@ -28,11 +28,12 @@ Differences from the official code (VinAIResearch/SA-DPM ``sequence_aware_loss``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ..preconditioning import betas_for_schedule
+from .stable_target_field import stable_target_epsilon
 
 WEIGHTINGS = ("uniform", "paper")
 WINDOWS = ("paper", "official")
@@ -82,11 +83,17 @@ def sequence_aware_weights(betas, weighting: str = "paper") -> torch.Tensor:
 
 @dataclass
 class SequenceAwareLossOutput:
-    """Per-sample terms of L = L_simple + λ·L_sa (shape [B]); ``loss.mean()`` is the training objective."""
+    """Per-sample terms of L = L_simple + λ·L_sa (shape [B]); ``loss.mean()`` is the training objective.
+
+    ``timestep`` is the 1-based L_simple step s of each row and ``sigma`` its σ_s = √((1−ᾱ_s)/ᾱ_s) (for logging the
+    loss per noise level).
+    """
 
     loss: torch.Tensor
     simple: torch.Tensor
     sa: torch.Tensor
+    timestep: torch.Tensor
+    sigma: torch.Tensor
 
 
 class SequenceAwareLoss:
@@ -108,8 +115,9 @@ class SequenceAwareLoss:
             for the whole window).
         reduction: ``mean`` (mean over C·H·W, as ``F.mse_loss``) or ``sum`` (sum over C·H·W, as the official code);
             both terms are reduced the same way, so λ means the same in both.
-        target: optional ``target(x_s, x_0, noise, timestep_index) -> ε-target`` replacing ε_s (e.g. the VP Stable
-            Target Field); ``timestep_index`` is 0-based. Default: the noise ε_s itself.
+
+    With ``reference_images`` in the call, every ε_s (in both terms) is replaced by the Stable Target Field's implied
+    noise (Xu et al. 2023, :func:`~diffusers_stf.losses.stable_target_field.stable_target_epsilon`) of x_s.
     """
 
     def __init__(
@@ -121,7 +129,6 @@ class SequenceAwareLoss:
         window: str = "paper",
         noise: str = "independent",
         reduction: str = "mean",
-        target: Optional[Callable] = None,
     ):
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps (K) must be an integer >= 1, got {num_steps!r}")
@@ -139,7 +146,6 @@ class SequenceAwareLoss:
         self.tau = sequence_aware_weights(betas, weighting)
         self.num_steps, self.sa_lambda = num_steps, float(sa_lambda)
         self.weighting, self.window, self.noise, self.reduction = weighting, window, noise, reduction
-        self.target = target
 
     @classmethod
     def from_scheduler_config(cls, config, **kwargs) -> "SequenceAwareLoss":
@@ -158,11 +164,12 @@ class SequenceAwareLoss:
         window with n = 0 contributes nothing). ``window="official"``: k = K − 1.
         """
         T, K = self.num_train_timesteps, self.num_steps
-        s = torch.randint(1, T + 1, (batch_size,), generator=generator)
+        on = generator.device if generator is not None else device
+        s = torch.randint(1, T + 1, (batch_size,), generator=generator, device=on)
         if self.window == "paper":
-            k = torch.randint(0, K, (batch_size,), generator=generator)
+            k = torch.randint(0, K, (batch_size,), generator=generator, device=on)
         else:
-            k = torch.full((batch_size,), K - 1, dtype=torch.long)
+            k = torch.full((batch_size,), K - 1, dtype=torch.long, device=on)
         return (s - k).to(device), k.to(device)
 
     def window_weights(self, window_start: torch.Tensor) -> torch.Tensor:
@@ -177,7 +184,8 @@ class SequenceAwareLoss:
     def draw_noise(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """ε_{t+j} for j = 0..K−1, shape [K, *images.shape]: independent draws, or one draw repeated (``shared``)."""
         draws = 1 if self.noise == "shared" else self.num_steps
-        noise = torch.randn((draws, *images.shape), generator=generator, dtype=torch.float32)
+        on = generator.device if generator is not None else images.device
+        noise = torch.randn((draws, *images.shape), generator=generator, dtype=torch.float32, device=on)
         return noise.to(images.device).expand(self.num_steps, *images.shape)
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,6 +201,7 @@ class SequenceAwareLoss:
         window_start: Optional[torch.Tensor] = None,
         position: Optional[torch.Tensor] = None,
         noise: Optional[torch.Tensor] = None,
+        reference_images: Optional[torch.Tensor] = None,
     ) -> SequenceAwareLossOutput:
         """Per-sample L_simple + λ·L_sa for a batch of clean images x_0 in [-1, 1].
 
@@ -204,6 +213,8 @@ class SequenceAwareLoss:
             window_start, position: explicit 1-based window starts t and positions k (see :meth:`sample_windows`);
                 the L_simple step is s = t + k, which must lie in 1..T.
             noise: explicit ε of shape [K, B, C, H, W]; entry j belongs to step t + j.
+            reference_images: an STF reference set (R, C, H, W) holding the batch itself: the targets become the
+                Stable Target Field's ε (VP form) instead of the drawn noise.
         """
         B, K, T = images.shape[0], self.num_steps, self.num_train_timesteps
         device = images.device
@@ -224,13 +235,14 @@ class SequenceAwareLoss:
         evaluate = in_range if self.sa_lambda > 0 else is_simple
         rows = torch.arange(B, device=device).expand(K, B)[evaluate]
         index = steps[evaluate] - 1  # diffusers' 0-based timestep
-        abar = self.alphas_cumprod.to(device)[index].float().reshape(-1, *([1] * (images.ndim - 1)))
+        abar64 = self.alphas_cumprod.to(device)[index]
+        abar = abar64.float().reshape(-1, *([1] * (images.ndim - 1)))
         eps, x0 = noise[evaluate], images[rows].float()
         x_s = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
         kwargs = {} if class_labels is None else {"class_labels": class_labels.to(device)[rows]}
         out = unet(x_s.to(images.dtype), index, **kwargs)  # the K·B evaluations in one forward pass
         out = (out.sample if hasattr(out, "sample") else out).float()
-        target = eps if self.target is None else self.target(x_s, x0, eps, index).float()
+        target = eps if reference_images is None else stable_target_epsilon(x_s, abar64, reference_images).float()
 
         residual = torch.zeros((K, *images.shape), dtype=out.dtype, device=device)
         residual = residual.index_put((evaluate,), out - target)
@@ -241,4 +253,7 @@ class SequenceAwareLoss:
             tau = self.tau.to(device)[(steps - 1).clamp(0, T - 1)].float() * in_range
             window_mean = (tau.reshape(K, B, *([1] * (images.ndim - 1))) * residual).mean(0)  # (1/K) Σ_s τ_s r_s
             sa = self.window_weights(window_start) * self._reduce(window_mean**2)
-        return SequenceAwareLossOutput(loss=simple + self.sa_lambda * sa, simple=simple, sa=sa)
+        s = window_start + position
+        abar_s = self.alphas_cumprod.to(device)[s - 1]
+        return SequenceAwareLossOutput(loss=simple + self.sa_lambda * sa, simple=simple, sa=sa, timestep=s,
+                                       sigma=((1 - abar_s) / abar_s).sqrt().float())

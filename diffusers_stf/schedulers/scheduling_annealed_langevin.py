@@ -1,0 +1,296 @@
+"""Annealed Langevin dynamics (Song & Ermon 2019, "NCSN", Algorithm 1) and consistent annealed sampling
+(Jolicoeur-Martineau et al. 2021, Algorithm 2) as a diffusers scheduler."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..losses.score_matching import (
+    PREDICTION_TYPES,
+    TIMESTEP_TYPES,
+    noise_level_timestep,
+    score_from_model_output,
+    sigma_from_timestep,
+    tweedie_denoise,
+)
+from ..noise_schedules import geometric_sigmas
+
+SAMPLERS = ("als", "cas")
+
+
+@dataclass
+class AnnealedLangevinSchedulerOutput(BaseOutput):
+    """Output of :meth:`AnnealedLangevinScheduler.step`.
+
+    Args:
+        prev_sample: the state after this Langevin step (the Tweedie estimate after the final denoising step).
+        pred_original_sample: Tweedie's estimate x + σ²·s_θ(x, σ) of the clean sample at the current level.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor] = None
+
+
+class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
+    """Annealed Langevin sampling of a noise-conditional score network s_θ(x, σ).
+
+    ``sampler="als"`` (NCSN Algorithm 1, with the update of NCSNv2 Algorithm 1 and the official code):
+
+        for i = 1..L:  α_i = ε·σ_i²/σ_L²;  repeat T times:  x ← x + α_i·s_θ(x, σ_i) + √(2α_i)·z
+
+    (NCSN's paper writes x + (α/2)s + √α z, i.e. its ε is twice this one; its code uses this form.)
+
+    ``sampler="cas"`` (consistent annealed sampling): one step per level of the geometric schedule refined to
+    (L − 1)·T + 1 levels between σ_1 and σ_L (the same number of network evaluations as ALS), keeping the noise
+    variance on the schedule (CAS Proposition 2):
+
+        α_i = η·σ_i²/σ_L²,  x ← x + α_i·s_θ(x, σ_i) + β_i·σ_{i+1}·z,  β_i = √(1 − (1 − η/σ_L²)²/γ_i²),
+        γ_i = σ_{i+1}/σ_i,  σ_{n+1} = 0 (no noise on the last step).
+
+    η is ``step_size`` (ε above) and must satisfy σ_L²(1 − γ_i) ≤ η ≤ σ_L²(1 + γ_i) for every step.
+    With ``denoise_final=True`` one more network evaluation at σ_L returns Tweedie's x + σ_L²·s_θ(x, σ_L)
+    (NCSNv2 Appendix; the CAS paper's "denoising").
+
+    Model input and timesteps: the network receives the sample unscaled (``scale_model_input`` is the identity) and,
+    as ``timestep``, the value in ``timesteps``: one entry per network evaluation, L·T for ALS,
+    (L − 1)·T + 1 for CAS, plus one for the final denoising. Their meaning is ``timestep_type``: ``index`` (the NCSN
+    label of the level, 0 = σ_1, int64), ``log_sigma``, ``sigma`` (float32) or ``none`` (zeros, for an unconditional
+    NCSNv2 network). Entries repeat (T per level), so ``step`` must be called once per entry, in order; it keeps its
+    own count and does not look the timestep up. The initial sample is x ~ N(0, σ_1²I) (``init_noise_sigma``;
+    NCSN drew it from U[0, 1], which matters little when σ_1 covers the data, NCSNv2 Technique 1).
+
+    Args:
+        sigma_max: σ_1, the largest noise level (NCSN: 1; NCSNv2: Technique 1).
+        sigma_min: σ_L, the smallest noise level.
+        num_train_timesteps: L of the training table σ_1 > … > σ_L (geometric): the levels an ``index`` network knows,
+            and the default number of sampling levels.
+        steps_per_level: T, the Langevin steps per level (NCSN: 100; NCSNv2: 5).
+        step_size: ε (η for CAS) > 0 (NCSN: 2e-5; NCSNv2 Technique 4, ``noise_schedules.ncsnv2_step_size``).
+        sampler: ``als`` or ``cas``.
+        denoise_final: finish with Tweedie's denoising step at σ_L.
+        prediction_type: what the network outputs: ``score``, ``scaled_score`` (σ·s, NCSNv2) or ``epsilon`` (−σ·s).
+        timestep_type: what the network receives: ``index``, ``log_sigma``, ``sigma`` or ``none``.
+    """
+
+    order = 1
+    _compatibles = []
+
+    @register_to_config
+    def __init__(
+        self,
+        sigma_max: float = 1.0,
+        sigma_min: float = 0.01,
+        num_train_timesteps: int = 10,
+        steps_per_level: int = 100,
+        step_size: float = 2e-5,
+        sampler: str = "als",
+        denoise_final: bool = False,
+        prediction_type: str = "score",
+        timestep_type: str = "index",
+    ):
+        if not (sigma_max > sigma_min > 0):
+            raise ValueError(f"need sigma_max > sigma_min > 0, got sigma_max={sigma_max}, sigma_min={sigma_min}")
+        if int(num_train_timesteps) < 1:
+            raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+        if int(steps_per_level) < 1:
+            raise ValueError(f"steps_per_level (T) must be an integer >= 1, got {steps_per_level}")
+        if not step_size > 0:
+            raise ValueError(f"step_size must be > 0, got {step_size}")
+        for name, value, allowed in (
+            ("sampler", sampler, SAMPLERS),
+            ("prediction_type", prediction_type, PREDICTION_TYPES),
+            ("timestep_type", timestep_type, TIMESTEP_TYPES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        self.train_sigmas = self._geometric(sigma_max, sigma_min, int(num_train_timesteps))
+        self.num_inference_steps = None
+        self.timesteps = None
+        self.sigmas = None
+        self._step_index = None
+        self._begin_index = None
+
+    @staticmethod
+    def _geometric(sigma_max: float, sigma_min: float, n: int) -> torch.Tensor:
+        return geometric_sigmas(sigma_max, sigma_min, n) if n > 1 else torch.tensor([sigma_max], dtype=torch.float64)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # schedule
+
+    def set_timesteps(
+        self,
+        num_inference_steps: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        sigmas: Optional[Union[Sequence[float], torch.Tensor]] = None,
+    ):
+        """Build the noise levels and one timestep per network evaluation.
+
+        Args:
+            num_inference_steps: L, the number of noise levels (geometric from ``sigma_max`` to ``sigma_min``);
+                defaults to ``num_train_timesteps``. Each level gets T = ``steps_per_level`` Langevin steps.
+            device: where ``timesteps`` live (``sigmas`` stay on the CPU).
+            sigmas: explicit, strictly decreasing, positive levels σ_1 > … > σ_L instead.
+        """
+        c = self.config
+        if sigmas is not None:
+            levels = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+            if len(levels) < 1 or not bool((levels > 0).all()) or not bool((levels[1:] < levels[:-1]).all()):
+                raise ValueError("sigmas must be a non-empty, strictly decreasing sequence of positive noise levels")
+        else:
+            n = c.num_train_timesteps if num_inference_steps is None else num_inference_steps
+            if int(n) != n or int(n) < 1:
+                raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
+            levels = self._geometric(c.sigma_max, c.sigma_min, int(n))
+        if c.timestep_type == "index":  # an index network knows only its training levels
+            levels = self.train_sigmas[noise_level_timestep(levels, "index", self.train_sigmas)]
+            if len(levels) > 1 and not bool((levels[1:] < levels[:-1]).all()):
+                raise ValueError("with timestep_type='index' the levels must be distinct training levels")
+        self.levels = levels
+        T = int(c.steps_per_level)
+
+        if c.sampler == "als":
+            sigmas = levels.repeat_interleave(T)
+        else:
+            if c.timestep_type == "index" and T > 1 and len(levels) > 1:
+                raise ValueError(
+                    "sampler='cas' refines the schedule to (L-1)*T+1 levels, which an index network was not trained "
+                    "on: use steps_per_level=1 or a continuous timestep_type"
+                )
+            log_levels = levels.log()
+            if len(levels) > 1 and T > 1:  # geometric refinement between consecutive levels
+                frac = torch.arange(T, dtype=torch.float64) / T
+                inner = log_levels[:-1, None] + frac[None, :] * (log_levels[1:] - log_levels[:-1])[:, None]
+                log_levels = torch.cat([inner.flatten(), log_levels[-1:]])
+            sigmas = log_levels.exp()
+            self._check_cas_step_size(sigmas)
+        self._is_denoise = [False] * len(sigmas)
+        if c.denoise_final:
+            sigmas = torch.cat([sigmas, levels[-1:]])
+            self._is_denoise.append(True)
+        self.sigmas = sigmas
+        self.num_inference_steps = len(levels)
+        self.timesteps = noise_level_timestep(sigmas, c.timestep_type, self.train_sigmas).to(device)
+        self._step_index = None
+        self._begin_index = None
+
+    def _check_cas_step_size(self, sigmas: torch.Tensor):
+        if len(sigmas) < 2:
+            return
+        eta = self.config.step_size / float(sigmas[-1]) ** 2
+        gamma = sigmas[1:] / sigmas[:-1]
+        lo, hi = float((1 - gamma).max()), float((1 + gamma).min())
+        if not lo <= eta <= hi:
+            s2 = float(sigmas[-1]) ** 2
+            raise ValueError(
+                f"step_size={self.config.step_size} is outside the range where CAS can keep the noise on the schedule, "
+                f"[{lo * s2:.4g}, {hi * s2:.4g}] = sigma_L^2 * [1 - gamma, 1 + gamma]"
+            )
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """σ_1: the initial sample is N(0, σ_1²I)."""
+        return float(self.config.sigma_max if self.sigmas is None else self.sigmas[0])
+
+    def step_sizes(self) -> torch.Tensor:
+        """α for each entry of ``timesteps``: ε·σ²/σ_L² (0 for the final denoising step)."""
+        alpha = self.config.step_size * self.sigmas**2 / float(self.levels[-1]) ** 2
+        return torch.where(torch.tensor(self._is_denoise), torch.zeros_like(alpha), alpha)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # diffusers' step-index bookkeeping
+
+    @property
+    def step_index(self) -> Optional[int]:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Start at entry ``begin_index`` of ``timesteps`` (e.g. to refine a partly noised image)."""
+        if self.timesteps is None or not 0 <= begin_index < len(self.timesteps):
+            raise ValueError(f"begin_index must be in [0, len(timesteps)), got {begin_index}; call set_timesteps first")
+        self._begin_index = begin_index
+
+    @property
+    def current_sigma(self) -> float:
+        """σ at which the network is evaluated for the next ``step``."""
+        i = self._step_index if self._step_index is not None else (self._begin_index or 0)
+        return float(self.sigmas[i])
+
+    def __len__(self):
+        return self.config.num_train_timesteps
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the sampler
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """The identity: score networks receive x̃ unscaled."""
+        return sample
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[float, torch.Tensor],
+        sample: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        return_dict: bool = True,
+    ) -> Union[AnnealedLangevinSchedulerOutput, Tuple]:
+        """One Langevin step (ALS), one CAS step, or the final Tweedie denoising step.
+
+        Args:
+            model_output: the network output at (``sample``, ``timestep``), turned into s_θ by ``prediction_type``.
+            timestep: the current entry of ``timesteps`` (not looked up: entries repeat; see the class docstring).
+            sample: the current state x.
+            generator: random generator for z.
+            return_dict: return an :class:`AnnealedLangevinSchedulerOutput` rather than a tuple.
+        """
+        if self.timesteps is None:
+            raise ValueError("call set_timesteps before step")
+        if self._step_index is None:
+            self._step_index = self._begin_index or 0
+        i = self._step_index
+        if i >= len(self.sigmas):
+            raise ValueError("step was called more often than there are timesteps; call set_timesteps again")
+        c = self.config
+        sigma = float(self.sigmas[i])
+        x = sample.to(torch.float64)
+        score = score_from_model_output(model_output.to(torch.float64), sigma, c.prediction_type)
+        denoised = tweedie_denoise(x, score, sigma)
+        if self._is_denoise[i]:
+            prev = denoised
+        else:
+            alpha = c.step_size * sigma**2 / float(self.levels[-1]) ** 2
+            z = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32).double()
+            if c.sampler == "als":
+                prev = x + alpha * score + math.sqrt(2 * alpha) * z
+            else:
+                last = i + 1 >= len(self.sigmas) or self._is_denoise[i + 1]
+                sigma_next = 0.0 if last else float(self.sigmas[i + 1])
+                prev = x + alpha * score
+                if sigma_next > 0:
+                    eta = c.step_size / float(self.levels[-1]) ** 2
+                    beta = math.sqrt(max(1 - (1 - eta) ** 2 * (sigma / sigma_next) ** 2, 0.0))
+                    prev = prev + beta * sigma_next * z
+        if torch.isnan(prev).any():
+            raise ValueError(f"the sampler produced NaN at step {i} (sigma={sigma:.4g}); try a smaller step_size")
+        self._step_index += 1
+        prev, denoised = prev.to(sample.dtype), denoised.to(sample.dtype)
+        if not return_dict:
+            return (prev, denoised)
+        return AnnealedLangevinSchedulerOutput(prev_sample=prev, pred_original_sample=denoised)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x̃ = x + σ·z with σ the noise level of each timestep (of type ``timestep_type``; not ``none``)."""
+        sigma = sigma_from_timestep(torch.as_tensor(timesteps).reshape(-1).cpu(), self.config.timestep_type, self.train_sigmas)
+        sigma = sigma.to(device=original_samples.device, dtype=original_samples.dtype)
+        return original_samples + noise * sigma.reshape(-1, *([1] * (original_samples.ndim - 1)))

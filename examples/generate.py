@@ -1,0 +1,170 @@
+"""Sample N images from a saved pipeline folder, for evaluation or inspection.
+
+Image i is drawn with seed ``--seed + i`` (one generator per image, so the result does not depend on the batch size)
+and written as ``<seed:06d>.png`` and/or into ``samples.npz`` (uint8, NHWC, arrays ``samples`` and ``seeds``).
+A rerun with the same folder skips the images already written, so an interrupted run resumes and a larger
+``--num_images`` only adds the missing ones.
+
+    python examples/generate.py --pipeline outputs/edm-digits --output_dir outputs/samples/heun18 --num_images 1000
+    python examples/generate.py --pipeline outputs/edm-digits --output_dir outputs/samples/churn40 \\
+        --scheduler stochastic --s_churn 40 --s_tmin 0.05 --s_tmax 50 --s_noise 1.003 --format both
+    # guided sampling, once the folder holds a DiscriminatorGuidedPipeline:
+    python examples/generate.py --pipeline outputs/dg-digits --output_dir outputs/samples/dg \\
+        --pipeline_kwargs '{"dg_weight_1st_order": 2.0}'
+
+The pipeline class is the one named in the folder's ``model_index.json`` (looked up in ``diffusers_stf``, then
+``diffusers``); ``--scheduler`` swaps its scheduler with ``from_config`` (``heun``, ``stochastic``, ``euler`` or a
+scheduler class name), keeping the σ range, σ_data and preconditioning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffusers_stf.evaluation.images import to_uint8
+from diffusers_stf.evaluation.sampling import generate_batch, load_pipeline, make_scheduler
+
+SETTINGS_FILE = "generate_config.json"
+NPZ_FILE = "samples.npz"
+NPZ_PARTS = "npz_parts"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", required=True, help="folder saved with pipeline.save_pretrained")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--num_images", type=int, default=1000)
+    parser.add_argument("--batch_size", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    parser.add_argument("--num_inference_steps", type=int, default=18, help="sampler steps (Heun: 2N-1 NFE)")
+    parser.add_argument("--scheduler", default=None, help="heun | stochastic | euler | a scheduler class name")
+    parser.add_argument("--s_churn", type=float, default=None, help="EDM S_churn (stochastic scheduler)")
+    parser.add_argument("--s_tmin", type=float, default=None)
+    parser.add_argument("--s_tmax", type=float, default=None)
+    parser.add_argument("--s_noise", type=float, default=None)
+    parser.add_argument("--scheduler_kwargs", default="{}", help="JSON of other scheduler config overrides")
+    parser.add_argument("--pipeline_kwargs", default="{}", help="JSON of extra pipeline call options (guidance)")
+    parser.add_argument("--format", choices=("png", "npz", "both"), default="png")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = parser.parse_args(argv)
+    if args.num_images < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
+        parser.error("--num_images, --batch_size and --num_inference_steps must be >= 1")
+    if args.seed < 0:
+        parser.error("--seed must be >= 0")
+    for name in ("scheduler_kwargs", "pipeline_kwargs"):
+        try:
+            value = json.loads(getattr(args, name))
+        except json.JSONDecodeError as err:
+            parser.error(f"--{name} must be a JSON object: {err}")
+        if not isinstance(value, dict):
+            parser.error(f"--{name} must be a JSON object, got {getattr(args, name)!r}")
+        setattr(args, name, value)
+    return args
+
+
+def _png_path(output_dir: str, seed: int) -> str:
+    return os.path.join(output_dir, f"{seed:06d}.png")
+
+
+def _read_npz_store(output_dir: str) -> Dict[int, np.ndarray]:
+    """seed → image (H, W, C) from ``samples.npz`` and the per-batch parts of an unfinished run."""
+    store = {}
+    parts_dir = os.path.join(output_dir, NPZ_PARTS)
+    paths = [os.path.join(output_dir, NPZ_FILE)]
+    if os.path.isdir(parts_dir):
+        paths += [os.path.join(parts_dir, f) for f in sorted(os.listdir(parts_dir)) if f.endswith(".npz")]
+    for path in paths:
+        if os.path.isfile(path):
+            with np.load(path) as archive:
+                store.update(zip(archive["seeds"].tolist(), archive["samples"]))
+    return store
+
+
+def _write_npz(path: str, seeds: List[int], images: np.ndarray) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, samples=images, seeds=np.asarray(seeds, dtype=np.int64))
+    os.replace(tmp, path)  # a killed run never leaves a truncated archive
+
+
+def _check_settings(output_dir: str, settings: dict) -> None:
+    """Refuse to mix images made with other settings into the folder."""
+    path = os.path.join(output_dir, SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous != settings:
+            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            raise ValueError(
+                f"{output_dir!r} holds images generated with other settings (changed: {changed}); "
+                "use a new --output_dir or empty this one"
+            )
+    else:
+        with open(path, "w") as f:
+            json.dump(settings, f, indent=2, sort_keys=True)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(args.pipeline, device=device)
+    overrides = {k: getattr(args, k) for k in ("s_churn", "s_tmin", "s_tmax", "s_noise") if getattr(args, k) is not None}
+    overrides.update(args.scheduler_kwargs)
+    if args.scheduler is not None or overrides:
+        name = args.scheduler or type(pipe.scheduler).__name__
+        pipe.scheduler = make_scheduler(pipe.scheduler, name, **overrides)
+    pipe.set_progress_bar_config(disable=True)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    settings = {
+        "pipeline": os.path.abspath(args.pipeline),
+        "pipeline_class": type(pipe).__name__,
+        "scheduler_class": type(pipe.scheduler).__name__,
+        "scheduler_config": json.loads(json.dumps(dict(pipe.scheduler.config), default=str)),
+        "num_inference_steps": args.num_inference_steps,
+        "pipeline_kwargs": args.pipeline_kwargs,
+    }
+    _check_settings(args.output_dir, settings)
+
+    write_png, write_npz = args.format in ("png", "both"), args.format in ("npz", "both")
+    seeds = range(args.seed, args.seed + args.num_images)
+    in_npz = set(_read_npz_store(args.output_dir)) if write_npz else set()
+    todo = [
+        s for s in seeds
+        if (write_png and not os.path.isfile(_png_path(args.output_dir, s))) or (write_npz and s not in in_npz)
+    ]  # fmt: skip
+    print(f"{args.num_images - len(todo)} of {args.num_images} images already in {args.output_dir}; generating {len(todo)}")
+
+    from PIL import Image
+
+    parts_dir = os.path.join(args.output_dir, NPZ_PARTS)
+    for start in tqdm(range(0, len(todo), args.batch_size), desc="batches"):
+        batch_seeds = todo[start : start + args.batch_size]
+        images = to_uint8(generate_batch(pipe, batch_seeds, args.num_inference_steps, **args.pipeline_kwargs))
+        if write_png:
+            for seed, image in zip(batch_seeds, images):
+                Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(_png_path(args.output_dir, seed))
+        if write_npz:
+            os.makedirs(parts_dir, exist_ok=True)
+            _write_npz(os.path.join(parts_dir, f"{batch_seeds[0]:06d}.npz"), batch_seeds, images)
+
+    if write_npz:
+        store = _read_npz_store(args.output_dir)
+        all_seeds = sorted(store)
+        _write_npz(os.path.join(args.output_dir, NPZ_FILE), all_seeds, np.stack([store[s] for s in all_seeds]))
+        if os.path.isdir(parts_dir):
+            for f in os.listdir(parts_dir):
+                os.remove(os.path.join(parts_dir, f))
+            os.rmdir(parts_dir)
+    print(f"done: {args.output_dir}")
+    return {"generated": len(todo), "skipped": args.num_images - len(todo), "output_dir": args.output_dir}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,674 @@
+"""Score-based foundations (issue 7): NCSN / NCSNv2 / CAS / score-SDE PC samplers, DSM, noise schedules.
+
+Every check is against math written here from the papers: analytic scores of Gaussians and Gaussian mixtures, the
+variance recursions behind NCSNv2 Proposition 3 and CAS Proposition 2, brute-force searches, and diffusers' own
+``ScoreSdeVeScheduler`` as an oracle for the VE predictor-corrector updates.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scheduler_contract import SchedulerContractTests
+from scipy.stats import norm
+
+from diffusers_stf.losses.score_matching import (
+    DenoisingScoreMatchingLoss,
+    ScoreModel,
+    noise_level_timestep,
+    tweedie_denoise,
+)
+from diffusers_stf.noise_schedules import (
+    alphas_cumprod_from_betas,
+    betas_for_schedule,
+    cosine_alpha_bar,
+    ddpm_betas,
+    geometric_sigmas,
+    linear_alpha_bar,
+    max_pairwise_distance,
+    ncsnv2_gamma,
+    ncsnv2_sigmas,
+    ncsnv2_step_size,
+    ncsnv2_variance_ratio,
+    shifted_alphas_cumprod,
+    snr,
+)
+from diffusers_stf.schedulers import AnnealedLangevinScheduler, PredictorCorrectorScheduler
+
+# --------------------------------------------------------------------------------------------------------------
+# Analytic data: a Gaussian mixture Σ_k w_k N(μ_k, s_k² I) in D = 2 (the Gaussian is the one-component case).
+# Its perturbed density at x_t = a·x_0 + σ·z is Σ_k w_k N(a μ_k, (a² s_k² + σ²) I), whose score is written out here.
+
+GAUSS = dict(weights=[1.0], means=[[1.0, -2.0]], stds=[0.5])
+MIXTURE = dict(weights=[0.2, 0.8], means=[[-3.0, 0.0], [3.0, 0.0]], stds=[0.5, 0.5])
+
+
+def mixture_score(x, sigma, weights, means, stds, a=1.0):
+    x = x.double()
+    logps, grads = [], []
+    for w, mu, s in zip(weights, means, stds):
+        mu = torch.tensor(mu, dtype=torch.float64)
+        var = a**2 * s**2 + sigma**2
+        d = x - a * mu
+        logps.append(math.log(w) - 0.5 * (d**2).sum(1) / var - x.shape[1] / 2 * math.log(var))
+        grads.append(-d / var)
+    resp = torch.softmax(torch.stack(logps, 1), dim=1)
+    return (resp[:, :, None] * torch.stack(grads, 1)).sum(1)
+
+
+def sample_mixture(n, weights, means, stds, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.multinomial(torch.tensor(weights), n, replacement=True, generator=g)
+    return torch.tensor(means)[k].double() + torch.tensor(stds)[k, None].double() * torch.randn(n, 2, generator=g).double()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests run thousands of tiny steps; on a shared 2-core machine one thread is several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def within(estimate, target, sd, k=4.0):
+    return abs(float(estimate) - float(target)) <= k * float(sd)
+
+
+def check_gaussian(x, data=GAUSS, k=4.0):
+    """Mean and variance of each coordinate within k standard errors of the target N(μ, s²)."""
+    n = x.shape[0]
+    mu, s = torch.tensor(data["means"][0]), data["stds"][0]
+    errors = ((x.mean(0) - mu).abs().max().item(), (x.var(0) - s**2).abs().max().item())
+    for d in range(x.shape[1]):
+        assert within(x[:, d].mean(), mu[d], s / math.sqrt(n), k), (d, x[:, d].mean())
+        assert within(x[:, d].var(), s**2, s**2 * math.sqrt(2 / (n - 1)), k), (d, x[:, d].var())
+    return errors
+
+
+def run_diffusers_loop(scheduler, model, x, seed=1, track=None):
+    """The standard diffusers loop; ``model(x, t)`` sees only the sample and the timestep."""
+    g = torch.Generator().manual_seed(seed)
+    for t in scheduler.timesteps:
+        out = model(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(out, t, x, generator=g).prev_sample
+        if track is not None:
+            track.append(x)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Annealed Langevin (NCSN) and consistent annealed sampling
+
+N_SAMPLES = 4000
+
+
+def als_model(data):
+    # timestep_type="log_sigma": the network receives log σ
+    return lambda x, t: mixture_score(x, math.exp(float(t)), **data)
+
+
+def test_als_reaches_gaussian_target():
+    # κ = ε/σ_L² = 1 and T = 100: enough Langevin steps per level for the chain to equilibrate down to σ ≈ s/3.
+    s = AnnealedLangevinScheduler(
+        sigma_max=50.0, sigma_min=0.05, num_train_timesteps=10, steps_per_level=100, step_size=0.05**2,
+        denoise_final=True, timestep_type="log_sigma",
+    )
+    s.set_timesteps()
+    assert len(s.timesteps) == 10 * 100 + 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N_SAMPLES, 2, generator=g, dtype=torch.float64) * s.init_noise_sigma
+    check_gaussian(run_diffusers_loop(s, als_model(GAUSS), x))
+
+
+def test_cas_reaches_gaussian_target():
+    # CAS on (L-1)·T+1 = 901 geometric levels; η = 0.02·σ_L² keeps its O(η/σ_L²) variance deficit under sampling error.
+    s = AnnealedLangevinScheduler(
+        sigma_max=50.0, sigma_min=0.01, num_train_timesteps=10, steps_per_level=100, step_size=0.02 * 0.01**2,
+        sampler="cas", denoise_final=True, timestep_type="log_sigma",
+    )
+    s.set_timesteps()
+    assert len(s.timesteps) == 9 * 100 + 1 + 1
+    expected = np.geomspace(50.0, 0.01, 901)
+    np.testing.assert_allclose(np.exp(s.timesteps[:-1].double().numpy()), expected, rtol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N_SAMPLES, 2, generator=g, dtype=torch.float64) * s.init_noise_sigma
+    check_gaussian(run_diffusers_loop(s, als_model(GAUSS), x))
+
+
+def mixture_run(scheduler, n=4000):
+    scheduler.set_timesteps(sigmas=getattr(scheduler, "_test_sigmas", None))
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(0)).double() * 20.0
+    return run_diffusers_loop(scheduler, als_model(MIXTURE), x)
+
+
+def test_annealing_recovers_mixture_weights_als():
+    """NCSN §3.2: Langevin at a single small σ cannot find the relative weights of separated modes (each chain stays
+    in the mode it falls into first); annealing recovers them approximately. ALS's chains stop crossing between the
+    modes at the level where they separate, which leaves a small bias toward ½ (0.78 here), hence the tolerance."""
+    kw = dict(sigma_max=20.0, sigma_min=0.05, steps_per_level=50, step_size=0.1 * 0.05**2, timestep_type="log_sigma")
+    annealed = mixture_run(AnnealedLangevinScheduler(num_train_timesteps=15, denoise_final=True, **kw))
+    plain = AnnealedLangevinScheduler(num_train_timesteps=1, **{**kw, "steps_per_level": 15 * 50})
+    plain._test_sigmas = [0.05]  # same number of steps, all at σ_L
+    plain = mixture_run(plain)
+    frac_annealed, frac_plain = ((x[:, 0] > 0).double().mean().item() for x in (annealed, plain))
+    assert abs(frac_annealed - 0.8) < 0.03, frac_annealed
+    assert abs(frac_plain - 0.8) > 0.15, frac_plain
+    right = annealed[annealed[:, 0] > 0]
+    assert within(right[:, 0].mean(), 3.0, 0.5 / math.sqrt(len(right))), right[:, 0].mean()
+
+
+def test_cas_recovers_mixture_weights():
+    """CAS follows the marginals p_σ (no chain has to cross between modes): the weights come out exactly."""
+    s = AnnealedLangevinScheduler(sigma_max=20.0, sigma_min=0.05, num_train_timesteps=10, steps_per_level=50,
+                                  step_size=0.05 * 0.05**2, sampler="cas", denoise_final=True, timestep_type="log_sigma")
+    x = mixture_run(s)
+    assert within((x[:, 0] > 0).double().mean(), 0.8, math.sqrt(0.16 / len(x))), (x[:, 0] > 0).double().mean()
+    right = x[x[:, 0] > 0]
+    assert within(right[:, 0].mean(), 3.0, 0.5 / math.sqrt(len(right))), right[:, 0].mean()
+
+
+def point_mass_run(sampler, step_size, L=10, T=10, n=4000, seed=0):
+    """Data = the single point μ (score −(x − μ)/σ²), started exactly at N(μ, σ_1²I); the states after every step."""
+    mu = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    s = AnnealedLangevinScheduler(
+        sigma_max=10.0, sigma_min=0.01, num_train_timesteps=L, steps_per_level=T, step_size=step_size,
+        sampler=sampler, timestep_type="log_sigma",
+    )
+    s.set_timesteps()
+    g = torch.Generator().manual_seed(seed)
+    x = mu + 10.0 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    states = []
+    run_diffusers_loop(s, lambda x, t: -(x - mu) / math.exp(2 * float(t)), x, track=states)
+    return [((x_ - mu) ** 2).mean().item() for x_ in states], n * 2
+
+
+def test_cas_keeps_noise_variance_on_schedule_proposition_2():
+    L, T, kappa = 10, 10, 0.2
+    variances, m = point_mass_run("cas", kappa * 0.01**2, L=L, T=T)
+    sigmas = np.geomspace(10.0, 0.01, (L - 1) * T + 1)
+    # after the step at σ_i the noise variance is σ_{i+1}² (the last step adds none: (σ_n(1 − κ))²)
+    expected = np.append(sigmas[1:] ** 2, (sigmas[-1] * (1 - kappa)) ** 2)
+    ratio = np.array(variances) / expected
+    assert np.abs(ratio - 1).max() < 5 * math.sqrt(2 / m), np.abs(ratio - 1).max()
+
+
+def test_als_noise_variance_exceeds_schedule_proposition_1():
+    L, T, eps = 10, 10, 2e-5
+    variances, m = point_mass_run("als", eps, L=L, T=T)
+    sigmas = np.geomspace(10.0, 0.01, L)
+    # the exact variance recursion of x ← (1 − α/σ_i²)x + √(2α)z, α = ε σ_i²/σ_L², from v = σ_1²
+    v, exact = 100.0, []
+    for sigma in sigmas:
+        alpha = eps * sigma**2 / 0.01**2
+        for _ in range(T):
+            v = (1 - alpha / sigma**2) ** 2 * v + 2 * alpha
+            exact.append(v)
+    ratio = np.array(variances) / np.array(exact)
+    assert np.abs(ratio - 1).max() < 5 * math.sqrt(2 / m)
+    end_of_level = np.array(variances)[T - 1 :: T]
+    assert (end_of_level > sigmas**2).all(), end_of_level / sigmas**2  # Proposition 1: above the schedule
+    assert (end_of_level / sigmas**2 > 1 + 5 * math.sqrt(2 / m)).all()  # by more than the sampling error
+
+
+def test_final_tweedie_denoising_step():
+    s = AnnealedLangevinScheduler(sigma_max=1.0, sigma_min=0.1, num_train_timesteps=3, steps_per_level=2,
+                                  denoise_final=True, timestep_type="sigma")
+    s.set_timesteps()
+    assert len(s.timesteps) == 3 * 2 + 1 and float(s.timesteps[-1]) == pytest.approx(0.1)
+    s.set_begin_index(len(s.timesteps) - 1)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    score = torch.randn(5, 2, dtype=torch.float64)
+    out = s.step(score, s.timesteps[-1], x).prev_sample
+    torch.testing.assert_close(out, x + 0.1**2 * score)
+
+
+def test_als_timestep_conventions():
+    s = AnnealedLangevinScheduler(sigma_max=1.0, sigma_min=0.01, num_train_timesteps=10, steps_per_level=3)
+    s.set_timesteps()
+    # NCSN labels: 0 for σ_1, repeated T times per level
+    assert s.timesteps.dtype == torch.int64
+    assert s.timesteps.tolist() == [i for i in range(10) for _ in range(3)]
+    torch.testing.assert_close(s.sigmas[::3], torch.from_numpy(np.geomspace(1.0, 0.01, 10)))
+    s2 = AnnealedLangevinScheduler(sigma_max=1.0, sigma_min=0.01, num_train_timesteps=10, steps_per_level=3,
+                                   timestep_type="log_sigma", prediction_type="scaled_score")
+    s2.set_timesteps(4)
+    assert s2.timesteps.dtype == torch.float32
+    np.testing.assert_allclose(s2.timesteps[::3].numpy(), np.log(np.geomspace(1.0, 0.01, 4)), rtol=1e-6)
+    # scaled_score: the network's F is σ·s, so the Langevin step uses F/σ
+    x, F = torch.zeros(2, 3), torch.ones(2, 3)
+    step = s2.step(F, s2.timesteps[0], x, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(step.pred_original_sample, x + 1.0 * F)  # x + σ²·F/σ at σ = 1
+    # add_noise inverts the timestep: x + σ·z
+    noisy = s2.add_noise(torch.zeros(4, 3), torch.ones(4, 3), s2.timesteps[::3])
+    np.testing.assert_allclose(noisy[:, 0].numpy(), np.geomspace(1.0, 0.01, 4), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Predictor-corrector samplers (Song et al. 2021)
+
+VE = dict(sigma_min=0.01, sigma_max=50.0)
+VP = dict(beta_min=0.1, beta_max=20.0)
+
+
+def ve_sigma_ref(t):
+    return VE["sigma_min"] * (VE["sigma_max"] / VE["sigma_min"]) ** t
+
+
+def vp_alpha_bar_ref(t):
+    return math.exp(-0.5 * t**2 * (VP["beta_max"] - VP["beta_min"]) - t * VP["beta_min"])
+
+
+def pc_model(sde, data):
+    """A score network with timestep_type='t': the perturbed-data score at time t, from the test's own SDE formulas."""
+
+    def model(x, t):
+        t = float(t)
+        if sde == "ve":
+            return mixture_score(x, ve_sigma_ref(t), **data)
+        ab = vp_alpha_bar_ref(t)
+        return mixture_score(x, math.sqrt(1 - ab), a=math.sqrt(ab), **data)
+
+    return model
+
+
+def make_pc(sde, **kw):
+    base = dict(sde_type=sde, timestep_type="t", snr=0.16, sampling_eps=1e-5 if sde == "ve" else 1e-3)
+    base.update(VE if sde == "ve" else VP)
+    base.update(kw)
+    return PredictorCorrectorScheduler(**base)
+
+
+@pytest.mark.parametrize("sde", ["ve", "vp"])
+@pytest.mark.parametrize("predictor", ["reverse_diffusion", "euler_maruyama"])
+def test_pc_sampler_recovers_gaussian(sde, predictor):
+    s = make_pc(sde, predictor=predictor, correct_steps=1)
+    s.set_timesteps(500)
+    assert len(s.timesteps) == 1000
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N_SAMPLES, 2, generator=g, dtype=torch.float64) * s.init_noise_sigma
+    check_gaussian(run_diffusers_loop(s, pc_model(sde, GAUSS), x))
+
+
+@pytest.mark.parametrize("sde", ["ve", "vp"])
+def test_pc_sampler_recovers_mixture_weights(sde):
+    s = make_pc(sde, correct_steps=1)
+    s.set_timesteps(300)
+    n = 2000
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * s.init_noise_sigma
+    x = run_diffusers_loop(s, pc_model(sde, MIXTURE), x)
+    assert within((x[:, 0] > 0).double().mean(), 0.8, math.sqrt(0.16 / n))
+
+
+@pytest.mark.parametrize("sde", ["ve", "vp"])
+@pytest.mark.parametrize("predictor", ["reverse_diffusion", "euler_maruyama"])
+def test_probability_flow_ode_converges_to_exact_map(sde, predictor):
+    """For Gaussian data the probability-flow ODE keeps (x_t − m_t)/sd_t fixed, so x_0 = μ + (x_1 − m_1)·s/sd_1;
+    the Euler discretisation converges to it at first order."""
+    mu, s0 = torch.tensor(GAUSS["means"][0], dtype=torch.float64), GAUSS["stds"][0]
+    if sde == "ve":
+        m1, sd1 = mu, math.sqrt(s0**2 + ve_sigma_ref(1.0) ** 2)
+    else:
+        ab = vp_alpha_bar_ref(1.0)
+        m1, sd1 = math.sqrt(ab) * mu, math.sqrt(ab * s0**2 + 1 - ab)
+    x1 = torch.randn(200, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    exact = mu + (x1 - m1) * s0 / sd1
+    errors = []
+    for n in (250, 500):
+        sch = make_pc(sde, predictor=predictor, probability_flow=True, correct_steps=0)
+        sch.set_timesteps(n)
+        out = run_diffusers_loop(sch, pc_model(sde, GAUSS), x1.clone())
+        errors.append((out - exact).abs().max().item())
+    assert errors[1] < 0.15, errors  # VP reverse diffusion has the largest constant: 0.13 at N = 500 (EM: 0.004)
+    assert 1.6 < errors[0] / errors[1] < 2.4, errors  # first order: halving the step halves the error
+
+
+def test_pc_matches_diffusers_score_sde_ve():
+    """With the VE reverse-diffusion predictor and Langevin corrector, the updates equal those of diffusers'
+    ScoreSdeVeScheduler (as ScoreSdeVePipeline runs it), given the same network outputs and generator."""
+    from diffusers import ScoreSdeVeScheduler
+
+    n_steps, shape = 50, (8, 1, 4, 4)
+    ref = ScoreSdeVeScheduler(num_train_timesteps=n_steps, sigma_min=0.01, sigma_max=50.0, snr=0.16, correct_steps=2)
+    ours = PredictorCorrectorScheduler.from_config(ref.config)
+    assert ours.config.timestep_type == "sigma" and ours.config.prediction_type == "score"
+    assert ours.init_noise_sigma == ref.init_noise_sigma
+
+    def net(x, sigma):  # a smooth "score network" of (x, σ), not the score of any Gaussian
+        return (-(x - 0.3) + 0.1 * torch.sin(3 * x)) / (0.25 + sigma**2)
+
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * ref.init_noise_sigma
+    # diffusers' ScoreSdeVePipeline loop
+    ref.set_timesteps(n_steps)
+    ref.set_sigmas(n_steps)
+    g, x = torch.Generator().manual_seed(1), x0.clone()
+    for i, t in enumerate(ref.timesteps):
+        sigma_t = ref.sigmas[i]
+        for _ in range(ref.config.correct_steps):
+            x = ref.step_correct(net(x, sigma_t), x, generator=g).prev_sample
+        out = ref.step_pred(net(x, sigma_t), t, x, generator=g)
+        x, x_mean = out.prev_sample, out.prev_sample_mean
+    # ours, the standard loop (the last step returns the mean, as the pipeline does)
+    ours.set_timesteps(n_steps)
+    np.testing.assert_allclose(ours.timesteps[2::3].numpy(), ref.sigmas.numpy(), rtol=1e-6)
+    y = run_diffusers_loop(ours, lambda x, t: net(x, t), x0.clone(), seed=1)
+    torch.testing.assert_close(y, x_mean, rtol=2e-3, atol=2e-3)
+
+
+def test_pc_timestep_conventions_and_add_noise():
+    s = make_pc("vp", timestep_type="discrete", num_train_timesteps=1000, correct_steps=2, prediction_type="epsilon")
+    s.set_timesteps(5)
+    t = np.linspace(1, 1e-3, 5)
+    np.testing.assert_allclose(s.timesteps.numpy(), np.repeat(t * 999, 3), rtol=1e-6)
+    ab = np.array([vp_alpha_bar_ref(v) for v in t])
+    np.testing.assert_allclose(s.sigmas[:-1].numpy(), np.sqrt(1 - ab), rtol=1e-10)
+    x0, z = torch.ones(5, 2), torch.full((5, 2), 2.0)
+    noisy = s.add_noise(x0, z, s.timesteps[::3])
+    np.testing.assert_allclose(noisy[:, 0].numpy(), np.sqrt(ab) + 2 * np.sqrt(1 - ab), rtol=1e-5)
+    # epsilon network: the score is −ε/√(1 − ᾱ), so Tweedie gives (x − √(1 − ᾱ)ε)/√ᾱ (DDPM's x_0 prediction)
+    x, eps = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    out = s.step(eps, s.timesteps[0], x, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.pred_original_sample, (x - math.sqrt(1 - ab[0]) * eps) / math.sqrt(ab[0]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NCSNv2 techniques
+
+
+def test_technique1_max_pairwise_distance_brute_force():
+    x = torch.randn(157, 5, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 2, 3, 0.1, 5])
+    a = x.double().numpy()
+    brute = max(np.linalg.norm(a[i] - a[j]) for i in range(len(a)) for j in range(i + 1, len(a)))
+    for chunk in (7, 64, 1000):  # blocks that do and do not divide N
+        assert max_pairwise_distance(x, chunk_size=chunk) == pytest.approx(brute, rel=1e-12)
+    assert max_pairwise_distance(x.reshape(157, 5, 1, 1)) == pytest.approx(brute, rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        max_pairwise_distance(x[:1])
+
+
+@pytest.mark.parametrize("dim,C", [(64, 0.5), (3072, 0.5), (12288, 0.3)])
+def test_technique2_gamma_solves_its_equation(dim, C):
+    gamma = ncsnv2_gamma(dim, C)
+    a = math.sqrt(2 * dim) * (gamma - 1)
+    assert gamma > 1
+    assert norm.cdf(a + 3 * gamma) - norm.cdf(a - 3 * gamma) == pytest.approx(C, abs=1e-9)
+    sig = ncsnv2_sigmas(50.0, 0.01, dim, C)
+    ratios = (sig[:-1] / sig[1:]).numpy()
+    assert sig[0] == pytest.approx(50.0) and sig[-1] == pytest.approx(0.01)
+    assert np.allclose(ratios, ratios[0]) and ratios[0] <= gamma + 1e-12
+    assert (50.0 / 0.01) ** (1 / (len(sig) - 2)) > gamma  # one level fewer would exceed γ
+
+
+def test_technique2_rejects_low_dimension():
+    with pytest.raises(ValueError, match="dim"):
+        ncsnv2_gamma(3)
+    with pytest.raises(ValueError, match="C must be"):
+        ncsnv2_gamma(64, C=1.0)
+
+
+def prop3_ratio(eps, gamma, T, sigma_L):
+    """NCSNv2 Proposition 3, transcribed from the paper."""
+    k = eps / sigma_L**2
+    c = 2 * eps / (sigma_L**2 - sigma_L**2 * (1 - k) ** 2)
+    return (1 - k) ** (2 * T) * (gamma**2 - c) + c
+
+
+@pytest.mark.parametrize("gamma,T,sigma_L", [(5000 ** (1 / 231), 5, 0.01), (2.15, 100, 0.01), (1.36, 1, 0.05), (1.2, 20, 0.3)])
+def test_technique4_step_size_matches_brute_force(gamma, T, sigma_L):
+    eps = ncsnv2_step_size(gamma, T, sigma_L)
+    grid = np.exp(np.linspace(np.log(1e-9), np.log(0.999), 400_000)) * sigma_L**2
+    values = np.abs(prop3_ratio(grid, gamma, T, sigma_L) - 1)
+    assert abs(prop3_ratio(eps, gamma, T, sigma_L) - 1) <= values.min() + 1e-9
+    assert eps == pytest.approx(grid[values.argmin()], rel=1e-3)
+
+
+def test_technique4_reproduces_ncsnv2_published_step_sizes():
+    # NCSNv2 Table/Appendix: CIFAR-10 σ_1 = 50, L = 232, T = 5 → ε = 6.2e-6; CelebA 64 σ_1 = 90, L = 500 → 3.3e-6
+    assert ncsnv2_step_size((50 / 0.01) ** (1 / 231), 5, 0.01) == pytest.approx(6.2e-6, rel=0.02)
+    assert ncsnv2_step_size((90 / 0.01) ** (1 / 499), 5, 0.01) == pytest.approx(3.3e-6, rel=0.02)
+
+
+def test_proposition3_closed_form_equals_variance_recursion():
+    gamma, T, sigma_L, sigma_i, eps = 1.3, 7, 0.02, 0.5, 3e-5
+    alpha = eps * sigma_i**2 / sigma_L**2
+    v = (gamma * sigma_i) ** 2
+    for _ in range(T):  # x ← x − (α/σ_i²)x + √(2α)z for a point mass at 0
+        v = (1 - alpha / sigma_i**2) ** 2 * v + 2 * alpha
+    assert ncsnv2_variance_ratio(eps, gamma, T, sigma_L) == pytest.approx(v / sigma_i**2, rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Denoising score matching
+
+
+class AffineScore(torch.nn.Module):
+    """s(x, σ) = a·x + b, one (a, b) for a single σ: the family that contains the Gaussian's exact score."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(()))
+        self.b = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, x, sigma):
+        return self.a * x + self.b
+
+
+def test_dsm_minimiser_is_the_true_score():
+    mu, s0, sigma = torch.tensor([1.0, -2.0]), 0.5, 0.7
+    data = mu + s0 * torch.randn(8192, 2, generator=torch.Generator().manual_seed(0))
+    model, loss_fn = AffineScore(), DenoisingScoreMatchingLoss(sigma_sampling="log_uniform")
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        opt.zero_grad()
+        loss_fn(model, data, sigma=sigma, generator=g).backward()
+        opt.step()
+    var = s0**2 + sigma**2  # true score −(x − μ)/var
+    assert model.a.item() == pytest.approx(-1 / var, rel=0.03)
+    torch.testing.assert_close(model.b.detach(), mu / var, rtol=0.03, atol=0.02)
+
+
+def test_dsm_loss_value_at_the_exact_score():
+    """½ E‖σ s*(x̃) + z‖² = ½ D s²/(s² + σ²) for Gaussian data N(μ, s²I) and its exact score s*."""
+    mu, s0, sigma, n = torch.tensor([1.0, -2.0]), 0.5, 0.3, 200_000
+    data = (mu + s0 * torch.randn(n, 2, generator=torch.Generator().manual_seed(0))).double()
+    exact = lambda x, sig: -(x - mu.double()) / (s0**2 + sig.reshape(-1, 1) ** 2)  # noqa: E731
+    loss = DenoisingScoreMatchingLoss(sigma_sampling="log_uniform")(exact, data, sigma=sigma,
+                                                                    generator=torch.Generator().manual_seed(1))
+    target = 0.5 * 2 * s0**2 / (s0**2 + sigma**2)
+    assert float(loss) == pytest.approx(target, rel=0.01)
+
+
+def test_dsm_discrete_sigma_sampling_and_epsilon_form():
+    sigmas = geometric_sigmas(1.0, 0.01, 10)
+    loss_fn = DenoisingScoreMatchingLoss(sigmas)
+    drawn = loss_fn.sample_sigmas(10_000, torch.Generator().manual_seed(0))
+    assert set(np.round(drawn.numpy(), 12)) <= set(np.round(sigmas.numpy(), 12))
+    counts = np.bincount(noise_level_timestep(drawn, "index", sigmas).numpy(), minlength=10)
+    assert counts.min() > 850  # uniform over the 10 levels
+
+    class Eps(torch.nn.Module):  # F(x, t) = x
+        def forward(self, x, t):
+            return x
+
+    x = torch.randn(16, 3)
+    z, sig = torch.randn(16, 3), torch.rand(16) + 0.1
+    score_model = ScoreModel(Eps(), prediction_type="epsilon", timestep_type="log_sigma")
+    loss = loss_fn(score_model, x, sigma=sig, noise=z)
+    x_noisy = x + sig[:, None] * z
+    assert float(loss) == pytest.approx(float(0.5 * ((x_noisy - z) ** 2).sum(1).mean()), rel=1e-5)  # ½‖F − z‖²
+
+
+def test_score_model_conventions_and_ncsnv2_conditioning():
+    seen = {}
+
+    class Record(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t):
+            seen["t"] = t
+            return self.w * torch.ones_like(x)
+
+    x, sig = torch.zeros(3, 1, 2, 2), torch.tensor([0.5, 1.0, 2.0])
+    s = ScoreModel(Record(), prediction_type="score", timestep_type="log_sigma")(x, sig)
+    assert torch.is_tensor(seen["t"]) and seen["t"].dtype == torch.float32  # never a python float
+    torch.testing.assert_close(seen["t"], sig.log())
+    torch.testing.assert_close(s, torch.ones_like(x))
+    s = ScoreModel.ncsnv2(Record())(x, sig)  # s(x, σ) = F(x)/σ with an unconditional F
+    torch.testing.assert_close(seen["t"], torch.zeros(3))
+    torch.testing.assert_close(s, torch.ones_like(x) / sig.reshape(-1, 1, 1, 1))
+    table = geometric_sigmas(1.0, 0.01, 10)
+    ScoreModel(Record(), timestep_type="index", sigmas=table)(x[:2], table[[0, 9]])
+    assert seen["t"].tolist() == [0, 9]
+
+
+def test_tweedie_denoise_is_the_posterior_mean():
+    mu, s0, sigma = 0.7, 0.4, 0.9
+    x = torch.linspace(-3, 3, 11, dtype=torch.float64)
+    score = -(x - mu) / (s0**2 + sigma**2)
+    posterior_mean = mu + s0**2 / (s0**2 + sigma**2) * (x - mu)
+    torch.testing.assert_close(tweedie_denoise(x, score, sigma), posterior_mean)
+    # VP form x = √ᾱ x_0 + √(1 − ᾱ) z
+    a, sd = 0.8, 0.6
+    score = -(x - a * mu) / (a**2 * s0**2 + sd**2)
+    posterior_mean = mu + a * s0**2 / (a**2 * s0**2 + sd**2) * (x - a * mu)
+    torch.testing.assert_close(tweedie_denoise(x, score, sd, a), posterior_mean)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Noise schedules
+
+
+def test_cosine_and_linear_schedules_match_the_discrete_betas():
+    T = 1000
+    t = torch.arange(1, T + 1, dtype=torch.float64) / T
+    ac_cos = alphas_cumprod_from_betas(betas_for_schedule(T, beta_schedule="squaredcos_cap_v2"))
+    f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731  (Nichol & Dhariwal eq. 17)
+    np.testing.assert_allclose(cosine_alpha_bar(t)[:900].numpy(), (f(t.numpy()) / f(0.0))[:900], rtol=1e-12)
+    np.testing.assert_allclose(ac_cos[:900].numpy(), (f(t.numpy()) / f(0.0))[:900], rtol=1e-9)
+    ac_lin = alphas_cumprod_from_betas(betas_for_schedule(T))  # DDPM linear 1e-4 → 2e-2
+    # the VP SDE is its continuous limit: log ᾱ agrees to O(1/T)
+    late = slice(99, None)
+    np.testing.assert_allclose(np.log(linear_alpha_bar(t).numpy())[late], np.log(ac_lin.numpy())[late], rtol=1e-2)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_simple_diffusion_shift_scales_snr_by_resolution_ratio(schedule):
+    T, r, d = 1000, 64, 256
+    base = alphas_cumprod_from_betas(ddpm_betas(T, schedule))
+    shifted = alphas_cumprod_from_betas(ddpm_betas(T, schedule, resolution=d, base_resolution=r))
+    ok = (base > 1e-6) & (shifted > 1e-8)  # away from the β clip of the cosine tail
+    ratio = (snr(shifted) / snr(base))[ok]
+    np.testing.assert_allclose(ratio.numpy(), (r / d) ** 2, rtol=1e-6)
+    assert ok.sum() > 900
+    # at the base resolution nothing moves; a continuous ᾱ(t) shifts the same way
+    torch.testing.assert_close(ddpm_betas(T, schedule, resolution=r, base_resolution=r), ddpm_betas(T, schedule))
+    ac = cosine_alpha_bar(torch.tensor([0.25, 0.5, 0.75]))
+    np.testing.assert_allclose((snr(shifted_alphas_cumprod(ac, 32, 64)) / snr(ac)).numpy(), 4.0, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The diffusers scheduler contract, config round trips and bad input
+
+
+class TestAnnealedLangevinContract(SchedulerContractTests):
+    scheduler_class = AnnealedLangevinScheduler
+    num_inference_steps = 5
+
+    def get_scheduler_config(self, **overrides):
+        config = dict(sigma_max=1.0, sigma_min=0.01, num_train_timesteps=5, steps_per_level=3, step_size=2e-5,
+                      sampler="als", denoise_final=True, prediction_type="score", timestep_type="index")
+        config.update(overrides)
+        return config
+
+
+class TestCASContract(TestAnnealedLangevinContract):
+    def get_scheduler_config(self, **overrides):
+        return super().get_scheduler_config(sampler="cas", timestep_type="sigma", step_size=5e-5, **overrides)
+
+
+class TestPredictorCorrectorContract(SchedulerContractTests):
+    scheduler_class = PredictorCorrectorScheduler
+    compatible_classes = ("ScoreSdeVeScheduler",)
+
+    def get_scheduler_config(self, **overrides):
+        config = dict(num_train_timesteps=100, snr=0.16, sigma_min=0.01, sigma_max=50.0, correct_steps=1)
+        config.update(overrides)
+        return config
+
+
+class TestPredictorCorrectorVPContract(TestPredictorCorrectorContract):
+    compatible_classes = ()
+
+    def get_scheduler_config(self, **overrides):
+        return super().get_scheduler_config(sde_type="vp", timestep_type="t", predictor="euler_maruyama", **overrides)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(step_size=0.0), "step_size"),
+        (dict(step_size=-1e-5), "step_size"),
+        (dict(steps_per_level=0), "steps_per_level"),
+        (dict(sigma_max=0.01, sigma_min=0.01), "sigma_max > sigma_min"),
+        (dict(sampler="langevin"), "sampler"),
+        (dict(prediction_type="x0"), "prediction_type"),
+        (dict(timestep_type="t"), "timestep_type"),
+    ],
+)
+def test_annealed_langevin_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AnnealedLangevinScheduler(**kwargs)
+
+
+@pytest.mark.parametrize("sigmas", [[1.0, 1.0, 0.1], [0.1, 0.5, 1.0], [1.0, 0.0], []])
+def test_annealed_langevin_rejects_non_decreasing_sigmas(sigmas):
+    s = AnnealedLangevinScheduler(timestep_type="log_sigma")
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        s.set_timesteps(sigmas=sigmas)
+
+
+def test_annealed_langevin_bad_schedule_combinations():
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        AnnealedLangevinScheduler().set_timesteps(0)
+    with pytest.raises(ValueError, match="CAS"):  # η below σ_L²(1 − γ)
+        AnnealedLangevinScheduler(sampler="cas", steps_per_level=1, step_size=1e-7).set_timesteps()
+    with pytest.raises(ValueError, match="index"):  # CAS refines the levels: not for an index network
+        AnnealedLangevinScheduler(sampler="cas", steps_per_level=5, step_size=5e-5).set_timesteps()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        AnnealedLangevinScheduler().step(torch.zeros(1), 0, torch.zeros(1))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(sde_type="subvp"), "sde_type"),
+        (dict(predictor="ancestral"), "predictor"),
+        (dict(correct_steps=-1), "correct_steps"),
+        (dict(snr=0.0), "snr"),
+        (dict(sampling_eps=0.0), "sampling_eps"),
+        (dict(predictor="none", correct_steps=0), "predictor='none'"),
+        (dict(timestep_type="index"), "timestep_type"),
+    ],
+)
+def test_predictor_corrector_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PredictorCorrectorScheduler(**kwargs)
+
+
+def test_loss_and_schedule_bad_input():
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        DenoisingScoreMatchingLoss([0.1, 1.0])
+    with pytest.raises(ValueError, match="sigmas"):
+        DenoisingScoreMatchingLoss()
+    with pytest.raises(ValueError, match="sigma_max > sigma_min"):
+        DenoisingScoreMatchingLoss(sigma_sampling="log_uniform", sigma_min=1.0, sigma_max=0.5)
+    with pytest.raises(ValueError, match="steps_per_level"):
+        ncsnv2_step_size(1.1, 0, 0.01)
+    with pytest.raises(ValueError, match="gamma"):
+        ncsnv2_step_size(0.9, 5, 0.01)
+    with pytest.raises(ValueError, match="timestep_type"):
+        ScoreModel(torch.nn.Linear(1, 1), timestep_type="t")
