@@ -23,7 +23,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -153,6 +152,7 @@ def plot_metric_vs_nfe(
     """One panel per metric, metric vs NFE (log scale), one line per ``label``; ``floor`` (a row of real data) is
     drawn as a dashed line."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -167,6 +167,9 @@ def plot_metric_vs_nfe(
         if floor is not None and key in floor:
             ax.axhline(floor[key], color="grey", linestyle="--", label=floor.get("label", "real data"))
         ax.set_xscale("log")
+        nfes = sorted({row["nfe"] for row in rows})
+        ax.set_xticks(nfes, [f"{n:g}" for n in nfes], fontsize=8)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         if key in log_y:
             ax.set_yscale("log")
         ax.set_xlabel("NFE (network evaluations per image)")
@@ -188,6 +191,3 @@ def save_sample_grid(pipe, path: str, num_inference_steps: int = 18, num_images:
     images = generate_images(pipe, num_images, num_inference_steps, seed=seed, progress=False)["images"]
     save_image_grid(images, path, nrow=10, scale=4)
 
-
-def set_threads(threads: int) -> None:
-    torch.set_num_threads(threads)

@@ -46,7 +46,8 @@ def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
 
 
 def betas_from_alphas_cumprod(alphas_cumprod: torch.Tensor, max_beta: float = 0.999) -> torch.Tensor:
-    """β_t = 1 − ᾱ_t/ᾱ_{t−1} (with ᾱ_{−1} = 1), clipped at ``max_beta`` as Nichol & Dhariwal do for the cosine schedule."""
+    """β_t = 1 − ᾱ_t/ᾱ_{t−1} (with ᾱ_{−1} = 1), clipped at ``max_beta`` as Nichol & Dhariwal clip the cosine
+    schedule."""
     ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
     prev = torch.cat([ac.new_ones(1), ac[:-1]])
     return (1 - ac / prev).clamp(max=max_beta)

@@ -386,3 +386,41 @@ def test_theorem_2_bounds(unet, K):
     assert (l_sa >= l_theta / (T + K) ** 2 * (1 - 1e-5)).all()
     assert (l_sa < (T - 1) / (T + K) * l_tau_simple).any()  # the bounds are not both equalities
 
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The training script end to end
+
+def test_tiny_training_run_writes_a_ddpm_pipeline(tmp_path):
+    import os
+    import sys
+
+    from diffusers import DDPMPipeline
+
+    from diffusers_stf import EDMHeunScheduler, EDMPipeline
+    from diffusers_stf.training import read_metrics
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import train_sequence_aware
+
+    out_dir = str(tmp_path / "sa")
+    train_sequence_aware.main([
+        "--output_dir", out_dir, "--block_out_channels", "8,16", "--norm_num_groups", "4", "--max_train_steps", "4",
+        "--train_batch_size", "16", "--num_validation_images", "4", "--num_inference_steps", "2",
+        "--checkpointing_steps", "0", "--validation_steps", "0", "--logging_steps", "2", "--no_progress_bar",
+        "--sa_k", "3", "--sa_lambda", "0.3", "--beta_schedule", "cosine", "--num_train_timesteps", "100",
+    ])
+    rows = read_metrics(os.path.join(out_dir, "logs"))
+    assert rows and all(r["loss_sa"] > 0 and r["loss_simple"] > 0 for r in rows)
+    assert os.path.isfile(os.path.join(out_dir, "samples.png"))
+    assert "DDPMPipeline" in open(os.path.join(out_dir, "README.md")).read()
+
+    ddpm = DDPMPipeline.from_pretrained(out_dir)  # diffusers alone loads it
+    assert ddpm.scheduler.config.beta_schedule == "squaredcos_cap_v2" and ddpm.scheduler.config.num_train_timesteps == 100
+    images = ddpm(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and torch.isfinite(torch.as_tensor(images)).all()
+
+    scheduler = EDMHeunScheduler.from_config(ddpm.scheduler.config, preconditioning="ddpm")
+    edm = EDMPipeline(unet=ddpm.unet, scheduler=scheduler)
+    samples = edm(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert samples.shape == (2, 1, 8, 8) and torch.isfinite(samples).all()

@@ -107,7 +107,7 @@ def generate_images(
     **pipeline_kwargs,
 ) -> Dict[str, object]:
     """``num_images`` images with seeds ``seed, seed+1, ...``, in batches; returns ``images`` ([−1, 1], N C H W),
-    ``nfe`` (model evaluations per image, counted on the UNet) and ``seconds``.
+    ``nfe`` (model evaluations per image, counted on ``pipe.unet``; None without one) and ``seconds``.
 
     Args:
         pipe: see :func:`generate_batch`.
@@ -128,9 +128,10 @@ def generate_images(
         pipe.set_progress_bar_config(disable=True)
     seeds = list(range(seed, seed + num_images))
     batches, calls, start = [], 0, time.perf_counter()
-    with count_calls(pipe.unet) as counter:
+    network = getattr(pipe, "unet", None)
+    with count_calls(network) if network is not None else contextlib.nullcontext([None]) as counter:
         for i in tqdm(range(0, num_images, batch_size), desc="sampling", disable=not progress, leave=False):
             batches.append(generate_batch(pipe, seeds[i : i + batch_size], num_inference_steps, **pipeline_kwargs))
             calls += 1
-        nfe = counter[0] / calls
+        nfe = None if counter[0] is None else counter[0] / calls
     return {"images": torch.cat(batches), "nfe": nfe, "seconds": time.perf_counter() - start}

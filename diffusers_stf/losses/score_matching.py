@@ -67,7 +67,9 @@ def tweedie_denoise(sample: torch.Tensor, score: torch.Tensor, sigma, alpha=1.0)
     return (sample + sigma**2 * score) / alpha
 
 
-def noise_level_timestep(sigma, timestep_type: str = "log_sigma", sigmas: Optional[torch.Tensor] = None) -> torch.Tensor:
+def noise_level_timestep(
+    sigma, timestep_type: str = "log_sigma", sigmas: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """The ``timestep`` a noise-conditional network receives at noise level σ (see ``timestep_type`` above).
 
     Args:
@@ -89,7 +91,9 @@ def noise_level_timestep(sigma, timestep_type: str = "log_sigma", sigmas: Option
     return (sigma.reshape(-1, 1).log() - table.reshape(1, -1).log()).abs().argmin(1).reshape(sigma.shape)
 
 
-def sigma_from_timestep(timestep, timestep_type: str = "log_sigma", sigmas: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sigma_from_timestep(
+    timestep, timestep_type: str = "log_sigma", sigmas: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """σ of a ``timestep`` of type ``timestep_type``, the inverse of :func:`noise_level_timestep` (float64)."""
     _check_choice("timestep_type", timestep_type, TIMESTEP_TYPES)
     timestep = torch.as_tensor(timestep)

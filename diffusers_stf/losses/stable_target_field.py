@@ -24,7 +24,7 @@ import torch
 from ..preconditioning import DDPMPreconditioning, betas_for_schedule
 from .edm import EDMLoss, _per_sample
 
-CHUNK_BYTES = 16 * 1024**2  # float64 reference chunk
+CHUNK_BYTES = 8 * 1024**2  # float64 reference chunk
 
 
 def _chunk_size(dim: int, chunk_size: Optional[int]) -> int:
@@ -41,7 +41,7 @@ def stable_target_field(noisy_images: torch.Tensor, sigmas, reference_images: to
         sigmas: σ per sample (B,) or a scalar, > 0.
         reference_images: the reference set (R, ...) with the same trailing shape; it should contain each clean
             image y_i (for the σ → 0 limit T_i = y_i).
-        chunk_size: references per float64 chunk (default: 16 MB worth).
+        chunk_size: references per float64 chunk (default: 8 MB worth).
 
     Returns:
         T, shape and dtype of ``noisy_images``.
@@ -65,13 +65,17 @@ def stable_target_field(noisy_images: torch.Tensor, sigmas, reference_images: to
     logits = torch.empty(b, r, dtype=torch.float64, device=x.device)
     for start in range(0, r, step):
         chunk = refs[start:start + step].to(device=x.device, dtype=torch.float64)
-        logits[:, start:start + step] = (2 * x @ chunk.T - chunk.square().sum(1)) * inv_two_var
+        block = logits[:, start:start + step]
+        torch.mm(x, chunk.T, out=block)
+        block.mul_(2).sub_(torch.linalg.vector_norm(chunk, dim=1).square_()).mul_(inv_two_var)
+        del chunk, block
     weights = torch.softmax(logits, dim=1)
     del logits
     target = torch.zeros_like(x)
     for start in range(0, r, step):
         chunk = refs[start:start + step].to(device=x.device, dtype=torch.float64)
         target.addmm_(weights[:, start:start + step], chunk)
+        del chunk
     return target.reshape(noisy_images.shape).to(noisy_images.dtype)
 
 

@@ -98,9 +98,9 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
     ):
         if not (sigma_max > sigma_min > 0):
             raise ValueError(f"need sigma_max > sigma_min > 0, got sigma_max={sigma_max}, sigma_min={sigma_min}")
-        if int(num_train_timesteps) < 1:
-            raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
-        if int(steps_per_level) < 1:
+        if int(num_train_timesteps) != num_train_timesteps or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps}")
+        if int(steps_per_level) != steps_per_level or steps_per_level < 1:
             raise ValueError(f"steps_per_level (T) must be an integer >= 1, got {steps_per_level}")
         if not step_size > 0:
             raise ValueError(f"step_size must be > 0, got {step_size}")
@@ -291,6 +291,7 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x̃ = x + σ·z with σ the noise level of each timestep (of type ``timestep_type``; not ``none``)."""
-        sigma = sigma_from_timestep(torch.as_tensor(timesteps).reshape(-1).cpu(), self.config.timestep_type, self.train_sigmas)
+        timesteps = torch.as_tensor(timesteps).reshape(-1).cpu()
+        sigma = sigma_from_timestep(timesteps, self.config.timestep_type, self.train_sigmas)
         sigma = sigma.to(device=original_samples.device, dtype=original_samples.dtype)
         return original_samples + noise * sigma.reshape(-1, *([1] * (original_samples.ndim - 1)))

@@ -16,7 +16,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from ..data import DIGITS_NAME, image_column, load_digits_dataset, load_image_dataset
+from ..data import DIGITS_NAME, digits_tensor, image_column, load_digits_dataset, load_image_dataset
 from .accelerator import derived_seed
 
 logger = logging.getLogger(__name__)
@@ -266,6 +266,14 @@ def load_training_images(args, accelerator=None) -> ImageData:
 
     dataset_name = getattr(args, "dataset_name", None)
     train_data_dir = getattr(args, "train_data_dir", None)
+    resolution, channels = getattr(args, "resolution", None), getattr(args, "channels", None)
+    if dataset_name is None and train_data_dir is None and resolution in (None, 8) and channels in (None, 1):
+        # The embedded digits at their native 8x8: skip the PNG round trip of the datasets.Dataset.
+        images, labels = digits_tensor(getattr(args, "digits_split", "all"))
+        if getattr(args, "max_train_samples", None):
+            images, labels = images[:args.max_train_samples], labels[:args.max_train_samples]
+        return ImageData.from_tensor(images, labels, resolution=8, random_flip=getattr(args, "random_flip", False),
+                                     name=DIGITS_NAME)
     context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
     with context:
         if dataset_name is None and train_data_dir is None:

@@ -41,6 +41,11 @@ pipeline = EDMPipeline.from_pretrained("{repo}")
 images = pipeline(batch_size=16, num_inference_steps=18, generator=torch.Generator().manual_seed(0)).images
 images[0].save("sample.png")"""
 
+DEFAULT_LOADING_NOTE = (
+    "`DiffusionPipeline.from_pretrained` cannot load this folder by itself: its scheduler (and, with augmentation, its "
+    "network) are classes of `diffusers_stf`, so load it through `diffusers_stf.EDMPipeline` as above."
+)
+
 
 @dataclass
 class ModelCardInfo:
@@ -54,6 +59,8 @@ class ModelCardInfo:
         pipeline_tag: the Hub task.
         license: the Hub license id.
         usage: a Python snippet; ``{repo}`` is replaced by the Hub id or the local folder.
+        loading_note: a sentence after the snippet (default: why ``EDMPipeline`` rather than ``DiffusionPipeline``).
+        facts: extra rows of the results table (e.g. the loss's hyper-parameters).
         extra: more template variables.
     """
 
@@ -64,6 +71,8 @@ class ModelCardInfo:
     pipeline_tag: str = "unconditional-image-generation"
     license: str = "apache-2.0"
     usage: str = DEFAULT_USAGE
+    loading_note: str = DEFAULT_LOADING_NOTE
+    facts: Dict = field(default_factory=dict)
     extra: Dict = field(default_factory=dict)
 
 
@@ -104,7 +113,8 @@ def write_model_card(folder: str, info: ModelCardInfo, repo: str, datasets: Opti
     card_data = ModelCardData(library_name="diffusers", pipeline_tag=info.pipeline_tag, license=info.license,
                               tags=tags, datasets=list(datasets) if datasets else None)
     context = dict(title=info.title, description=info.description, usage=info.usage.replace("{repo}", repo),
-                   sample_grid=sample_grid, training_config=training_config or {}, metrics=metrics or {}, repo=repo,
+                   sample_grid=sample_grid, training_config=training_config or {},
+                   metrics={**(metrics or {}), **info.facts}, repo=repo, loading_note=info.loading_note,
                    **info.extra)
     context.setdefault("script", os.path.basename(sys.argv[0]) or "diffusers_stf")
     path = find_template(info.template)

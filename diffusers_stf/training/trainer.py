@@ -85,15 +85,18 @@ class Trainer:
         fingerprint: the script's resume-critical settings (e.g. the loss); a checkpoint written with other values
             (or another model config) is refused.
         validation_fn: ``validation_fn(ema_model, step, path) -> path or None``, replacing the sample grid.
+        make_validation_pipeline: a different pipeline for the grids only (e.g. DDIM while saving DDPM);
+            default ``make_pipeline``.
     """
 
     def __init__(self, args, model: torch.nn.Module, loss_fn: LossFn, data: ImageData, accelerator=None,
                  make_pipeline: Optional[Callable] = None, optimizer: Optional[torch.optim.Optimizer] = None,
                  model_card: Optional[ModelCardInfo] = None, fingerprint: Optional[Dict] = None,
-                 validation_fn: Optional[Callable] = None):
+                 validation_fn: Optional[Callable] = None, make_validation_pipeline: Optional[Callable] = None):
         self.args, self.model, self.loss_fn, self.data = args, model, loss_fn, data
         self.accelerator = accelerator if accelerator is not None else make_accelerator(args)
         self.make_pipeline, self.model_card, self.validation_fn = make_pipeline, model_card, validation_fn
+        self.make_validation_pipeline = make_validation_pipeline or make_pipeline
         self.optimizer = optimizer or torch.optim.AdamW(
             model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -119,6 +122,7 @@ class Trainer:
                             "script": dict(fingerprint or {})}
         self.output_dir = args.output_dir
         self.step, self.nimg = 0, 0
+        self.last_row: Dict = {}
 
     # -- pieces ---------------------------------------------------------------------------------------------------
     def micro_batch(self, micro_step: int):
@@ -141,8 +145,8 @@ class Trainer:
             ema_model = self.ema.model
             if self.validation_fn is not None:
                 out = self.validation_fn(ema_model, self.step, path)
-            elif self.make_pipeline is not None:
-                pipeline = self.make_pipeline(ema_model).to(acc.device)
+            elif self.make_validation_pipeline is not None:
+                pipeline = self.make_validation_pipeline(ema_model).to(acc.device)
                 out = sample_grid(pipeline, path, self.args.num_validation_images, self.args.num_inference_steps,
                                   self.args.validation_seed)
         acc.wait_for_everyone()
@@ -207,7 +211,7 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
             if self.step % args.logging_steps == 0 or self.step == self.max_steps:
-                metrics.write(self.step, nimg=self.nimg, epoch=self.step // self.steps_per_epoch, lr=lr, ema_beta=beta,
+                self.last_row = metrics.write(self.step, nimg=self.nimg, epoch=self.step // self.steps_per_epoch, lr=lr, ema_beta=beta,
                               seconds=round(time.time() - start_time, 2))
             if args.checkpointing_steps and self.step % args.checkpointing_steps == 0:
                 save_checkpoint(acc, self.output_dir, self.step, self.ema, self.trainer_state(),
@@ -232,6 +236,8 @@ class Trainer:
                 facts = {"optimizer steps": self.step, "training images seen": self.nimg,
                          "wall time (s)": round(wall_time, 1), "processes": acc.num_processes,
                          "parameters": sum(p.numel() for p in self.ema.model.parameters())}
+                if "loss" in self.last_row:
+                    facts[f"training loss (last {args.logging_steps} steps)"] = round(self.last_row["loss"], 4)
                 config = {k: v for k, v in sorted(vars(args).items()) if k != "hub_token"}
                 datasets = [self.data.name] if self.data.name and self.data.name != "imagefolder" else None
                 grid = os.path.relpath(result.samples_path, self.output_dir) if result.samples_path else None

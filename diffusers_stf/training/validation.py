@@ -42,9 +42,13 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None)
 
 @torch.no_grad()
 def sample_grid(pipeline, path: str, num_images: int = 100, num_inference_steps: int = 18, seed: int = 0) -> str:
-    """Sample ``num_images`` with ``pipeline`` (``output_type="pt"``, a seeded generator) and save the grid."""
+    """Sample ``num_images`` with ``pipeline`` (a seeded generator, ``output_type="np"``, which our pipelines and
+    diffusers' ``DDPMPipeline``/``DDIMPipeline`` all return as NHWC in [0, 1]) and save the grid."""
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=pipeline.device).manual_seed(seed)
     images = pipeline(batch_size=num_images, num_inference_steps=num_inference_steps, generator=generator,
-                      output_type="pt").images
-    return save_image_grid(images, path)
+                      output_type="np").images
+    images = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+    if images.ndim == 3:  # (N, H, W)
+        images = images[..., None]
+    return save_image_grid(images.permute(0, 3, 1, 2), path)
