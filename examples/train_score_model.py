@@ -121,8 +121,9 @@ def describe(clf, images):
     return f"conf {probs.max(1).mean():.2f}, class entropy {entropy:.2f}"
 
 
-def grid(images, nrow=10):
+def grid(images):
     images = ((images.clamp(-1, 1) + 1) / 2).squeeze(1).numpy()
+    nrow = int(math.ceil(math.sqrt(len(images))))
     n = int(math.ceil(len(images) / nrow))
     canvas = np.ones((n * 9 + 1, nrow * 9 + 1))
     for k, img in enumerate(images):
@@ -192,7 +193,7 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.9))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 4.7))
     for ax, (title, images, summary) in zip(axes, panels):
         ax.imshow(grid(images), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(title, fontsize=9)
@@ -203,7 +204,7 @@ def main(argv=None):
                  f"{L} levels)", fontsize=10)
     fig.tight_layout()
     path = os.path.abspath(os.path.join(args.output_dir, "comparison.png"))
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=150)
     print(f"comparison grid written to {path}")
     return path
 

@@ -300,16 +300,16 @@ class Discriminator(ModelMixin, ConfigMixin):
             raise ValueError(f"mid_block_type must be None, 'UNetMidBlock2D' or 'UNetMidBlock2DNoAttention', got {mid_block_type!r}")
         self.preconditioning = make_preconditioning(preconditioning, sigma_data=sigma_data)
         extractor_config = dict(feature_extractor_config or {})
-        self.feature_extractor = None
+        self.extractor = None
         self._custom_extractor = []  # a plain list: a custom extractor is not a registered (saved) submodule
         if feature_extractor == "unet_encoder":
-            self.feature_extractor = UNetEncoderFeatures(extractor_config["unet"], extractor_config["preconditioning"])
+            self.extractor = UNetEncoderFeatures(extractor_config["unet"], extractor_config["preconditioning"])
         elif feature_extractor == "transformers":
-            self.feature_extractor = TransformersFeatures(
+            self.extractor = TransformersFeatures(
                 extractor_config["model"], self.preconditioning, extractor_config.get("input_resolution")
             )
-        if self.feature_extractor is not None:
-            self.feature_extractor.requires_grad_(False)
+        if self.extractor is not None:
+            self.extractor.requires_grad_(False)
         self.head = NoiseConditionalEncoder(
             in_channels=feature_channels if feature_extractor else in_channels,
             block_out_channels=block_out_channels,
@@ -344,7 +344,7 @@ class Discriminator(ModelMixin, ConfigMixin):
             feature_channels=unet.config.block_out_channels[-1],
             **head_kwargs,
         )
-        missing, unexpected = disc.feature_extractor.unet.load_state_dict(unet.state_dict(), strict=False)
+        missing, unexpected = disc.extractor.unet.load_state_dict(unet.state_dict(), strict=False)
         if missing:
             raise ValueError(f"could not copy the UNet encoder weights, missing: {missing[:5]}")
         return disc.to(device=unet.device)
@@ -384,7 +384,7 @@ class Discriminator(ModelMixin, ConfigMixin):
             feature_channels=channels,
             **head_kwargs,
         )
-        disc.feature_extractor.model.load_state_dict(model.state_dict())
+        disc.extractor.model.load_state_dict(model.state_dict())
         return disc
 
     @classmethod
@@ -420,8 +420,8 @@ class Discriminator(ModelMixin, ConfigMixin):
             if not self._custom_extractor:
                 raise ValueError("this discriminator needs its custom feature extractor: call attach_feature_extractor(module)")
             return self._custom_extractor[0](sample, sigma, class_labels).to(self.dtype)
-        if self.feature_extractor is not None:
-            return self.feature_extractor(sample, sigma, class_labels).to(self.dtype)
+        if self.extractor is not None:
+            return self.extractor(sample, sigma, class_labels).to(self.dtype)
         return _network_inputs(self.preconditioning, sample, sigma, self.dtype)[0]
 
     def forward(
