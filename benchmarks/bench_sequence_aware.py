@@ -151,13 +151,13 @@ def part_fd(args):
     plot_metric_vs_nfe(rows, os.path.join(args.output_dir, "fd_vs_ddim_steps.png"), floor=floor,
                        title=f"DDIM on digits, {args.train_steps} training steps each")
     gaps = {}
-    x0 = digits_tensor("heldout")[0][:256]
+    x0 = digits_tensor("heldout")[0][:args.gap_images]
     for label, folder in folders.items():
         pipe = DiffusionPipeline.from_pretrained(folder)
         gaps[label] = estimation_gap(pipe.unet, pipe.scheduler, x0, generator=torch.Generator().manual_seed(0),
                                      clip_sample=False)
     plot_estimation_gaps(gaps, os.path.join(args.output_dir, "estimation_gap.png"),
-                         title="Estimation gap from x_T, DDPM (η=1), 256 held-out digits")
+                         title=f"Estimation gap from x_T, DDPM (η=1), {len(x0)} held-out digits")
     print("\n" + markdown_table(rows + [floor]))
     for label in gaps:
         print(f"{label}: training {seconds.get(label, float('nan')):.0f} s, final estimation gap "
@@ -178,6 +178,7 @@ def main(argv=None):
     parser.add_argument("--train_steps", type=int, default=2000)
     parser.add_argument("--ddim_steps", type=lambda s: [int(v) for v in s.split(",")], default=[10, 20, 50, 100])
     parser.add_argument("--num_images", type=int, default=1000)
+    parser.add_argument("--gap_images", type=int, default=64, help="held-out images of the estimation-gap plot")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--output_dir", default="outputs/bench_sequence_aware")

@@ -43,3 +43,11 @@ from .pipelines.pipeline_discriminator_guided import DiscriminatorGuidedPipeline
 # --- Evaluation (issue 5) ---
 
 # --- Score-based foundations (issue 7) ---
+from . import noise_schedules
+from .losses.score_matching import DenoisingScoreMatchingLoss, ScoreModel, tweedie_denoise
+from .schedulers import (
+    AnnealedLangevinScheduler,
+    AnnealedLangevinSchedulerOutput,
+    PredictorCorrectorScheduler,
+    PredictorCorrectorSchedulerOutput,
+)

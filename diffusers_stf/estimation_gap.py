@@ -1,4 +1,4 @@
-"""The accumulated estimation gap of a DDPM/DDIM sampling chain (Nguyen et al. 2024, Section 3 and Figure 4).
+"""The accumulated estimation gap of a DDPM/DDIM sampling chain (Nguyen et al. 2024, Theorem 1 and Figure 4).
 
 Start from a ground-truth x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε and run two chains with the same sampler and the same
 sampling noise z:

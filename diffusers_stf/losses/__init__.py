@@ -26,3 +26,11 @@ from .discriminator import (
 )
 
 # --- Score matching (issue 7) ---
+from .score_matching import (
+    DenoisingScoreMatchingLoss,
+    ScoreModel,
+    noise_level_timestep,
+    score_from_model_output,
+    sigma_from_timestep,
+    tweedie_denoise,
+)

@@ -2,8 +2,8 @@
 
 A DDPM ε-prediction network f_θ (a diffusers ``UNet2DModel``) is trained on K consecutive timesteps at once:
 
-    L_sa = E_{t, x_0, ε} ‖ (1/K) Σ_{s=t}^{t+K−1} τ_s (f_θ(x_s, s) − ε_s) ‖²,   t ∈ {1−K, …, T},         (paper eq. 10)
-    L    = L_simple + λ·L_sa,                                                                              (paper eq. 11)
+    L_sa = E_{t, x_0, ε} ‖ (1/K) Σ_{s=t}^{t+K−1} τ_s (f_θ(x_s, s) − ε_s) ‖²,   t ∈ {1−K, …, T},   (the SA loss)
+    L    = L_simple + λ·L_sa,                                                                    (the training objective)
 
 with τ_s = 0 outside {2, …, T} for the Theorem 1 weights (outside {1, …, T} for uniform weights). Penalising the
 squared *sum* of the K residuals (not the sum of squares) penalises residuals that add up along the sampling chain,
@@ -97,7 +97,7 @@ class SequenceAwareLossOutput:
 
 
 class SequenceAwareLoss:
-    """L_simple + λ·L_sa for an ε-prediction ``UNet2DModel`` on a discrete DDPM schedule (paper eqs. 10–11).
+    """L_simple + λ·L_sa for an ε-prediction ``UNet2DModel`` on a discrete DDPM schedule (Nguyen et al. 2024).
 
     Each batch row draws its L_simple timestep s ~ U{1..T} (so ``sa_lambda=0`` is exactly DDPM's L_simple) and a
     window of K consecutive steps containing s. The K·B noisy inputs x_{t+j} (in-range ones only) go through the UNet

@@ -309,7 +309,7 @@ class Discriminator(ModelMixin, ConfigMixin):
                 extractor_config["model"], self.preconditioning, extractor_config.get("input_resolution")
             )
         if self.extractor is not None:
-            self.extractor.requires_grad_(False)
+            self.extractor.requires_grad_(False).eval()
         self.head = NoiseConditionalEncoder(
             in_channels=feature_channels if feature_extractor else in_channels,
             block_out_channels=block_out_channels,
@@ -408,8 +408,16 @@ class Discriminator(ModelMixin, ConfigMixin):
         """Attach the (frozen) user module of a ``custom`` discriminator; it is not part of the saved weights."""
         if self.config.feature_extractor != "custom":
             raise ValueError("attach_feature_extractor is only for discriminators built with feature_extractor='custom'")
-        module.requires_grad_(False)
+        module.requires_grad_(False).eval()
         self._custom_extractor[:] = [_CustomFeatures(module, self.preconditioning)]
+        return self
+
+    def train(self, mode: bool = True) -> "Discriminator":
+        """Train mode for the head only: a frozen extractor stays in eval mode (batch-norm statistics and dropout of a
+        pretrained backbone must not change while the head trains)."""
+        super().train(mode)
+        if self.extractor is not None:
+            self.extractor.eval()
         return self
 
     # ------------------------------------------------------------------------------------------------------------

@@ -3,5 +3,6 @@
 from .scheduling_edm_heun import EDMHeunScheduler, EDMSchedulerOutput
 from .scheduling_edm_stochastic import EDMStochasticScheduler
 
-# Score-based foundations (issue 7) add their schedulers below.
-from .scheduling_annealed_langevin import AnnealedLangevinScheduler, AnnealedLangevinSchedulerOutput; from .scheduling_predictor_corrector import PredictorCorrectorScheduler, PredictorCorrectorSchedulerOutput  # noqa: E702
+# Score-based foundations (NCSN, score SDEs)
+from .scheduling_annealed_langevin import AnnealedLangevinScheduler, AnnealedLangevinSchedulerOutput
+from .scheduling_predictor_corrector import PredictorCorrectorScheduler, PredictorCorrectorSchedulerOutput
