@@ -1,213 +1,315 @@
-"""Train a small noise-conditional score network on the embedded 8×8 digits, then sample it with annealed Langevin
-(NCSN), consistent annealed sampling (CAS), a VE predictor–corrector sampler and the probability-flow ODE, and write a
-comparison grid.
+#!/usr/bin/env python
+"""Train a noise-conditional score network (NCSN/NCSNv2) with denoising score matching, then sample it with annealed
+Langevin dynamics (ALS), consistent annealed sampling (CAS), a VE predictor–corrector sampler (PC) and the
+probability-flow ODE, and write a comparison grid.
 
-    python examples/train_score_model.py                       # about 2 minutes of training on a CPU
-    python examples/train_score_model.py --max_train_minutes 6 --output_dir runs/score
+    accelerate launch examples/train_score_model.py                 # embedded 8x8 digits, ~2-3 min on 2 CPU cores
+    accelerate launch examples/train_score_model.py --ncsnv2_conditioning --steps_per_level 3
+    accelerate launch examples/train_score_model.py --max_train_steps 4000 --validation_steps 1000 --num_threads 2
 
-The noise levels follow NCSNv2: σ_1 = the largest distance between two training images (Technique 1), a geometric
-schedule down to σ_L = 0.01 whose ratio γ solves Technique 2 for D = 64, and Technique 4's step size ε for
-T Langevin steps per level. The network is a diffusers ``UNet2DModel`` that receives log σ as its timestep and
-outputs σ·s_θ(x, σ) (``prediction_type="scaled_score"``; ``--ncsnv2_conditioning`` makes it unconditional, NCSNv2's
-Technique 3); it is trained with NCSN's denoising score matching loss (λ(σ) = σ², log σ uniform).
-Every sampler gets about the same number of network evaluations. Outputs in ``--output_dir``: ``comparison.png``,
-the EMA ``unet/`` (safetensors) and the three scheduler configs.
+The noise levels follow NCSNv2 (Song & Ermon 2020): σ_1 = the largest distance between two training images
+(Technique 1), a geometric schedule down to σ_L = ``--sigma_min`` whose ratio γ solves Technique 2 for the data
+dimension D, and Technique 4's Langevin step size ε for T = ``--steps_per_level`` steps per level. The network is a
+``UNet2DModel`` that receives log σ as its timestep and outputs σ·s_θ(x, σ) (``prediction_type="scaled_score"``;
+``--ncsnv2_conditioning`` makes it unconditional, NCSNv2's Technique 3), trained with NCSN's denoising score
+matching loss (λ(σ) = σ², log σ uniform on [log σ_L, log σ_1]). The four samplers get the same number of network
+evaluations.
+
+Writes to --output_dir: checkpoints, logs/metrics.{jsonl,csv}, ``samples.png`` (the comparison grid of the EMA
+weights; ``samples/step_N.png`` with ``--validation_steps``), and an ``EDMPipeline`` folder (``unet/`` safetensors,
+``scheduler/`` = ALS) with the configs of the four samplers in ``scheduler_{als,cas,pc,ode}/`` and a model card.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import math
+import logging
 import os
+import sys
 import time
 
-import numpy as np
 import torch
-from diffusers import UNet2DModel
-from tqdm.auto import tqdm
 
-from diffusers_stf.data import digits_tensor
+from diffusers_stf import AnnealedLangevinScheduler, EDMPipeline, PredictorCorrectorScheduler
+from diffusers_stf.data import DIGITS_NAME
 from diffusers_stf.losses.score_matching import DenoisingScoreMatchingLoss, ScoreModel
 from diffusers_stf.noise_schedules import max_pairwise_distance, ncsnv2_sigmas, ncsnv2_step_size
-from diffusers_stf.schedulers import AnnealedLangevinScheduler, PredictorCorrectorScheduler
+from diffusers_stf.training import (
+    LossOutput,
+    ModelCardInfo,
+    Trainer,
+    add_training_args,
+    count_parameters,
+    image_grid,
+    load_training_images,
+    make_accelerator,
+    make_unet,
+    parse_training_args,
+)
+
+logger = logging.getLogger("train_score_model")
+
+SAMPLERS = ("als", "cas", "pc", "ode")
+SAMPLER_TITLES = {"als": "ALS (NCSN)", "cas": "CAS", "pc": "PC (reverse diffusion + Langevin)",
+                  "ode": "probability-flow ODE"}
+
+DESCRIPTION = (
+    "A noise-conditional score network s_θ(x, σ) ≈ ∇ log p_σ(x) (a `UNet2DModel`{conditioning}) trained with "
+    "NCSN's denoising score matching loss (Song & Ermon, NeurIPS 2019, [arXiv:1907.05600]"
+    "(https://arxiv.org/abs/1907.05600)), λ(σ) = σ², log σ uniform on [{sigma_min:g}, {sigma_max:.3g}]. The noise "
+    "levels follow NCSNv2 (Song & Ermon, NeurIPS 2020, [arXiv:2006.09011](https://arxiv.org/abs/2006.09011)): "
+    "σ_1 = {sigma_max:.3g}, the largest distance between two training images (Technique 1); L = {L} geometric "
+    "levels down to σ_L = {sigma_min:g}, ratio γ = {gamma:.4f} from Technique 2; and Langevin step size "
+    "ε = {eps:.3g} for T = {T} steps per level (Technique 4). It samples with annealed Langevin dynamics (ALS, "
+    "NCSN Algorithm 1), consistent annealed sampling (CAS, Jolicoeur-Martineau et al., ICLR 2021), and the VE SDE's "
+    "predictor–corrector sampler and probability-flow ODE (Song et al., ICLR 2021)."
+)
+CONDITIONING = {
+    False: " that receives log σ as its timestep and outputs σ·s_θ(x, σ)",
+    True: " without noise conditioning: s_θ(x, σ) = F(x)/σ, NCSNv2's Technique 3",
+}
+USAGE = """import torch
+from diffusers import UNet2DModel
+from diffusers_stf import AnnealedLangevinScheduler, EDMPipeline, PredictorCorrectorScheduler
+
+# annealed Langevin dynamics (NCSN Algorithm 1): {L} noise levels, {T} Langevin steps each
+pipeline = EDMPipeline.from_pretrained("{{repo}}")
+generator = torch.Generator().manual_seed(0)
+images = pipeline(batch_size=16, num_inference_steps={L}, generator=generator).images
+
+# the other samplers of the grid, each with about {nfe} network evaluations
+pipeline.scheduler = AnnealedLangevinScheduler.from_pretrained("{{repo}}", subfolder="scheduler_cas")
+images = pipeline(batch_size=16, num_inference_steps={L}, generator=generator).images
+pipeline.scheduler = PredictorCorrectorScheduler.from_pretrained("{{repo}}", subfolder="scheduler_pc")
+images = pipeline(batch_size=16, num_inference_steps={pc_steps}, generator=generator).images
+pipeline.scheduler = PredictorCorrectorScheduler.from_pretrained("{{repo}}", subfolder="scheduler_ode")
+images = pipeline(batch_size=16, num_inference_steps={ode_steps}, generator=generator).images
+
+# the same annealed Langevin sampler as a plain diffusers loop
+unet = UNet2DModel.from_pretrained("{{repo}}", subfolder="unet")
+scheduler = AnnealedLangevinScheduler.from_pretrained("{{repo}}", subfolder="scheduler_als")
+scheduler.set_timesteps({L})
+x = torch.randn(16, 1, {size}, {size}, generator=generator) * scheduler.init_noise_sigma
+with torch.no_grad():
+    for t in scheduler.timesteps:  # L·T Langevin steps, then Tweedie's denoising step
+        score_output = unet(scheduler.scale_model_input(x, t), t.float().expand(len(x))).sample
+        x = scheduler.step(score_output, t, x, generator=generator).prev_sample
+images = (x / 2 + 0.5).clamp(0, 1)"""
+LOADING_NOTE = (
+    "The folder is an `EDMPipeline`, whose loop is the standard diffusers one, with the EMA UNet and the ALS "
+    "scheduler; `scheduler_als/`, `scheduler_cas/`, `scheduler_pc/` and `scheduler_ode/` hold the four samplers of "
+    "the grid. Their classes live in `diffusers_stf`, so `DiffusionPipeline.from_pretrained` cannot load the folder "
+    "by itself. For ALS and CAS `num_inference_steps` is the number of noise levels L (T Langevin steps each), for "
+    "PC and the ODE the number of SDE/ODE steps."
+)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", default="score_model_output")
-    p.add_argument("--max_train_steps", type=int, default=3000)
-    p.add_argument("--max_train_minutes", type=float, default=2.0, help="stop training after this long")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--ema_decay", type=float, default=0.999, help="0 disables the EMA")
-    p.add_argument("--sigma_min", type=float, default=0.01)
-    p.add_argument("--steps_per_level", type=int, default=5, help="T of annealed Langevin (NCSNv2: 5)")
-    p.add_argument("--ncsnv2_conditioning", action="store_true", help="unconditional network, s = F(x)/σ")
-    p.add_argument("--num_samples", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
-    return p.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("noise levels and network (NCSNv2 techniques)")
+    g.add_argument("--sigma_min", type=float, default=0.01, help="σ_L, the smallest noise level")
+    g.add_argument("--sigma_max", type=float, default=None,
+                   help="σ_1; default: Technique 1, the largest distance between two training images")
+    g.add_argument("--technique2_C", type=float, default=0.5,
+                   help="C of Technique 2, the overlap between neighbouring noise levels (NCSNv2: 0.5)")
+    g.add_argument("--ncsnv2_conditioning", action="store_true",
+                   help="Technique 3: an unconditional network, s_θ(x, σ) = F(x)/σ")
+    g = parser.add_argument_group("samplers of the comparison grid")
+    g.add_argument("--steps_per_level", type=int, default=5,
+                   help="T, Langevin steps per noise level of ALS (NCSNv2: 5); ε follows from Technique 4")
+    g.add_argument("--pc_snr", type=float, default=0.16, help="r, the PC corrector's signal-to-noise ratio (VE: 0.16)")
+    g.add_argument("--num_threads", type=int, default=1,
+                   help="torch CPU threads; 1 is fastest on a busy 2-core machine, 0 keeps torch's default")
+    add_training_args(parser)
+    parser.set_defaults(output_dir=os.path.join("outputs", "train_score_model"), max_train_steps=1200,
+                        checkpointing_steps=500, validation_steps=0, logging_steps=50, num_inference_steps=None)
+    for action in parser._actions:  # the shared help text describes EDM's steps
+        if action.dest == "num_inference_steps":
+            action.help = ("noise levels L of the ALS/CAS samplers (default: Technique 2's L); PC gets L·T/2 steps "
+                           "(a corrector and a predictor evaluation each) and the ODE L·T, the same budget")
+    return parser
 
 
-def make_unet() -> UNet2DModel:
-    """634k parameters; the 8×8 configuration that reaches the real-data floor with EDM in ~6 CPU minutes."""
-    return UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        add_attention=False, norm_num_groups=32,
-    )
+def check_args(args):
+    if not args.sigma_min > 0:
+        raise ValueError(f"--sigma_min must be > 0, got {args.sigma_min}")
+    if args.sigma_max is not None and not args.sigma_max > args.sigma_min:
+        raise ValueError(f"--sigma_max must be > --sigma_min ({args.sigma_min}), got {args.sigma_max}")
+    if args.steps_per_level < 1:
+        raise ValueError(f"--steps_per_level must be >= 1, got {args.steps_per_level}")
+    if not args.pc_snr > 0:
+        raise ValueError(f"--pc_snr must be > 0, got {args.pc_snr}")
+    if args.num_threads < 0:
+        raise ValueError(f"--num_threads must be >= 0, got {args.num_threads}")
+    if args.num_inference_steps is not None and args.num_inference_steps < 2:
+        raise ValueError(f"--num_inference_steps (noise levels) must be >= 2, got {args.num_inference_steps}")
+    return args
 
 
-def train(score_model, data, loss_fn, args):
-    """Adam with a 100-step warm-up, gradient clipping and an EMA of the weights. (A minimal loop: it could move
-    onto the package's shared training plumbing.)"""
-    unet = score_model.model
-    ema = copy.deepcopy(unet).requires_grad_(False) if args.ema_decay > 0 else unet
-    opt = torch.optim.Adam(unet.parameters(), lr=args.learning_rate)
-    g = torch.Generator().manual_seed(args.seed)
-    start, losses = time.time(), []
-    bar = tqdm(range(args.max_train_steps), desc="training")
-    for step in bar:
-        batch = data[torch.randint(len(data), (args.batch_size,), generator=g)]
-        for group in opt.param_groups:
-            group["lr"] = args.learning_rate * min(1.0, (step + 1) / 100)
-        loss = loss_fn(score_model, batch, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        if ema is not unet:
-            decay = min(args.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), unet.parameters()):
-                    p_ema.lerp_(p, 1 - decay)
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-        if time.time() - start > 60 * args.max_train_minutes:
-            break
-    bar.close()
-    print(f"trained {len(losses)} steps in {time.time() - start:.0f} s; "
-          f"loss {np.mean(losses[:50]):.3f} (first 50) -> {np.mean(losses[-50:]):.3f} (last 50)")
-    return ema
+def noise_levels(args, data):
+    """σ_1 (Technique 1: the largest distance between two training images, unless ``--sigma_max``) and the number of
+    sampling levels L (Technique 2's geometric schedule down to ``--sigma_min``, unless ``--num_inference_steps``)."""
+    dim = data.channels * data.resolution**2
+    sigma_max = args.sigma_max or max_pairwise_distance(data.batch(torch.arange(len(data)))["images"])
+    num_levels = args.num_inference_steps or len(ncsnv2_sigmas(sigma_max, args.sigma_min, dim, args.technique2_C))
+    return sigma_max, num_levels
 
 
-@torch.no_grad()
-def sample(unet, scheduler, num_inference_steps, n, seed):
-    """The standard diffusers loop; the UNet receives the scheduler's timestep (log σ) as a float tensor."""
-    scheduler.set_timesteps(num_inference_steps)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 8, 8, generator=g) * scheduler.init_noise_sigma
-    for t in tqdm(scheduler.timesteps, desc=type(scheduler).__name__, leave=False):
-        out = unet(scheduler.scale_model_input(x, t), t.float().expand(n)).sample
-        x = scheduler.step(out, t, x, generator=g).prev_sample
-    return x, len(scheduler.timesteps)
-
-
-def digit_classifier():
-    """A logistic regression on sklearn's 8×8 digits (≈ 96 % held-out accuracy): a quick check that samples read as
-    digits (mean confidence) of every class (entropy of the predicted labels, at most ln 10 = 2.30)."""
-    from sklearn.linear_model import LogisticRegression
-
-    x, y = digits_tensor("train")
-    return LogisticRegression(max_iter=2000).fit(x.flatten(1).numpy(), y.numpy())
-
-
-def describe(clf, images):
-    probs = clf.predict_proba(images.clamp(-1, 1).flatten(1).numpy())
-    hist = np.bincount(probs.argmax(1), minlength=10) / len(probs)
-    entropy = -(hist[hist > 0] * np.log(hist[hist > 0])).sum()
-    return f"conf {probs.max(1).mean():.2f}, class entropy {entropy:.2f}"
-
-
-def grid(images):
-    images = ((images.clamp(-1, 1) + 1) / 2).squeeze(1).numpy()
-    nrow = int(math.ceil(math.sqrt(len(images))))
-    n = int(math.ceil(len(images) / nrow))
-    canvas = np.ones((n * 9 + 1, nrow * 9 + 1))
-    for k, img in enumerate(images):
-        r, c = divmod(k, nrow)
-        canvas[1 + 9 * r : 9 + 9 * r, 1 + 9 * c : 9 + 9 * c] = img
-    return canvas
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
-    data, _ = digits_tensor("all")
-    dim = data[0].numel()
-
-    # NCSNv2 Techniques 1, 2 and 4
-    sigma_max = max_pairwise_distance(data)
-    sigmas = ncsnv2_sigmas(sigma_max, args.sigma_min, dim)
-    gamma = float(sigmas[0] / sigmas[1])
-    step_size = ncsnv2_step_size(gamma, args.steps_per_level, args.sigma_min)
-    L, T = len(sigmas), args.steps_per_level
-    print(f"sigma_1 = {sigma_max:.3f} (Technique 1), L = {L} levels, gamma = {gamma:.4f} (Technique 2), "
-          f"epsilon = {step_size:.3g} for T = {T} (Technique 4)")
-
-    unet = make_unet()
-    if args.ncsnv2_conditioning:
-        score_model = ScoreModel.ncsnv2(unet)
-    else:
-        score_model = ScoreModel(unet, prediction_type="scaled_score", timestep_type="log_sigma")
-    loss_fn = DenoisingScoreMatchingLoss(sigma_min=args.sigma_min, sigma_max=sigma_max, sigma_sampling="log_uniform")
-    ema = train(score_model, data, loss_fn, args)
-    ema.eval()
-    ema.save_pretrained(os.path.join(args.output_dir, "unet"))
-
-    conventions = dict(
-        prediction_type="scaled_score", timestep_type="none" if args.ncsnv2_conditioning else "log_sigma"
-    )
-    common = dict(sigma_max=sigma_max, sigma_min=args.sigma_min, num_train_timesteps=L, steps_per_level=T,
-                  step_size=step_size, denoise_final=True, **conventions)
-    nfe = L * T
-    pc = dict(sde_type="ve", sigma_max=sigma_max, sigma_min=args.sigma_min, snr=0.16, **conventions)
-    samplers = {
-        "ALS (NCSN)": (AnnealedLangevinScheduler(sampler="als", **common), L),
-        "CAS": (AnnealedLangevinScheduler(sampler="cas", **common), L),
-        "PC (reverse diffusion + Langevin)": (PredictorCorrectorScheduler(correct_steps=1, **pc), nfe // 2),
-        "probability-flow ODE": (
-            PredictorCorrectorScheduler(correct_steps=0, probability_flow=True, **pc), nfe
-        ),
+def make_samplers(args, sigma_max: float, num_levels: int) -> dict:
+    """The four schedulers of the comparison, with the same number of network evaluations: ALS and CAS on
+    ``num_levels`` geometric levels with Technique 4's ε for that schedule's ratio γ, PC with half as many steps as
+    ALS has Langevin steps (each is a corrector plus a predictor evaluation), and the ODE with as many."""
+    T = args.steps_per_level
+    gamma = (sigma_max / args.sigma_min) ** (1 / (num_levels - 1))
+    conventions = dict(prediction_type="scaled_score",
+                       timestep_type="none" if args.ncsnv2_conditioning else "log_sigma")
+    annealed = dict(sigma_max=sigma_max, sigma_min=args.sigma_min, num_train_timesteps=num_levels, steps_per_level=T,
+                    step_size=ncsnv2_step_size(gamma, T, args.sigma_min), denoise_final=True, **conventions)
+    sde = dict(sde_type="ve", sigma_max=sigma_max, sigma_min=args.sigma_min, snr=args.pc_snr, **conventions)
+    nfe = num_levels * T
+    return {  # name: (scheduler, num_inference_steps)
+        "als": (AnnealedLangevinScheduler(sampler="als", **annealed), num_levels),
+        "cas": (AnnealedLangevinScheduler(sampler="cas", **annealed), num_levels),
+        "pc": (PredictorCorrectorScheduler(correct_steps=1, **sde), max(nfe // 2, 1)),
+        "ode": (PredictorCorrectorScheduler(correct_steps=0, probability_flow=True, **sde), nfe),
     }
-    for name, (scheduler, _) in samplers.items():
-        scheduler.save_config(os.path.join(args.output_dir, "scheduler_" + name.split()[0].lower().replace("-", "_")))
 
-    clf = digit_classifier()
-    real = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.num_samples]]
-    panels = [("training data", real, describe(clf, real))]
-    for name, (scheduler, steps) in samplers.items():
-        start = time.time()
-        images, evaluations = sample(ema, scheduler, steps, args.num_samples, args.seed)
-        seconds = time.time() - start
-        summary = describe(clf, images)
-        print(f"{name:36s} {evaluations:4d} network evaluations, {seconds:5.1f} s, {summary}")
-        panels.append((f"{name}\n{evaluations} NFE, {seconds:.1f} s", images, summary))
 
+def save_comparison(panels, title: str, path: str) -> str:
+    """One column per (title, images in [−1, 1], caption) panel, saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 4.7))
-    for ax, (title, images, summary) in zip(axes, panels):
-        ax.imshow(grid(images), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel(summary, fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.9))
+    for ax, (name, images, caption) in zip(axes, panels):
+        ax.imshow(image_grid((images + 1) / 2, min_cell=1), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(caption, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"Noise-conditional score model on 8×8 digits (σ from {sigma_max:.1f} to {args.sigma_min}, "
-                 f"{L} levels)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = os.path.abspath(os.path.join(args.output_dir, "comparison.png"))
-    fig.savefig(path, dpi=150)
-    print(f"comparison grid written to {path}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
 
 
+def digits_summary(data):
+    """``summary(images)``: the shipped digits classifier's mean confidence and class entropy (at most ln 10 = 2.30)
+    of images in [−1, 1]; an empty string for other datasets."""
+    if data.name != DIGITS_NAME:
+        return lambda images: ""
+    from diffusers_stf.evaluation import class_statistics, load_feature_extractor
+
+    classifier = load_feature_extractor("digits")
+
+    def summary(images):
+        stats = class_statistics(classifier(images.clamp(-1, 1).float().cpu())[1])
+        return f"confidence {stats['confidence']:.2f}, class entropy {stats['class_entropy']:.2f}"
+
+    return summary
+
+
+def model_card(args, data, sigma_max: float, samplers: dict) -> ModelCardInfo:
+    als = samplers["als"][0].config
+    levels, T = als.num_train_timesteps, als.steps_per_level
+    gamma = (sigma_max / args.sigma_min) ** (1 / (levels - 1))
+    return ModelCardInfo(
+        title=f"Noise-conditional score model (NCSNv2) on {data.name}",
+        description=DESCRIPTION.format(conditioning=CONDITIONING[args.ncsnv2_conditioning], sigma_min=args.sigma_min,
+                                       sigma_max=sigma_max, L=levels, gamma=gamma, eps=als.step_size, T=T),
+        tags=["score-based", "ncsn", "ncsnv2", "annealed-langevin", "score-sde"],
+        usage=USAGE.format(L=levels, T=T, nfe=levels * T, pc_steps=samplers["pc"][1], ode_steps=samplers["ode"][1],
+                           size=data.resolution),
+        loading_note=LOADING_NOTE,
+        facts={"σ_1 (Technique 1)": round(sigma_max, 4), "L, γ (Technique 2)": f"{levels}, {gamma:.4f}",
+               f"ε for T = {T} (Technique 4)": f"{als.step_size:.4g}",
+               "grid_caption": "Left to right: training images, then the EMA weights sampled with ALS, CAS, PC and "
+                               "the probability-flow ODE from the same seed, with the same number of network "
+                               "evaluations."},
+        extra={"script": "examples/train_score_model.py"},
+    )
+
+
+def main(argv=None):
+    args = check_args(parse_training_args(build_parser(), argv))
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    accelerator = make_accelerator(args)
+    data = load_training_images(args, accelerator)
+    unet = make_unet(args, data.resolution, data.channels)
+    sigma_max, num_levels = noise_levels(args, data)
+    samplers = make_samplers(args, sigma_max, num_levels)
+    card = model_card(args, data, sigma_max, samplers)
+    accelerator.print(
+        f"{len(data)} training images {data.channels}x{data.resolution}x{data.resolution} ({data.name}); UNet2DModel "
+        f"with {count_parameters(unet) / 1e6:.2f}M parameters\nNCSNv2: "
+        + ", ".join(f"{k} = {v}" for k, v in card.facts.items() if k != "grid_caption"))
+
+    dsm = DenoisingScoreMatchingLoss(sigma_min=args.sigma_min, sigma_max=sigma_max, sigma_sampling="log_uniform")
+
+    def loss_fn(model, batch, generator):
+        images = batch["images"]
+        if generator.device.type != "cpu":  # the loss draws σ and z on the CPU: a CPU generator seeded by this step's
+            seed = torch.randint(2**62, (1,), generator=generator, device=generator.device)
+            generator = torch.Generator().manual_seed(int(seed))
+        if args.ncsnv2_conditioning:
+            score_model = ScoreModel.ncsnv2(model)
+        else:
+            score_model = ScoreModel(model, prediction_type="scaled_score", timestep_type="log_sigma")
+        return LossOutput(loss=dsm(score_model, images, generator=generator))
+
+    summary = digits_summary(data)
+    n = args.num_validation_images
+    real = data.batch(torch.randperm(len(data), generator=torch.Generator().manual_seed(args.validation_seed))[:n])
+    real = real["images"]
+
+    def validation_fn(ema_model, step, path):
+        """The comparison grid: training images, then the EMA weights sampled with each sampler from one seed."""
+        panels = [("training data", real, summary(real))]
+        for name, (scheduler, steps) in samplers.items():
+            pipeline = EDMPipeline(unet=ema_model, scheduler=scheduler).to(accelerator.device)
+            pipeline.set_progress_bar_config(disable=True)
+            generator = torch.Generator(device=accelerator.device).manual_seed(args.validation_seed)
+            start = time.time()
+            images = pipeline(batch_size=n, num_inference_steps=steps, generator=generator, output_type="pt").images
+            seconds, nfe = time.time() - start, len(scheduler.timesteps)
+            images = images.cpu() * 2 - 1
+            caption = summary(images)
+            card.facts[SAMPLER_TITLES[name]] = f"{nfe} NFE, {seconds:.1f} s" + (f", {caption}" if caption else "")
+            accelerator.print(f"step {step}: {SAMPLER_TITLES[name]:34s} {card.facts[SAMPLER_TITLES[name]]}")
+            panels.append((f"{SAMPLER_TITLES[name]}\n{nfe} NFE, {seconds:.1f} s", images, caption))
+        title = (f"Noise-conditional score model on {data.name}, EMA weights at step {step}: "
+                 f"σ from {sigma_max:.3g} to {args.sigma_min:g}, T = {args.steps_per_level}")
+        return save_comparison(panels, title, path)
+
+    def make_pipeline(model):
+        return EDMPipeline(unet=model, scheduler=samplers["als"][0])
+
+    if accelerator.is_main_process:  # now, so that the final folder and its Hub upload hold them
+        for name, (scheduler, _) in samplers.items():
+            scheduler.save_config(os.path.join(args.output_dir, f"scheduler_{name}"))
+    fingerprint = {"loss": "denoising_score_matching", "sigma_sampling": "log_uniform", "sigma_min": args.sigma_min,
+                   "sigma_max": sigma_max, "ncsnv2_conditioning": args.ncsnv2_conditioning, "dataset": data.name,
+                   "num_images": len(data)}
+    trainer = Trainer(args, unet, loss_fn, data, accelerator=accelerator, make_pipeline=make_pipeline,
+                      model_card=card, fingerprint=fingerprint, validation_fn=validation_fn)
+    result = trainer.train()
+    if accelerator.is_main_process:
+        print(f"\nTrained {result.step} steps ({result.nimg} images) in {result.wall_time / 60:.1f} min.")
+        print(f"Comparison grid (EMA): {os.path.abspath(result.samples_path)}" if result.samples_path else "")
+        print(f"Model card:            {os.path.abspath(result.model_card_path)}" if result.model_card_path else "")
+        print(f"Pipeline folder:       {os.path.abspath(result.output_dir)}  (EDMPipeline.from_pretrained; the "
+              f"samplers in scheduler_{{{','.join(SAMPLERS)}}}/)")
+        print(f"Metrics:               {os.path.abspath(result.metrics_path)}")
+        if result.pushed_to:
+            print(f"Pushed to:             https://huggingface.co/{result.pushed_to}")
+    return result
+
+
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -540,3 +540,56 @@ def test_toy_2d_guidance_moves_samples_towards_the_data():
     sample = lambda w: to_points(pipe(batch_size=n, num_inference_steps=steps, generator=torch.Generator().manual_seed(3), output_type="pt", dg_weight_1st_order=w).images)  # noqa: E731
     unguided, guided = mmd(sample(0.0), data), mmd(sample(2.0), data)
     assert guided < 0.8 * unguided, (unguided, guided)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# examples/train_discriminator.py
+
+
+def _train_discriminator_main():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "train_discriminator.py")
+    spec = importlib.util.spec_from_file_location("train_discriminator", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+TINY_RUN = ["--max_train_steps", "4", "--num_fake_images", "120", "--generation_steps", "3", "--num_inference_steps", "2",
+            "--num_validation_images", "4", "--validation_steps", "2", "--checkpointing_steps", "2", "--no_progress_bar",
+            "--disc_block_out_channels", "8,16", "--disc_norm_num_groups", "4", "--train_batch_size", "16",
+            "--report_to", "none", "--num_heldout_images", "16"]
+
+
+def test_train_discriminator_script_generates_reuses_and_saves_a_guided_pipeline(tmp_path):
+    main = _train_discriminator_main()
+    EDMPipeline(make_tiny_unet(0), EDMHeunScheduler()).save_pretrained(tmp_path / "edm")
+    out = tmp_path / "run"
+    main(["--pretrained_model_name_or_path", str(tmp_path / "edm"), "--output_dir", str(out), "--loss", "ukl", *TINY_RUN])
+    fakes = out / "fake_images"
+    record = json.loads((fakes / "generation.json").read_text())
+    assert record["num_images"] == 120 and len(list(fakes.glob("*.png"))) == 120
+    pipe = DiscriminatorGuidedPipeline.from_pretrained(out)
+    assert isinstance(pipe.discriminator, Discriminator) and pipe.discriminator.config.sample_size == 8
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert "accuracy" in rows[-1] and any(k.startswith("accuracy_sigma_") for k in rows[-1])
+    assert any(k.startswith("loss_sigma_") for k in rows[-1])
+    assert len((out / "logs" / "validation.jsonl").read_text().splitlines()) == 2  # steps 2 and 4
+    assert (out / "samples.png").exists() and "DiscriminatorGuidedPipeline" in (out / "README.md").read_text()
+
+    # a rerun reuses the saved fakes and resumes from the last checkpoint
+    mtime = (fakes / "0000000.png").stat().st_mtime_ns
+    result = main(["--pretrained_model_name_or_path", str(tmp_path / "edm"), "--output_dir", str(out), "--loss", "ukl",
+                   "--resume_from_checkpoint", "latest", *TINY_RUN[:1], "6", *TINY_RUN[2:]])
+    assert result.step == 6 and (fakes / "0000000.png").stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="other settings"):  # other generation settings, same folder
+        main(["--pretrained_model_name_or_path", str(tmp_path / "edm"), "--output_dir", str(out),
+              *TINY_RUN[:2], "--num_fake_images", "60", *TINY_RUN[4:]])
+
+    # fakes read from a folder, no score model: only the discriminator is saved
+    only = tmp_path / "only"
+    main(["--fake_data_dir", str(fakes), "--output_dir", str(only), *TINY_RUN])
+    assert isinstance(Discriminator.from_pretrained(only), Discriminator)
+    with pytest.raises(ValueError, match="--pretrained_model_name_or_path"):
+        main(["--output_dir", str(only), *TINY_RUN])

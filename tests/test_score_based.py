@@ -671,3 +671,74 @@ def test_loss_and_schedule_bad_input():
         ncsnv2_step_size(0.9, 5, 0.01)
     with pytest.raises(ValueError, match="timestep_type"):
         ScoreModel(torch.nn.Linear(1, 1), timestep_type="t")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# examples/train_score_model.py on the shared training plumbing
+
+
+def test_train_score_model_example_end_to_end(tmp_path):
+    """A few steps of the example, in-process: it leaves the comparison grid, the EMA UNet (safetensors), the four
+    sampler configs (loadable with ``from_pretrained``, σ_1 from NCSNv2 Technique 1), a model card and the metrics."""
+    import importlib.util
+    import json
+    import os
+
+    from diffusers import UNet2DModel
+
+    from diffusers_stf import EDMPipeline
+    from diffusers_stf.data import digits_tensor
+    from diffusers_stf.training import read_metrics
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                          "train_score_model.py")
+    spec = importlib.util.spec_from_file_location("train_score_model", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    out = str(tmp_path / "score")
+    threads = torch.get_num_threads()
+    try:
+        result = example.main([
+            "--output_dir", out, "--block_out_channels", "8,16", "--norm_num_groups", "4", "--max_train_steps", "3",
+            "--train_batch_size", "16", "--num_validation_images", "4", "--num_inference_steps", "3",
+            "--steps_per_level", "2", "--checkpointing_steps", "0", "--logging_steps", "1", "--no_progress_bar",
+            "--num_threads", "1",
+        ])
+    finally:
+        torch.set_num_threads(threads)
+
+    assert result.step == 3 and result.samples_path == os.path.join(out, "samples.png")
+    assert [row["step"] for row in read_metrics(os.path.join(out, "logs"))] == [1, 2, 3]
+    with open(os.path.join(out, "samples.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+    unet = UNet2DModel.from_pretrained(os.path.join(out, "unet"))
+    assert tuple(unet.config.block_out_channels) == (8, 16)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "AnnealedLangevinScheduler" in card and "![Samples of the EMA model](samples.png)" in card
+
+    # Technique 1, brute force: the largest distance between two of the 1797 digits (stored as uint8 by the trainer)
+    x = digits_tensor("all")[0].flatten(1).double()
+    sigma_1 = float(torch.cdist(x, x).max())
+    als = AnnealedLangevinScheduler.from_pretrained(out, subfolder="scheduler_als")
+    cas = AnnealedLangevinScheduler.from_pretrained(out, subfolder="scheduler_cas")
+    pc = PredictorCorrectorScheduler.from_pretrained(out, subfolder="scheduler_pc")
+    ode = PredictorCorrectorScheduler.from_pretrained(out, subfolder="scheduler_ode")
+    for scheduler in (als, cas, pc, ode):
+        assert scheduler.config.sigma_max == pytest.approx(sigma_1, rel=1e-2)
+        assert scheduler.config.sigma_min == 0.01 and scheduler.config.prediction_type == "scaled_score"
+    assert (als.config.sampler, cas.config.sampler) == ("als", "cas")
+    assert (pc.config.correct_steps, pc.config.probability_flow) == (1, False)
+    assert (ode.config.correct_steps, ode.config.probability_flow) == (0, True)
+    # the same network-evaluation budget: 3 levels x 2 Langevin steps (+ the final denoising step for ALS)
+    als.set_timesteps(3), cas.set_timesteps(3), pc.set_timesteps(3), ode.set_timesteps(6)
+    assert [len(s.timesteps) for s in (als, cas, pc, ode)] == [7, 6, 6, 6]
+
+    with open(os.path.join(out, "model_index.json")) as f:
+        assert json.load(f)["scheduler"] == ["diffusers_stf", "AnnealedLangevinScheduler"]
+    pipeline = EDMPipeline.from_pretrained(out)
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                      output_type="pt").images
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()

@@ -56,13 +56,15 @@ class DiscriminatorLossOutput:
     """Result of a discriminator loss.
 
     Args:
-        loss: the scalar objective.
-        logits: ℓ of the real then the fake images, shape (n_real + n_fake,) (detached).
+        loss: the scalar objective, mean(real terms) + mean(fake terms).
+        per_sample: each image's term of the objective, real images first (detached).
+        logits: ℓ of the real then the fake images (detached).
         sigma: their noise levels (float64).
         is_real: 1 for real, 0 for fake.
     """
 
     loss: torch.Tensor
+    per_sample: torch.Tensor
     logits: torch.Tensor
     sigma: torch.Tensor
     is_real: torch.Tensor
@@ -74,7 +76,7 @@ class DiscriminatorLossOutput:
 
 
 class DiscriminatorLoss:
-    """Shared part of the three objectives: diffuse real and fake images at log-uniform σ and score them.
+    """mean_real[real_term(ℓ)] + mean_fake[fake_term(ℓ)] over real and generated images diffused at log-uniform σ.
 
     Args:
         sigma_min, sigma_max: the range of the log-uniform σ (default: DG's).
@@ -87,7 +89,10 @@ class DiscriminatorLoss:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
-    def divergence(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    def real_term(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fake_term(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def logits(self, discriminator, images, class_labels=None, generator=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -119,13 +124,13 @@ class DiscriminatorLoss:
             raise ValueError("need at least one real and one fake image")
         logits_real, sigma_real = self.logits(discriminator, real, real_labels, generator)
         logits_fake, sigma_fake = self.logits(discriminator, fake, fake_labels, generator)
-        loss = self.divergence(logits_real.float(), logits_fake.float())
-        is_real = torch.cat([torch.ones_like(logits_real), torch.zeros_like(logits_fake)])
+        real_terms, fake_terms = self.real_term(logits_real.float()), self.fake_term(logits_fake.float())
         return DiscriminatorLossOutput(
-            loss=loss,
+            loss=real_terms.mean() + fake_terms.mean(),
+            per_sample=torch.cat([real_terms, fake_terms]).detach(),
             logits=torch.cat([logits_real, logits_fake]).detach(),
             sigma=torch.cat([sigma_real, sigma_fake]),
-            is_real=is_real.detach(),
+            is_real=torch.cat([torch.ones_like(logits_real), torch.zeros_like(logits_fake)]).detach(),
         )
 
 
@@ -135,8 +140,11 @@ class DiscriminatorBCELoss(DiscriminatorLoss):
 
     name = "bce"
 
-    def divergence(self, logits_real, logits_fake):
-        return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+    def real_term(self, logits):
+        return F.softplus(-logits)
+
+    def fake_term(self, logits):
+        return F.softplus(logits)
 
 
 class DiscriminatorLSIFLoss(DiscriminatorLoss):
@@ -145,8 +153,11 @@ class DiscriminatorLSIFLoss(DiscriminatorLoss):
 
     name = "lsif"
 
-    def divergence(self, logits_real, logits_fake):
-        return 0.5 * torch.exp(2 * logits_fake).mean() - torch.exp(logits_real).mean()
+    def real_term(self, logits):
+        return -torch.exp(logits)
+
+    def fake_term(self, logits):
+        return 0.5 * torch.exp(2 * logits)
 
 
 class DiscriminatorUKLLoss(DiscriminatorLoss):
@@ -155,8 +166,11 @@ class DiscriminatorUKLLoss(DiscriminatorLoss):
 
     name = "ukl"
 
-    def divergence(self, logits_real, logits_fake):
-        return torch.exp(logits_fake).mean() - logits_real.mean()
+    def real_term(self, logits):
+        return -logits
+
+    def fake_term(self, logits):
+        return torch.exp(logits)
 
 
 DISCRIMINATOR_LOSSES = {cls.name: cls for cls in (DiscriminatorBCELoss, DiscriminatorLSIFLoss, DiscriminatorUKLLoss)}
