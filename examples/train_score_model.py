@@ -56,10 +56,11 @@ SAMPLER_TITLES = {"als": "ALS (NCSN)", "cas": "CAS", "pc": "PC (reverse diffusio
 DESCRIPTION = (
     "A noise-conditional score network s_θ(x, σ) ≈ ∇ log p_σ(x) (a `UNet2DModel`{conditioning}) trained with "
     "NCSN's denoising score matching loss (Song & Ermon, NeurIPS 2019, [arXiv:1907.05600]"
-    "(https://arxiv.org/abs/1907.05600)), λ(σ) = σ², log σ uniform on [{sigma_min:g}, {sigma_max:.3g}]. The noise "
-    "levels follow NCSNv2 (Song & Ermon, NeurIPS 2020, [arXiv:2006.09011](https://arxiv.org/abs/2006.09011)): "
-    "σ_1 = {sigma_max:.3g}, the largest distance between two training images (Technique 1); L = {L} geometric "
-    "levels down to σ_L = {sigma_min:g}, ratio γ = {gamma:.4f} from Technique 2; and Langevin step size "
+    "(https://arxiv.org/abs/1907.05600)), λ(σ) = σ², log σ uniform on [log {sigma_min:g}, log {sigma_max:.3g}]. "
+    "The noise levels follow NCSNv2 (Song & Ermon, NeurIPS 2020, "
+    "[arXiv:2006.09011](https://arxiv.org/abs/2006.09011)): "
+    "σ_1 = {sigma_max:.3g}{sigma_1_source}; L = {L} geometric levels down to σ_L = {sigma_min:g}, ratio "
+    "γ = {gamma:.4f}{levels_source}; and Langevin step size "
     "ε = {eps:.3g} for T = {T} steps per level (Technique 4). It samples with annealed Langevin dynamics (ALS, "
     "NCSN Algorithm 1), consistent annealed sampling (CAS, Jolicoeur-Martineau et al., ICLR 2021), and the VE SDE's "
     "predictor–corrector sampler and probability-flow ODE (Song et al., ICLR 2021)."
@@ -89,7 +90,7 @@ images = pipeline(batch_size=16, num_inference_steps={ode_steps}, generator=gene
 unet = UNet2DModel.from_pretrained("{{repo}}", subfolder="unet")
 scheduler = AnnealedLangevinScheduler.from_pretrained("{{repo}}", subfolder="scheduler_als")
 scheduler.set_timesteps({L})
-x = torch.randn(16, 1, {size}, {size}, generator=generator) * scheduler.init_noise_sigma
+x = torch.randn(16, {channels}, {size}, {size}, generator=generator) * scheduler.init_noise_sigma
 with torch.no_grad():
     for t in scheduler.timesteps:  # L·T Langevin steps, then Tweedie's denoising step
         score_output = unet(scheduler.scale_model_input(x, t), t.float().expand(len(x))).sample
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest on a busy 2-core machine, 0 keeps torch's default")
     add_training_args(parser)
-    parser.set_defaults(output_dir=os.path.join("outputs", "train_score_model"), max_train_steps=1200,
+    parser.set_defaults(output_dir=os.path.join("outputs", "train_score_model"), max_train_steps=1000,
                         checkpointing_steps=500, validation_steps=0, logging_steps=50, num_inference_steps=None)
     for action in parser._actions:  # the shared help text describes EDM's steps
         if action.dest == "num_inference_steps":
@@ -215,18 +216,24 @@ def digits_summary(data):
 
 
 def model_card(args, data, sigma_max: float, samplers: dict) -> ModelCardInfo:
+    """The card: the method and the NCSNv2 numbers; ``validation_fn`` adds each sampler's result to ``facts``."""
     als = samplers["als"][0].config
     levels, T = als.num_train_timesteps, als.steps_per_level
     gamma = (sigma_max / args.sigma_min) ** (1 / (levels - 1))
     return ModelCardInfo(
         title=f"Noise-conditional score model (NCSNv2) on {data.name}",
         description=DESCRIPTION.format(conditioning=CONDITIONING[args.ncsnv2_conditioning], sigma_min=args.sigma_min,
-                                       sigma_max=sigma_max, L=levels, gamma=gamma, eps=als.step_size, T=T),
+                                       sigma_max=sigma_max, L=levels, gamma=gamma, eps=als.step_size, T=T,
+                                       sigma_1_source=", the largest distance between two training images "
+                                       "(Technique 1)" if args.sigma_max is None else "",
+                                       levels_source=" from Technique 2" if args.num_inference_steps is None else ""),
         tags=["score-based", "ncsn", "ncsnv2", "annealed-langevin", "score-sde"],
         usage=USAGE.format(L=levels, T=T, nfe=levels * T, pc_steps=samplers["pc"][1], ode_steps=samplers["ode"][1],
-                           size=data.resolution),
+                           channels=data.channels, size=data.resolution),
         loading_note=LOADING_NOTE,
-        facts={"σ_1 (Technique 1)": round(sigma_max, 4), "L, γ (Technique 2)": f"{levels}, {gamma:.4f}",
+        facts={f"σ_1 ({'Technique 1' if args.sigma_max is None else '--sigma_max'})": round(sigma_max, 4),
+               f"L, γ ({'Technique 2' if args.num_inference_steps is None else '--num_inference_steps'})":
+                   f"{levels}, {gamma:.4f}",
                f"ε for T = {T} (Technique 4)": f"{als.step_size:.4g}",
                "grid_caption": "Left to right: training images, then the EMA weights sampled with ALS, CAS, PC and "
                                "the probability-flow ODE from the same seed, with the same number of network "

@@ -138,10 +138,12 @@ class DiscriminatorGuidedPipeline(EDMPipeline):
         if isinstance(image, list) and image and isinstance(image[0], Image.Image):
             mode = "L" if self.unet.config.in_channels == 1 else "RGB"
             image = np.stack([np.asarray(im.convert(mode), dtype=np.float32) / 255.0 for im in image])
-        if isinstance(image, np.ndarray):
+        if isinstance(image, np.ndarray):  # channel-last, as pipelines return with output_type="np"
             image = torch.from_numpy(np.asarray(image, dtype=np.float32))
-            image = image[..., None] if image.ndim in (2, 3) and self.unet.config.in_channels == 1 and image.shape[-1] != 1 else image
-            image = image[None] if image.ndim == 3 else image
+            image = image[..., None] if image.ndim == 2 else image  # (H, W) grey
+            image = image[None] if image.ndim == 3 else image  # (H, W, C)
+            if image.ndim != 4:
+                raise ValueError(f"a numpy image must be (H, W), (H, W, C) or (N, H, W, C), got shape {tuple(image.shape)}")
             image = image.permute(0, 3, 1, 2)
         if not torch.is_tensor(image):
             raise ValueError("image must be a PIL image, a list of them, a numpy array or a torch tensor in [0, 1]")
