@@ -46,7 +46,7 @@ def step_times(references=(256, 1024, 4096), rounds=30, warmup=3, batch_size=64)
 
     from diffusers_stf.losses import EDMLoss, StableTargetFieldLoss
     from diffusers_stf.training import (
-        BatchSchedule, add_training_args, load_training_images, make_unet, parse_training_args, step_generator,
+        BatchSchedule, load_training_images, make_unet, parse_training_args, step_generator,
     )
 
     torch.set_num_threads(1)

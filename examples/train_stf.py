@@ -19,6 +19,7 @@ import os
 import sys
 
 from diffusers_stf import AugmentConditionedUNet2DModel, AugmentPipe, EDMHeunScheduler, EDMPipeline
+from diffusers_stf.augment import AUGMENT_DIM
 from diffusers_stf.losses import EDMLoss, StableTargetFieldLoss
 from diffusers_stf.training import (
     LossOutput,
@@ -31,7 +32,6 @@ from diffusers_stf.training import (
     make_unet,
     parse_training_args,
 )
-from diffusers_stf.augment import AUGMENT_DIM
 
 logger = logging.getLogger("train_stf")
 
