@@ -15,7 +15,8 @@ from ..schedulers import EDMHeunScheduler
 
 class EDMPipeline(DiffusionPipeline):
     """Sample a ``UNet2DModel`` with :class:`EDMHeunScheduler` or :class:`EDMStochasticScheduler` (EDM Algorithms 1
-    and 2). The latents are kept in float64 as in EDM; the network runs in its own dtype.
+    and 2). The latents are kept in float64 as in EDM; the network runs in its own dtype. The loop is the standard
+    diffusers one, so the score-based schedulers (``AnnealedLangevinScheduler``, ``PredictorCorrectorScheduler``) work too.
 
     Args:
         unet: the raw network F of the scheduler's preconditioning (EDM's F for ``edm``, ε for ``ddpm``/``vp``).
