@@ -103,6 +103,27 @@ def timing(pipe, args):
     return rows
 
 
+QUALITY_COLUMNS = (("label", "sampler", "{}"), ("fd_train", "FD vs train ↓", "{}"), ("fd_heldout", "FD vs held-out ↓", "{}"),
+                   ("precision_train", "precision ↑", "{}"), ("recall_train", "recall ↑", "{}"),
+                   ("confidence", "conf ↑", "{}"), ("class_entropy", "H (max 2.303)", "{}"))
+
+
+def summarize(runs):
+    """One row per sampler label: 'mean ± sd' over the seed sets of every metric."""
+    rows = []
+    for label in dict.fromkeys(r["label"] for r in runs):
+        group = [r for r in runs if r["label"] == label]
+        row = {"label": label}
+        for key, _, _ in QUALITY_COLUMNS[1:]:
+            values = [r[key] for r in group if key in r]
+            if values:
+                sd = statistics.stdev(values) if len(values) > 1 else 0.0
+                digits = 2 if key.startswith("fd") else 3
+                row[key] = f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pipeline", type=str, default=None, help="EDM pipeline folder of the score model")
@@ -115,7 +136,9 @@ def main(argv=None):
     parser.add_argument("--timing_batch", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--num_images", type=int, default=1000)
-    parser.add_argument("--weights", type=str, default="1,2,3", help="w1 values of the quality sweep")
+    parser.add_argument("--weights", type=str, default="1,2", help="w1 values of the quality sweep")
+    parser.add_argument("--seeds", type=str, default="0,1000,2000",
+                        help="first seeds of the sample sets (each row: mean ± sd over these sets)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the models are tiny; 1 is fastest on a shared machine)")
     parser.add_argument("--results_dir", type=str, default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
@@ -151,10 +174,12 @@ def main(argv=None):
         specs = [SamplerSpec("unguided", None, [18], pipeline_kwargs={"dg_weight_1st_order": 0.0})]
         specs += [SamplerSpec(f"DG w1={w:g}", None, [18], pipeline_kwargs={"dg_weight_1st_order": w}) for w in weights]
         specs += [SamplerSpec("DG w1=2, boosting", None, [18], pipeline_kwargs={"dg_weight_1st_order": 2.0, "boosting": True})]
-        rows = real_data_rows() + evaluate_pipeline(pipe, specs, num_images=args.num_images)
-        results["quality"] = rows
-        table = markdown_table(rows)
-        print(f"\nQuality, {args.num_images} samples per row, seeds 0..{args.num_images - 1}\n{table}")
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+        runs = [row for seed in seeds for row in evaluate_pipeline(pipe, specs, num_images=args.num_images, seed=seed)]
+        rows = summarize(real_data_rows()) + summarize(runs)
+        results["quality_runs"], results["quality"] = runs, rows
+        table = markdown_table(rows, QUALITY_COLUMNS)
+        print(f"\nQuality, {args.num_images} samples per row, mean ± sd over sample seeds {seeds}\n{table}")
         grids = []
         for name, w in (("unguided", 0.0), ("guided", 2.0)):  # the same 100 seeds
             images = generate_images(pipe, 100, 18, seed=0, progress=False, dg_weight_1st_order=w)["images"]

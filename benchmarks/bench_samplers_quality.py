@@ -176,7 +176,7 @@ def main(argv=None):
         "the same Karras σ schedule (ρ = 7, σ ∈ [0.002, 80]); churn uses `EDMStochasticScheduler` with "
         f"S_tmin = {CHURN['s_tmin']}, S_tmax = {CHURN['s_tmax']}, S_noise = {CHURN['s_noise']}. Churn raises σ_i to "
         "σ_i(1 + γ) with γ = min(S_churn/N, √2 − 1), so any S_churn ≥ 0.414·N gives the same, capped churn: "
-        "at N ≤ 18 steps S_churn = 40 and S_churn = 10 are the same sampler. At N = 2 no σ_i lies in "
+        "S_churn = 5 equals S_churn = 40 for N ≤ 12 steps. At N = 2 no σ_i lies in "
         "[S_tmin, S_tmax], so every churn row equals Heun there.",
         "",
         markdown_table([floor] + rows),

@@ -6,7 +6,6 @@ paper's coordinates, closed-form Gaussian-mixture denoisers and density ratios, 
 import json
 import math
 import os
-import shutil
 
 import pytest
 import torch
@@ -593,3 +592,25 @@ def test_train_discriminator_script_generates_reuses_and_saves_a_guided_pipeline
     assert isinstance(Discriminator.from_pretrained(only), Discriminator)
     with pytest.raises(ValueError, match="--pretrained_model_name_or_path"):
         main(["--output_dir", str(only), *TINY_RUN])
+
+
+def test_train_discriminator_push_to_hub_never_uploads_the_fake_images(tmp_path, monkeypatch):
+    import inspect
+
+    import huggingface_hub
+
+    from diffusers_stf.training import Trainer
+
+    main = _train_discriminator_main()
+    EDMPipeline(make_tiny_unet(0), EDMHeunScheduler()).save_pretrained(tmp_path / "edm")
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "edm"), "--output_dir", str(tmp_path / "run"),
+            "--push_to_hub", "--hub_model_id", "user/dg", *TINY_RUN]
+    if "hub_ignore_patterns" not in inspect.signature(Trainer.__init__).parameters:
+        with pytest.raises(ValueError, match="fake images"):
+            main(argv)
+        return
+    uploads = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: type("R", (), {"repo_id": repo_id}))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: uploads.append(kw))
+    main(argv)
+    assert uploads and any("fake_images" in p for p in uploads[0]["ignore_patterns"])
