@@ -139,6 +139,7 @@ def main(argv=None):
     parser.add_argument("--weights", type=str, default="1,2", help="w1 values of the quality sweep")
     parser.add_argument("--seeds", type=str, default="0,1000,2000",
                         help="first seeds of the sample sets (each row: mean ± sd over these sets)")
+    parser.add_argument("--tag", type=str, default="", help="suffix of the result file names")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the models are tiny; 1 is fastest on a shared machine)")
     parser.add_argument("--results_dir", type=str, default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
@@ -183,12 +184,16 @@ def main(argv=None):
         grids = []
         for name, w in (("unguided", 0.0), ("guided", 2.0)):  # the same 100 seeds
             images = generate_images(pipe, 100, 18, seed=0, progress=False, dg_weight_1st_order=w)["images"]
-            grids.append(os.path.join(args.results_dir, f"guidance_grid_{name}.png"))
+            grids.append(os.path.join(args.results_dir, f"guidance_grid{args.tag}_{name}.png"))
             save_image_grid(images, grids[-1], nrow=10, scale=4)
         results["grids"] = grids
-    with open(os.path.join(args.results_dir, "bench_guidance.json"), "w") as f:
+    path = os.path.join(args.results_dir, f"bench_guidance{args.tag}.json")
+    if os.path.isfile(path):  # keep the other part of an earlier run
+        with open(path) as f:
+            results = {**json.load(f), **results}
+    with open(path, "w") as f:
         json.dump(results, f, indent=2, default=str)
-    print(f"\nresults: {os.path.join(args.results_dir, 'bench_guidance.json')}")
+    print(f"\nresults: {os.path.join(args.results_dir, f'bench_guidance{args.tag}.json')}")
 
 
 if __name__ == "__main__":

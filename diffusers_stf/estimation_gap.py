@@ -148,7 +148,8 @@ def plot_estimation_gaps(results: Dict[str, EstimationGapOutput], path: str, tit
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, out in results.items():
-        ax.plot((out.timesteps + 1).numpy(), out.gap_norm.cpu().numpy(), label=name, marker="." if len(out.timesteps) < 60 else None)
+        marker = "." if len(out.timesteps) < 60 else None
+        ax.plot((out.timesteps + 1).numpy(), out.gap_norm.cpu().numpy(), label=name, marker=marker)
     ax.invert_xaxis()  # sampling runs from large t to 0
     ax.set_xlabel("timestep t (paper, 1-based; 0 = x_0)")
     ax.set_ylabel("accumulated estimation gap  E‖x̂_t − x_t‖")

@@ -35,7 +35,7 @@ import torch
 
 from diffusers_stf import Discriminator, DiscriminatorGuidedPipeline
 from diffusers_stf.losses import make_discriminator_loss
-from diffusers_stf.losses.discriminator import DG_SIGMA_MAX, DG_SIGMA_MIN, DISCRIMINATOR_LOSSES
+from diffusers_stf.losses.discriminator import DG_TRAIN_SIGMA_MAX, DG_TRAIN_SIGMA_MIN, DISCRIMINATOR_LOSSES
 from diffusers_stf.training import (
     ImageData,
     LossOutput,
@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("discriminator")
     g.add_argument("--loss", type=str, default="bce", choices=sorted(DISCRIMINATOR_LOSSES),
                    help="bce: DG's cross-entropy; lsif / ukl: the Bregman divergences of DG Appendix B")
-    g.add_argument("--sigma_min", type=float, default=DG_SIGMA_MIN, help="log-uniform sigma range (DG: VP time 1e-5..1)")
-    g.add_argument("--sigma_max", type=float, default=DG_SIGMA_MAX)
+    g.add_argument("--sigma_min", type=float, default=DG_TRAIN_SIGMA_MIN, help="log-uniform sigma range (DG: VP time 1e-5..1)")
+    g.add_argument("--sigma_max", type=float, default=DG_TRAIN_SIGMA_MAX)
     g.add_argument("--feature_extractor", type=str, default="none", choices=("none", "unet_encoder", "transformers"),
                    help="none: a small noise-conditional U-Net encoder; unet_encoder: a head on the frozen encoder of "
                         "the score UNet; transformers: a head on a frozen transformers vision model (--backbone)")

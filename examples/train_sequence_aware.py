@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stf_reference_batch_size", type=int, default=1024,
                    help="R: STF references per process, the minibatch included")
     g = parser.add_argument_group("validation sampler")
-    g.add_argument("--validation_eta", type=float, default=0.0, help="η of the DDIM validation grids (0: DDIM, 1: DDPM)")
+    g.add_argument("--validation_eta", type=float, default=0.0,
+                   help="η of the DDIM validation grids (0: DDIM, 1: DDPM)")
     add_training_args(parser)
     parser.set_defaults(output_dir=os.path.join("outputs", "train_sequence_aware"), max_train_steps=3000,
                         checkpointing_steps=500, validation_steps=500, logging_steps=50, num_inference_steps=50)
@@ -177,7 +178,8 @@ def main(argv=None):
         title=f"{name.split(' (')[0]} DDPM UNet2DModel on {data.name}",
         description=DESCRIPTION.format(T=args.num_train_timesteps, schedule=args.beta_schedule, sa=sa_text,
                                        stf=STF_TEXT.format(r=args.stf_reference_batch_size) if args.stf else ""),
-        tags=["ddpm"] + (["sequence-aware", "sa-dpm"] if args.sa_lambda > 0 else []) + (["stable-target-field"] if args.stf else []),
+        tags=["ddpm"] + (["sequence-aware", "sa-dpm"] if args.sa_lambda > 0 else [])
+        + (["stable-target-field"] if args.stf else []),
         template="sequence_aware_ddpm.md",
         usage=USAGE,
         extra={"script": "examples/train_sequence_aware.py",

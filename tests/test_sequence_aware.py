@@ -416,11 +416,13 @@ def test_tiny_training_run_writes_a_ddpm_pipeline(tmp_path):
     assert "DDPMPipeline" in open(os.path.join(out_dir, "README.md")).read()
 
     ddpm = DDPMPipeline.from_pretrained(out_dir)  # diffusers alone loads it
-    assert ddpm.scheduler.config.beta_schedule == "squaredcos_cap_v2" and ddpm.scheduler.config.num_train_timesteps == 100
-    images = ddpm(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert ddpm.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    assert ddpm.scheduler.config.num_train_timesteps == 100
+    g = torch.Generator().manual_seed(0)
+    images = ddpm(batch_size=2, num_inference_steps=5, generator=g, output_type="np").images
     assert images.shape == (2, 8, 8, 1) and torch.isfinite(torch.as_tensor(images)).all()
 
     scheduler = EDMHeunScheduler.from_config(ddpm.scheduler.config, preconditioning="ddpm")
     edm = EDMPipeline(unet=ddpm.unet, scheduler=scheduler)
-    samples = edm(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    samples = edm(batch_size=2, num_inference_steps=3, generator=g, output_type="pt").images
     assert samples.shape == (2, 1, 8, 8) and torch.isfinite(samples).all()

@@ -31,14 +31,14 @@ from ..preconditioning import VPPreconditioning
 
 _VP = VPPreconditioning()
 DG_TRAIN_TIME_MIN = 1e-5  # DG train.py: t_min of the importance-sampled VP time
-DG_SIGMA_MIN = float(_VP.sigma(torch.tensor(DG_TRAIN_TIME_MIN, dtype=torch.float64)))  # ≈ 0.0010
-DG_SIGMA_MAX = float(_VP.sigma(torch.tensor(1.0, dtype=torch.float64)))  # ≈ 152.2
+DG_TRAIN_SIGMA_MIN = float(_VP.sigma(torch.tensor(DG_TRAIN_TIME_MIN, dtype=torch.float64)))  # ≈ 0.0010
+DG_TRAIN_SIGMA_MAX = float(_VP.sigma(torch.tensor(1.0, dtype=torch.float64)))  # ≈ 152.2
 
 
 def sample_sigma_log_uniform(
     batch_size: int,
-    sigma_min: float = DG_SIGMA_MIN,
-    sigma_max: float = DG_SIGMA_MAX,
+    sigma_min: float = DG_TRAIN_SIGMA_MIN,
+    sigma_max: float = DG_TRAIN_SIGMA_MAX,
     generator: Optional[torch.Generator] = None,
     device=None,
 ) -> torch.Tensor:
@@ -84,7 +84,7 @@ class DiscriminatorLoss:
 
     name = ""
 
-    def __init__(self, sigma_min: float = DG_SIGMA_MIN, sigma_max: float = DG_SIGMA_MAX):
+    def __init__(self, sigma_min: float = DG_TRAIN_SIGMA_MIN, sigma_max: float = DG_TRAIN_SIGMA_MAX):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)

@@ -3,7 +3,7 @@
 A DDPM ε-prediction network f_θ (a diffusers ``UNet2DModel``) is trained on K consecutive timesteps at once:
 
     L_sa = E_{t, x_0, ε} ‖ (1/K) Σ_{s=t}^{t+K−1} τ_s (f_θ(x_s, s) − ε_s) ‖²,   t ∈ {1−K, …, T},   (the SA loss)
-    L    = L_simple + λ·L_sa,                                                                    (the training objective)
+    L    = L_simple + λ·L_sa                                                                 (the training objective)
 
 with τ_s = 0 outside {2, …, T} for the Theorem 1 weights (outside {1, …, T} for uniform weights). Penalising the
 squared *sum* of the K residuals (not the sum of squares) penalises residuals that add up along the sampling chain,

@@ -123,8 +123,11 @@ class DiscriminatorGuidedPipeline(EDMPipeline):
 
         Returns (F in float64, log r per sample)."""
         correction, log_ratio = discriminator_correction(self.discriminator, sample, sigma, class_labels)
-        c_out = self.scheduler.preconditioning.c_out(torch.tensor(sigma, dtype=torch.float64))
-        return model_output.to(torch.float64) + weight * correction / c_out.to(sample.device), log_ratio
+        c_out = self.scheduler.preconditioning.c_out(torch.tensor(sigma, dtype=torch.float64)).to(sample.device)
+        guided = model_output.to(torch.float64).clone()
+        channels = sample.shape[1]  # a learned-variance network's extra channels are not part of D
+        guided[:, :channels] += weight * correction / c_out
+        return guided, log_ratio
 
     # --------------------------------------------------------------------------------------------------------------
     # img2img (SDEdit, DG §5.3)
