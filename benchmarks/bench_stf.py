@@ -51,15 +51,15 @@ def step_times(references=(256, 1024, 4096), rounds=30, warmup=3, batch_size=64)
 
     torch.set_num_threads(1)
     train_stf = load_train_stf()
-    args = parse_training_args(train_stf.build_parser(), ["--output_dir", tempfile.mkdtemp()])
-    data = load_training_images(args)
+    _, config = parse_training_args(train_stf.build_parser(), ["--output_dir", tempfile.mkdtemp()])
+    data = load_training_images(config.data, config.training.seed)
     schedule = BatchSchedule(len(data), batch_size, seed=0)
     edm = EDMLoss()
     configs = {"edm": None, **{f"stf R={r}": StableTargetFieldLoss(edm, r) for r in references}}
     models = {}
     for name in configs:
         torch.manual_seed(0)
-        unet = make_unet(args, data.resolution, data.channels)
+        unet = make_unet(config.unet, data.resolution, data.channels)
         models[name] = (unet, torch.optim.AdamW(unet.parameters(), lr=1e-4))
 
     def step(name, i):

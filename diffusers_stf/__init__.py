@@ -37,14 +37,15 @@ from .estimation_gap import EstimationGapOutput, estimation_gap, plot_estimation
 from .losses.sequence_aware import SequenceAwareLoss, SequenceAwareLossOutput, sequence_aware_weights
 
 # --- Discriminator guidance (issue 4) ---
-from .models import Discriminator
+from .models import Discriminator, NoiseConditionalClassifier
 from .pipelines.pipeline_discriminator_guided import DiscriminatorGuidedPipeline
 
 # --- Evaluation (issue 5) ---
 
 # --- Score-based foundations (issue 7) ---
 from . import noise_schedules
-from .losses.score_matching import DenoisingScoreMatchingLoss, ScoreModel, tweedie_denoise
+from .losses.score_matching import DenoisingScoreMatchingLoss
+from .preconditioning import NCSNPreconditioning, ScorePreconditioning, ScoreSDEPreconditioning
 from .schedulers import (
     AnnealedLangevinScheduler,
     AnnealedLangevinSchedulerOutput,

@@ -1,16 +1,26 @@
-"""Image datasets: the embedded 8×8 digits (no network needed), Hub datasets and image folders through ``datasets``.
+"""Image data: the embedded 8×8 digits (no network needed), Hub datasets and image folders through ``datasets``,
+and the training set in memory with a batch order that is a pure function of (seed, step).
 
 Everything downstream sees images as float tensors in [−1, 1], shape (C, H, W).
+
+Training images are decoded once into a uint8 tensor (:class:`ImageData`). Batches come from a per-epoch permutation
+seeded by (seed, epoch) (:class:`BatchSchedule`), and random crops/flips use the caller's generator, so a run resumed
+at step s sees exactly the batches an uninterrupted run sees, with no sampler state to save.
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import random
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 DIGITS_NAME = "sklearn-digits-8x8"
 DIGITS_HELDOUT_SIZE = 1000  # stratified split of the 1797 digits: 797 train / 1000 held out (seed 0)
@@ -117,45 +127,352 @@ def image_column(dataset) -> str:
     raise ValueError(f"the dataset has no image column (columns: {dataset.column_names})")
 
 
-def make_image_transform(
-    resolution: int, channels: int = 1, center_crop: bool = False, random_flip: bool = False, seed: Optional[int] = None
-) -> Callable:
-    """PIL image → float tensor (channels, resolution, resolution) in [−1, 1].
+# ---------------------------------------------------------------------------------------------------------------------
+# Training data in memory
 
-    The shorter side is resized to ``resolution`` (bilinear; skipped when it already matches), then the image is
-    center- or randomly cropped, and optionally flipped left–right with probability ½.
+MAX_IN_MEMORY_BYTES = 8 * 1024**3
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed that is a pure function of the integer ``keys`` (e.g. seed, step, process index).
+
+    Per-step generators seeded this way make a resumed run draw exactly the noise of an uninterrupted one.
+    """
+    high, low = (int(v) for v in np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32))
+    return ((high << 32) | low) & ((1 << 63) - 1)
+
+
+@dataclass
+class DataConfig:
+    """Where the training images come from and how they are served (the ``data`` options of the training scripts).
 
     Args:
-        resolution: output side length.
-        channels: 1 (grey) or 3 (RGB).
-        center_crop: center crop instead of a random crop.
-        random_flip: random horizontal flips.
-        seed: seed of the crop/flip randomness.
+        dataset_name: a Hub dataset id (or local dataset folder) for ``datasets.load_dataset``.
+        dataset_config_name: its configuration.
+        dataset_split: the split to read.
+        train_data_dir: a folder of images (``imagefolder`` builder). With neither source, the embedded digits.
+        digits_split: ``all`` (1797) or ``train`` (797) digits.
+        image_column: the image column (default: ``image``, ``img`` or the first ``Image`` feature).
+        cache_dir: the ``datasets`` cache folder.
+        resolution: side length of the served images (the shorter side is resized to it); None: the images' own size.
+        channels: 1 (grey) or 3 (RGB); None: the images' own, RGB when a folder mixes grey and colour images.
+        center_crop: centred instead of random crops.
+        random_flip: random left–right flips.
+        max_train_samples: use only the first N images.
+        preserve_input_precision: refuse images of more than 8 bits per channel (they are stored as 8-bit) instead of
+            reducing them.
+    """
+
+    dataset_name: Optional[str] = None
+    dataset_config_name: Optional[str] = None
+    dataset_split: str = "train"
+    train_data_dir: Optional[str] = None
+    digits_split: str = "all"
+    image_column: Optional[str] = None
+    cache_dir: Optional[str] = None
+    resolution: Optional[int] = None
+    channels: Optional[int] = None
+    center_crop: bool = False
+    random_flip: bool = False
+    max_train_samples: Optional[int] = None
+    preserve_input_precision: bool = False
+
+    def __post_init__(self):
+        if self.dataset_name and self.train_data_dir:
+            raise ValueError("give either --dataset_name or --train_data_dir, not both")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"--channels must be 1 or 3, got {self.channels}")
+        if self.digits_split not in ("all", "train"):
+            raise ValueError(f"--digits_split must be 'all' or 'train', got {self.digits_split!r}")
+        for name in ("resolution", "max_train_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+
+
+def _draw(generator: Optional[torch.Generator], fn, *args, **kwargs) -> torch.Tensor:
+    """Draw on the generator's device and return the result on the CPU, where the images live."""
+    device = generator.device if generator is not None else "cpu"
+    return fn(*args, generator=generator, device=device, **kwargs).cpu()
+
+
+class ImageData(torch.utils.data.Dataset):
+    """Training images held in memory as uint8 (N, C, H, W), served as float tensors in [−1, 1].
+
+    Stored images may be larger than ``resolution`` along one side (non-square images); they are cropped per batch,
+    at random or centred.
+
+    Args:
+        images: uint8 tensor (N, C, H, W) with H, W >= ``resolution``.
+        labels: optional int64 tensor (N,), e.g. the digit classes.
+        resolution: side length of the served images.
+        center_crop: centred instead of random crops.
+        random_flip: random left–right flips (only when a generator is given).
+        name: the dataset's name (model card), e.g. a Hub id.
+        source: where the images were read from (a folder's absolute path, a Hub id); part of a run's fingerprint.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, resolution: Optional[int] = None,
+                 center_crop: bool = False, random_flip: bool = False, name: str = "images",
+                 source: Optional[str] = None):
+        if images.ndim != 4 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be a uint8 tensor (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if len(images) == 0:
+            raise ValueError("the dataset contains no images")
+        self.images = images
+        self.labels = labels
+        self.resolution = int(resolution or min(images.shape[-2:]))
+        if min(images.shape[-2:]) < self.resolution:
+            raise ValueError(f"images of size {tuple(images.shape[-2:])} are smaller than resolution {self.resolution}")
+        self.center_crop, self.random_flip, self.name = center_crop, random_flip, name
+        self.source = source or name
+
+    @classmethod
+    def from_tensor(cls, images: torch.Tensor, labels: Optional[torch.Tensor] = None, **kwargs) -> "ImageData":
+        """From float images in [−1, 1] (N, C, H, W), quantised to uint8."""
+        quantised = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return cls(quantised, labels, **kwargs)
+
+    def subset(self, indices: torch.Tensor) -> "ImageData":
+        """The images ``indices`` (with their labels) as a new :class:`ImageData` with the same settings."""
+        labels = self.labels[indices] if self.labels is not None else None
+        return ImageData(self.images[indices], labels, self.resolution, self.center_crop, self.random_flip, self.name,
+                         self.source)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.batch(torch.tensor([int(index)])).items()}
+
+    def batch(self, indices: torch.Tensor, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """Images ``indices`` as ``{"images": float (B, C, R, R) in [−1, 1], "index": (B,), "labels": (B,)}``.
+
+        With a ``generator``, crops are random (unless ``center_crop``) and images are flipped when ``random_flip``;
+        without one, crops are centred and nothing is flipped.
+        """
+        indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        x = self.images[indices]
+        r, (h, w) = self.resolution, x.shape[-2:]
+        if (h, w) != (r, r):
+            if self.center_crop or generator is None:
+                top, left = (h - r) // 2, (w - r) // 2
+                x = x[..., top:top + r, left:left + r]
+            else:
+                tops = _draw(generator, torch.randint, 0, h - r + 1, (len(x),)).tolist()
+                lefts = _draw(generator, torch.randint, 0, w - r + 1, (len(x),)).tolist()
+                x = torch.stack([im[:, t:t + r, s:s + r] for im, t, s in zip(x, tops, lefts)])
+        x = x.float().div_(127.5).sub_(1.0)
+        if self.random_flip and generator is not None:
+            flip = _draw(generator, torch.rand, len(x)) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        out = {"images": x, "index": indices}
+        if self.labels is not None:
+            out["labels"] = self.labels[indices]
+        return out
+
+    def random_batch(self, k: int, generator: Optional[torch.Generator] = None,
+                     exclude: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``k`` random images, distinct from each other and from ``exclude`` while the dataset has enough of them
+        (with replacement beyond that), transformed as in :meth:`batch`."""
+        if k <= 0:
+            return self.batch(torch.zeros(0, dtype=torch.long), generator)
+        n = len(self)
+        keep = torch.ones(n, dtype=torch.bool)
+        if exclude is not None and len(exclude):
+            keep[torch.as_tensor(exclude, dtype=torch.long).cpu()] = False
+        pool = keep.nonzero().squeeze(1)
+        if len(pool) == 0:
+            pool = torch.arange(n)
+        order = pool[_draw(generator, torch.randperm, len(pool))]
+        if k > len(order):
+            order = torch.cat([order, _draw(generator, torch.randint, 0, n, (k - len(order),))])
+        return self.batch(order[:k], generator)
+
+
+class BatchSchedule:
+    """Which images each process uses at each micro-step: epochs are permutations seeded by (seed, epoch); a global
+    batch of ``batch_size · num_processes`` images is split into contiguous per-process shards; the last incomplete
+    global batch of an epoch is dropped.
+
+    Args:
+        num_items: dataset size.
+        batch_size: images per process per micro-step.
+        seed: the training seed.
+        num_processes, process_index: the data-parallel layout.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0, num_processes: int = 1, process_index: int = 0):
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.num_processes, self.process_index = num_processes, process_index
+        self.global_batch = batch_size * num_processes
+        if self.global_batch > num_items:
+            raise ValueError(
+                f"the global batch (train_batch_size {batch_size} x {num_processes} processes = {self.global_batch}) "
+                f"exceeds the dataset size {num_items}"
+            )
+        self.batches_per_epoch = num_items // self.global_batch
+        self._cache = (None, None)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if self._cache[0] != epoch:
+            g = torch.Generator().manual_seed(derived_seed(self.seed, epoch, 0x5EED))
+            self._cache = (epoch, torch.randperm(self.num_items, generator=g))
+        return self._cache[1]
+
+    def indices(self, micro_step: int) -> torch.Tensor:
+        """This process's image indices at (0-based) ``micro_step``."""
+        epoch, position = divmod(int(micro_step), self.batches_per_epoch)
+        start = position * self.global_batch + self.process_index * self.batch_size
+        return self.permutation(epoch)[start:start + self.batch_size]
+
+    def epoch(self, micro_step: int) -> int:
+        return int(micro_step) // self.batches_per_epoch
+
+
+def _open_image(item, index: int):
+    from PIL import Image
+
+    path = None
+    try:
+        if isinstance(item, dict):
+            path = item.get("path")
+            data = item.get("bytes")
+            image = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
+        else:  # already a PIL image
+            image = item
+        image.load()
+        return image
+    except Exception as err:  # PIL raises several types for unreadable files
+        where = f" ({path})" if path else ""
+        raise ValueError(f"cannot read image {index}{where}: {err}") from err
+
+
+def _image_channels(image) -> int:
+    return 1 if image.mode in GREY_MODES else 3
+
+
+def images_to_uint8(pil_images: Iterable, resolution: Optional[int] = None, channels: Optional[int] = None,
+                    center_crop: bool = False, seed: int = 0, preserve_input_precision: bool = False) -> torch.Tensor:
+    """Decode PIL images into a uint8 tensor (N, C, H, W).
+
+    Every image is converted to ``channels`` (1: PIL's ``L``, 3: ``RGB``). Without ``channels``, the images' own
+    number; when they mix grey and colour images, a warning, and RGB (a grey image converted to RGB repeats its one
+    channel three times, as PIL's ``convert("RGB")`` does).
+
+    With ``resolution``, the shorter side is resized to it (bilinear). Images keep their aspect ratio when they all
+    end up with the same shape (cropped per batch later); otherwise each is cropped to a square here (centred, or at
+    a seeded random position). Without ``resolution`` all images must have the same size.
     """
     from PIL import Image
 
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if resolution < 1:
-        raise ValueError(f"resolution must be >= 1, got {resolution}")
-    rng = random.Random(seed)
-
-    def transform(image: "Image.Image") -> torch.Tensor:
-        image = image.convert("L" if channels == 1 else "RGB")
+    arrays, rng = [], random.Random(seed)
+    first_size, first_kind, mixed_at = None, None, None
+    target = channels
+    for i, image in enumerate(pil_images):
+        if preserve_input_precision and image.mode in HIGH_BIT_MODES:
+            raise ValueError(f"--preserve_input_precision: image {i} has mode {image.mode} (more than 8 bits per "
+                             "channel), but the training images are stored with 8 bits")
+        kind = _image_channels(image)
+        if first_kind is None:
+            first_kind = (kind, image.mode)
+        elif kind != first_kind[0] and mixed_at is None:
+            mixed_at = (i, image.mode)
+            if channels is None and target == 1:  # the grey images read so far become RGB
+                arrays = [np.repeat(a, 3, axis=0) for a in arrays]
+        if target is None or (channels is None and mixed_at is not None):
+            target = 3 if mixed_at is not None else kind
+        image = image.convert("L" if target == 1 else "RGB")
         w, h = image.size
-        if min(w, h) != resolution:
+        if resolution is None:
+            if first_size is None:
+                first_size = (w, h)
+            elif (w, h) != first_size:
+                raise ValueError(
+                    f"images have mixed sizes ({first_size[0]}x{first_size[1]} and {w}x{h} at image {i}); "
+                    "pass --resolution to resize them to a common size"
+                )
+        elif min(w, h) != resolution:
             scale = resolution / min(w, h)
             image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
-            w, h = image.size
-        if center_crop:
-            left, top = (w - resolution) // 2, (h - resolution) // 2
-        else:
-            left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
-        image = image.crop((left, top, left + resolution, top + resolution))
-        if random_flip and rng.random() < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        array = np.asarray(image, dtype=np.float32)
-        array = array[None] if channels == 1 else array.transpose(2, 0, 1)
-        return torch.from_numpy(array / 127.5 - 1.0)
+        array = np.asarray(image, dtype=np.uint8)
+        arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+    if not arrays:
+        raise ValueError("the dataset contains no images")
+    if mixed_at is not None:
+        logger.warning(
+            "the images mix greyscale and colour (image 0 is %s, image %d is %s); converting all of them to %s%s",
+            first_kind[1], mixed_at[0], mixed_at[1], "greyscale (L)" if target == 1 else "RGB",
+            " as --channels asks" if channels is not None else "; pass --channels 1 or 3 to choose",
+        )
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        side = resolution
+        logger.warning("images have different aspect ratios: cropping each to %dx%d once at load time", side, side)
+        cropped = []
+        for a in arrays:
+            h, w = a.shape[-2:]
+            top = (h - side) // 2 if center_crop else rng.randint(0, h - side)
+            left = (w - side) // 2 if center_crop else rng.randint(0, w - side)
+            cropped.append(a[:, top:top + side, left:left + side])
+        arrays = cropped
+    nbytes = sum(a.nbytes for a in arrays)
+    if nbytes > MAX_IN_MEMORY_BYTES:
+        raise ValueError(f"the decoded images need {nbytes / 1e9:.1f} GB; lower --resolution or --max_train_samples")
+    return torch.from_numpy(np.stack(arrays))
 
-    return transform
+
+def load_training_images(config: DataConfig, seed: int = 0, accelerator=None) -> ImageData:
+    """The training set described by ``config``: a Hub dataset, an image folder or, with neither, the embedded 8×8
+    digits. Unreadable or empty folders, unreadable images and mixed sizes without ``resolution`` raise a
+    ``ValueError``; ``seed`` fixes the load-time crops of images with other aspect ratios."""
+    import contextlib
+
+    import datasets
+
+    if config.dataset_name is None and config.train_data_dir is None and config.resolution in (None, 8) \
+            and config.channels in (None, 1):
+        # The embedded digits at their native 8x8: skip the PNG round trip of the datasets.Dataset.
+        images, labels = digits_tensor(config.digits_split)
+        if config.max_train_samples:
+            images, labels = images[:config.max_train_samples], labels[:config.max_train_samples]
+        return ImageData.from_tensor(images, labels, resolution=8, random_flip=config.random_flip, name=DIGITS_NAME,
+                                     source=f"{DIGITS_NAME}:{config.digits_split}")
+    context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
+    with context:
+        if config.dataset_name is None and config.train_data_dir is None:
+            ds = load_digits_dataset(config.digits_split)
+            name, source = DIGITS_NAME, f"{DIGITS_NAME}:{config.digits_split}"
+        else:
+            ds = load_image_dataset(config.dataset_name, config.train_data_dir, config.dataset_config_name,
+                                    config.cache_dir, split=config.dataset_split)
+            name = config.dataset_name or "imagefolder"
+            source = config.dataset_name or os.path.abspath(config.train_data_dir)
+            source = f"{source}:{config.dataset_config_name or ''}:{config.dataset_split}"
+    if config.max_train_samples:
+        ds = ds.select(range(min(config.max_train_samples, len(ds))))
+    if len(ds) == 0:
+        raise ValueError("the dataset contains no images")
+    column = config.image_column or image_column(ds)
+    if column not in ds.column_names:
+        raise ValueError(f"--image_column {column!r} is not a column of the dataset (columns: {ds.column_names})")
+    labels = None
+    if "label" in ds.column_names and isinstance(ds.features.get("label"), (datasets.ClassLabel, datasets.Value)):
+        try:
+            labels = torch.tensor(ds["label"], dtype=torch.long)
+        except (TypeError, ValueError):
+            labels = None
+    if isinstance(ds.features[column], datasets.Image):
+        ds = ds.cast_column(column, datasets.Image(decode=False))
+    raw = ds[column] if len(ds) <= 100_000 else (ex[column] for ex in ds)
+    pil_images = (_open_image(item, i) for i, item in enumerate(raw))
+    images = images_to_uint8(pil_images, config.resolution, config.channels, config.center_crop, seed,
+                             config.preserve_input_precision)
+    return ImageData(images, labels, config.resolution, config.center_crop, config.random_flip, name=name,
+                     source=source)

@@ -4,8 +4,8 @@ noise-level techniques of NCSNv2.
 * DDPM-style (discrete or continuous t ∈ [0, 1]): linear (Ho et al. 2020; its continuous limit is the VP SDE of
   Song et al. 2021) and cosine (Nichol & Dhariwal 2021, eq. 17) ᾱ(t); SNR(t) = ᾱ/(1 − ᾱ); the resolution-shifted
   SNR of simple diffusion (Hoogeboom et al. 2023, §3.1): SNR_d(t) = SNR_r(t)·(r/d)² for images of side d trained
-  with a schedule designed at side r. The discrete β of diffusers' schedulers come from
-  :func:`diffusers_stf.preconditioning.betas_for_schedule` (re-exported here), so there is one linear/cosine β formula.
+  with a schedule designed at side r. The discrete β of diffusers' schedulers come from :func:`betas_for_schedule`,
+  the one linear/cosine β formula of the package (the preconditionings and losses import it from here).
 * VE SDE: σ(t) = σ_min·(σ_max/σ_min)^t (Song et al. 2021, eq. 30).
 * NCSN / NCSNv2 (Song & Ermon 2019, 2020): the geometric σ schedule, and NCSNv2's
 
@@ -16,18 +16,17 @@ noise-level techniques of NCSNv2.
   - Technique 4 (step size): the ε of annealed Langevin that makes Proposition 3's closed-form s_T²/σ_i² closest to 1
     (:func:`ncsnv2_variance_ratio`, :func:`ncsnv2_step_size`).
 
-  Technique 3 (noise conditioning s_θ(x, σ) = s_θ(x)/σ) is in :mod:`diffusers_stf.losses.score_matching`.
+  Technique 3 (noise conditioning s_θ(x, σ) = s_θ(x)/σ) is a network parametrisation:
+  ``NCSNPreconditioning(prediction_type="scaled_score", timestep_type="none")`` in :mod:`diffusers_stf.preconditioning`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-
-from .preconditioning import betas_for_schedule  # noqa: F401  (re-exported: the one discrete linear/cosine β formula)
 
 TensorOrFloat = Union[torch.Tensor, float]
 
@@ -38,6 +37,52 @@ def _t(t: TensorOrFloat) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # DDPM-style schedules and SNR
+
+
+def betas_for_schedule(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 2e-2,
+    beta_schedule: str = "linear",
+    trained_betas: Optional[Sequence[float]] = None,
+) -> torch.Tensor:
+    """DDPM β schedules as diffusers' ``DDPMScheduler`` builds them (float64).
+
+    Args:
+        num_train_timesteps: T, the number of discrete training steps.
+        beta_start, beta_end: first and last β of the ``linear`` and ``scaled_linear`` schedules.
+        beta_schedule: ``linear``, ``scaled_linear`` or ``squaredcos_cap_v2`` (Nichol & Dhariwal's cosine, β ≤ 0.999).
+        trained_betas: explicit βs; overrides the schedule.
+    """
+    if trained_betas is not None:
+        betas = torch.as_tensor(trained_betas, dtype=torch.float64).flatten()
+    elif num_train_timesteps < 1:
+        raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
+        def alpha_bar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        T = num_train_timesteps
+        betas = torch.tensor(
+            [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)], dtype=torch.float64
+        )
+    else:
+        raise ValueError(
+            f"beta_schedule must be one of 'linear', 'scaled_linear', 'squaredcos_cap_v2', got {beta_schedule!r}"
+        )
+    # 0 < β_t < 1 keeps every ᾱ_t in (0, 1): a β outside would give σ_t = 0, ∞ or NaN downstream
+    if len(betas) < 1 or not bool(((betas > 0) & (betas < 1)).all()):
+        raise ValueError(
+            "the beta schedule must satisfy 0 < beta < 1 at every step (check beta_start, beta_end, trained_betas); "
+            f"got betas from {float(betas.min()) if len(betas) else 'none'} to {float(betas.max()) if len(betas) else 'none'}"
+        )
+    if not float(torch.prod(1 - betas)) > 0:
+        raise ValueError("the beta schedule drives alpha_bar_T = prod(1 - beta) to 0 in float64; use smaller betas")
+    return betas
 
 
 def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:

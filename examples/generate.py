@@ -3,7 +3,9 @@
 Image i is drawn with seed ``--seed + i`` (one generator per image, so the result does not depend on the batch size)
 and written as ``<seed:06d>.png`` and/or into ``samples.npz`` (uint8, NHWC, arrays ``samples`` and ``seeds``).
 A rerun with the same folder skips the images already written, so an interrupted run resumes and a larger
-``--num_images`` only adds the missing ones.
+``--num_images`` only adds the missing ones. Every file is written under a temporary name that neither the resume nor
+``evaluate.py`` reads (``.<name>.partial``) and then renamed, so a killed run never leaves a truncated image or
+archive behind; an unreadable image found on resume (e.g. copied in truncated) is drawn again, with a warning.
 
     python examples/generate.py --pipeline outputs/edm-digits --output_dir outputs/samples/heun18 --num_images 1000
     python examples/generate.py --pipeline outputs/edm-digits --output_dir outputs/samples/churn40 \\
@@ -14,7 +16,10 @@ A rerun with the same folder skips the images already written, so an interrupted
 
 The pipeline class is the one named in the folder's ``model_index.json`` (looked up in ``diffusers_stf``, then
 ``diffusers``); ``--scheduler`` swaps its scheduler with ``from_config`` (``heun``, ``stochastic``, ``euler`` or a
-scheduler class name), keeping the σ range, σ_data and preconditioning.
+scheduler class name), keeping the σ range, σ_data and the network's parametrisation: on a ``DDPMPipeline`` folder
+(what ``train_sequence_aware.py`` writes) an EDM scheduler gets the ``ddpm`` preconditioning with the folder's β
+schedule and prediction type, and the UNet is sampled by an ``EDMPipeline`` (``DDPMPipeline`` never scales the
+model input). The scheduler config actually used is recorded in ``generate_config.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import zipfile
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -29,11 +35,13 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_stf.evaluation.images import to_uint8
-from diffusers_stf.evaluation.sampling import generate_batch, load_pipeline, make_scheduler
+from diffusers_stf.evaluation.sampling import generate_batch, load_pipeline, make_scheduler, pipeline_with_scheduler
 
 SETTINGS_FILE = "generate_config.json"
 NPZ_FILE = "samples.npz"
 NPZ_PARTS = "npz_parts"
+PARTIAL_SUFFIX = ".partial"
+LEGACY_PARTIAL_SUFFIX = ".tmp.npz"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,6 +81,45 @@ def _png_path(output_dir: str, seed: int) -> str:
     return os.path.join(output_dir, f"{seed:06d}.png")
 
 
+def _partial_path(path: str) -> str:
+    """``dir/.name.partial``: hidden and without an image or archive extension, so nothing that lists finished
+    outputs (this script's resume, ``evaluate.py``) ever reads a file still being written."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{os.getpid()}{PARTIAL_SUFFIX}")
+
+
+def _atomic_write(path: str, write) -> None:
+    """``write(file)`` into a temporary file, then rename it to ``path`` (a kill leaves ``path`` absent or whole)."""
+    tmp = _partial_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _remove_leftovers(folder: str) -> None:
+    """Delete temporaries of killed runs (ours, and the ``*.tmp.npz`` of older versions of this script)."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)) or name.endswith(LEGACY_PARTIAL_SUFFIX):
+            os.remove(os.path.join(folder, name))
+
+
+def _png_is_readable(path: str) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
 def _read_npz_store(output_dir: str) -> Dict[int, np.ndarray]:
     """seed → image (H, W, C) from ``samples.npz`` and the per-batch parts of an unfinished run."""
     store = {}
@@ -82,15 +129,24 @@ def _read_npz_store(output_dir: str) -> Dict[int, np.ndarray]:
         paths += [os.path.join(parts_dir, f) for f in sorted(os.listdir(parts_dir)) if f.endswith(".npz")]
     for path in paths:
         if os.path.isfile(path):
-            with np.load(path) as archive:
-                store.update(zip(archive["seeds"].tolist(), archive["samples"]))
+            try:
+                with np.load(path) as archive:
+                    store.update(zip(archive["seeds"].tolist(), archive["samples"]))
+            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+                raise ValueError(f"cannot read the sample archive {path!r} ({type(err).__name__}: {err}); "
+                                 "delete it and rerun to draw its images again") from err
     return store
 
 
 def _write_npz(path: str, seeds: List[int], images: np.ndarray) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, samples=images, seeds=np.asarray(seeds, dtype=np.int64))
-    os.replace(tmp, path)  # a killed run never leaves a truncated archive
+    _atomic_write(path, lambda f: np.savez(f, samples=images, seeds=np.asarray(seeds, dtype=np.int64)))
+
+
+def _write_png(path: str, image: np.ndarray) -> None:
+    from PIL import Image
+
+    picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    _atomic_write(path, lambda f: picture.save(f, format="PNG"))
 
 
 def _check_settings(output_dir: str, settings: dict) -> None:
@@ -106,8 +162,7 @@ def _check_settings(output_dir: str, settings: dict) -> None:
                 "use a new --output_dir or empty this one"
             )
     else:
-        with open(path, "w") as f:
-            json.dump(settings, f, indent=2, sort_keys=True)
+        _atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True).encode()))
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
@@ -118,10 +173,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     overrides.update(args.scheduler_kwargs)
     if args.scheduler is not None or overrides:
         name = args.scheduler or type(pipe.scheduler).__name__
-        pipe.scheduler = make_scheduler(pipe.scheduler, name, **overrides)
+        pipe = pipeline_with_scheduler(pipe, make_scheduler(pipe.scheduler, name, **overrides))
     pipe.set_progress_bar_config(disable=True)
 
     os.makedirs(args.output_dir, exist_ok=True)
+    parts_dir = os.path.join(args.output_dir, NPZ_PARTS)
+    _remove_leftovers(args.output_dir)
+    _remove_leftovers(parts_dir)
     settings = {
         "pipeline": os.path.abspath(args.pipeline),
         "pipeline_class": type(pipe).__name__,
@@ -135,21 +193,25 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     write_png, write_npz = args.format in ("png", "both"), args.format in ("npz", "both")
     seeds = range(args.seed, args.seed + args.num_images)
     in_npz = set(_read_npz_store(args.output_dir)) if write_npz else set()
+    unreadable = [
+        _png_path(args.output_dir, s) for s in seeds
+        if write_png and os.path.isfile(_png_path(args.output_dir, s)) and not _png_is_readable(_png_path(args.output_dir, s))
+    ]  # fmt: skip
+    for path in unreadable:
+        print(f"warning: {path} cannot be read as an image; drawing it again")
+        os.remove(path)
     todo = [
         s for s in seeds
         if (write_png and not os.path.isfile(_png_path(args.output_dir, s))) or (write_npz and s not in in_npz)
     ]  # fmt: skip
     print(f"{args.num_images - len(todo)} of {args.num_images} images already in {args.output_dir}; generating {len(todo)}")
 
-    from PIL import Image
-
-    parts_dir = os.path.join(args.output_dir, NPZ_PARTS)
     for start in tqdm(range(0, len(todo), args.batch_size), desc="batches"):
         batch_seeds = todo[start : start + args.batch_size]
         images = to_uint8(generate_batch(pipe, batch_seeds, args.num_inference_steps, **args.pipeline_kwargs))
         if write_png:
             for seed, image in zip(batch_seeds, images):
-                Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(_png_path(args.output_dir, seed))
+                _write_png(_png_path(args.output_dir, seed), image)
         if write_npz:
             os.makedirs(parts_dir, exist_ok=True)
             _write_npz(os.path.join(parts_dir, f"{batch_seeds[0]:06d}.npz"), batch_seeds, images)

@@ -22,7 +22,7 @@ discriminator when no score model was given.
 from __future__ import annotations
 
 import argparse
-import inspect
+import dataclasses
 import json
 import logging
 import math
@@ -36,25 +36,31 @@ import torch
 from diffusers_stf import Discriminator, DiscriminatorGuidedPipeline
 from diffusers_stf.losses import make_discriminator_loss
 from diffusers_stf.losses.discriminator import DG_TRAIN_SIGMA_MAX, DG_TRAIN_SIGMA_MIN, DISCRIMINATOR_LOSSES
+from diffusers_stf.losses.discriminator import REDUCTIONS as DISCRIMINATOR_REDUCTIONS
 from diffusers_stf.training import (
+    DataConfig,
     ImageData,
     LossOutput,
     ModelCardInfo,
     Trainer,
     add_training_args,
-    bucket_names,
-    count_parameters,
+    float_list,
     image_grid,
+    int_list,
     load_training_images,
     make_accelerator,
     parse_training_args,
 )
-from diffusers_stf.training.args import float_list, int_list
 
 logger = logging.getLogger("train_discriminator")
 
 GENERATION_FILE = "generation.json"
-FAKE_IGNORE = ("fake_images/**",)
+
+
+def fake_ignore_patterns(fake_dir: str, output_dir: str) -> tuple:
+    """Hub-upload ignore patterns for the fake images when they lie inside ``output_dir``."""
+    rel = os.path.relpath(os.path.abspath(fake_dir), os.path.abspath(output_dir))
+    return () if rel.startswith("..") else (f"{rel}/**",)
 
 DESCRIPTION = (
     "A noise-conditional discriminator d(x, σ) for **Discriminator Guidance** (Kim et al., ICML 2023, "
@@ -75,11 +81,6 @@ from diffusers_stf import Discriminator, DiscriminatorGuidedPipeline
 discriminator = Discriminator.from_pretrained("{repo}")
 pipeline = DiscriminatorGuidedPipeline.from_pretrained("<your EDM pipeline>", discriminator=discriminator)
 images = pipeline(batch_size=16, num_inference_steps=18, generator=torch.Generator().manual_seed(0)).images"""
-LOADING_NOTE = (
-    "`DiffusionPipeline.from_pretrained` cannot load this folder by itself: the scheduler and the discriminator are "
-    "classes of `diffusers_stf`, so load it through `diffusers_stf.DiscriminatorGuidedPipeline` as above (a Hub repo id "
-    "is downloaded first, then loaded)."
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("discriminator")
     g.add_argument("--loss", type=str, default="bce", choices=sorted(DISCRIMINATOR_LOSSES),
                    help="bce: DG's cross-entropy; lsif / ukl: the Bregman divergences of DG Appendix B")
+    g.add_argument("--loss_reduction", type=str, default="mean", choices=DISCRIMINATOR_REDUCTIONS,
+                   help="mean: over the mixed real+fake batch (DG); balanced: mean over real + mean over fake")
     g.add_argument("--sigma_min", type=float, default=DG_TRAIN_SIGMA_MIN, help="log-uniform sigma range (DG: VP time 1e-5..1)")
     g.add_argument("--sigma_max", type=float, default=DG_TRAIN_SIGMA_MAX)
     g.add_argument("--feature_extractor", type=str, default="none", choices=("none", "unet_encoder", "transformers"),
@@ -122,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise levels of the held-out accuracy")
     g.add_argument("--dg_weight_1st_order", type=float, default=2.0, help="w1 of the validation grids (DG: 2)")
     g.add_argument("--dg_weight_2nd_order", type=float, default=0.0, help="w2 of the validation grids (DG: 0)")
-    add_training_args(parser, unet=False)
-    parser.set_defaults(output_dir=os.path.join("outputs", "train_discriminator"), max_train_steps=2000,
+    add_training_args(parser, unet=False, default_num_epochs=77)
+    parser.set_defaults(output_dir=os.path.join("outputs", "train_discriminator"),
                         learning_rate=3e-4, adam_weight_decay=1e-7, lr_rampup_kimg=0.0, ema_halflife_kimg=0.0,
                         max_grad_norm=0.0, checkpointing_steps=500, validation_steps=500, num_validation_images=64,
                         logging_steps=50, sigma_buckets=(0.05, 0.2, 1.0, 5.0))
@@ -217,13 +220,14 @@ def ensure_fake_images(args, pipeline, folder: str, record: dict, num_classes: i
     generate_fake_images(pipeline, folder, record, args.generation_batch_size, num_classes)
 
 
-def load_fake_images(args, folder: str, real: ImageData, accelerator) -> ImageData:
-    fake_args = argparse.Namespace(**vars(args))
-    fake_args.dataset_name, fake_args.train_data_dir, fake_args.max_train_samples = None, folder, None
-    fake_args.resolution, fake_args.channels = real.resolution, real.channels
+def load_fake_images(data_config: DataConfig, seed: int, folder: str, real: ImageData, accelerator) -> ImageData:
+    """The fake images in ``folder``, read with the real data's options at the real data's size and channels."""
+    fake_config = dataclasses.replace(data_config, dataset_name=None, dataset_config_name=None, train_data_dir=folder,
+                                      max_train_samples=None, image_column=None, dataset_split="train",
+                                      resolution=real.resolution, channels=real.channels)
     if not has_images(folder):
         raise ValueError(f"--fake_data_dir {folder!r} holds no PNG images")
-    return load_training_images(fake_args, accelerator)
+    return load_training_images(fake_config, seed, accelerator)
 
 
 def split_heldout(data: ImageData, k: int, seed: int):
@@ -233,11 +237,7 @@ def split_heldout(data: ImageData, k: int, seed: int):
     if k >= len(data):
         raise ValueError(f"--num_heldout_images {k} leaves no training images out of {len(data)}")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    parts = []
-    for idx in (order[k:].sort().values, order[:k].sort().values):
-        labels = data.labels[idx] if data.labels is not None else None
-        parts.append(ImageData(data.images[idx], labels, data.resolution, data.center_crop, data.random_flip, data.name))
-    return parts[0], parts[1]
+    return data.subset(order[k:].sort().values), data.subset(order[:k].sort().values)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,14 +283,15 @@ def heldout_accuracy(disc, real: ImageData, fake: ImageData, sigmas, device, see
     return row
 
 
-def guided_grid(score, disc, args, path: str, device) -> str:
+def guided_grid(score, disc, args, training, path: str, device) -> str:
     """Unguided (left) and guided (right) samples from the same latents, as one PNG."""
     pipe = DiscriminatorGuidedPipeline(score.unet, score.scheduler, disc).to(device)
     pipe.set_progress_bar_config(disable=True)
-    n = args.num_validation_images
-    kwargs = dict(batch_size=n, num_inference_steps=args.num_inference_steps, output_type="pt")
-    plain = pipe(generator=torch.Generator(device=device).manual_seed(args.validation_seed), dg_weight_1st_order=0.0, **kwargs).images
-    guided = pipe(generator=torch.Generator(device=device).manual_seed(args.validation_seed),
+    n = training.num_validation_images
+    kwargs = dict(batch_size=n, num_inference_steps=training.num_inference_steps, output_type="pt")
+    seed = training.validation_seed
+    plain = pipe(generator=torch.Generator(device=device).manual_seed(seed), dg_weight_1st_order=0.0, **kwargs).images
+    guided = pipe(generator=torch.Generator(device=device).manual_seed(seed),
                   dg_weight_1st_order=args.dg_weight_1st_order, dg_weight_2nd_order=args.dg_weight_2nd_order, **kwargs).images
     nrow = max(1, math.ceil(math.sqrt(n)))
     left, right = image_grid(plain, nrow=nrow), image_grid(guided, nrow=nrow)
@@ -308,14 +309,12 @@ def guided_grid(score, disc, args, path: str, device) -> str:
 
 
 def main(argv=None):
-    args = check_args(parse_training_args(build_parser(), argv))
-    trainer_takes_ignore = "hub_ignore_patterns" in inspect.signature(Trainer.__init__).parameters
-    fake_dir = args.fake_data_dir or os.path.join(args.output_dir, "fake_images")
-    inside = os.path.abspath(fake_dir).startswith(os.path.abspath(args.output_dir) + os.sep)
-    if args.push_to_hub and inside and not trainer_takes_ignore:
-        raise ValueError("--push_to_hub would upload the fake images in --output_dir: pass a --fake_data_dir outside it")
-    accelerator = make_accelerator(args)
-    real = load_training_images(args, accelerator)
+    args, config = parse_training_args(build_parser(), argv)
+    check_args(args)
+    training = config.training
+    fake_dir = args.fake_data_dir or os.path.join(training.output_dir, "fake_images")
+    accelerator = make_accelerator(training)
+    real = load_training_images(config.data, training.seed, accelerator)
 
     score = None
     if args.pretrained_model_name_or_path:
@@ -337,22 +336,21 @@ def main(argv=None):
         with accelerator.main_process_first():
             if accelerator.is_main_process:
                 ensure_fake_images(args, score, fake_dir, record, unet_classes if num_classes else 0)
-    fake = load_fake_images(args, fake_dir, real, accelerator)
+    fake = load_fake_images(config.data, training.seed, fake_dir, real, accelerator)
     if num_classes and fake.labels is None:
         raise ValueError("--class_conditional needs labelled fake images (one subfolder per class in --fake_data_dir)")
-    real_train, real_heldout = split_heldout(real, min(args.num_heldout_images, len(real) // 2), args.seed)
-    fake_train, fake_heldout = split_heldout(fake, min(args.num_heldout_images, len(fake) // 2), args.seed + 1)
+    real_train, real_heldout = split_heldout(real, min(args.num_heldout_images, len(real) // 2), training.seed)
+    fake_train, fake_heldout = split_heldout(fake, min(args.num_heldout_images, len(fake) // 2), training.seed + 1)
 
     disc = build_discriminator(args, real, score, num_classes)
     trainable = [p for p in disc.parameters() if p.requires_grad]
     accelerator.print(f"{len(real_train)} real / {len(fake_train)} fake training images "
                       f"({real.channels}x{real.resolution}x{real.resolution}, {real.name}); held out "
                       f"{len(real_heldout) if real_heldout else 0} + {len(fake_heldout) if fake_heldout else 0}; "
-                      f"discriminator with {count_parameters(disc) / 1e6:.3f}M parameters "
-                      f"({sum(p.numel() for p in trainable) / 1e6:.3f}M trained); loss {args.loss}")
-    loss = make_discriminator_loss(args.loss, sigma_min=args.sigma_min, sigma_max=args.sigma_max)
-    edges = torch.tensor(list(args.sigma_buckets), dtype=torch.float64)
-    names = bucket_names(args.sigma_buckets)
+                      f"discriminator with {disc.num_parameters() / 1e6:.3f}M parameters "
+                      f"({disc.num_parameters(only_trainable=True) / 1e6:.3f}M trained); loss {args.loss}")
+    loss = make_discriminator_loss(args.loss, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                                   reduction=args.loss_reduction)
 
     def loss_fn(model, batch, generator):
         real_images = batch["images"]
@@ -361,17 +359,14 @@ def main(argv=None):
         real_labels = batch.get("labels") if num_classes else None
         fake_labels = fakes["labels"].to(device) if num_classes else None
         out = loss(model, real_images, fakes["images"].to(device), real_labels, fake_labels, generator=generator)
-        correct = out.correct.double().cpu()
-        is_real = out.is_real.bool().cpu()
-        logs = {"accuracy": float(correct.mean()), "accuracy_real": float(correct[is_real].mean()),
-                "accuracy_fake": float(correct[~is_real].mean())}
-        bucket = torch.bucketize(out.sigma.detach().double().cpu(), edges, right=True)
-        for i, name in enumerate(names):
-            if bool((bucket == i).any()):
-                logs[f"accuracy_sigma_{name}"] = float(correct[bucket == i].mean())
-        return LossOutput(loss=out.loss, per_sample=out.per_sample, sigma=out.sigma, logs=logs)
+        correct = out.correct.detach().double()
+        is_real = out.is_real.detach().double()
+        logs = {"accuracy": correct.mean(), "accuracy_real": (correct * is_real).sum() / is_real.sum(),
+                "accuracy_fake": (correct * (1 - is_real)).sum() / (1 - is_real).sum()}
+        return LossOutput(loss=out.loss, per_sample=out.per_sample, sigma=out.sigma, logs=logs,
+                          per_sample_logs={"accuracy": correct})
 
-    validation_log = os.path.join(args.output_dir, args.logging_dir, "validation.jsonl")
+    validation_log = os.path.join(training.output_dir, training.logging_dir, "validation.jsonl")
 
     def validation_fn(ema_disc, step, path):
         device = accelerator.device
@@ -382,7 +377,7 @@ def main(argv=None):
                 f.write(json.dumps(row) + "\n")
             accs = ", ".join(f"σ={s:g}: {row[f'accuracy_sigma_{s:g}']:.3f}" for s in args.validation_sigmas)
             accelerator.print(f"step {step}: held-out accuracy {accs}")
-        return guided_grid(score, ema_disc, args, path, device) if score is not None else None
+        return guided_grid(score, ema_disc, args, training, path, device) if score is not None else None
 
     def make_pipeline(ema_disc):
         return DiscriminatorGuidedPipeline(score.unet, score.scheduler, ema_disc)
@@ -395,32 +390,23 @@ def main(argv=None):
                                        loss={"bce": "binary cross-entropy (DG eq. 7)", "lsif": "LSIF (DG Appendix B)",
                                              "ukl": "unnormalised KL (DG Appendix B)"}[args.loss], arch=arch),
         tags=["edm", "discriminator-guidance"], template="discriminator.md",
-        usage=USAGE if score is not None else USAGE_DISC_ONLY, loading_note=LOADING_NOTE,
+        usage=USAGE if score is not None else USAGE_DISC_ONLY,
+        sample_kwargs={"num_inference_steps": 18, "dg_weight_1st_order": 2.0} if score is not None else None,
         facts={"score model": args.pretrained_model_name_or_path, "fake images": len(fake), "loss": args.loss,
                "guidance weights of the grid (w1, w2)": f"{args.dg_weight_1st_order}, {args.dg_weight_2nd_order}"},
         extra={"script": "examples/train_discriminator.py"},
     )
-    fingerprint = {"loss": args.loss, "sigma_min": args.sigma_min, "sigma_max": args.sigma_max,
-                   "fake_data_dir": os.path.abspath(fake_dir), "num_fake_images": len(fake), "dataset": real.name,
-                   "num_real_images": len(real), "num_heldout_images": args.num_heldout_images,
-                   "class_conditional": bool(num_classes)}
-    optimizer = torch.optim.Adam(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                 eps=args.adam_epsilon, weight_decay=args.adam_weight_decay)  # DG: Adam, wd 1e-7
-    extra = {"hub_ignore_patterns": FAKE_IGNORE} if trainer_takes_ignore else {}
-    trainer = Trainer(args, disc, loss_fn, real_train, accelerator=accelerator,
+    fingerprint = {"loss": args.loss, "loss_reduction": args.loss_reduction, "sigma_min": args.sigma_min,
+                   "sigma_max": args.sigma_max, "fake_data_dir": os.path.abspath(fake_dir), "num_fake_images": len(fake),
+                   "num_heldout_images": args.num_heldout_images, "class_conditional": bool(num_classes),
+                   "feature_extractor": args.feature_extractor, "disc_preconditioning": args.disc_preconditioning}
+    optimizer = torch.optim.Adam(trainable, lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2),
+                                 eps=training.adam_epsilon, weight_decay=training.adam_weight_decay)  # DG: Adam, wd 1e-7
+    trainer = Trainer(training, disc, loss_fn, real_train, accelerator=accelerator,
                       make_pipeline=make_pipeline if score is not None else None, optimizer=optimizer,
-                      model_card=card, fingerprint=fingerprint, validation_fn=validation_fn, **extra)
-    result = trainer.train()
-    if accelerator.is_main_process:
-        print(f"\nTrained {result.step} steps ({result.nimg} real images) in {result.wall_time / 60:.1f} min.")
-        if result.samples_path:
-            print(f"Unguided | guided samples: {os.path.abspath(result.samples_path)}")
-        what = "DiscriminatorGuidedPipeline.from_pretrained" if score is not None else "Discriminator.from_pretrained"
-        print(f"Saved folder:             {os.path.abspath(result.output_dir)}  ({what})")
-        print(f"Metrics:                  {os.path.abspath(result.metrics_path)}")
-        if result.pushed_to:
-            print(f"Pushed to:                https://huggingface.co/{result.pushed_to}")
-    return result
+                      model_card=card, fingerprint=fingerprint, validation_fn=validation_fn,
+                      hub_ignore_patterns=fake_ignore_patterns(fake_dir, training.output_dir))
+    return trainer.train()
 
 
 if __name__ == "__main__":

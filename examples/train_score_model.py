@@ -32,14 +32,14 @@ import torch
 
 from diffusers_stf import AnnealedLangevinScheduler, EDMPipeline, PredictorCorrectorScheduler
 from diffusers_stf.data import DIGITS_NAME
-from diffusers_stf.losses.score_matching import DenoisingScoreMatchingLoss, ScoreModel
+from diffusers_stf.losses.score_matching import DenoisingScoreMatchingLoss
 from diffusers_stf.noise_schedules import max_pairwise_distance, ncsnv2_sigmas, ncsnv2_step_size
+from diffusers_stf.preconditioning import Denoiser
 from diffusers_stf.training import (
     LossOutput,
     ModelCardInfo,
     Trainer,
     add_training_args,
-    count_parameters,
     image_grid,
     load_training_images,
     make_accelerator,
@@ -99,8 +99,7 @@ images = (x / 2 + 0.5).clamp(0, 1)"""
 LOADING_NOTE = (
     "The folder is an `EDMPipeline`, whose loop is the standard diffusers one, with the EMA UNet and the ALS "
     "scheduler; `scheduler_als/`, `scheduler_cas/`, `scheduler_pc/` and `scheduler_ode/` hold the four samplers of "
-    "the grid. Their classes live in `diffusers_stf`, so `DiffusionPipeline.from_pretrained` cannot load the folder "
-    "by itself. For ALS and CAS `num_inference_steps` is the number of noise levels L (T Langevin steps each), for "
+    "the grid. For ALS and CAS `num_inference_steps` is the number of noise levels L (T Langevin steps each), for "
     "PC and the ODE the number of SDE/ODE steps."
 )
 
@@ -122,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pc_snr", type=float, default=0.16, help="r, the PC corrector's signal-to-noise ratio (VE: 0.16)")
     g.add_argument("--num_threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest on a busy 2-core machine, 0 keeps torch's default")
-    add_training_args(parser)
-    parser.set_defaults(output_dir=os.path.join("outputs", "train_score_model"), max_train_steps=1000,
-                        checkpointing_steps=500, validation_steps=0, logging_steps=50, num_inference_steps=None)
+    add_training_args(parser, default_num_epochs=36)
+    parser.set_defaults(output_dir=os.path.join("outputs", "train_score_model"), checkpointing_steps=500,
+                        validation_steps=0, logging_steps=50, num_inference_steps=None)
     for action in parser._actions:  # the shared help text describes EDM's steps
         if action.dest == "num_inference_steps":
             action.help = ("noise levels L of the ALS/CAS samplers (default: Technique 2's L); PC gets L·T/2 steps "
@@ -231,6 +230,7 @@ def model_card(args, data, sigma_max: float, samplers: dict) -> ModelCardInfo:
         usage=USAGE.format(L=levels, T=T, nfe=levels * T, pc_steps=samplers["pc"][1], ode_steps=samplers["ode"][1],
                            channels=data.channels, size=data.resolution),
         loading_note=LOADING_NOTE,
+        sample_kwargs={"num_inference_steps": levels},
         facts={f"σ_1 ({'Technique 1' if args.sigma_max is None else '--sigma_max'})": round(sigma_max, 4),
                f"L, γ ({'Technique 2' if args.num_inference_steps is None else '--num_inference_steps'})":
                    f"{levels}, {gamma:.4f}",
@@ -243,36 +243,32 @@ def model_card(args, data, sigma_max: float, samplers: dict) -> ModelCardInfo:
 
 
 def main(argv=None):
-    args = check_args(parse_training_args(build_parser(), argv))
+    args, config = parse_training_args(build_parser(), argv)
+    check_args(args)
+    training = config.training
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    accelerator = make_accelerator(args)
-    data = load_training_images(args, accelerator)
-    unet = make_unet(args, data.resolution, data.channels)
+    accelerator = make_accelerator(training)
+    data = load_training_images(config.data, training.seed, accelerator)
+    unet = make_unet(config.unet, data.resolution, data.channels)
     sigma_max, num_levels = noise_levels(args, data)
     samplers = make_samplers(args, sigma_max, num_levels)
     card = model_card(args, data, sigma_max, samplers)
     accelerator.print(
         f"{len(data)} training images {data.channels}x{data.resolution}x{data.resolution} ({data.name}); UNet2DModel "
-        f"with {count_parameters(unet) / 1e6:.2f}M parameters\nNCSNv2: "
+        f"with {unet.num_parameters() / 1e6:.2f}M parameters\nNCSNv2: "
         + ", ".join(f"{k} = {v}" for k, v in card.facts.items() if k != "grid_caption"))
 
     dsm = DenoisingScoreMatchingLoss(sigma_min=args.sigma_min, sigma_max=sigma_max, sigma_sampling="log_uniform")
 
+    preconditioning = samplers["als"][0].preconditioning  # the samplers' parametrisation, trained as it is sampled
+
     def loss_fn(model, batch, generator):
-        images = batch["images"]
-        if generator.device.type != "cpu":  # the loss draws σ and z on the CPU: a CPU generator seeded by this step's
-            seed = torch.randint(2**62, (1,), generator=generator, device=generator.device)
-            generator = torch.Generator().manual_seed(int(seed))
-        if args.ncsnv2_conditioning:
-            score_model = ScoreModel.ncsnv2(model)
-        else:
-            score_model = ScoreModel(model, prediction_type="scaled_score", timestep_type="log_sigma")
-        return LossOutput(loss=dsm(score_model, images, generator=generator))
+        return LossOutput(loss=dsm(Denoiser(model, preconditioning), batch["images"], generator=generator))
 
     summary = digits_summary(data)
-    n = args.num_validation_images
-    real = data.batch(torch.randperm(len(data), generator=torch.Generator().manual_seed(args.validation_seed))[:n])
+    n = training.num_validation_images
+    real = data.batch(torch.randperm(len(data), generator=torch.Generator().manual_seed(training.validation_seed))[:n])
     real = real["images"]
 
     def validation_fn(ema_model, step, path):
@@ -281,7 +277,7 @@ def main(argv=None):
         for name, (scheduler, steps) in samplers.items():
             pipeline = EDMPipeline(unet=ema_model, scheduler=scheduler).to(accelerator.device)
             pipeline.set_progress_bar_config(disable=True)
-            generator = torch.Generator(device=accelerator.device).manual_seed(args.validation_seed)
+            generator = torch.Generator(device=accelerator.device).manual_seed(training.validation_seed)
             start = time.time()
             images = pipeline(batch_size=n, num_inference_steps=steps, generator=generator, output_type="pt").images
             seconds, nfe = time.time() - start, len(scheduler.timesteps)
@@ -299,22 +295,13 @@ def main(argv=None):
 
     if accelerator.is_main_process:  # now, so that the final folder and its Hub upload hold them
         for name, (scheduler, _) in samplers.items():
-            scheduler.save_config(os.path.join(args.output_dir, f"scheduler_{name}"))
+            scheduler.save_config(os.path.join(training.output_dir, f"scheduler_{name}"))
     fingerprint = {"loss": "denoising_score_matching", "sigma_sampling": "log_uniform", "sigma_min": args.sigma_min,
-                   "sigma_max": sigma_max, "ncsnv2_conditioning": args.ncsnv2_conditioning, "dataset": data.name,
-                   "num_images": len(data)}
-    trainer = Trainer(args, unet, loss_fn, data, accelerator=accelerator, make_pipeline=make_pipeline,
+                   "sigma_max": sigma_max, "ncsnv2_conditioning": args.ncsnv2_conditioning}
+    trainer = Trainer(training, unet, loss_fn, data, accelerator=accelerator, make_pipeline=make_pipeline,
                       model_card=card, fingerprint=fingerprint, validation_fn=validation_fn)
     result = trainer.train()
-    if accelerator.is_main_process:
-        print(f"\nTrained {result.step} steps ({result.nimg} images) in {result.wall_time / 60:.1f} min.")
-        print(f"Comparison grid (EMA): {os.path.abspath(result.samples_path)}" if result.samples_path else "")
-        print(f"Model card:            {os.path.abspath(result.model_card_path)}" if result.model_card_path else "")
-        print(f"Pipeline folder:       {os.path.abspath(result.output_dir)}  (EDMPipeline.from_pretrained; the "
-              f"samplers in scheduler_{{{','.join(SAMPLERS)}}}/)")
-        print(f"Metrics:               {os.path.abspath(result.metrics_path)}")
-        if result.pushed_to:
-            print(f"Pushed to:             https://huggingface.co/{result.pushed_to}")
+    accelerator.print(f"Sampler configs:       {os.path.abspath(result.output_dir)}/scheduler_{{{','.join(SAMPLERS)}}}/")
     return result
 
 

@@ -28,14 +28,13 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from diffusers_stf.losses import SequenceAwareLoss, check_reference_batch_size
-from diffusers_stf.losses.sequence_aware import NOISE_COUPLINGS, REDUCTIONS, WEIGHTINGS, WINDOWS
-from diffusers_stf.preconditioning import betas_for_schedule
+from diffusers_stf.losses.sequence_aware import NOISE_COUPLINGS, REDUCTIONS, TIMESTEP_SAMPLINGS, WEIGHTINGS, WINDOWS
+from diffusers_stf.noise_schedules import betas_for_schedule
 from diffusers_stf.training import (
     LossOutput,
     ModelCardInfo,
     Trainer,
     add_training_args,
-    count_parameters,
     load_training_images,
     make_accelerator,
     make_unet,
@@ -96,11 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="λ of L_simple + λ·L_sa (paper: SA-2 1, SA-3 0.3, SA-4 0.2); 0 = the DDPM baseline")
     g.add_argument("--sa_weighting", type=str, default="uniform", choices=WEIGHTINGS,
                    help="uniform: τ=1 (what the official code trains with); paper: Theorem 1's τ_t (≤ 1e-2, raise λ)")
-    g.add_argument("--sa_window", type=str, default="paper", choices=WINDOWS,
+    g.add_argument("--sa_window", type=str, default="official", choices=WINDOWS,
                    help="paper: window start t ~ U{1-K..T}; official: the L_simple step ends the window")
+    g.add_argument("--sa_timesteps", type=str, default="antithetic", choices=TIMESTEP_SAMPLINGS,
+                   help="antithetic: t and T-1-t in each batch (the official train_ddp.py); uniform: independent")
     g.add_argument("--sa_noise", type=str, default="independent", choices=NOISE_COUPLINGS,
                    help="independent: a fresh ε per step of the window (paper, official code); shared: one ε")
-    g.add_argument("--loss_reduction", type=str, default="mean", choices=REDUCTIONS,
+    g.add_argument("--loss_reduction", type=str, default="sum", choices=REDUCTIONS,
                    help="mean over pixels (diffusers) or sum over pixels (the official code); both terms alike")
     g.add_argument("--stf", action="store_true", help="Stable Target Field targets (VP form) in place of ε")
     g.add_argument("--stf_reference_batch_size", type=int, default=1024,
@@ -108,23 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("validation sampler")
     g.add_argument("--validation_eta", type=float, default=0.0,
                    help="η of the DDIM validation grids (0: DDIM, 1: DDPM)")
-    add_training_args(parser)
-    parser.set_defaults(output_dir=os.path.join("outputs", "train_sequence_aware"), max_train_steps=3000,
-                        checkpointing_steps=500, validation_steps=500, logging_steps=50, num_inference_steps=50)
+    add_training_args(parser, default_num_epochs=107, ddpm=True)
+    parser.set_defaults(output_dir=os.path.join("outputs", "train_sequence_aware"), checkpointing_steps=500,
+                        validation_steps=500, logging_steps=50, num_inference_steps=50)
     return parser
 
 
-def check_args(args):
+def check_args(args, config):
     if args.sa_k < 1:
         raise ValueError(f"--sa_k must be >= 1, got {args.sa_k}")
     if args.sa_lambda < 0:
         raise ValueError(f"--sa_lambda must be >= 0, got {args.sa_lambda}")
+    if args.num_train_timesteps < 1:
+        raise ValueError(f"--num_train_timesteps must be >= 1, got {args.num_train_timesteps}")
     if args.sa_k > args.num_train_timesteps:
         raise ValueError(f"--sa_k must be <= --num_train_timesteps ({args.num_train_timesteps}), got {args.sa_k}")
     if not 0 <= args.validation_eta <= 1:
         raise ValueError(f"--validation_eta must be in [0, 1], got {args.validation_eta}")
     if args.stf:
-        check_reference_batch_size(args.stf_reference_batch_size, args.train_batch_size)
+        check_reference_batch_size(args.stf_reference_batch_size, config.training.train_batch_size)
     return args
 
 
@@ -133,19 +136,42 @@ def scheduler_config(args) -> dict:
                 beta_schedule=BETA_SCHEDULES[args.beta_schedule], clip_sample=args.clip_sample)
 
 
+def checked_betas(args, config: dict):
+    """β_1..β_T of the schedule, refused unless 0 < β_t < 1 for every t and ᾱ_T = Π(1 − β_t) > 0 (in float32, as the
+    samplers compute it), naming the flags."""
+    flags = "--beta_start/--beta_end" if args.beta_schedule != "cosine" else "--beta_schedule"
+    try:
+        betas = betas_for_schedule(config["num_train_timesteps"], config["beta_start"], config["beta_end"],
+                                   config["beta_schedule"])
+    except ValueError as err:
+        raise ValueError(f"{flags} ({args.beta_start}, {args.beta_end}, {args.beta_schedule}): {err}") from err
+    if not bool(((betas > 0) & (betas < 1)).all()):
+        bad = int((~((betas > 0) & (betas < 1))).nonzero()[0])
+        raise ValueError(f"{flags} give β_{bad + 1} = {float(betas[bad]):g}; every β of the schedule must lie in (0, 1) "
+                         f"(--beta_start {args.beta_start}, --beta_end {args.beta_end}, --beta_schedule "
+                         f"{args.beta_schedule})")
+    alpha_bar_T = float(torch.cumprod(1 - betas.float(), 0)[-1])
+    if not alpha_bar_T > 0:
+        raise ValueError(f"{flags} give ᾱ_T = Π(1 − β_t) = 0 in float32 over T = {args.num_train_timesteps} steps: "
+                         "the last steps carry no signal; lower --beta_end or --num_train_timesteps")
+    return betas
+
+
 def main(argv=None):
-    args = check_args(parse_training_args(build_parser(), argv))
-    accelerator = make_accelerator(args)
-    data = load_training_images(args, accelerator)
-    unet = make_unet(args, data.resolution, data.channels)
-    config = scheduler_config(args)
-    betas = betas_for_schedule(config["num_train_timesteps"], config["beta_start"], config["beta_end"],
-                               config["beta_schedule"])
+    args, config = parse_training_args(build_parser(), argv)
+    check_args(args, config)
+    schedule = scheduler_config(args)
+    betas = checked_betas(args, schedule)
+    training = config.training
+    accelerator = make_accelerator(training)
+    data = load_training_images(config.data, training.seed, accelerator)
+    unet = make_unet(config.unet, data.resolution, data.channels)
     loss = SequenceAwareLoss(betas, num_steps=args.sa_k, sa_lambda=args.sa_lambda, weighting=args.sa_weighting,
-                             window=args.sa_window, noise=args.sa_noise, reduction=args.loss_reduction)
+                             window=args.sa_window, noise=args.sa_noise, reduction=args.loss_reduction,
+                             timesteps=args.sa_timesteps)
     name = f"SA-{args.sa_k} (λ={args.sa_lambda:g}, {args.sa_weighting})" if args.sa_lambda > 0 else "DDPM L_simple"
     accelerator.print(f"{len(data)} training images {data.channels}x{data.resolution}x{data.resolution} ({data.name}); "
-                      f"UNet2DModel with {count_parameters(unet) / 1e6:.2f}M parameters; loss {name}"
+                      f"UNet2DModel with {unet.num_parameters() / 1e6:.2f}M parameters; loss {name}"
                       + (f" + STF (R={args.stf_reference_batch_size})" if args.stf else ""))
 
     def loss_fn(model, batch, generator):
@@ -156,20 +182,20 @@ def main(argv=None):
                                       exclude=batch["index"].cpu())["images"].to(images.device)
             refs = torch.cat([images, extra])
         out = loss(model, images, generator=generator, reference_images=refs)
-        logs = {"loss_simple": float(out.simple.detach().mean())}
+        logs = {"loss_simple": out.simple.detach().mean()}
         if args.sa_lambda > 0:
-            logs["loss_sa"] = float(out.sa.detach().mean())
+            logs["loss_sa"] = out.sa.detach().mean()
         return LossOutput(loss=out.loss.mean(), per_sample=out.loss.detach(), sigma=out.sigma, logs=logs)
 
     def make_pipeline(model):
-        return DDPMPipeline(unet=model, scheduler=DDPMScheduler(**config))
+        return DDPMPipeline(unet=model, scheduler=DDPMScheduler(**schedule))
 
     def validation_fn(model, step, path):
-        pipeline = DDIMPipeline(unet=model, scheduler=DDIMScheduler(**config)).to(accelerator.device)
+        pipeline = DDIMPipeline(unet=model, scheduler=DDIMScheduler(**schedule)).to(accelerator.device)
         pipeline.set_progress_bar_config(disable=True)
-        generator = torch.Generator().manual_seed(args.validation_seed)
-        images = pipeline(batch_size=args.num_validation_images, generator=generator, eta=args.validation_eta,
-                          num_inference_steps=args.num_inference_steps, output_type="np").images
+        generator = torch.Generator().manual_seed(training.validation_seed)
+        images = pipeline(batch_size=training.num_validation_images, generator=generator, eta=args.validation_eta,
+                          num_inference_steps=training.num_inference_steps, output_type="np").images
         return save_image_grid(torch.from_numpy(images).permute(0, 3, 1, 2), path)
 
     sa_text = SA_TEXT.format(k=args.sa_k, lam=f"{args.sa_lambda:g}", weighting=args.sa_weighting) \
@@ -183,26 +209,17 @@ def main(argv=None):
         template="sequence_aware_ddpm.md",
         usage=USAGE,
         extra={"script": "examples/train_sequence_aware.py",
-               "grid_caption": f"EMA weights, DDIM with {args.num_inference_steps} steps, η={args.validation_eta:g}."},
+               "grid_caption": f"EMA weights, DDIM with {training.num_inference_steps} steps, "
+                               f"η={args.validation_eta:g}."},
     )
-    fingerprint = {"loss": "sequence_aware", **config, "sa_k": args.sa_k, "sa_lambda": args.sa_lambda,
+    fingerprint = {"loss": "sequence_aware", **schedule, "sa_k": args.sa_k, "sa_lambda": args.sa_lambda,
                    "sa_weighting": args.sa_weighting, "sa_window": args.sa_window, "sa_noise": args.sa_noise,
-                   "loss_reduction": args.loss_reduction,
-                   "stf_reference_batch_size": args.stf_reference_batch_size if args.stf else None,
-                   "dataset": data.name, "num_images": len(data)}
+                   "sa_timesteps": args.sa_timesteps, "loss_reduction": args.loss_reduction,
+                   "stf_reference_batch_size": args.stf_reference_batch_size if args.stf else None}
     fingerprint.pop("clip_sample")  # a sampling setting: changing it on resume is fine
-    trainer = Trainer(args, unet, loss_fn, data, accelerator=accelerator, make_pipeline=make_pipeline,
+    trainer = Trainer(training, unet, loss_fn, data, accelerator=accelerator, make_pipeline=make_pipeline,
                       model_card=card, fingerprint=fingerprint, validation_fn=validation_fn)
-    result = trainer.train()
-    if accelerator.is_main_process:
-        print(f"\nTrained {result.step} steps ({result.nimg} images) in {result.wall_time / 60:.1f} min.")
-        print(f"Samples (EMA weights): {os.path.abspath(result.samples_path)}" if result.samples_path else "")
-        print(f"Model card:            {os.path.abspath(result.model_card_path)}" if result.model_card_path else "")
-        print(f"Pipeline folder:       {os.path.abspath(result.output_dir)}  (DDPMPipeline.from_pretrained)")
-        print(f"Metrics:               {os.path.abspath(result.metrics_path)}")
-        if result.pushed_to:
-            print(f"Pushed to:             https://huggingface.co/{result.pushed_to}")
-    return result
+    return trainer.train()
 
 
 if __name__ == "__main__":

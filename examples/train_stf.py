@@ -3,12 +3,14 @@
 
     accelerate launch examples/train_stf.py                      # embedded 8x8 digits, ~5-10 min on 2 CPU cores
     accelerate launch examples/train_stf.py --loss edm           # the plain EDM loss (denoising score matching)
+    accelerate launch examples/train_stf.py --precond vp         # EDM's VP row of Table 1 (loss + preconditioning)
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/train_stf.py --cpu
     accelerate launch examples/train_stf.py --dataset_name cifar10 --resolution 32 --block_out_channels 128,256,256 \\
         --attention_levels 1 --stf_reference_batch_size 1024 --augment_p 0.12 --dropout 0.13
 
-Writes to --output_dir: checkpoints, logs/metrics.{jsonl,csv} (loss per noise level), sample grids, and at the end
-an ``EDMPipeline`` folder (unet + scheduler, safetensors) with a model card README.md.
+Writes to --output_dir (one run per folder; see docs/training.md): checkpoints, logs/metrics.{jsonl,csv} (loss per
+noise level), sample grids, and at the end an ``EDMPipeline`` folder (unet + scheduler, safetensors) with a model card
+README.md.
 """
 
 from __future__ import annotations
@@ -19,14 +21,12 @@ import os
 import sys
 
 from diffusers_stf import AugmentConditionedUNet2DModel, AugmentPipe, EDMHeunScheduler, EDMPipeline
-from diffusers_stf.augment import AUGMENT_DIM
-from diffusers_stf.losses import EDMLoss, StableTargetFieldLoss
+from diffusers_stf.losses import StableTargetFieldLoss, make_denoising_loss, reduce_per_sample
 from diffusers_stf.training import (
     LossOutput,
     ModelCardInfo,
     Trainer,
     add_training_args,
-    count_parameters,
     load_training_images,
     make_accelerator,
     make_unet,
@@ -36,8 +36,8 @@ from diffusers_stf.training import (
 logger = logging.getLogger("train_stf")
 
 DESCRIPTION = (
-    "An unconditional `UNet2DModel` trained with EDM's preconditioning, noise distribution and loss weighting "
-    "(Karras et al., NeurIPS 2022){stf}. Samples come from EDM's deterministic Heun sampler through "
+    "An unconditional `UNet2DModel` trained with EDM's {precond} preconditioning, noise distribution and loss "
+    "weighting (Karras et al., NeurIPS 2022){stf}. Samples come from EDM's deterministic Heun sampler through "
     "`diffusers_stf.EDMPipeline`."
 )
 STF_TEXT = (
@@ -54,52 +54,57 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("loss (EDM / Stable Target Field)")
     g.add_argument("--loss", type=str, default="stf", choices=("stf", "edm"),
                    help="stf: stable targets over a reference batch; edm: EDM's denoising loss")
+    g.add_argument("--precond", type=str, default="edm", choices=("edm", "vp", "ve"),
+                   help="loss and preconditioning of one row of EDM Table 1 (EDM train.py --precond)")
+    g.add_argument("--loss_reduction", type=str, default="sum", choices=("sum", "mean"),
+                   help="per image: sum over C·H·W (EDM) or mean; the batch is averaged")
     g.add_argument("--stf_reference_batch_size", type=int, default=1024,
                    help="R: references per process, the minibatch included (the paper's CIFAR-10 setting: 1024)")
     g.add_argument("--stf_gather_references", action="store_true",
                    help="use the references of all processes (R grows with the number of processes)")
-    g.add_argument("--P_mean", type=float, default=-1.2, help="mean of ln(sigma) (EDM)")
-    g.add_argument("--P_std", type=float, default=1.2, help="std of ln(sigma) (EDM)")
+    g.add_argument("--P_mean", type=float, default=-1.2, help="mean of ln(sigma) (EDM; --precond edm)")
+    g.add_argument("--P_std", type=float, default=1.2, help="std of ln(sigma) (EDM; --precond edm)")
     g.add_argument("--sigma_data", type=float, default=0.5, help="sigma_data of the preconditioning (EDM)")
     g.add_argument("--augment_p", type=float, default=0.0,
                    help="EDM's non-leaky augmentation probability (CIFAR-10: 0.12); 0 disables it")
     g.add_argument("--augment_xflip", type=float, default=1e8,
                    help="x-flip multiplier of --augment_p (EDM: 1e8, i.e. half the images are mirrored)")
-    add_training_args(parser)
-    parser.set_defaults(output_dir=os.path.join("outputs", "train_stf"), max_train_steps=3500,
-                        checkpointing_steps=500, validation_steps=500, logging_steps=50)
+    add_training_args(parser, default_num_epochs=125)
+    parser.set_defaults(output_dir=os.path.join("outputs", "train_stf"), checkpointing_steps=500,
+                        validation_steps=500, logging_steps=50, max_grad_norm=0.0)
     return parser
 
 
 def main(argv=None):
-    args = parse_training_args(build_parser(), argv)
+    args, config = parse_training_args(build_parser(), argv)
     if not 0 <= args.augment_p <= 1:
         raise ValueError(f"--augment_p must be in [0, 1], got {args.augment_p}")
-    accelerator = make_accelerator(args)
-    data = load_training_images(args, accelerator)
+    accelerator = make_accelerator(config.training)
+    data = load_training_images(config.data, config.training.seed, accelerator)
 
-    edm_loss = EDMLoss(args.P_mean, args.P_std, args.sigma_data)
+    base_loss = make_denoising_loss(args.precond, P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data)
     stf = args.loss == "stf"
-    loss = StableTargetFieldLoss(edm_loss, args.stf_reference_batch_size, accelerator, args.stf_gather_references) \
-        if stf else edm_loss
+    batch_size = config.training.train_batch_size
+    loss = StableTargetFieldLoss(base_loss, args.stf_reference_batch_size, accelerator, args.stf_gather_references) \
+        if stf else base_loss
     if stf:
-        extra = loss.num_extra_references(args.train_batch_size)  # ValueError when R < B
-        if extra > len(data) - args.train_batch_size:
+        extra = loss.num_extra_references(batch_size)  # ValueError when R < B
+        if extra > len(data) - batch_size:
             logger.warning("--stf_reference_batch_size %d exceeds the dataset (%d images): references repeat",
                            args.stf_reference_batch_size, len(data))
     augment = AugmentPipe(args.augment_p, xflip=args.augment_xflip) if args.augment_p > 0 else None
-    unet = make_unet(args, data.resolution, data.channels,
-                     **({"cls": AugmentConditionedUNet2DModel, "num_class_embeds": AUGMENT_DIM} if augment else {}))
+    conditioning = {"cls": AugmentConditionedUNet2DModel, "num_class_embeds": augment.label_dim} if augment else {}
+    unet = make_unet(config.unet, data.resolution, data.channels, **conditioning)
     accelerator.print(f"{len(data)} training images {data.channels}x{data.resolution}x{data.resolution} ({data.name}); "
-                      f"UNet2DModel with {count_parameters(unet) / 1e6:.2f}M parameters; loss {args.loss}"
-                      + (f" with R={args.stf_reference_batch_size}" if stf else ""))
+                      f"UNet2DModel with {unet.num_parameters() / 1e6:.2f}M parameters; loss {args.loss} "
+                      f"({args.precond})" + (f" with R={args.stf_reference_batch_size}" if stf else ""))
 
     def loss_fn(model, batch, generator):
         images, labels = batch["images"], None
         if augment is not None:
             images, labels = augment(images, generator)
-        sigma = edm_loss.sample_sigma(images.shape[0], generator, images.device)
-        denoiser = edm_loss.denoiser(model)
+        sigma = base_loss.sample_sigma(images.shape[0], generator, images.device)
+        denoiser = base_loss.denoiser(model)
         if stf:
             refs = data.random_batch(loss.num_extra_references(images.shape[0]), generator,
                                      exclude=batch["index"].cpu())["images"].to(images.device)
@@ -108,34 +113,28 @@ def main(argv=None):
             per_element = loss(denoiser, images, refs, sigma=sigma, class_labels=labels, generator=generator)
         else:
             per_element = loss(denoiser, images, sigma=sigma, class_labels=labels, generator=generator)
-        per_sample = per_element.mean(dim=tuple(range(1, per_element.ndim)))
+        per_sample = reduce_per_sample(per_element, args.loss_reduction)  # EDM: sum over C·H·W
         return LossOutput(loss=per_sample.mean(), per_sample=per_sample.detach(), sigma=sigma)
 
     def make_pipeline(model):
-        return EDMPipeline(unet=model, scheduler=EDMHeunScheduler(sigma_data=args.sigma_data))
+        return EDMPipeline(unet=model, scheduler=EDMHeunScheduler(sigma_data=args.sigma_data,
+                                                                  preconditioning=args.precond))
 
     card = ModelCardInfo(
         title=f"{'STF' if stf else 'EDM'} UNet2DModel on {data.name}",
-        description=DESCRIPTION.format(stf=STF_TEXT.format(r=args.stf_reference_batch_size) if stf else ""),
+        description=DESCRIPTION.format(precond=args.precond.upper(),
+                                       stf=STF_TEXT.format(r=args.stf_reference_batch_size) if stf else ""),
         tags=["edm", "stable-target-field"] if stf else ["edm"],
         extra={"script": "examples/train_stf.py"},
     )
-    fingerprint = {"loss": args.loss, "stf_reference_batch_size": args.stf_reference_batch_size if stf else None,
+    fingerprint = {"loss": args.loss, "precond": args.precond, "loss_reduction": args.loss_reduction,
+                   "stf_reference_batch_size": args.stf_reference_batch_size if stf else None,
                    "stf_gather_references": bool(stf and args.stf_gather_references), "P_mean": args.P_mean,
                    "P_std": args.P_std, "sigma_data": args.sigma_data, "augment_p": args.augment_p,
-                   "dataset": data.name, "num_images": len(data)}
-    trainer = Trainer(args, unet, loss_fn, data, accelerator=accelerator, make_pipeline=make_pipeline,
+                   "augment_xflip": args.augment_xflip}
+    trainer = Trainer(config.training, unet, loss_fn, data, accelerator=accelerator, make_pipeline=make_pipeline,
                       model_card=card, fingerprint=fingerprint)
-    result = trainer.train()
-    if accelerator.is_main_process:
-        print(f"\nTrained {result.step} steps ({result.nimg} images) in {result.wall_time / 60:.1f} min.")
-        print(f"Samples (EMA weights): {os.path.abspath(result.samples_path)}" if result.samples_path else "")
-        print(f"Model card:            {os.path.abspath(result.model_card_path)}" if result.model_card_path else "")
-        print(f"Pipeline folder:       {os.path.abspath(result.output_dir)}  (EDMPipeline.from_pretrained)")
-        print(f"Metrics:               {os.path.abspath(result.metrics_path)}")
-        if result.pushed_to:
-            print(f"Pushed to:             https://huggingface.co/{result.pushed_to}")
-    return result
+    return trainer.train()
 
 
 if __name__ == "__main__":

@@ -111,6 +111,40 @@ class SchedulerContractTests:
         s.step(self.dummy_model(s.scale_model_input(sample, t), t), t, sample)
         assert s.step_index == 1
 
+    def step_boundaries(self, scheduler) -> list:
+        """Entries of ``timesteps`` where a sampler step starts (img2img starts at one): every ``order``-th entry
+        after the first, thinned to the first, middle and last. Override when a step has another number of entries."""
+        ks = list(range(scheduler.order, len(scheduler.timesteps), scheduler.order))
+        return sorted({ks[0], ks[len(ks) // 2], ks[-1]}) if ks else []
+
+    def run_loop_from(self, scheduler, k, set_begin_index, seed=0):
+        """The diffusers loop over ``timesteps[k:]`` (as img2img pipelines run it), optionally after
+        ``set_begin_index(k)``."""
+        scheduler.set_timesteps(self.num_inference_steps)
+        sample = self.dummy_sample(scheduler)
+        if set_begin_index:
+            scheduler.set_begin_index(k)
+        g = torch.Generator().manual_seed(seed)
+        for t in scheduler.timesteps[k:]:
+            out = self.dummy_model(scheduler.scale_model_input(sample, t), t)
+            sample = scheduler.step(out, t, sample, generator=g).prev_sample
+        return sample
+
+    def test_loop_from_step_boundary_equals_begin_index(self):
+        """diffusers' img2img convention: a loop over ``timesteps[k:]`` from a step boundary k
+        resolves its first timestep to entry k, so it equals the same loop after ``set_begin_index(k)``."""
+        probe = self.make()
+        probe.set_timesteps(self.num_inference_steps)
+        boundaries = self.step_boundaries(probe)
+        assert boundaries, "the schedule has no step boundary after the first entry"
+        for k in boundaries:
+            implicit, explicit = self.make(), self.make()
+            a = self.run_loop_from(implicit, k, set_begin_index=False)
+            b = self.run_loop_from(explicit, k, set_begin_index=True)
+            n = len(explicit.timesteps)
+            assert explicit.step_index == n and implicit.step_index == n, (k, implicit.step_index, n)
+            assert torch.equal(a, b), k
+
     def test_compatibles(self):
         import diffusers
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_unet
@@ -268,7 +269,7 @@ def test_save_load_round_trip_with_and_without_discriminator(tmp_path):
     pipe = make_pipe(make_disc(num_class_embeds=None))
     pipe.save_pretrained(tmp_path / "with")
     index = json.loads((tmp_path / "with" / "model_index.json").read_text())
-    assert index["discriminator"] == ["diffusers_stf", "Discriminator"]
+    assert index["discriminator"][1] == "Discriminator"
     assert (tmp_path / "with" / "discriminator" / "diffusion_pytorch_model.safetensors").exists()
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pkl"))
     loaded = DiscriminatorGuidedPipeline.from_pretrained(tmp_path / "with")
@@ -583,7 +584,7 @@ def test_train_discriminator_script_generates_reuses_and_saves_a_guided_pipeline
                    "--resume_from_checkpoint", "latest", *TINY_RUN[:1], "6", *TINY_RUN[2:]])
     assert result.step == 6 and (fakes / "0000000.png").stat().st_mtime_ns == mtime
     with pytest.raises(ValueError, match="other settings"):  # other generation settings, same folder
-        main(["--pretrained_model_name_or_path", str(tmp_path / "edm"), "--output_dir", str(out),
+        main(["--pretrained_model_name_or_path", str(tmp_path / "edm"), "--output_dir", str(out), "--overwrite_output_dir",
               *TINY_RUN[:2], "--num_fake_images", "60", *TINY_RUN[4:]])
 
     # fakes read from a folder, no score model: only the discriminator is saved
@@ -614,3 +615,264 @@ def test_train_discriminator_push_to_hub_never_uploads_the_fake_images(tmp_path,
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: uploads.append(kw))
     main(argv)
     assert uploads and any("fake_images" in p for p in uploads[0]["ignore_patterns"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Guidance under every scheduler (DG §3.5: DDPM, DDIM and EDM samplers), against exact Gaussian maths
+
+
+def gaussian_pipeline(scheduler, parametrisation, prediction_type, mean_model, mean_real, std, size=4):
+    from guidance_exact import ExactLogRatio, ExactMixtureNet
+
+    unet = ExactMixtureNet(means=(mean_model,), weights=(1.0,), std=std, sample_size=size,
+                           parametrisation=parametrisation, prediction_type=prediction_type)
+    disc = ExactLogRatio(mean_real=mean_real, mean_model=mean_model, std=std, sample_size=size)
+    pipe = DiscriminatorGuidedPipeline(unet, scheduler, disc)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def exact_dg_schedulers():
+    from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler, EulerDiscreteScheduler
+
+    return [
+        ("edm_heun", lambda: EDMHeunScheduler(), "edm", "epsilon", 18),
+        ("edm_heun_v", lambda: EDMHeunScheduler(prediction_type="v_prediction"), "edm", "v_prediction", 18),
+        ("ddim", lambda: DDIMScheduler(clip_sample=False), "ddpm", "epsilon", 50),
+        ("ddim_v", lambda: DDIMScheduler(clip_sample=False, prediction_type="v_prediction"), "ddpm", "v_prediction", 50),
+        ("ddpm", lambda: DDPMScheduler(clip_sample=False), "ddpm", "epsilon", 200),
+        ("ddpm_x0", lambda: DDPMScheduler(clip_sample=False, prediction_type="sample"), "ddpm", "sample", 200),
+        ("euler", lambda: EulerDiscreteScheduler(), "ddpm", "epsilon", 50),
+        ("edm_euler", lambda: EDMEulerScheduler(), "edm", "epsilon", 50),
+    ]
+
+
+@pytest.mark.parametrize("name,make_scheduler,parametrisation,prediction_type,steps", exact_dg_schedulers(),
+                         ids=[s[0] for s in exact_dg_schedulers()])
+def test_exact_discriminator_guidance_moves_samples_to_the_data_under_every_scheduler(
+        name, make_scheduler, parametrisation, prediction_type, steps):
+    """Model N(μ, s²), data N(μ', s²), exact network and exact log-ratio log N(x; μ', s² + σ²) − log N(x; μ, s² + σ²):
+    with w_DG = 1 on every evaluation the guided score is the data score, so the guided sampler is the sampler of the
+    exact N(μ', s²) network: the same samples from the same noise (no discretisation error between the two), whose
+    mean is μ' (unguided: μ)."""
+    mu, mu_real, std = -0.1, 0.15, 0.2  # far inside [−1, 1]: the pipeline's output clamp never acts
+    pipe = gaussian_pipeline(make_scheduler(), parametrisation, prediction_type, mu, mu_real, std)
+    data_model = gaussian_pipeline(make_scheduler(), parametrisation, prediction_type, mu_real, mu_real, std)
+    kw = dict(batch_size=1000, num_inference_steps=steps, output_type="pt", dg_sigma_min=0.0, dg_sigma_max=math.inf)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    plain = pipe(generator=gen(), dg_weight_1st_order=0.0, **kw).images.double() * 2 - 1
+    guided = pipe(generator=gen(), dg_weight_1st_order=1.0, dg_weight_2nd_order=1.0, **kw).images.double() * 2 - 1
+    target = data_model(generator=gen(), dg_weight_1st_order=0.0, **kw).images.double() * 2 - 1
+    assert (guided - target).abs().max() < 1e-3, (name, float((guided - target).abs().max()))
+    for values, mean in ((plain, mu), (guided, mu_real)):  # 16000 pixels: standard error of the mean 0.0016
+        assert abs(float(values.mean()) - mean) < 0.01, (name, float(values.mean()), mean)
+    assert abs(float(guided.std()) / std - 1) < 0.15  # the samplers' own discretisation error of the variance
+
+
+def test_ddpm_states_reach_the_discriminator_in_the_edm_convention():
+    """For a DDIM state x_t the discriminator sees x = x_t/√ᾱ_t at σ = √((1 − ᾱ_t)/ᾱ_t) (ᾱ from the β schedule,
+    computed here); the guided ε is Dhariwal & Nichol's ε − √(1 − ᾱ_t)·∇_{x_t} log r."""
+    from diffusers import DDIMScheduler
+    from guidance_exact import ddpm_sigmas
+
+    pipe = gaussian_pipeline(DDIMScheduler(clip_sample=False), "ddpm", "epsilon", -0.2, 0.3, 0.4)
+    seen = []
+    log_ratio = pipe.discriminator.log_ratio
+    pipe.discriminator.log_ratio = lambda x, s, labels=None: seen.append((x.detach().clone(), torch.as_tensor(s, dtype=torch.float64).expand(len(x)))) or log_ratio(x, s, labels)
+    states = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: states.append(args[0].detach().double().clone()))
+    pipe(batch_size=3, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="pt",
+         dg_weight_1st_order=1.0, dg_sigma_min=0.0, dg_sigma_max=math.inf)
+    hook.remove()
+    sched = DDIMScheduler()
+    sched.set_timesteps(5)
+    sigma_t = ddpm_sigmas()[sched.timesteps.long()]
+    assert len(seen) == 5
+    for (x, sigma), x_t, s in zip(seen, states, sigma_t):
+        assert torch.allclose(sigma, s.expand(3), rtol=1e-3)  # diffusers keeps ᾱ in float32: 1 − ᾱ_0 = 1e-4 to 1e-3
+        assert torch.allclose(x.double(), x_t * (1 + s**2).sqrt(), rtol=1e-6, atol=1e-6)  # 1/√ᾱ = √(1 + σ²)
+
+    # one guided ε against Dhariwal & Nichol's formula, by autograd in x_t
+    x_t = torch.randn(2, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = 600
+    alpha_bar = 1 / (1 + float(ddpm_sigmas()[t]) ** 2)
+    xt = x_t.clone().requires_grad_(True)
+    var = torch.full((2,), 0.4**2 + (1 - alpha_bar) / alpha_bar, dtype=torch.float64)
+    from guidance_exact import log_normal
+
+    lr = log_normal(xt / math.sqrt(alpha_bar), 0.3, var) - log_normal(xt / math.sqrt(alpha_bar), -0.2, var)
+    (grad_xt,) = torch.autograd.grad(lr.sum(), xt)
+    eps = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    pipe.scheduler.set_timesteps(5)
+    guided = pipe.guided_model_output(eps, x_t.float(), torch.tensor(t), 1.0, 0.0, (0.0, math.inf))
+    expected = eps.double() - math.sqrt(1 - alpha_bar) * grad_xt
+    assert torch.allclose(guided.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The official EDM-G++ sampler (DG generate.py:edm_sampler, classifier_lib.get_grad_log_ratio), transcribed
+
+
+def official_get_grad_log_ratio(disc, x_ve, std_wve_t, time_min, time_max, log=False):
+    """classifier_lib.get_grad_log_ratio with the discriminator d = sigmoid(head(x_vp, 999·τ)) of ``disc``."""
+    tau = paper_tau(std_wve_t)
+    mean_vp_tau = paper_mean_vp(tau)
+    if tau.min() > time_max or tau.min() < time_min:
+        zeros = torch.zeros_like(x_ve)
+        return (zeros, 10000000.0 * torch.ones(x_ve.shape[0])) if log else zeros
+    x_vp = mean_vp_tau[:, None, None, None] * x_ve
+    with torch.enable_grad():
+        x_ = x_vp.float().clone().detach().requires_grad_()
+        prediction = torch.clip(torch.sigmoid(disc.head(x_, (999 * tau).float())), 1e-5, 1.0 - 1e-5)
+        log_ratio = torch.log(prediction / (1.0 - prediction))
+        score = torch.autograd.grad(outputs=log_ratio.sum(), inputs=x_, retain_graph=False)[0]
+        score = score * -((std_wve_t[:, None, None, None] ** 2) * mean_vp_tau[:, None, None, None])
+    return (score, log_ratio) if log else score
+
+
+def official_edm_sampler(boosting, time_min, time_max, w1, w2, disc, net, latents, randn_like, num_steps=18,
+                         sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1):
+    """DG generate.py:edm_sampler (EDM-G++ with boosting), line by line; ``net(x, σ)`` is the denoiser D."""
+    period, period_weight, S_churn_manual, S_noise_manual = 5, 2, 4.0, 1.0
+    step_indices = torch.arange(num_steps, dtype=torch.float64)
+    t_steps = (sigma_max ** (1 / rho) + step_indices / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+    x_next = latents.to(torch.float64) * t_steps[0]
+    S_churn_vec = torch.tensor([S_churn] * x_next.shape[0], dtype=torch.float64)
+    S_churn_max = torch.tensor([np.sqrt(2) - 1] * x_next.shape[0], dtype=torch.float64)
+    S_noise_vec = torch.tensor([S_noise] * x_next.shape[0], dtype=torch.float64)
+    log_ratio = torch.tensor([np.inf] * latents.shape[0])
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        S_churn_vec_ = S_churn_vec.clone()
+        S_noise_vec_ = S_noise_vec.clone()
+        if i % period == 0:
+            if boosting:
+                S_churn_vec_[log_ratio < 0.0] = S_churn_manual
+                S_noise_vec_[log_ratio < 0.0] = S_noise_manual
+        gamma_vec = torch.minimum(S_churn_vec_ / num_steps, S_churn_max) if S_min <= t_cur <= S_max else torch.zeros_like(S_churn_vec_)
+        t_hat = t_cur + gamma_vec * t_cur
+        x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt()[:, None, None, None] * S_noise_vec_[:, None, None, None] * randn_like(x_cur)
+        denoised = net(x_hat, t_hat).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat[:, None, None, None]
+        if w1 != 0.0:
+            discriminator_guidance, log_ratio = official_get_grad_log_ratio(disc, x_hat, t_hat, time_min, time_max, log=True)
+            if boosting:
+                if i % period_weight == 0:
+                    discriminator_guidance[log_ratio < 0.0] *= 2.0
+            d_cur += w1 * (discriminator_guidance / t_hat[:, None, None, None])
+        x_next = x_hat + (t_next - t_hat)[:, None, None, None] * d_cur
+        if i < num_steps - 1:
+            denoised = net(x_next, t_next.expand(x_next.shape[0])).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
+            if w2 != 0.0:
+                discriminator_guidance = official_get_grad_log_ratio(disc, x_next, t_next.expand(x_next.shape[0]), time_min, time_max, log=False)
+                d_prime += w2 * (discriminator_guidance / t_next)
+            x_next = x_hat + (t_next - t_hat)[:, None, None, None] * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+@pytest.mark.parametrize("bias", [8.0, -8.0, 0.0], ids=["accepting", "rejecting", "mixed"])
+@pytest.mark.parametrize("s_churn", [0.0, 10.0], ids=["heun", "stochastic"])
+def test_guided_edm_sampler_with_boosting_equals_the_official_sampler(bias, s_churn):
+    """Our EDM-G++ (w1 = 2, w2 = 1, DG's window, boosting) equals DG's ``edm_sampler`` transcribed above, from the
+    same latents and the same per-step noise (DG draws z at every step, and so do we)."""
+    from diffusers_stf import Denoiser
+
+    disc = make_disc(seed=6)
+    with torch.no_grad():
+        disc.head.linear_out.bias.fill_(bias)
+    scheduler = EDMStochasticScheduler(s_churn=s_churn, s_tmin=0.05, s_tmax=50.0) if s_churn else EDMHeunScheduler()
+    pipe = make_pipe(disc, scheduler)
+    n, steps = 4, 12
+    latents = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = pipe(batch_size=n, num_inference_steps=steps, latents=latents, generator=torch.Generator().manual_seed(1),
+                dg_weight_1st_order=2.0, dg_weight_2nd_order=1.0, boosting=True, output_type="pt").images
+
+    g = torch.Generator().manual_seed(1)
+    denoiser = Denoiser(pipe.unet, EDMHeunScheduler().preconditioning)
+    with torch.no_grad():
+        x = official_edm_sampler(True, 0.01, 1.0, 2.0, 1.0, disc, denoiser, latents,
+                                 lambda x: torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.dtype),
+                                 num_steps=steps, S_churn=s_churn, **(dict(S_min=0.05, S_max=50.0) if s_churn else {}))
+    assert torch.allclose(ours, (x / 2 + 0.5).clamp(0, 1).float(), atol=1e-5)
+
+
+def test_guided_scheduler_loop_equals_the_official_sampler_without_boosting():
+    """The scheduler-driven path (guidance converted into F before ``EDMHeunScheduler.step``) equals DG's
+    ``edm_sampler`` with boosting off, S_churn = 0, w1 = 2, w2 = 1."""
+    from diffusers_stf import Denoiser
+
+    disc = make_disc(seed=7)
+    pipe = make_pipe(disc, EDMHeunScheduler())
+    latents = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    ours = pipe(batch_size=4, num_inference_steps=12, latents=latents, dg_weight_1st_order=2.0,
+                dg_weight_2nd_order=1.0, output_type="pt").images
+    with torch.no_grad():
+        x = official_edm_sampler(False, 0.01, 1.0, 2.0, 1.0, disc, Denoiser(pipe.unet, EDMHeunScheduler().preconditioning),
+                                 latents, torch.randn_like, num_steps=12)
+    assert torch.allclose(ours, (x / 2 + 0.5).clamp(0, 1).float(), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pipeline inputs: images, generators, integer types, NaN
+
+
+def test_img2img_accepts_its_own_pil_output_and_lists_of_pil_images():
+    pipe = make_pipe(make_disc())
+    kw = dict(num_inference_steps=6, strength=0.5, generator=torch.Generator().manual_seed(0), output_type="pt")
+    pil = pipe(batch_size=2, num_inference_steps=3, output_type="pil").images  # 1-channel: mode "L"
+    assert pil[0].mode == "L"
+    one = pipe(image=pil[0], **kw).images
+    both = pipe(image=pil, **kw).images
+    assert one.shape == (1, 1, 8, 8) and both.shape == (2, 1, 8, 8)
+    # the PIL image enters as its pixels / 255
+    pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in pil]))[:, None]
+    kw["generator"] = torch.Generator().manual_seed(0)
+    from_tensor = pipe(image=pixels, **kw).images
+    kw["generator"] = torch.Generator().manual_seed(0)
+    assert torch.equal(pipe(image=pil, **kw).images, from_tensor)
+    with pytest.raises(ValueError, match=r"image values must be in \[0, 1\].*255"):
+        pipe(image=pixels * 255, num_inference_steps=6, strength=0.5)
+    with pytest.raises(ValueError, match=r"image values must be in \[0, 1\]"):
+        pipe(image=pixels - 0.5, num_inference_steps=6, strength=0.5)
+
+
+def test_img2img_under_a_diffusers_scheduler_starts_from_the_noised_image():
+    """DDIM SDEdit: x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·z at the first timestep of the tail, then the tail of the loop."""
+    from diffusers import DDIMScheduler
+
+    pipe = make_pipe(make_disc(), DDIMScheduler())
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(args[1].reshape(-1)[0].item()))
+    image = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = pipe(image=image, strength=0.3, num_inference_steps=10, output_type="pt", dg_weight_1st_order=0.0).images
+    sched = DDIMScheduler()
+    sched.set_timesteps(10)
+    assert calls == sched.timesteps[7:].tolist() and (out - image).abs().mean() < 0.3
+
+
+def test_generators_and_integer_types():
+    pipe = make_pipe(make_disc())
+    with pytest.raises(ValueError, match="generator is a list of 2 generators but the batch has 3"):
+        pipe(batch_size=3, generator=[torch.Generator(), torch.Generator()], num_inference_steps=2)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    a = pipe(batch_size=2, num_inference_steps=3, generator=gens(), output_type="pt").images
+    b = pipe(batch_size=np.int64(2), num_inference_steps=torch.tensor(3), generator=gens(), output_type="pt").images
+    assert torch.equal(a, b)
+    for bad in (1.5, "3", True, torch.tensor(2.0), np.float32(2)):
+        with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1"):
+            pipe(num_inference_steps=bad)
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            pipe(batch_size=bad)
+
+
+def test_nan_is_reported_once_at_the_end_of_sampling():
+    pipe = make_pipe(None)
+    calls = []
+    pipe.unet.register_forward_hook(lambda m, args, out: calls.append(1) or out.__class__(sample=out.sample * float("nan")))
+    with pytest.raises(ValueError, match="sampling produced NaN"):
+        pipe(batch_size=1, num_inference_steps=4)
+    assert len(calls) == 7  # the loop ran to the end: no check inside the steps
+    with pytest.raises(ValueError, match="sampling produced NaN"):
+        EDMPipeline(pipe.unet, EDMHeunScheduler())(batch_size=1, num_inference_steps=2)

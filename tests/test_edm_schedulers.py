@@ -69,7 +69,7 @@ def edm_network(x_in, t, sigma_data=0.5):
 
 
 def run_standard_loop(scheduler, n, shape, seed, latents=None):
-    """The unchanged diffusers loop (issue: "use them exactly like diffusers schedulers")."""
+    """The unchanged diffusers loop."""
     scheduler.set_timesteps(n)
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) if latents is None else latents) * scheduler.init_noise_sigma
@@ -137,6 +137,45 @@ def test_stochastic_is_reproducible_with_generator():
     b = run_standard_loop(EDMStochasticScheduler(s_churn=30.0), 8, (2, 1, 4, 4), seed=5)[1]
     c = run_standard_loop(EDMStochasticScheduler(s_churn=30.0), 8, (2, 1, 4, 4), seed=6)[1]
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_core_heun_step_with_per_sample_sigma_hat_equals_the_transcription_per_sample():
+    """The sampler core with one σ̂ per sample (DG boosting) equals EDM Algorithm 2's step run on each sample alone."""
+    from diffusers_stf.schedulers.edm_sampling import churn, churn_gamma, churn_sigma, heun_step, per_sample
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64) * 5.0
+    z = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    n, t_cur, t_next = 10, 5.0, 3.0
+    s_churn = torch.tensor([0.0, 4.0, 40.0], dtype=torch.float64)
+    s_noise = torch.tensor([1.0, 1.0, 1.003], dtype=torch.float64)
+    gamma = churn_gamma(t_cur, n, s_churn)
+    assert torch.allclose(gamma, torch.tensor([0.0, 0.4, math.sqrt(2) - 1], dtype=torch.float64))
+    sigma_hat = churn_sigma(t_cur, gamma)
+    denoise = lambda x_, sigma: gaussian_denoiser(x_, per_sample(sigma, x_))  # noqa: E731  (σ is [batch] or a float)
+    x_next = heun_step(denoise, churn(x, t_cur, sigma_hat, s_noise, z), sigma_hat, t_next)
+    for b in range(3):  # Algorithm 2 lines 4–11 for sample b alone, written out
+        g_b = min(float(s_churn[b]) / n, math.sqrt(2) - 1)
+        t_hat = t_cur + g_b * t_cur
+        x_hat = x[b] + math.sqrt(t_hat**2 - t_cur**2) * float(s_noise[b]) * z[b]
+        d = (x_hat - gaussian_denoiser(x_hat, t_hat)) / t_hat
+        x_p = x_hat + (t_next - t_hat) * d
+        d_p = (x_p - gaussian_denoiser(x_p, t_next)) / t_next
+        assert torch.allclose(x_next[b], x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d_p), atol=1e-12, rtol=0)
+
+
+def test_step_denoised_correction_is_added_to_the_denoiser():
+    """One Euler step to σ = 0 returns D(x; σ_0) + c (EDM eq. 7 written here): the correction enters as DG's does."""
+    s = EDMHeunScheduler(sigma_max=2.0)
+    s.set_timesteps(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64) * 2.0
+    F, c = torch.randn_like(x), torch.randn_like(x)
+    t = s.timesteps[0]
+    out = s.step(F, t, s.scale_model_input(x, t) * 0 + x, denoised_correction=c).prev_sample
+    sigma, sd = 2.0, 0.5
+    D = sd**2 / (sigma**2 + sd**2) * x + sigma * sd / math.sqrt(sigma**2 + sd**2) * F
+    assert torch.allclose(out, D + c, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,9 +282,138 @@ def test_bad_step_input_raises():
     t = s.timesteps[0]
     with pytest.raises(ValueError, match="shape"):
         s.step(torch.zeros(1, 1, 4, 4), t, torch.zeros(1, 1, 8, 8))
+
+
+@pytest.mark.parametrize("value", [1.5, "3", True, 3.0, None, np.float64(3), torch.tensor(3.0), torch.tensor([3, 4])])
+def test_set_timesteps_refuses_non_integer_step_counts(value):
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        EDMHeunScheduler().set_timesteps(value)
+
+
+@pytest.mark.parametrize("value", [np.int64(5), np.int32(5), torch.tensor(5), torch.tensor([5], dtype=torch.int32)])
+def test_set_timesteps_accepts_numpy_and_tensor_integers(value):
+    s = EDMHeunScheduler()
+    s.set_timesteps(value)
+    assert s.num_inference_steps == 5 and isinstance(s.num_inference_steps, int)
+    assert np.allclose(s.sigmas.numpy(), karras_sigmas(5), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,word",
+    [
+        (EDMHeunScheduler, dict(sigma_max=math.inf), "sigma_max"),
+        (EDMHeunScheduler, dict(sigma_max=math.nan), "sigma_max"),
+        (EDMHeunScheduler, dict(sigma_min=math.nan), "sigma_min"),
+        (EDMHeunScheduler, dict(rho=math.inf), "rho"),
+        (EDMHeunScheduler, dict(sigma_data=math.inf), "sigma_data"),
+        (EDMHeunScheduler, dict(rho=math.nan), "rho"),
+        (EDMStochasticScheduler, dict(s_tmin=math.nan), "s_tmin"),
+        (EDMStochasticScheduler, dict(s_tmax=math.nan), "s_tmax"),
+        (EDMStochasticScheduler, dict(s_tmin=2.0, s_tmax=1.0), "s_tmax"),
+        (EDMStochasticScheduler, dict(s_churn=math.nan), "s_churn"),
+        (EDMStochasticScheduler, dict(s_noise=math.inf), "s_noise"),
+    ],
+)
+def test_non_finite_config_raises(cls, kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        cls(**kwargs)
+
+
+def test_explicit_sigmas_must_be_finite():
+    with pytest.raises(ValueError, match="sigmas"):
+        EDMHeunScheduler().set_timesteps(sigmas=[math.inf, 1.0, 0.1])
+    with pytest.raises(ValueError, match="sigmas"):
+        EDMHeunScheduler().set_timesteps(sigmas=[10.0, math.nan, 0.1])
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_integer_and_bool_samples_raise(dtype):
+    s = EDMStochasticScheduler(s_churn=10.0)
     s.set_timesteps(4)
-    with pytest.raises(ValueError, match="NaN at sampler step 0"):
-        s.step(torch.zeros(1, 1, 4, 4), t, torch.full((1, 1, 4, 4), float("nan")))
+    t = s.timesteps[0]
+    bad = torch.ones(1, 1, 4, 4, dtype=dtype)
+    good = torch.ones(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="sample"):
+        s.scale_model_input(bad, t)
+    with pytest.raises(ValueError, match="sample"):
+        s.step(good, t, bad)
+    with pytest.raises(ValueError, match="model_output"):
+        s.step(bad, t, good)
+    with pytest.raises(ValueError, match="original_samples"):
+        s.add_noise(bad, good, t[None])
+    with pytest.raises(ValueError, match="noise"):
+        s.add_noise(good, bad, t[None])
+
+
+def test_ddpm_timestep_minus_one_is_refused_not_wrapped():
+    """With ``ddpm`` preconditioning the timesteps are DDPM indices 0..T−1; −1 must not wrap around to T−1."""
+    s = EDMHeunScheduler(preconditioning="ddpm", sigma_max=1000.0)  # clamped to the table's σ_999
+    s.set_timesteps(10)
+    assert float(s.timesteps.min()) >= 0 and float(s.timesteps.max()) == 999
+    x = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    minus_one = torch.tensor(-1.0)
+    with pytest.raises(ValueError, match="timestep"):
+        s.add_noise(x, x, minus_one[None])
+    with pytest.raises(ValueError, match="timestep"):
+        s.scale_model_input(x, minus_one)
+    with pytest.raises(ValueError, match="timestep"):
+        s.step(x, minus_one, x)
+    p = s.preconditioning
+    with pytest.raises(ValueError, match="timesteps"):
+        p.sigma_at_index(torch.tensor([3, -1]))
+    with pytest.raises(ValueError, match="timesteps"):
+        p.sigma_at_index(torch.tensor([1000]))
+    with pytest.raises(ValueError, match="timesteps"):
+        p.sigma_at_index(torch.tensor([2.5]))
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float64), 0)
+    expected = ((1 - abar[[0, 999]]) / abar[[0, 999]]).sqrt()
+    assert torch.allclose(p.sigma_at_index(torch.tensor([0, 999])), expected, rtol=1e-12)
+
+
+def test_nan_passes_through_step_without_a_check():
+    """NaN is the pipeline's to check once after sampling: ``step`` must not read device values to look for it."""
+    s = EDMHeunScheduler()
+    s.set_timesteps(4)
+    t = s.timesteps[0]
+    x = torch.full((1, 1, 4, 4), float("nan"))
+    out = s.step(torch.zeros(1, 1, 4, 4), t, s.scale_model_input(x, t) * 0 + x).prev_sample
+    assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("cls,kwargs", [(EDMHeunScheduler, {}), (EDMStochasticScheduler, dict(s_churn=40.0, s_noise=1.003))])
+def test_sampling_loop_never_reads_device_values(cls, kwargs):
+    """No host–device sync in the loop: on the ``meta`` device any read of a tensor's value (``bool``, ``float``,
+    ``.item()``, ``.any()`` in an ``if``, ``nonzero``) raises, so the whole loop running there proves none happens
+    after the first timestep is resolved (which, as in diffusers, compares against the CPU-side ``timesteps``)."""
+    s = cls(**kwargs)
+    s.set_timesteps(6)
+    x = torch.empty(2, 1, 4, 4, device="meta", dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    for t in s.timesteps:
+        F = s.scale_model_input(x, t) * 0.5
+        x = s.step(F, t, x, generator=g).prev_sample
+    assert x.device.type == "meta" and s.step_index == len(s.timesteps)
+
+
+def test_warns_when_scale_model_input_is_skipped(caplog, tiny_unet):
+    """diffusers' DDPMPipeline never calls ``scale_model_input`` (nor scales the latents by ``init_noise_sigma``):
+    it must be told, once per loop, as diffusers' EDMEulerScheduler does; EDMPipeline must not be."""
+    from diffusers import DDPMPipeline
+
+    from diffusers_stf import EDMPipeline
+
+    pipe = DDPMPipeline(unet=tiny_unet, scheduler=EDMHeunScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    with caplog.at_level("WARNING"):
+        pipe(batch_size=1, num_inference_steps=3, output_type="np")
+    warnings = [r for r in caplog.records if "scale_model_input" in r.getMessage()]
+    assert len(warnings) == 1 and "init_noise_sigma" in warnings[0].getMessage()
+    caplog.clear()
+    edm = EDMPipeline(unet=tiny_unet, scheduler=EDMHeunScheduler())
+    edm.set_progress_bar_config(disable=True)
+    with caplog.at_level("WARNING"):
+        edm(batch_size=1, num_inference_steps=3, output_type="np")
+    assert not [r for r in caplog.records if "scale_model_input" in r.getMessage()]
 
 
 # --------------------------------------------------------------------------------------------------------------

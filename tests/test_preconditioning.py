@@ -108,21 +108,107 @@ def test_unknown_preconditioning_raises():
         make_preconditioning("cosine")
 
 
-def test_ddpm_epsilon_model_samples_with_edm_scheduler():
-    """An epsilon-prediction model on discrete DDPM timesteps (the exact posterior ε for Gaussian data, using diffusers'
-    ᾱ_t) sampled with EDM Heun in the standard loop recovers the data distribution N(μ, s²)."""
-    mu, s = 0.3, 0.5
-    abar = DDPMScheduler().alphas_cumprod.double()
+# --------------------------------------------------------------------------------------------------------------
+# Every diffusers DDPM prediction type (ε, x₀ = "sample", v) on the variance-preserving parametrisations
 
-    def eps_model(x_t, t):
-        a = abar[t.long()]
-        return (1 - a).sqrt() * (x_t - a.sqrt() * mu) / (a * s**2 + 1 - a)
 
-    sched = EDMHeunScheduler.from_config(DDPMScheduler().config, preconditioning="ddpm")
-    sched.set_timesteps(40)
+def iddpm_u_table(M=1000, C1=0.001, C2=0.008):
+    """EDM eq. 99 (Appendix C.3.4), written here: u_M = 0, u_{j−1} = √((u_j² + 1)/max(ᾱ(j−1)/ᾱ(j), C1) − 1) with
+    ᾱ(j) = sin²(½π·j/(M(C2 + 1))); returned in increasing order, index = the network's timestep."""
+    abar = [math.sin(0.5 * math.pi * j / M / (C2 + 1)) ** 2 for j in range(M + 1)]
+    u = [0.0] * (M + 1)
+    for j in range(M, 0, -1):
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(abar[j - 1] / abar[j], C1) - 1)
+    return torch.tensor(u[:M][::-1], dtype=torch.float64)
+
+
+def ddpm_targets(y, n, alpha_bar):
+    """x_t and diffusers' three training targets at ᾱ (DDPMScheduler.add_noise / get_velocity)."""
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    return a * y + s * n, {"epsilon": n, "sample": y, "v_prediction": a * n - s * y}
+
+
+@pytest.mark.parametrize("name", ["ddpm", "iddpm", "vp"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_every_prediction_type_denoises_its_exact_target(name, prediction_type):
+    """With the true target as the network output, D(x; σ) = c_skip·x + c_out·F returns the clean y exactly, where
+    x = y + σn is the VE state of the network input x_t = √ᾱ·y + √(1−ᾱ)·n, σ = √((1−ᾱ)/ᾱ)."""
+    p = make_preconditioning(name, prediction_type=prediction_type)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(20000, 1, 1, 1, generator=g, dtype=torch.float64) * sched.init_noise_sigma
-    for t in sched.timesteps:
+    for sigma in (0.01, 0.3, 1.0, 7.0, 150.0):
+        sigma = float(p.round_sigma(sigma))
+        alpha_bar = torch.tensor(1 / (1 + sigma**2), dtype=torch.float64)
+        y, n = torch.randn(2, 1, 3, 3, generator=g, dtype=torch.float64), torch.randn(2, 1, 3, 3, generator=g, dtype=torch.float64)
+        x_t, targets = ddpm_targets(y, n, alpha_bar)
+        c_in = float(p.c_in(torch.tensor(sigma, dtype=torch.float64)))
+        x = y + sigma * n
+        assert torch.allclose(c_in * x, x_t, atol=1e-12)
+        assert torch.allclose(p.denoise(x, targets[prediction_type], sigma), y, atol=1e-9 * max(sigma, 1))
+
+
+def gaussian_predictor(prediction_type, alpha_bar_of_timestep, mu=0.3, s=0.5):
+    """The exact network for data N(μ, s²): E[y | x_t] = μ + √ᾱ·s²·(x_t − √ᾱ·μ)/(ᾱ·s² + 1 − ᾱ), and ε, v from it."""
+
+    def model(x_t, t):
+        abar = alpha_bar_of_timestep(t)
+        a, sd = abar.sqrt(), (1 - abar).sqrt()
+        y_hat = mu + a * s**2 * (x_t - a * mu) / (abar * s**2 + 1 - abar)
+        eps_hat = (x_t - a * y_hat) / sd
+        return {"epsilon": eps_hat, "sample": y_hat, "v_prediction": a * eps_hat - sd * y_hat}[prediction_type]
+
+    return model
+
+
+def sample_gaussian(scheduler, model, n_steps=40, n=20000):
+    scheduler.set_timesteps(n_steps)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 1, 1, generator=g, dtype=torch.float64) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
         assert float(t) == int(t)  # discrete timesteps, as the network was trained
-        x = sched.step(eps_model(sched.scale_model_input(x, t), t), t, x).prev_sample
-    assert abs(float(x.mean()) - mu) < 0.02 and abs(float(x.std()) - s) < 0.02
+        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_ddpm_checkpoint_of_every_prediction_type_samples_the_data(prediction_type):
+    """A diffusers DDPM config of each prediction type, loaded into EDM Heun with ``preconditioning="ddpm"``, samples
+    N(μ, s²) from the exact predictor (ᾱ_t from diffusers' DDPMScheduler)."""
+    config = DDPMScheduler(prediction_type=prediction_type).config
+    abar = DDPMScheduler().alphas_cumprod.double()
+    sched = EDMHeunScheduler.from_config(config, preconditioning="ddpm")
+    assert sched.config.prediction_type == prediction_type
+    x = sample_gaussian(sched, gaussian_predictor(prediction_type, lambda t: abar[t.long()]))
+    assert abs(float(x.mean()) - 0.3) < 0.02 and abs(float(x.std()) - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_iddpm_of_every_prediction_type_samples_the_data(prediction_type):
+    u = iddpm_u_table()
+    sched = EDMHeunScheduler(preconditioning="iddpm", prediction_type=prediction_type)
+    x = sample_gaussian(sched, gaussian_predictor(prediction_type, lambda t: 1 / (1 + u[t.long()] ** 2)))
+    assert abs(float(x.mean()) - 0.3) < 0.02 and abs(float(x.std()) - 0.5) < 0.02
+
+
+@pytest.mark.parametrize(
+    "preconditioning,prediction_type",
+    [("ddpm", "x0"), ("ddpm", "score"), ("iddpm", "eps"), ("vp", "v"), ("edm", "sample"), ("ve", "v_prediction")],
+)
+def test_unsupported_prediction_type_is_refused_when_the_scheduler_is_built(preconditioning, prediction_type):
+    with pytest.raises(ValueError, match="prediction_type"):
+        EDMHeunScheduler(preconditioning=preconditioning, prediction_type=prediction_type)
+
+
+def test_betas_for_schedule_refuses_schedules_outside_zero_one():
+    """0 < β < 1 at every step, and ᾱ_T > 0 in float64 (a β ≥ 1 would make σ_t infinite or NaN)."""
+    for kwargs in (dict(beta_start=0.0), dict(beta_end=1.0), dict(beta_start=0.5, beta_end=-0.1),
+                   dict(trained_betas=[0.1, float("nan")]), dict(beta_start=0.9, beta_end=0.999)):
+        with pytest.raises(ValueError, match="beta"):
+            betas_for_schedule(**kwargs)
+
+
+def test_ddpm_config_with_trained_betas_builds_their_sigma_table():
+    betas = torch.linspace(2e-4, 3e-2, 500, dtype=torch.float64) ** 1.1
+    config = DDPMScheduler(num_train_timesteps=500, trained_betas=betas.tolist()).config
+    sched = EDMHeunScheduler.from_config(config, preconditioning="ddpm")
+    abar = torch.cumprod(1 - betas, 0)
+    assert torch.allclose(sched.preconditioning.table, ((1 - abar) / abar).sqrt(), rtol=1e-12)

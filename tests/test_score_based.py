@@ -1,8 +1,9 @@
-"""Score-based foundations (issue 7): NCSN / NCSNv2 / CAS / score-SDE PC samplers, DSM, noise schedules.
+"""Score-based foundations: NCSN / NCSNv2 / CAS / score-SDE PC samplers, DSM, noise schedules, score preconditionings.
 
 Every check is against math written here from the papers: analytic scores of Gaussians and Gaussian mixtures, the
-variance recursions behind NCSNv2 Proposition 3 and CAS Proposition 2, brute-force searches, and diffusers' own
-``ScoreSdeVeScheduler`` as an oracle for the VE predictor-corrector updates.
+variance recursions behind NCSNv2 Proposition 3 and CAS Proposition 2, brute-force searches, a transcription of
+score_sde's PC sampler (sde_lib + sampling.py), and diffusers' own ``ScoreSdeVeScheduler`` as an oracle for the VE
+predictor-corrector updates.
 """
 
 import math
@@ -13,12 +14,7 @@ import torch
 from scheduler_contract import SchedulerContractTests
 from scipy.stats import norm
 
-from diffusers_stf.losses.score_matching import (
-    DenoisingScoreMatchingLoss,
-    ScoreModel,
-    noise_level_timestep,
-    tweedie_denoise,
-)
+from diffusers_stf.losses.score_matching import DenoisingScoreMatchingLoss
 from diffusers_stf.noise_schedules import (
     alphas_cumprod_from_betas,
     betas_for_schedule,
@@ -34,6 +30,7 @@ from diffusers_stf.noise_schedules import (
     shifted_alphas_cumprod,
     snr,
 )
+from diffusers_stf.preconditioning import Denoiser, NCSNPreconditioning, ScoreSDEPreconditioning, make_preconditioning
 from diffusers_stf.schedulers import AnnealedLangevinScheduler, PredictorCorrectorScheduler
 
 # --------------------------------------------------------------------------------------------------------------
@@ -302,7 +299,7 @@ def test_pc_sampler_recovers_mixture_weights(sde):
 @pytest.mark.parametrize("predictor", ["reverse_diffusion", "euler_maruyama"])
 def test_probability_flow_ode_converges_to_exact_map(sde, predictor):
     """For Gaussian data the probability-flow ODE keeps (x_t − m_t)/sd_t fixed, so x_0 = μ + (x_1 − m_1)·s/sd_1;
-    the Euler discretisation converges to it at first order."""
+    the Euler discretisation on the marginals (which ends at t = 0) converges to it at first order."""
     mu, s0 = torch.tensor(GAUSS["means"][0], dtype=torch.float64), GAUSS["stds"][0]
     if sde == "ve":
         m1, sd1 = mu, math.sqrt(s0**2 + ve_sigma_ref(1.0) ** 2)
@@ -313,7 +310,7 @@ def test_probability_flow_ode_converges_to_exact_map(sde, predictor):
     exact = mu + (x1 - m1) * s0 / sd1
     errors = []
     for n in (250, 500):
-        sch = make_pc(sde, predictor=predictor, probability_flow=True, correct_steps=0)
+        sch = make_pc(sde, predictor=predictor, probability_flow=True, correct_steps=0, discretization="marginal")
         sch.set_timesteps(n)
         out = run_diffusers_loop(sch, pc_model(sde, GAUSS), x1.clone())
         errors.append((out - exact).abs().max().item())
@@ -350,23 +347,208 @@ def test_pc_matches_diffusers_score_sde_ve():
     ours.set_timesteps(n_steps)
     np.testing.assert_allclose(ours.timesteps[2::3].numpy(), ref.sigmas.numpy(), rtol=1e-6)
     y = run_diffusers_loop(ours, lambda x, t: net(x, t), x0.clone(), seed=1)
-    torch.testing.assert_close(y, x_mean, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(y, x_mean, rtol=1e-5, atol=1e-5)  # float32 there, float64 here
 
 
 def test_pc_timestep_conventions_and_add_noise():
     s = make_pc("vp", timestep_type="discrete", num_train_timesteps=1000, correct_steps=2, prediction_type="epsilon")
-    s.set_timesteps(5)
-    t = np.linspace(1, 1e-3, 5)
+    s.set_timesteps(25)
+    t = np.linspace(1, 1e-3, 25)
     np.testing.assert_allclose(s.timesteps.numpy(), np.repeat(t * 999, 3), rtol=1e-6)
     ab = np.array([vp_alpha_bar_ref(v) for v in t])
-    np.testing.assert_allclose(s.sigmas[:-1].numpy(), np.sqrt(1 - ab), rtol=1e-10)
-    x0, z = torch.ones(5, 2), torch.full((5, 2), 2.0)
+    np.testing.assert_allclose(s.sigmas.numpy(), np.sqrt(1 - ab), rtol=1e-10)
+    x0, z = torch.ones(25, 2), torch.full((25, 2), 2.0)
     noisy = s.add_noise(x0, z, s.timesteps[::3])
     np.testing.assert_allclose(noisy[:, 0].numpy(), np.sqrt(ab) + 2 * np.sqrt(1 - ab), rtol=1e-5)
     # epsilon network: the score is −ε/√(1 − ᾱ), so Tweedie gives (x − √(1 − ᾱ)ε)/√ᾱ (DDPM's x_0 prediction)
     x, eps = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
     out = s.step(eps, s.timesteps[0], x, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out.pred_original_sample, (x - math.sqrt(1 - ab[0]) * eps) / math.sqrt(ab[0]))
+
+
+def score_sde_pc_sampler(sde, predictor, n_steps, probability_flow, N, eps, snr, x, score_fn, noise, denoise=True):
+    """score_sde's ``get_pc_sampler`` with its ``sde_lib.VESDE``/``VPSDE`` (N = the SDE's own N), transcribed.
+
+    ``score_fn(x, t)`` is the score at time t; ``noise()`` returns the next z (``torch.randn_like`` there).
+    """
+    smin, smax, bmin, bmax = VE["sigma_min"], VE["sigma_max"], VP["beta_min"], VP["beta_max"]
+    discrete_sigmas = torch.exp(torch.linspace(np.log(smin), np.log(smax), N, dtype=torch.float64))
+    discrete_betas = torch.linspace(bmin / N, bmax / N, N, dtype=torch.float64)
+    alphas = 1.0 - discrete_betas
+
+    def index(t):
+        return int(torch.tensor(t * (N - 1) / 1.0, dtype=torch.float64).long())  # (t * (N - 1) / T).long()
+
+    def sde_fn(x, t):  # forward SDE: drift, diffusion
+        if sde == "ve":
+            return torch.zeros_like(x), smin * (smax / smin) ** t * math.sqrt(2 * (np.log(smax) - np.log(smin)))
+        beta_t = bmin + t * (bmax - bmin)
+        return -0.5 * beta_t * x, math.sqrt(beta_t)
+
+    def discretize(x, t):  # VESDE / VPSDE.discretize
+        j = index(t)
+        if sde == "ve":
+            sigma = discrete_sigmas[j]
+            adjacent = 0.0 if j == 0 else discrete_sigmas[j - 1]
+            return torch.zeros_like(x), float(torch.sqrt(sigma**2 - adjacent**2))
+        return math.sqrt(alphas[j]) * x - x, math.sqrt(discrete_betas[j])
+
+    half = 0.5 if probability_flow else 1.0
+
+    def rsde_sde(x, t):
+        drift, diffusion = sde_fn(x, t)
+        return drift - diffusion**2 * score_fn(x, t) * half, 0.0 if probability_flow else diffusion
+
+    def rsde_discretize(x, t):
+        f, G = discretize(x, t)
+        return f - G**2 * score_fn(x, t) * half, 0.0 if probability_flow else G
+
+    def predictor_update(x, t):
+        if predictor == "reverse_diffusion":
+            f, G = rsde_discretize(x, t)
+            z = noise()
+            x_mean = x - f
+            return x_mean + G * z, x_mean
+        if predictor == "euler_maruyama":
+            dt = -1.0 / N
+            z = noise()
+            drift, diffusion = rsde_sde(x, t)
+            x_mean = x + drift * dt
+            return x_mean + diffusion * np.sqrt(-dt) * z, x_mean
+        return x, x  # NonePredictor
+
+    def corrector_update(x, t):  # LangevinCorrector
+        alpha = float(alphas[index(t)]) if sde == "vp" else 1.0
+        x_mean = x
+        for _ in range(n_steps):
+            grad = score_fn(x, t)
+            z = noise()
+            grad_norm = torch.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
+            noise_norm = torch.norm(z.reshape(z.shape[0], -1), dim=-1).mean()
+            step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * alpha
+            x_mean = x + step_size * grad
+            x = x_mean + torch.sqrt(step_size * 2) * z
+        return x, x_mean
+
+    timesteps = torch.linspace(1.0, eps, N, dtype=torch.float64)
+    for i in range(N):
+        t = float(timesteps[i])
+        x, x_mean = corrector_update(x, t) if n_steps > 0 else (x, x)
+        x, x_mean = predictor_update(x, t)
+    return x_mean if denoise else x
+
+
+def float32_time_score(sde):
+    """The analytic mixture score at time t, with t rounded to float32 as a network's timestep input is."""
+    model = pc_model(sde, MIXTURE)
+    return lambda x, t: model(x, float(torch.tensor(float(t), dtype=torch.float32)))
+
+
+@pytest.mark.parametrize("sde,N", [("ve", 40), ("vp", 30)])
+@pytest.mark.parametrize(
+    "predictor,correct_steps,probability_flow",
+    [
+        ("reverse_diffusion", 1, False),
+        ("euler_maruyama", 1, False),
+        ("reverse_diffusion", 0, True),
+        ("euler_maruyama", 0, True),
+        ("none", 2, False),
+    ],
+)
+def test_pc_default_reproduces_score_sde(sde, N, predictor, correct_steps, probability_flow):
+    """The default discretisation is score_sde's PC sampler: the same noise gives the same samples (float64)."""
+    eps, snr = (1e-5 if sde == "ve" else 1e-3), 0.16
+    s = make_pc(sde, predictor=predictor, correct_steps=correct_steps, probability_flow=probability_flow)
+    assert s.config.discretization == "score_sde"
+    s.set_timesteps(N)
+    x0 = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * s.init_noise_sigma
+    score = float32_time_score(sde)
+    ours = run_diffusers_loop(s, score, x0.clone(), seed=1)
+    g = torch.Generator().manual_seed(1)
+    noise = lambda: torch.randn(x0.shape, generator=g, dtype=torch.float32).double()  # noqa: E731
+    ref = score_sde_pc_sampler(sde, predictor, correct_steps, probability_flow, N, eps, snr, x0.clone(), score, noise)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    assert torch.isfinite(ref).all() and (ref - x0).abs().min() > 1e-3  # every coordinate moved
+    if predictor != "none":  # a sampler run that reaches the data, not a blow-up that happens to agree
+        assert ref.abs().max() < 20
+
+
+def test_pc_vp_refuses_score_sde_tables_with_beta_at_least_one():
+    """score_sde's VP table has β = β_max/N ≥ 1 for N ≤ β_max = 20: refused, naming num_inference_steps."""
+    for kw in (dict(predictor="reverse_diffusion", correct_steps=0), dict(predictor="euler_maruyama")):
+        s = make_pc("vp", **kw)
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            s.set_timesteps(20)
+        s.set_timesteps(21)
+        x = torch.zeros(2, 2, dtype=torch.float64)
+        assert torch.isfinite(run_diffusers_loop(s, float32_time_score("vp"), x)).all()
+    # Euler–Maruyama without a corrector never reads the table
+    make_pc("vp", predictor="euler_maruyama", correct_steps=0).set_timesteps(5)
+    make_pc("vp", discretization="marginal").set_timesteps(5)
+
+
+@pytest.mark.parametrize("sde", ["ve", "vp"])
+def test_pc_marginal_discretization_is_the_previous_one(sde):
+    """``discretization="marginal"``: reverse diffusion with h = σ_i² − σ_{i+1}² (VE) or 1 − ᾱ_i/ᾱ_{i+1} (VP) on
+    t = linspace(1, ε, N) plus t_N = 0, the last step returning its mean; written out here."""
+    N, eps = 8, 1e-3
+    s = make_pc(sde, correct_steps=0, discretization="marginal", sampling_eps=eps)
+    s.set_timesteps(N)
+    x0 = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * s.init_noise_sigma
+    score = float32_time_score(sde)
+    ours = run_diffusers_loop(s, score, x0.clone(), seed=2)
+    g = torch.Generator().manual_seed(2)
+    t = list(np.linspace(1, eps, N)) + [0.0]
+    x = x0.clone()
+    for i in range(N):
+        sc = score(x, t[i])
+        if sde == "ve":
+            h = ve_sigma_ref(t[i]) ** 2 - (ve_sigma_ref(t[i + 1]) ** 2 if i + 1 < N else 0.0)
+            mean = x + h * sc
+        else:
+            h = 1 - vp_alpha_bar_ref(t[i]) / vp_alpha_bar_ref(t[i + 1])
+            mean = (2 - math.sqrt(1 - h)) * x + h * sc
+        z = torch.randn(x.shape, generator=g, dtype=torch.float32).double()
+        x = mean if i == N - 1 else mean + math.sqrt(h) * z
+    torch.testing.assert_close(ours, x, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "scheduler,steps",
+    [
+        (PredictorCorrectorScheduler(sde_type="vp", correct_steps=1), 25),
+        (PredictorCorrectorScheduler(predictor="euler_maruyama", probability_flow=True, correct_steps=0), 5),
+        (PredictorCorrectorScheduler(predictor="none", correct_steps=2, discretization="marginal"), 5),
+        (AnnealedLangevinScheduler(steps_per_level=2, denoise_final=True), 5),
+        (AnnealedLangevinScheduler(sampler="cas", step_size=1e-4, timestep_type="sigma", denoise_final=True), 5),
+    ],
+)
+def test_steps_never_read_values_from_the_device(scheduler, steps):
+    """No host–device sync in ``step``: on the meta device any read of a tensor's value (``.item()``, ``bool()``,
+    ``float()``, ``isnan().any()`` in an ``if``) raises, so a whole loop on meta tensors runs only if none happens."""
+    scheduler.set_timesteps(steps)
+    x = torch.empty(2, 3, 4, 4, device="meta")
+    g = torch.Generator().manual_seed(0)
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.empty_like(x), t, x, generator=g).prev_sample
+    assert x.device.type == "meta" and scheduler.step_index == len(scheduler.timesteps)
+    with pytest.raises(Exception):  # the check has teeth: a value read on meta fails
+        bool(torch.isnan(x).any())
+
+
+@pytest.mark.parametrize("make", [lambda: make_pc("ve"), lambda: AnnealedLangevinScheduler(timestep_type="log_sigma")])
+def test_score_schedulers_validate_steps_and_samples(make):
+    s = make()
+    for bad in (1.5, "3", True, 0, torch.tensor(2.0)):
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            s.set_timesteps(bad)
+    for good in (np.int64(3), torch.tensor(3)):
+        s.set_timesteps(good)
+        assert s.num_inference_steps == 3
+    t = s.timesteps[0]
+    for bad in (torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="sample"):
+            s.step(torch.zeros(2, 2), t, bad)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -442,26 +624,29 @@ def test_proposition3_closed_form_equals_variance_recursion():
 
 
 class AffineScore(torch.nn.Module):
-    """s(x, σ) = a·x + b, one (a, b) for a single σ: the family that contains the Gaussian's exact score."""
+    """F(x, t) = a·x + b, one (a, b) for a single σ: with ``prediction_type="score"`` the family contains the
+    Gaussian's exact score."""
 
     def __init__(self):
         super().__init__()
         self.a = torch.nn.Parameter(torch.zeros(()))
         self.b = torch.nn.Parameter(torch.zeros(2))
 
-    def forward(self, x, sigma):
+    def forward(self, x, t):
         return self.a * x + self.b
 
 
 def test_dsm_minimiser_is_the_true_score():
     mu, s0, sigma = torch.tensor([1.0, -2.0]), 0.5, 0.7
     data = mu + s0 * torch.randn(8192, 2, generator=torch.Generator().manual_seed(0))
-    model, loss_fn = AffineScore(), DenoisingScoreMatchingLoss(sigma_sampling="log_uniform")
+    model = AffineScore()
+    denoiser = Denoiser(model, NCSNPreconditioning(prediction_type="score", timestep_type="sigma"))
+    loss_fn = DenoisingScoreMatchingLoss(sigma_sampling="log_uniform")
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
     for _ in range(300):
         opt.zero_grad()
-        loss_fn(model, data, sigma=sigma, generator=g).backward()
+        loss_fn(denoiser, data, sigma=sigma, generator=g).backward()
         opt.step()
     var = s0**2 + sigma**2  # true score −(x − μ)/var
     assert model.a.item() == pytest.approx(-1 / var, rel=0.03)
@@ -469,11 +654,16 @@ def test_dsm_minimiser_is_the_true_score():
 
 
 def test_dsm_loss_value_at_the_exact_score():
-    """½ E‖σ s*(x̃) + z‖² = ½ D s²/(s² + σ²) for Gaussian data N(μ, s²I) and its exact score s*."""
+    """½ E‖σ s*(x̃) + z‖² = ½ D s²/(s² + σ²) for Gaussian data N(μ, s²I) and its exact score s*; the loss sees the
+    score through its denoiser D = x̃ + σ²s*."""
     mu, s0, sigma, n = torch.tensor([1.0, -2.0]), 0.5, 0.3, 200_000
     data = (mu + s0 * torch.randn(n, 2, generator=torch.Generator().manual_seed(0))).double()
-    exact = lambda x, sig: -(x - mu.double()) / (s0**2 + sig.reshape(-1, 1) ** 2)  # noqa: E731
-    loss = DenoisingScoreMatchingLoss(sigma_sampling="log_uniform")(exact, data, sigma=sigma,
+
+    def exact_denoiser(x, sig):
+        sig = sig.reshape(-1, 1)
+        return x + sig**2 * (-(x - mu.double()) / (s0**2 + sig**2))
+
+    loss = DenoisingScoreMatchingLoss(sigma_sampling="log_uniform")(exact_denoiser, data, sigma=sigma,
                                                                     generator=torch.Generator().manual_seed(1))
     target = 0.5 * 2 * s0**2 / (s0**2 + sigma**2)
     assert float(loss) == pytest.approx(target, rel=0.01)
@@ -484,57 +674,106 @@ def test_dsm_discrete_sigma_sampling_and_epsilon_form():
     loss_fn = DenoisingScoreMatchingLoss(sigmas)
     drawn = loss_fn.sample_sigmas(10_000, torch.Generator().manual_seed(0))
     assert set(np.round(drawn.numpy(), 12)) <= set(np.round(sigmas.numpy(), 12))
-    counts = np.bincount(noise_level_timestep(drawn, "index", sigmas).numpy(), minlength=10)
-    assert counts.min() > 850  # uniform over the 10 levels
+    labels = np.argmin(np.abs(np.log(drawn.numpy())[:, None] - np.log(sigmas.numpy())[None, :]), axis=1)
+    assert np.bincount(labels, minlength=10).min() > 850  # uniform over the 10 levels
 
     class Eps(torch.nn.Module):  # F(x, t) = x
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(()))
+
         def forward(self, x, t):
             return x
 
     x = torch.randn(16, 3)
     z, sig = torch.randn(16, 3), torch.rand(16) + 0.1
-    score_model = ScoreModel(Eps(), prediction_type="epsilon", timestep_type="log_sigma")
-    loss = loss_fn(score_model, x, sigma=sig, noise=z)
+    denoiser = Denoiser(Eps(), NCSNPreconditioning(prediction_type="epsilon", timestep_type="log_sigma"))
+    loss = loss_fn(denoiser, x, sigma=sig, noise=z)
     x_noisy = x + sig[:, None] * z
     assert float(loss) == pytest.approx(float(0.5 * ((x_noisy - z) ** 2).sum(1).mean()), rel=1e-5)  # ½‖F − z‖²
 
 
-def test_score_model_conventions_and_ncsnv2_conditioning():
-    seen = {}
+def test_dsm_draws_sigma_then_noise_from_the_generator():
+    """Without σ and z the loss draws σ (log-uniform) and then z from the generator, on the generator's device."""
+    data = torch.randn(64, 2, dtype=torch.float64)
+    loss_fn = DenoisingScoreMatchingLoss(sigma_min=0.1, sigma_max=2.0, sigma_sampling="log_uniform")
+    denoiser = lambda x, sig: 0.5 * x  # noqa: E731
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    sigma = 0.1 * 20.0**u
+    z = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    expected = 0.5 * (((0.5 * (data + sigma[:, None] * z) - data) / sigma[:, None]) ** 2).sum(1).mean()
+    loss = loss_fn(denoiser, data, generator=torch.Generator().manual_seed(3))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-12)
 
-    class Record(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(()))
 
-        def forward(self, x, t):
-            seen["t"] = t
-            return self.w * torch.ones_like(x)
+class Record(torch.nn.Module):
+    """F(x, t) = w·1, remembering the timestep it received."""
 
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.seen = None
+
+    def forward(self, x, t):
+        self.seen = t
+        return self.w * torch.ones_like(x)
+
+
+def test_ncsn_preconditioning_conventions_and_ncsnv2_conditioning():
     x, sig = torch.zeros(3, 1, 2, 2), torch.tensor([0.5, 1.0, 2.0])
-    s = ScoreModel(Record(), prediction_type="score", timestep_type="log_sigma")(x, sig)
-    assert torch.is_tensor(seen["t"]) and seen["t"].dtype == torch.float32  # never a python float
-    torch.testing.assert_close(seen["t"], sig.log())
-    torch.testing.assert_close(s, torch.ones_like(x))
-    s = ScoreModel.ncsnv2(Record())(x, sig)  # s(x, σ) = F(x)/σ with an unconditional F
-    torch.testing.assert_close(seen["t"], torch.zeros(3))
-    torch.testing.assert_close(s, torch.ones_like(x) / sig.reshape(-1, 1, 1, 1))
+    net = Record()
+    p = NCSNPreconditioning(prediction_type="score", timestep_type="log_sigma")
+    d = Denoiser(net, p)(x, sig)
+    assert torch.is_tensor(net.seen) and net.seen.dtype == torch.float32  # never a python float
+    torch.testing.assert_close(net.seen, sig.log())
+    torch.testing.assert_close(p.score(x, torch.ones_like(x), sig), torch.ones_like(x))
+    torch.testing.assert_close(d, x + sig.reshape(-1, 1, 1, 1) ** 2)  # D = x + σ²·s
+    ncsnv2 = NCSNPreconditioning(prediction_type="scaled_score", timestep_type="none")  # s(x, σ) = F(x)/σ
+    Denoiser(net, ncsnv2)(x, sig)
+    torch.testing.assert_close(net.seen, torch.zeros(3))
+    torch.testing.assert_close(ncsnv2.score(x, torch.ones_like(x), sig), torch.ones_like(x) / sig.reshape(-1, 1, 1, 1))
     table = geometric_sigmas(1.0, 0.01, 10)
-    ScoreModel(Record(), timestep_type="index", sigmas=table)(x[:2], table[[0, 9]])
-    assert seen["t"].tolist() == [0, 9]
+    Denoiser(net, NCSNPreconditioning(timestep_type="index", sigmas=table))(x[:2], table[[0, 9]].float())
+    assert net.seen.tolist() == [0, 9]  # NCSN labels: 0 for σ_1
+    # off the table: the nearest level by distance in σ (EDM's round_sigma); the midpoint of σ_1, σ_2 splits them
+    p = NCSNPreconditioning(timestep_type="index", sigmas=table)
+    mid = float(table[0] + table[1]) / 2
+    assert p.c_noise(torch.tensor([mid + 1e-9, mid - 1e-9], dtype=torch.float64)).tolist() == [0, 1]
+    with pytest.raises(ValueError, match="sigmas"):
+        NCSNPreconditioning(timestep_type="index")
 
 
-def test_tweedie_denoise_is_the_posterior_mean():
-    mu, s0, sigma = 0.7, 0.4, 0.9
-    x = torch.linspace(-3, 3, 11, dtype=torch.float64)
-    score = -(x - mu) / (s0**2 + sigma**2)
-    posterior_mean = mu + s0**2 / (s0**2 + sigma**2) * (x - mu)
-    torch.testing.assert_close(tweedie_denoise(x, score, sigma), posterior_mean)
-    # VP form x = √ᾱ x_0 + √(1 − ᾱ) z
-    a, sd = 0.8, 0.6
-    score = -(x - a * mu) / (a**2 * s0**2 + sd**2)
-    posterior_mean = mu + a * s0**2 / (a**2 * s0**2 + sd**2) * (x - a * mu)
-    torch.testing.assert_close(tweedie_denoise(x, score, sd, a), posterior_mean)
+@pytest.mark.parametrize("sde", ["ve", "vp"])
+@pytest.mark.parametrize("prediction_type", ["score", "scaled_score", "epsilon"])
+def test_score_preconditioning_returns_the_score_and_the_posterior_mean(sde, prediction_type):
+    """Gaussian data N(μ, s²): x_t = a·y + std·z has score −(x − aμ)/(a²s² + std²) and E[y | x_t] =
+    μ + a s²/(a²s² + std²)·(x − aμ). Each prediction type's F is written from its definition (s, std·s, −std·s)."""
+    mu, s0, t = 0.7, 0.4, 0.3
+    if sde == "ve":
+        a, std = 1.0, ve_sigma_ref(t)
+    else:
+        a, std = math.sqrt(vp_alpha_bar_ref(t)), math.sqrt(1 - vp_alpha_bar_ref(t))
+    x = torch.linspace(-3, 3, 11, dtype=torch.float64).reshape(11, 1)
+    score = -(x - a * mu) / (a**2 * s0**2 + std**2)
+    posterior_mean = mu + a * s0**2 / (a**2 * s0**2 + std**2) * (x - a * mu)
+    F = {"score": score, "scaled_score": std * score, "epsilon": -std * score}[prediction_type]
+    p = ScoreSDEPreconditioning(sde, prediction_type=prediction_type, timestep_type="t", **(VE if sde == "ve" else VP))
+    sigma = p.sigma(t)
+    assert float(sigma * p.mean_coefficient(sigma)) == pytest.approx(std, rel=1e-12)
+    assert float(p.c_noise(sigma)) == pytest.approx(t, rel=1e-10)
+    torch.testing.assert_close(p.score(x, F, sigma), score)
+    torch.testing.assert_close(p.denoise(x / a, F, sigma), posterior_mean)
+    torch.testing.assert_close(p.c_in(sigma) * (x / a), x)  # the network sees x_t itself
+
+
+def test_score_sde_vp_discrete_equals_edm_vp_preconditioning():
+    """An ε-network of the VP SDE fed t·(N − 1) is EDM's ``vp`` preconditioning (Table 1)."""
+    sigma = torch.tensor([0.01, 0.5, 3.0, 80.0], dtype=torch.float64)
+    ours = make_preconditioning("score_sde_vp", prediction_type="epsilon", timestep_type="discrete")
+    edm = make_preconditioning("vp")
+    for name in ("c_skip", "c_out", "c_in", "c_noise"):
+        torch.testing.assert_close(getattr(ours, name)(sigma), getattr(edm, name)(sigma))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -577,6 +816,12 @@ class TestAnnealedLangevinContract(SchedulerContractTests):
     scheduler_class = AnnealedLangevinScheduler
     num_inference_steps = 5
 
+    def step_boundaries(self, scheduler):
+        T = scheduler.config.steps_per_level if scheduler.config.sampler == "als" else 1
+        n = len(scheduler.timesteps) - int(scheduler.config.denoise_final)  # the final denoising repeats σ_L
+        ks = list(range(T, n, T))
+        return sorted({ks[0], ks[len(ks) // 2], ks[-1]})
+
     def get_scheduler_config(self, **overrides):
         config = dict(sigma_max=1.0, sigma_min=0.01, num_train_timesteps=5, steps_per_level=3, step_size=2e-5,
                       sampler="als", denoise_final=True, prediction_type="score", timestep_type="index")
@@ -592,6 +837,13 @@ class TestCASContract(TestAnnealedLangevinContract):
 class TestPredictorCorrectorContract(SchedulerContractTests):
     scheduler_class = PredictorCorrectorScheduler
     compatible_classes = ("ScoreSdeVeScheduler",)
+    num_inference_steps = 25
+
+    def step_boundaries(self, scheduler):
+        c = scheduler.config
+        per_step = c.correct_steps + (c.predictor != "none")  # M correctors, then the predictor
+        ks = list(range(per_step, len(scheduler.timesteps), per_step))
+        return sorted({ks[0], ks[len(ks) // 2], ks[-1]})
 
     def get_scheduler_config(self, **overrides):
         config = dict(num_train_timesteps=100, snr=0.16, sigma_min=0.01, sigma_max=50.0, correct_steps=1)
@@ -606,6 +858,20 @@ class TestPredictorCorrectorVPContract(TestPredictorCorrectorContract):
         return super().get_scheduler_config(sde_type="vp", timestep_type="t", predictor="euler_maruyama", **overrides)
 
 
+class TestPredictorCorrectorOnlyContract(TestPredictorCorrectorContract):
+    compatible_classes = ()
+
+    def get_scheduler_config(self, **overrides):
+        return super().get_scheduler_config(sde_type="vp", predictor="none", correct_steps=2, **overrides)
+
+
+class TestPredictorCorrectorMarginalContract(TestPredictorCorrectorContract):
+    compatible_classes = ()
+
+    def get_scheduler_config(self, **overrides):
+        return super().get_scheduler_config(discretization="marginal", timestep_type="log_sigma", **overrides)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -616,6 +882,9 @@ class TestPredictorCorrectorVPContract(TestPredictorCorrectorContract):
         (dict(sampler="langevin"), "sampler"),
         (dict(prediction_type="x0"), "prediction_type"),
         (dict(timestep_type="t"), "timestep_type"),
+        (dict(num_train_timesteps=1), "num_train_timesteps"),
+        (dict(num_train_timesteps=2.5), "num_train_timesteps"),
+        (dict(step_size=math.nan), "step_size"),
     ],
 )
 def test_annealed_langevin_bad_config(kwargs, match):
@@ -651,6 +920,8 @@ def test_annealed_langevin_bad_schedule_combinations():
         (dict(sampling_eps=0.0), "sampling_eps"),
         (dict(predictor="none", correct_steps=0), "predictor='none'"),
         (dict(timestep_type="index"), "timestep_type"),
+        (dict(discretization="ddpm"), "discretization"),
+        (dict(sigma_max=math.inf), "sigma_max"),
     ],
 )
 def test_predictor_corrector_bad_config(kwargs, match):
@@ -670,7 +941,41 @@ def test_loss_and_schedule_bad_input():
     with pytest.raises(ValueError, match="gamma"):
         ncsnv2_step_size(0.9, 5, 0.01)
     with pytest.raises(ValueError, match="timestep_type"):
-        ScoreModel(torch.nn.Linear(1, 1), timestep_type="t")
+        NCSNPreconditioning(timestep_type="t")
+    with pytest.raises(ValueError, match="prediction_type"):
+        ScoreSDEPreconditioning(prediction_type="v_prediction")
+
+
+def test_score_samplers_import_only_the_preconditioning():
+    """The samplers sit below the losses: their network parametrisation comes from ``preconditioning.py`` alone."""
+    import ast
+    import inspect
+
+    from diffusers_stf.schedulers import scheduling_annealed_langevin, scheduling_predictor_corrector
+
+    for module in (scheduling_annealed_langevin, scheduling_predictor_corrector):
+        tree = ast.parse(inspect.getsource(module))
+        imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert "preconditioning" in imported, imported
+        assert not any("losses" in name for name in imported), imported
+
+
+def test_configs_written_before_load_and_sample():
+    """Scheduler folders written by earlier versions of examples/train_score_model.py (no ``discretization`` key)."""
+    common = dict(sigma_max=9.63, sigma_min=0.01, prediction_type="scaled_score")
+    als = dict(_class_name="AnnealedLangevinScheduler", _diffusers_version="0.31.0", num_train_timesteps=3,
+               steps_per_level=2, step_size=9.2e-05, sampler="als", denoise_final=True, timestep_type="none", **common)
+    pc = dict(_class_name="PredictorCorrectorScheduler", _diffusers_version="0.31.0", num_train_timesteps=2000,
+              snr=0.16, sampling_eps=1e-05, correct_steps=1, sde_type="ve", beta_min=0.1, beta_max=20.0,
+              predictor="reverse_diffusion", probability_flow=False, denoise_final=True, timestep_type="log_sigma",
+              **common)
+    for cls, config, steps in ((AnnealedLangevinScheduler, als, 3), (PredictorCorrectorScheduler, pc, 3)):
+        scheduler = cls.from_config(config)
+        scheduler.set_timesteps(steps)
+        x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+        out = run_diffusers_loop(scheduler, lambda x, t: -x / (1 + scheduler.init_noise_sigma), x)
+        assert torch.isfinite(out).all()
+    assert scheduler.config.discretization == "score_sde"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -736,7 +1041,7 @@ def test_train_score_model_example_end_to_end(tmp_path):
     assert [len(s.timesteps) for s in (als, cas, pc, ode)] == [7, 6, 6, 6]
 
     with open(os.path.join(out, "model_index.json")) as f:
-        assert json.load(f)["scheduler"] == ["diffusers_stf", "AnnealedLangevinScheduler"]
+        assert json.load(f)["scheduler"][1] == "AnnealedLangevinScheduler"
     pipeline = EDMPipeline.from_pretrained(out)
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),

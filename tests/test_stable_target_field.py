@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from diffusers_stf.losses import (
+    DDPMEpsilonLoss,
     DDPMStableTargetFieldLoss,
     EDMLoss,
     StableTargetFieldLoss,
     VELoss,
+    VPLoss,
     stable_target_epsilon,
     stable_target_field,
 )
@@ -206,7 +208,7 @@ def test_stf_loss_regresses_onto_the_stable_target():
         seen["x"], seen["sigma"] = x, sigma
         return torch.zeros_like(x)
 
-    for base in (EDMLoss(), VELoss()):
+    for base in (EDMLoss(), VPLoss(), VELoss()):
         loss = StableTargetFieldLoss(base, reference_batch_size=12)
         per_element = loss(zero_denoiser, images, extra, generator=g)
         target = brute_force_target(seen["x"], seen["sigma"], torch.cat([images, extra])).reshape(images.shape)
@@ -236,4 +238,26 @@ def test_ddpm_stf_loss_with_self_only_reference_is_the_epsilon_loss():
     abar = torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float64), 0)[seen["t"]]
     eps = (seen["x_t"] - abar.sqrt() * y) / (1 - abar).sqrt()
     torch.testing.assert_close(per_element, eps**2, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(loss.sigma(seen["t"]), ((1 - abar) / abar).sqrt())
+    torch.testing.assert_close(loss.base_loss.sigma(seen["t"]), ((1 - abar) / abar).sqrt())
+
+
+def test_ddpm_stf_loss_regresses_onto_the_vp_kernel_epsilon():
+    # STF over the DDPM ε form with R > 1: the target is ε̂ = (x_t − √ᾱ·Σ_j w_j r_j)/√(1 − ᾱ), with w_j the softmax of
+    # the VP kernel log N(x_t; √ᾱ·r_j, (1 − ᾱ)·I), transcribed here in float64.
+    g = torch.Generator().manual_seed(11)
+    images = torch.rand(3, 1, 3, 3, generator=g, dtype=torch.float64) * 2 - 1
+    extra = torch.rand(5, 1, 3, 3, generator=g, dtype=torch.float64) * 2 - 1
+    refs = torch.cat([images, extra]).flatten(1)
+    loss = StableTargetFieldLoss(DDPMEpsilonLoss(), reference_batch_size=8)
+    seen = {}
+
+    def zero_model(x_t, t):
+        seen["x_t"], seen["t"] = x_t, t
+        return torch.zeros_like(x_t)
+
+    per_element = loss(zero_model, images, extra, timesteps=torch.tensor([5, 300, 900]), generator=g)
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float64), 0)[seen["t"]][:, None]
+    x_t = seen["x_t"].flatten(1)
+    logits = -((x_t[:, None] - abar.sqrt()[:, :, None] * refs[None]) ** 2).sum(-1) / (2 * (1 - abar))
+    eps = (x_t - abar.sqrt() * (torch.softmax(logits, 1) @ refs)) / (1 - abar).sqrt()
+    torch.testing.assert_close(per_element.flatten(1), eps**2, rtol=1e-6, atol=1e-9)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_stf import AugmentConditionedUNet2DModel, AugmentPipe, EDMPipeline
+from diffusers_stf import AugmentConditionedUNet2DModel, EDMPipeline
 from diffusers_stf.training import (
     BatchSchedule,
-    EMAModel,
+    HalfLifeEMA,
     MetricsLogger,
     Trainer,
     add_training_args,
@@ -42,6 +42,7 @@ def load_script():
 
 
 train_stf = load_script()
+sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 TINY = ["--block_out_channels", "8,16", "--train_batch_size", "16", "--stf_reference_batch_size", "48",
         "--num_validation_images", "4", "--num_inference_steps", "2", "--no_progress_bar", "--logging_steps", "2",
@@ -56,8 +57,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def shared_args(argv):
-    return parse_training_args(add_training_args(argparse.ArgumentParser()), argv)
+def shared_config(argv):
+    return parse_training_args(add_training_args(argparse.ArgumentParser()), argv)[1]
+
+
+def shared_data(argv):
+    return load_training_images(shared_config(argv).data)
 
 
 # --- plumbing ------------------------------------------------------------------------------------------------------
@@ -71,7 +76,7 @@ def test_ema_beta_is_edm_half_life_with_ramp_up():
     assert ema_beta(1e9, 512, 500, 0.05) == pytest.approx(0.99929, abs=1e-5)  # EDM's quoted value
     assert ema_beta(1e9, 64, 0, 0.05) == 0.0 and ema_beta(10, 64, 500, 0) == pytest.approx(0.5 ** (64 / 500_000))
     model = torch.nn.Linear(3, 2)
-    ema = EMAModel(model, 500, 0.05)
+    ema = HalfLifeEMA(model, 500, 0.05)
     old = [p.detach().clone() for p in ema.model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
@@ -103,7 +108,7 @@ def test_image_folder_loading_and_bad_folders(tmp_path):
     good = tmp_path / "good"
     for i in range(3):
         write_png(str(good / f"{i}.png"), (6, 6), 40 * i)
-    data = load_training_images(shared_args(["--train_data_dir", str(good)]))
+    data = shared_data(["--train_data_dir", str(good)])
     assert data.images.shape == (3, 1, 6, 6) and data.resolution == 6
     batch = data.batch(torch.arange(3))["images"]
     assert batch.min() >= -1 and batch.max() <= 1
@@ -111,35 +116,35 @@ def test_image_folder_loading_and_bad_folders(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="contains no files"):
-        load_training_images(shared_args(["--train_data_dir", str(empty)]))
+        shared_data(["--train_data_dir", str(empty)])
     text = tmp_path / "text"
     text.mkdir()
     (text / "notes.txt").write_text("not an image")
     with pytest.raises(ValueError, match="train_data_dir|no images|cannot read"):
-        load_training_images(shared_args(["--train_data_dir", str(text)]))
+        shared_data(["--train_data_dir", str(text)])
     broken = tmp_path / "broken"
     write_png(str(broken / "a.png"), (6, 6))
     (broken / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
     with pytest.raises(ValueError, match="cannot read|could not read"):
-        load_training_images(shared_args(["--train_data_dir", str(broken)]))
+        shared_data(["--train_data_dir", str(broken)])
     mixed = tmp_path / "mixed"
     write_png(str(mixed / "a.png"), (8, 8))
     write_png(str(mixed / "b.png"), (12, 12))
     with pytest.raises(ValueError, match="mixed sizes.*--resolution"):
-        load_training_images(shared_args(["--train_data_dir", str(mixed)]))
-    resized = load_training_images(shared_args(["--train_data_dir", str(mixed), "--resolution", "8"]))
+        shared_data(["--train_data_dir", str(mixed)])
+    resized = shared_data(["--train_data_dir", str(mixed), "--resolution", "8"])
     assert resized.images.shape == (2, 1, 8, 8)
     with pytest.raises(ValueError, match="not a folder"):
-        load_training_images(shared_args(["--train_data_dir", str(tmp_path / "missing")]))
+        shared_data(["--train_data_dir", str(tmp_path / "missing")])
 
 
 def test_bad_options_give_value_errors():
     with pytest.raises(ValueError, match="--train_batch_size must be >= 1"):
-        shared_args(["--train_batch_size", "0"])
+        shared_config(["--train_batch_size", "0"])
     with pytest.raises(ValueError, match="--sigma_buckets"):
-        shared_args(["--sigma_buckets", "1,0.5"])
+        shared_config(["--sigma_buckets", "1,0.5"])
     with pytest.raises(ValueError, match="--attention_levels"):
-        shared_args(["--attention_levels", "3"])
+        shared_config(["--attention_levels", "3"])
 
 
 def test_world_size_guard():
@@ -165,20 +170,6 @@ def test_image_grid_layout():
     assert grid.size == (5 * 33 + 1, 2 * 33 + 1) and grid.mode == "L"
 
 
-def test_augment_pipe_flips_are_exact_and_labels_match():
-    x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    out, labels = AugmentPipe(p=0.0)(x)
-    assert torch.equal(out, x) and torch.equal(labels, torch.zeros(64, 9))
-    out, labels = AugmentPipe(p=0.5, yflip=0, scale=0, rotate_frac=0, aniso=0, translate_frac=0)(
-        x, torch.Generator().manual_seed(1))
-    flipped = labels[:, 0].bool()
-    assert 10 < int(flipped.sum()) < 54 and torch.equal(labels[:, 1:], torch.zeros(64, 8))
-    assert torch.equal(out[flipped], x[flipped].flip(-1)) and torch.equal(out[~flipped], x[~flipped])
-    out, labels = AugmentPipe(p=1.0)(torch.full((16, 3, 8, 8), 0.3), torch.Generator().manual_seed(2))
-    torch.testing.assert_close(out, torch.full_like(out, 0.3))  # geometry keeps a constant image constant
-    torch.testing.assert_close((labels[:, 3] + 1) ** 2 + labels[:, 4] ** 2, torch.ones(16))  # cos, sin of one angle
-
-
 def test_augment_conditioned_unet_zero_labels_contribute_exactly_zero():
     unet = AugmentConditionedUNet2DModel(
         sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
@@ -196,6 +187,7 @@ def test_train_stf_end_to_end_writes_a_loadable_pipeline_and_model_card(tmp_path
     from huggingface_hub import HfApi, ModelCard
 
     calls = {}
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("create", (repo_id, kw)))
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw))
     out = tmp_path / "run"
@@ -208,7 +200,7 @@ def test_train_stf_end_to_end_writes_a_loadable_pipeline_and_model_card(tmp_path
     assert not list(out.glob("**/*.bin")) or all("checkpoint-" in str(p) for p in out.glob("**/*.bin"))
     card = ModelCard.load(str(out / "README.md"))
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "unconditional-image-generation"
-    assert "stable-target-field" in card.data.tags and card.data.datasets == ["sklearn-digits-8x8"]
+    assert "stable-target-field" in card.data.tags and card.data.datasets is None  # not a Hub dataset
     assert "from diffusers_stf import EDMPipeline" in card.text and "someone/stf-digits" in card.text
     assert "![Samples of the EMA model](samples.png)" in card.text and "stf_reference_batch_size" in card.text
     assert calls["create"][0] == "someone/stf-digits"
@@ -325,3 +317,312 @@ def test_two_cpu_processes_gather_references_like_one_process(tmp_path):
     assert (tmp_path / "run" / "model_index.json").is_file()
     for name in ("trainer_state.json", "random_states_0.pkl", "random_states_1.pkl", "model/config.json"):
         assert (tmp_path / "run" / "checkpoint-2" / name).is_file(), name
+
+
+# --- explicit configuration, validation up front -------------------------------------------------------------------
+
+def run_stf(out, *argv):
+    return train_stf.main(["--output_dir", str(out), *TINY, "--loss", "edm", *argv])
+
+
+@pytest.mark.parametrize("flag,value", [("--P_mean", "nan"), ("--learning_rate", "inf"), ("--max_grad_norm", "nan"),
+                                        ("--ema_halflife_kimg", "nan"), ("--adam_beta2", "1.5"),
+                                        ("--sigma_buckets", "0.1,nan")])
+def test_non_finite_or_out_of_range_flags_are_refused_before_training(tmp_path, flag, value):
+    with pytest.raises(ValueError, match=flag):
+        run_stf(tmp_path / "run", flag, value)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_missing_model_config_path_names_the_flag(tmp_path):
+    with pytest.raises(ValueError, match="--model_config_name_or_path"):
+        run_stf(tmp_path / "run", "--model_config_name_or_path", str(tmp_path / "nowhere" / "config.json"))
+
+
+def test_sequence_aware_beta_schedule_is_validated(tmp_path):
+    import train_sequence_aware
+
+    out = str(tmp_path / "sa")
+    with pytest.raises(ValueError, match="ᾱ_T"):  # (1 - 0.1)^1000 underflows to 0 in float32
+        train_sequence_aware.main(["--output_dir", out, "--beta_start", "0.5", "--beta_end", "0.1"])
+    with pytest.raises(ValueError, match=r"--beta_start/--beta_end.*(\(0, 1\)|0 < beta < 1)"):
+        train_sequence_aware.main(["--output_dir", out, "--beta_end", "1.5"])
+
+
+def test_trainer_takes_typed_config_and_dead_code_is_gone():
+    import inspect
+
+    import diffusers_stf.data as data_module
+    import diffusers_stf.training as training
+
+    for name in ("make_image_transform", "EpochBatchSampler", "make_dataloader", "str_list", "count_parameters",
+                 "EMAModel"):
+        assert not hasattr(training, name) and not hasattr(data_module, name), name
+    assert "make_validation_pipeline" not in inspect.signature(Trainer.__init__).parameters
+    assert next(iter(inspect.signature(Trainer.__init__).parameters.values())).name == "self"
+    assert list(inspect.signature(Trainer.__init__).parameters)[1] == "config"
+    plumbing = [os.path.join(ROOT, "diffusers_stf", "training", f) for f in os.listdir(
+        os.path.join(ROOT, "diffusers_stf", "training")) if f.endswith(".py")]
+    for path in plumbing + [os.path.join(ROOT, "diffusers_stf", "data.py")]:
+        assert "getattr(args" not in open(path).read(), path
+
+
+def test_mixed_grey_and_colour_folder_warns_and_converts(tmp_path, caplog):
+    folder = tmp_path / "mixed"
+    write_png(str(folder / "a.png"), (4, 4), 100, mode="L")
+    write_png(str(folder / "b.png"), (4, 4), (200, 40, 10), mode="RGB")
+    with caplog.at_level("WARNING"):
+        rgb = shared_data(["--train_data_dir", str(folder)])
+    assert "mix greyscale and colour" in caplog.text and rgb.channels == 3
+    # a grey pixel v becomes (v, v, v); the colour pixel is kept
+    assert sorted(tuple(int(v) for v in im[:, 0, 0]) for im in rgb.images) == [(100, 100, 100), (200, 40, 10)]
+    grey = shared_data(["--train_data_dir", str(folder), "--channels", "1"])
+    luma = (200 * 299 + 40 * 587 + 10 * 114) // 1000  # ITU-R 601-2 luma, PIL's convert("L")
+    assert grey.channels == 1 and sorted(int(im[0, 0, 0]) for im in grey.images) == sorted([100, luma])
+
+
+def test_dependency_floors_load_checkpoint_pickles_with_weights_only():
+    import re
+
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    floors = dict(re.findall(r'"(torch|accelerate)>=([0-9.]+)', text))
+    as_tuple = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
+    assert as_tuple(floors["torch"]) >= (2, 6)  # torch.load defaults to weights_only=True from 2.6
+    assert as_tuple(floors["accelerate"]) >= (1, 0)
+    assert as_tuple(torch.__version__.split("+")[0]) >= as_tuple(floors["torch"])
+
+
+# --- run length, output folder, resume --------------------------------------------------------------------------------
+
+def test_num_epochs_alone_decides_the_length_and_the_winner_is_named(tmp_path, capsys):
+    result = run_stf(tmp_path / "a", "--max_train_samples", "64", "--num_epochs", "2", "--checkpointing_steps", "0")
+    assert result.step == 2 * 64 // 16
+    out = capsys.readouterr().out
+    assert "1 training process" in out and "Trained 8 steps" in out  # the summary is the trainer's
+    result = run_stf(tmp_path / "b", "--max_train_samples", "64", "--num_epochs", "2", "--max_train_steps", "3",
+                     "--checkpointing_steps", "0")
+    assert result.step == 3 and "--max_train_steps wins" in capsys.readouterr().out
+
+
+def test_a_used_output_dir_is_refused_unless_overwritten(tmp_path):
+    out = tmp_path / "run"
+    run_stf(out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--max_train_samples", "64")
+    assert [s for s, _ in list_checkpoints(str(out))] == [2, 4]
+    with pytest.raises(ValueError, match="--overwrite_output_dir"):
+        run_stf(out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--max_train_samples", "64")
+    run_stf(out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--max_train_samples", "64",
+            "--overwrite_output_dir")
+    assert [s for s, _ in list_checkpoints(str(out))] == [1, 2]  # none of the first run's
+    assert [r["step"] for r in read_metrics(str(out / "logs"))] == [2]
+
+
+def test_resume_refuses_changed_settings_unless_allowed(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--max_train_samples", "64", "--checkpointing_steps", "2"]
+    run_stf(out, "--max_train_steps", "2", *common)
+    changes = {"settings.learning_rate": ["--learning_rate", "2e-3"],
+               "settings.ema_halflife_kimg": ["--ema_halflife_kimg", "1"],
+               "settings.optimizer.betas": ["--adam_beta1", "0.8"], "settings.max_grad_norm": ["--max_grad_norm", "1"],
+               "settings.num_images": ["--max_train_samples", "48"], "settings.lr_scheduler": ["--lr_scheduler", "linear"],
+               "settings.lr_warmup_steps": ["--lr_warmup_steps", "5"], "script.P_mean": ["--P_mean", "-1"]}
+    for key, change in changes.items():
+        with pytest.raises(ValueError, match=rf"another configuration(.|\n)*{key}: checkpoint"):
+            run_stf(out, "--max_train_steps", "4", *common, *change, "--resume_from_checkpoint", "latest")
+    capsys.readouterr()
+    run_stf(out, "--max_train_steps", "3", *common, "--learning_rate", "2e-3", "--lr_warmup_steps", "0",
+            "--resume_from_checkpoint", "latest", "--allow_changed_settings")
+    assert "WARNING: resuming with changed settings" in capsys.readouterr().out
+    rows = read_metrics(str(out / "logs"))
+    assert rows[-1]["step"] == 3 and rows[-1]["lr"] == pytest.approx(2e-3)  # the new value is in force
+
+
+def test_kill_before_rename_keeps_the_previous_checkpoint_and_resume_truncates_metrics(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1",
+            "--max_train_samples", "64"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
+           "DIFFUSERS_STF_TEST_KILL_AT": "checkpoint_before_rename@4"}
+    proc = subprocess.run([sys.executable, SCRIPT, "--output_dir", str(out), *TINY, "--loss", "edm", *argv],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [s for s, _ in list_checkpoints(str(out))] == [2]  # pruned only after the new one is complete
+    assert (out / "checkpoint-4.partial").is_dir()
+    assert [r["step"] for r in read_metrics(str(out / "logs"))] == [2, 4]  # step 4 was logged before the kill
+    wall_2 = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["wall_time"]
+    result = run_stf(out, *argv, "--resume_from_checkpoint", "latest")
+    rows = read_metrics(str(out / "logs"))
+    assert [r["step"] for r in rows] == [2, 4]  # the lost step's row was dropped, not repeated
+    assert result.wall_time > wall_2 and rows[-1]["seconds"] > rows[0]["seconds"] == pytest.approx(wall_2, abs=0.5)
+    assert [s for s, _ in list_checkpoints(str(out))] == [4] and not (out / "checkpoint-4.partial").exists()
+
+
+# --- damaged checkpoints, full disk ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run_stf(out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--max_train_samples", "64")
+    torch.set_num_threads(threads)
+    return out
+
+
+def damaged_copy(src, tmp_path, damage):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    damage(out / "checkpoint-4")
+    return out
+
+
+@pytest.mark.parametrize("what,damage,bad_file", [
+    ("truncated weights", lambda c: (c / "model" / "diffusion_pytorch_model.safetensors").write_bytes(
+        (c / "model" / "diffusion_pytorch_model.safetensors").read_bytes()[:-100]), "diffusion_pytorch_model"),
+    ("corrupt state", lambda c: (c / "trainer_state.json").write_text("{not json"), "trainer_state.json"),
+    ("missing RNG state", lambda c: (c / "random_states_0.pkl").unlink(), "random_states_0.pkl"),
+    ("corrupt RNG state", lambda c: (c / "random_states_0.pkl").write_bytes(b"\x80\x04garbage"), "random_states_0.pkl"),
+    ("flipped bit", lambda c: (c / "optimizer.bin").write_bytes(
+        bytes([(c / "optimizer.bin").read_bytes()[0] ^ 1]) + (c / "optimizer.bin").read_bytes()[1:]), "optimizer.bin"),
+])
+def test_latest_falls_back_to_the_newest_intact_checkpoint(two_checkpoints, tmp_path, what, damage, bad_file):
+    from diffusers_stf.training import resolve_checkpoint
+
+    out = damaged_copy(two_checkpoints, tmp_path, damage)
+    warnings = []
+    assert resolve_checkpoint(str(out), "latest", warn=warnings.append) == str(out / "checkpoint-2")
+    assert len(warnings) == 1 and bad_file in warnings[0] and "checkpoint-4" in warnings[0]
+    with pytest.raises(ValueError, match=f"not be exact.*{bad_file}"):
+        resolve_checkpoint(str(out), str(out / "checkpoint-4"))
+
+
+def test_full_disk_says_so_and_where(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    out = tmp_path / "run"
+    monkeypatch.setenv("DIFFUSERS_STF_TEST_FAULT", "disk_full")
+    with pytest.raises(RuntimeError, match=f"disk is full.*{out}"):
+        run_stf(out, "--max_train_steps", "1", "--checkpointing_steps", "1", "--max_train_samples", "64")
+    assert not any(p.name.endswith(".partial") for p in out.iterdir())
+    # torch's zip writer reports a full disk as "unexpected pos": recognised from the free space
+    from accelerate import Accelerator
+
+    monkeypatch.delenv("DIFFUSERS_STF_TEST_FAULT")
+    monkeypatch.setattr(Accelerator, "save_state", lambda self, d: (_ for _ in ()).throw(
+        RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 244864 vs 244756")))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 0))
+    with pytest.raises(RuntimeError, match="disk is full"):
+        run_stf(tmp_path / "run2", "--max_train_steps", "1", "--checkpointing_steps", "1", "--max_train_samples", "64")
+
+
+def test_non_finite_loss_stops_at_the_next_logging_step_naming_the_first_bad_step(tmp_path):
+    from diffusers_stf.training import ImageData, NonFiniteLossError, TrainingConfig
+
+    calls = []
+
+    def loss_fn(model, batch, generator):
+        calls.append(1)
+        loss = model(batch["images"].flatten(1)).pow(2).mean()
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    data = ImageData.from_tensor(torch.rand(8, 1, 2, 2) * 2 - 1)
+    config = TrainingConfig(output_dir=str(tmp_path / "run"), train_batch_size=2, max_train_steps=20, logging_steps=4,
+                            checkpointing_steps=0, validation_steps=0, no_progress_bar=True, report_to="none")
+    trainer = Trainer(config, torch.nn.Linear(4, 4), loss_fn, data)
+    with pytest.raises(NonFiniteLossError, match="not finite.*at step 3"):
+        trainer.train()
+    assert trainer.step == 4  # found at the first logging step after it, not at the end
+
+
+def test_checkpoint_files_are_fsynced_before_the_atomic_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b))[1])
+    out = tmp_path / "run"
+    run_stf(out, "--max_train_steps", "1", "--checkpointing_steps", "1", "--max_train_samples", "64")
+    partial = str(out / "checkpoint-1.partial")
+    rename = events.index(("replace", partial))
+    synced = {path for kind, path in events[:rename] if kind == "fsync"}
+    files = {str(p).replace("checkpoint-1", "checkpoint-1.partial") for p in (out / "checkpoint-1").rglob("*")}
+    assert files and files <= synced  # every file and folder of the checkpoint
+
+
+def test_latest_ignores_checkpoints_of_another_run(two_checkpoints, tmp_path):
+    from diffusers_stf.training import resolve_checkpoint
+
+    out = damaged_copy(two_checkpoints, tmp_path, lambda c: None)
+    this_run = json.loads((out / "run.json").read_text())["run_id"]
+    assert resolve_checkpoint(str(out), "latest", run_id=this_run) == str(out / "checkpoint-4")
+    notes = []
+    assert resolve_checkpoint(str(out), "latest", run_id="another-run", warn=notes.append) is None
+    assert len(notes) == 2 and all("another run" in n for n in notes)
+
+
+# --- diffusers train_unconditional.py command lines -------------------------------------------------------------------
+
+def test_warmup_ema_follows_diffusers_ema_model_decay():
+    from diffusers.training_utils import EMAModel as DiffusersEMA
+
+    from diffusers_stf.training import WarmupEMA
+
+    model = torch.nn.Linear(3, 2)
+    reference = DiffusersEMA(model.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=2.0, power=0.5)
+    ours = WarmupEMA(model, inv_gamma=2.0, power=0.5, max_decay=0.999)
+    for step in range(60):  # diffusers counts optimization steps from 1 and decays with step − 1
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        reference.step(model.parameters())
+        beta = ours.update(model, nimg=0, batch_images=16, step=step)
+        assert beta == pytest.approx(reference.cur_decay_value, rel=1e-12, abs=1e-15)
+    for p_ours, p_ref in zip(ours.model.parameters(), reference.shadow_params):
+        torch.testing.assert_close(p_ours, p_ref)
+
+
+def test_a_diffusers_command_line_runs_unchanged(tmp_path, capsys):
+    import train_sequence_aware
+
+    diffusers_flags = ["--train_batch_size", "16", "--eval_batch_size", "4", "--num_epochs", "2", "--use_ema",
+                       "--ema_inv_gamma", "1.0", "--ema_power", "0.75", "--ema_max_decay", "0.9999",
+                       "--prediction_type", "epsilon", "--ddpm_num_steps", "100", "--ddpm_num_inference_steps", "2",
+                       "--ddpm_beta_schedule", "squaredcos_cap_v2", "--save_images_epochs", "1", "--save_model_epochs",
+                       "1", "--dataloader_num_workers", "0", "--learning_rate", "1e-4", "--lr_warmup_steps", "0",
+                       "--adam_beta1", "0.95", "--mixed_precision", "no", "--checkpointing_steps", "0"]
+    args, config = parse_training_args(train_sequence_aware.build_parser(), ["--output_dir", "x", *diffusers_flags])
+    assert (args.num_train_timesteps, args.beta_schedule) == (100, "cosine")
+    assert (config.training.num_inference_steps, config.training.num_validation_images) == (2, 4)
+    assert config.training.use_ema and config.training.save_images_epochs == 1
+    result = train_sequence_aware.main(["--output_dir", str(tmp_path / "sa"), "--block_out_channels", "8,16",
+                                        "--max_train_samples", "32", "--no_progress_bar", "--logging_steps", "2",
+                                        *diffusers_flags])
+    out = capsys.readouterr().out
+    assert result.step == 4 and "EMA: diffusers' warm-up EMA" in out
+    assert "Defaults that differ from diffusers" in out and "--learning_rate" not in out.split("Defaults")[1][:200]
+    assert (tmp_path / "sa" / "samples" / "step_0000002.png").is_file()  # --save_images_epochs 1: 2 steps per epoch
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ddpm_beta_schedule", "linear"], "--ddpm_beta_schedule is an option of DDPM training"),
+    (["--prediction_type", "epsilon"], "--prediction_type is an option of DDPM training"),
+    (["--use_ema", "--ema_halflife_kimg", "0"], "--use_ema.*two EMA rules"),
+    (["--ema_power", "0.5"], "add --use_ema"),
+    (["--logger", "wandb", "--report_to", "none"], "--logger .*--report_to"),
+    (["--save_images_epochs", "0"], "--save_images_epochs must be >= 1"),
+    (["--eval_batch_size", "4", "--num_validation_images", "8"], "--eval_batch_size .*--num_validation_images"),
+])
+def test_flags_that_make_no_sense_here_are_refused(tmp_path, argv, message):
+    with pytest.raises(ValueError, match=message):
+        run_stf(tmp_path / "run", "--max_train_steps", "1", *argv)
+
+
+def test_a_tracker_that_is_not_installed_is_refused(tmp_path):
+    missing = [name for name in ("tensorboard", "wandb") if importlib.util.find_spec(name) is None]
+    if not missing:
+        pytest.skip("both trackers are installed")
+    with pytest.raises(ValueError, match=f"--report_to {missing[0]} needs the '{missing[0]}' package"):
+        run_stf(tmp_path / "run", "--max_train_steps", "1", "--report_to", missing[0])

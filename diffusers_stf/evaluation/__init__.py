@@ -21,7 +21,15 @@ from .feature_extractors import (
     load_feature_extractor,
 )
 from .frechet import feature_statistics, frechet_distance, frechet_distance_from_features
-from .images import load_images, match_channels, quantize, save_image_grid, to_uint8
+from .images import image_grid, load_images, match_channels, quantize, save_image_grid, to_uint8
 from .inception import INCEPTION_FID_WEIGHTS_URL, FIDInceptionV3
 from .precision_recall import knn_radii, manifold_membership, precision_recall
-from .sampling import count_calls, generate_batch, generate_images, load_pipeline, make_scheduler
+from .sampling import (
+    count_calls,
+    generate_batch,
+    generate_images,
+    load_pipeline,
+    make_scheduler,
+    network_parametrisation,
+    pipeline_with_scheduler,
+)

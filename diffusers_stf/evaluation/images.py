@@ -6,8 +6,10 @@ round((x + 1)·127.5), EDM's convention (plain truncation would bias every pixel
 
 from __future__ import annotations
 
+import math
 import os
-from typing import List, Optional
+import zipfile
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -81,19 +83,27 @@ def load_images(path: str, num_images: Optional[int] = None) -> torch.Tensor:
 
         arrays = []
         for file in files:
-            with Image.open(file) as image:
-                grey = image.mode in ("L", "I;16", "I", "1", "LA")
-                arrays.append(np.asarray(image.convert("L" if grey else "RGB")))
+            try:
+                with Image.open(file) as image:
+                    grey = image.mode in ("L", "I;16", "I", "1", "LA")
+                    arrays.append(np.asarray(image.convert("L" if grey else "RGB")))
+            except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated or foreign files
+                raise ValueError(f"cannot read the image file {file!r} ({type(err).__name__}: {err})") from err
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
             raise ValueError(f"the images in {path!r} differ in size or channels: {sorted(shapes)}")
         array = _array_to_nhwc(np.stack(arrays), path)
     elif os.path.isfile(path) and path.endswith(".npz"):
-        with np.load(path) as archive:
-            key = next((k for k in NPZ_KEYS if k in archive.files), None)
-            if key is None:
-                raise ValueError(f"{path!r} has none of the arrays {NPZ_KEYS}; it has {archive.files}")
-            array = _array_to_nhwc(archive[key], path)
+        try:
+            with np.load(path) as archive:
+                key = next((k for k in NPZ_KEYS if k in archive.files), None)
+                if key is None:
+                    raise ValueError(f"{path!r} has none of the arrays {NPZ_KEYS}; it has {archive.files}")
+                array = _array_to_nhwc(archive[key], path)
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+            if isinstance(err, ValueError) and repr(path) in str(err):
+                raise
+            raise ValueError(f"cannot read the archive {path!r} ({type(err).__name__}: {err})") from err
         if len(array) == 0:
             raise ValueError(f"{path!r} holds no images")
         array = array[:num_images] if num_images else array
@@ -104,17 +114,86 @@ def load_images(path: str, num_images: Optional[int] = None) -> torch.Tensor:
     return from_uint8(array)
 
 
-def save_image_grid(images: torch.Tensor, path: str, nrow: int = 10, scale: int = 4, padding: int = 1) -> None:
-    """Save [−1, 1] images (N, C, H, W) as one PNG grid, each image upscaled ``scale``× (nearest)."""
-    from PIL import Image
+def image_grid(
+    images: torch.Tensor,
+    nrow: Optional[int] = None,
+    padding: int = 1,
+    min_cell: int = 32,
+    value_range: Tuple[float, float] = (0.0, 1.0),
+    scale: Optional[int] = None,
+):
+    """A PIL mosaic of ``images`` (N, C, H, W), C = 1 or 3, laid out by ``diffusers.utils.make_image_grid``.
 
-    array = to_uint8(images)
+    This is the package's one grid helper: training's validation grids and the benchmarks' sample grids both use it.
+
+    Args:
+        images: the images; values in ``value_range``.
+        nrow: images per row (default ⌈√N⌉); the last row is filled with grey cells.
+        padding: grey pixels between cells and around the grid.
+        min_cell: each image is upscaled (nearest) by the smallest integer factor that makes it ≥ ``min_cell`` pixels.
+        value_range: (low, high) of the pixel values: (0, 1) for pipeline outputs, (−1, 1) for the package's
+            model-space images. Values far outside it are an error, since they mean the wrong range was given.
+        scale: an explicit integer upscaling factor instead of ``min_cell``.
+
+    Returns:
+        a ``PIL.Image`` of mode ``L`` (grey images) or ``RGB``.
+    """
+    from diffusers.utils import make_image_grid
+    from PIL import Image, ImageOps
+
+    images = torch.as_tensor(images).detach().float().cpu()
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) == 0:
+        raise ValueError(f"images must have shape (N >= 1, 1 or 3, H, W), got {tuple(images.shape)}")
+    low, high = (float(v) for v in value_range)
+    if not high > low:
+        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+    margin = 0.25 * (high - low)
+    if float(images.min()) < low - margin or float(images.max()) > high + margin:
+        raise ValueError(
+            f"images lie in [{float(images.min()):.3g}, {float(images.max()):.3g}], outside value_range={value_range}; "
+            "pass value_range=(-1, 1) for images in [-1, 1]"
+        )
+    if padding < 0 or (scale is not None and scale < 1):
+        raise ValueError(f"padding must be >= 0 and scale >= 1, got padding={padding}, scale={scale}")
+    array = ((images - low) / (high - low)).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     n, h, w, c = array.shape
-    rows = (n + nrow - 1) // nrow
-    grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 255, np.uint8)
-    for i, image in enumerate(array):
-        r, col = divmod(i, nrow)
-        top, left = padding + r * (h + padding), padding + col * (w + padding)
-        grid[top : top + h, left : left + w] = image
-    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    scale = scale or max(1, math.ceil(min_cell / min(h, w)))
+    mode = "L" if c == 1 else "RGB"
+    grey = (128,) * (1 if c == 1 else 3)
+    cells = [
+        ImageOps.expand(
+            Image.fromarray(a[..., 0] if c == 1 else a, mode).resize((w * scale, h * scale), Image.NEAREST),
+            border=(0, 0, padding, padding),
+            fill=grey[0] if c == 1 else grey,
+        )
+        for a in array
+    ]
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    cells += [Image.new(mode, cells[0].size, grey[0] if c == 1 else grey)] * (rows * nrow - n)
+    grid = make_image_grid(cells, rows=rows, cols=nrow).convert(mode)
+    return ImageOps.expand(grid, border=(padding, padding, 0, 0), fill=grey[0] if c == 1 else grey)
+
+
+def save_image_grid(
+    images: torch.Tensor,
+    path: str,
+    nrow: Optional[int] = None,
+    padding: int = 1,
+    min_cell: int = 32,
+    value_range: Tuple[float, float] = (0.0, 1.0),
+    scale: Optional[int] = None,
+) -> str:
+    """Save :func:`image_grid` of ``images`` as a PNG (written under a temporary name, then renamed); returns
+    ``path``. The arguments are those of :func:`image_grid`."""
+    grid = image_grid(images, nrow=nrow, padding=padding, min_cell=min_cell, value_range=value_range, scale=scale)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
+    try:
+        grid.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

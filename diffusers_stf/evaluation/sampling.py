@@ -7,6 +7,7 @@ so an interrupted run resumes exactly and sample sets of different sizes share t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -39,26 +40,100 @@ def load_pipeline(folder: str, device: Optional[str] = None):
         raise ValueError(f"{folder!r} is not a saved pipeline folder (no model_index.json)")
     with open(index) as f:
         class_name = json.load(f).get("_class_name")
+    if isinstance(class_name, (list, tuple)):  # [module, class] of a folder saved with its own pipeline code
+        class_name = class_name[-1]
+    if not isinstance(class_name, str):
+        raise ValueError(f"{index!r} names no pipeline class (_class_name = {class_name!r})")
     pipe = _find_class(class_name).from_pretrained(folder)
     if device is not None:
         pipe = pipe.to(device)
     return pipe
 
 
+def _takes(cls, name: str) -> bool:
+    return name in inspect.signature(cls.__init__).parameters
+
+
+def network_parametrisation(scheduler) -> Dict[str, object]:
+    """What the network of a pipeline predicts, read from its scheduler's config.
+
+    A scheduler with a ``preconditioning`` entry (ours) says it directly. A discrete-time diffusers scheduler
+    (``DDPMScheduler``, ``DDIMScheduler``, ..., the ones with a β schedule) belongs to a DDPM network: ``ddpm``
+    preconditioning with the folder's β schedule and ``prediction_type`` (epsilon, v_prediction or sample). A config
+    with ``sigma_data`` (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``) is EDM's F-parametrisation.
+    Anything else (e.g. a score-SDE scheduler) is a ValueError rather than a guess.
+
+    Returns:
+        the config entries an EDM scheduler needs to sample that network: ``preconditioning`` and, for ``ddpm``,
+        ``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule`` and ``prediction_type``.
+    """
+    config = scheduler.config
+    name = type(scheduler).__name__
+    if "preconditioning" in config:
+        return {"preconditioning": config["preconditioning"]}
+    if "beta_schedule" not in config:
+        if "sigma_data" in config:  # diffusers' EDM schedulers
+            return {"preconditioning": "edm"}
+        raise ValueError(f"cannot tell from a {name} config what its network predicts; pass preconditioning=... "
+                         "(and prediction_type) as scheduler overrides")
+    if config.get("trained_betas") is not None:
+        raise ValueError(f"the {name} of this pipeline has explicit trained_betas, which the EDM schedulers do not take")
+    if config.get("rescale_betas_zero_snr"):
+        raise ValueError(f"the {name} of this pipeline rescales β to zero terminal SNR (σ_max = ∞), which the EDM "
+                         "schedulers cannot start from")
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+    return {"preconditioning": "ddpm", **{k: config[k] for k in keys if k in config}}
+
+
 def make_scheduler(base_scheduler, name: str, **overrides):
     """A scheduler of class ``name`` (``heun``, ``stochastic``, ``euler`` or any diffusers_stf/diffusers scheduler
-    class name) built with ``from_config`` from ``base_scheduler``'s config, so σ range, σ_data and the
-    preconditioning carry over; ``overrides`` (e.g. ``s_churn=40``) replace config entries. Overrides the target
-    class does not know are an error rather than silently ignored."""
+    class name) built with ``from_config`` from ``base_scheduler``'s config, so the σ range, σ_data and the network's
+    parametrisation (:func:`network_parametrisation`: preconditioning, β schedule, prediction type) carry over;
+    ``overrides`` (e.g. ``s_churn=40``) replace config entries. Overrides the target class does not know are an
+    error rather than silently ignored, and so is a target that cannot sample the network's parametrisation."""
     cls = _find_class(SCHEDULER_ALIASES.get(name, name))
-    preconditioning = base_scheduler.config.get("preconditioning", "edm")
+    if "preconditioning" in overrides:  # the caller says what the network predicts
+        parametrisation = {"preconditioning": overrides["preconditioning"]}
+    else:
+        parametrisation = network_parametrisation(base_scheduler)
+    preconditioning = overrides.get("preconditioning", parametrisation["preconditioning"])
     if cls.__name__ == "EDMEulerScheduler" and preconditioning != "edm":
         raise ValueError(f"EDMEulerScheduler only implements the 'edm' preconditioning, the model uses {preconditioning!r}")
+    if _takes(cls, "preconditioning"):
+        overrides = {**parametrisation, **overrides}
+    elif _takes(cls, "beta_schedule") and preconditioning != "ddpm":
+        raise ValueError(f"{cls.__name__} samples DDPM networks (a β schedule), but the model uses the "
+                         f"{preconditioning!r} preconditioning; use 'heun' or 'stochastic'")
     scheduler = cls.from_config(base_scheduler.config, **overrides)
-    unknown = [k for k in overrides if k not in scheduler.config]
+    unknown = [k for k in overrides if k not in scheduler.config and k not in parametrisation]
     if unknown:
         raise ValueError(f"{cls.__name__} has no option(s) {unknown}; e.g. churn needs the 'stochastic' scheduler")
     return scheduler
+
+
+def pipeline_with_scheduler(pipe, scheduler):
+    """``pipe`` sampling with ``scheduler``, moved into a pipeline whose loop drives that scheduler correctly.
+
+    diffusers' ``DDPMPipeline`` and ``DDIMPipeline`` never call ``scale_model_input`` nor scale the initial noise by
+    ``init_noise_sigma``, so an EDM scheduler (one with a ``preconditioning``) placed in them would start at the
+    wrong noise level and feed the network unscaled inputs. Their UNet moves into an :class:`EDMPipeline` instead;
+    a ``DDIMScheduler`` on a ``DDPMPipeline`` moves into a ``DDIMPipeline`` (which takes ``eta``). Anything else
+    keeps its pipeline.
+    """
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
+
+    from ..pipelines import EDMPipeline
+
+    if "preconditioning" in scheduler.config and not isinstance(pipe, EDMPipeline):
+        if not isinstance(pipe, (DDPMPipeline, DDIMPipeline)):
+            raise ValueError(f"{type(scheduler).__name__} needs a pipeline that scales the model input "
+                             f"(EDMPipeline); cannot tell whether {type(pipe).__name__} does")
+        new = EDMPipeline(unet=pipe.unet, scheduler=scheduler)
+        return new.to(pipe.device)
+    if isinstance(scheduler, DDIMScheduler) and isinstance(pipe, DDPMPipeline):
+        return DDIMPipeline(unet=pipe.unet, scheduler=scheduler).to(pipe.device)
+    pipe.scheduler = scheduler
+    return pipe
 
 
 @contextlib.contextmanager

@@ -1,7 +1,16 @@
 """Training objectives: one module per paper, each loss a small callable, each target a pure tensor function."""
 
 # --- EDM + Stable Target Field (issue 3) ---
-from .edm import EDMLoss, VELoss
+from .edm import (
+    DDPMEpsilonLoss,
+    DenoisingLoss,
+    EDMLoss,
+    VELoss,
+    VPLoss,
+    add_noise,
+    make_denoising_loss,
+    reduce_per_sample,
+)
 from .stable_target_field import (
     DDPMStableTargetFieldLoss,
     StableTargetFieldLoss,
@@ -26,11 +35,4 @@ from .discriminator import (
 )
 
 # --- Score matching (issue 7) ---
-from .score_matching import (
-    DenoisingScoreMatchingLoss,
-    ScoreModel,
-    noise_level_timestep,
-    score_from_model_output,
-    sigma_from_timestep,
-    tweedie_denoise,
-)
+from .score_matching import DenoisingScoreMatchingLoss

@@ -10,8 +10,10 @@ between r and the true ratio:
 * :class:`DiscriminatorLSIFLoss`: least-squares importance fitting, E_fake[r²/2] − E_real[r];
 * :class:`DiscriminatorUKLLoss`: unnormalised KL, E_fake[r] − E_real[log r].
 
-The expectations over real and fake images are taken separately, so the minimiser is the density ratio whatever the
-proportion of each in a batch.
+Reduction (``reduction``): DG's ``train.py`` takes the mean of the per-image terms over its mixed batch of real and
+fake images (``"mean"``, the default). With equally many real and fake images, as the training script draws them,
+this is half of ``"balanced"``, mean_real + mean_fake, which keeps the density ratio as the minimiser whatever the
+proportion of real and fake images in a batch.
 
 σ is sampled log-uniformly (:func:`sample_sigma_log_uniform`). DG samples the VP time τ by importance sampling with
 density ∝ β(τ)/(1 − e^{−∫β}) on [1e-5, 1]; since σ(τ)² = e^{∫β} − 1, that density makes ln σ² uniform, i.e. σ
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..preconditioning import VPPreconditioning
+from .edm import add_noise, rand
 
 _VP = VPPreconditioning()
 DG_TRAIN_TIME_MIN = 1e-5  # DG train.py: t_min of the importance-sampled VP time
@@ -46,9 +49,8 @@ def sample_sigma_log_uniform(
     written in σ (module docstring)."""
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    u = torch.rand(batch_size, generator=generator, dtype=torch.float64, device=generator.device if generator else None)
-    sigma = torch.exp(math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min)))
-    return sigma.to(device) if device is not None else sigma
+    u = rand(batch_size, generator, device, dtype=torch.float64)
+    return torch.exp(math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min)))
 
 
 @dataclass
@@ -56,7 +58,8 @@ class DiscriminatorLossOutput:
     """Result of a discriminator loss.
 
     Args:
-        loss: the scalar objective, mean(real terms) + mean(fake terms).
+        loss: the scalar objective: the mean of all terms (``reduction="mean"``) or mean(real terms) + mean(fake
+            terms) (``"balanced"``).
         per_sample: each image's term of the objective, real images first (detached).
         logits: ℓ of the real then the fake images (detached).
         sigma: their noise levels (float64).
@@ -75,19 +78,27 @@ class DiscriminatorLossOutput:
         return (self.logits > 0) == self.is_real.bool()
 
 
+REDUCTIONS = ("mean", "balanced")
+
+
 class DiscriminatorLoss:
-    """mean_real[real_term(ℓ)] + mean_fake[fake_term(ℓ)] over real and generated images diffused at log-uniform σ.
+    """real_term(ℓ) on real and fake_term(ℓ) on generated images diffused at log-uniform σ, reduced over the batch.
 
     Args:
         sigma_min, sigma_max: the range of the log-uniform σ (default: DG's).
+        reduction: ``mean`` (DG: the mean over the mixed batch of real and fake images) or ``balanced``
+            (mean over the real images + mean over the fake ones).
     """
 
     name = ""
 
-    def __init__(self, sigma_min: float = DG_TRAIN_SIGMA_MIN, sigma_max: float = DG_TRAIN_SIGMA_MAX):
+    def __init__(self, sigma_min: float = DG_TRAIN_SIGMA_MIN, sigma_max: float = DG_TRAIN_SIGMA_MAX,
+                 reduction: str = "mean"):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.sigma_min, self.sigma_max, self.reduction = float(sigma_min), float(sigma_max), reduction
 
     def real_term(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -98,10 +109,7 @@ class DiscriminatorLoss:
     def logits(self, discriminator, images, class_labels=None, generator=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """ℓ(y + σ·n, σ) with σ log-uniform and n ~ N(0, I) (the forward process of DG Algorithm 1)."""
         sigma = sample_sigma_log_uniform(len(images), self.sigma_min, self.sigma_max, generator, device=images.device)
-        noise = torch.randn(images.shape, generator=generator, device=generator.device if generator else None)
-        noise = noise.to(device=images.device, dtype=images.dtype)
-        noisy = images + sigma.to(images.dtype).reshape(-1, *([1] * (images.ndim - 1))) * noise
-        return discriminator(noisy, sigma, class_labels).logits, sigma
+        return discriminator(add_noise(images, sigma, generator), sigma, class_labels).logits, sigma
 
     def __call__(
         self,
@@ -125,8 +133,12 @@ class DiscriminatorLoss:
         logits_real, sigma_real = self.logits(discriminator, real, real_labels, generator)
         logits_fake, sigma_fake = self.logits(discriminator, fake, fake_labels, generator)
         real_terms, fake_terms = self.real_term(logits_real.float()), self.fake_term(logits_fake.float())
+        if self.reduction == "mean":
+            loss = torch.cat([real_terms, fake_terms]).mean()
+        else:
+            loss = real_terms.mean() + fake_terms.mean()
         return DiscriminatorLossOutput(
-            loss=real_terms.mean() + fake_terms.mean(),
+            loss=loss,
             per_sample=torch.cat([real_terms, fake_terms]).detach(),
             logits=torch.cat([logits_real, logits_fake]).detach(),
             sigma=torch.cat([sigma_real, sigma_fake]),

@@ -1,29 +1,157 @@
-"""Denoising losses of Karras et al. 2022 ("EDM"), Table 1 "Training" rows and NVlabs/edm ``training/loss.py``.
+"""Denoising losses of Karras et al. 2022 ("EDM"), Table 1 "Training" rows and NVlabs/edm ``training/loss.py``,
+and the DDPM ε-prediction loss of Ho et al. 2020 (eq. 14) in the same shape.
 
-Each loss draws σ, perturbs the images, x̃ = y + σ·n, and regresses the denoiser D(x̃; σ) of
-:class:`~diffusers_stf.preconditioning.Denoiser` onto a target (the clean image y for denoising score matching):
+Each loss draws σ, perturbs the images once, x̃ = y + σ·n (:func:`add_noise`, the one noising line), and regresses
+the denoiser D(x̃; σ) of :class:`~diffusers_stf.preconditioning.Denoiser` onto a target T:
 
-    loss = λ(σ) · ‖D(x̃; σ) − target‖²        (EDM eq. 2 with the weight λ(σ) of Table 1)
+    loss = λ(σ) · (D(x̃; σ) − T)²        (EDM eq. 2 with the weight λ(σ) of Table 1; per element)
 
-The losses return the per-element loss (B, C, H, W), as EDM does; the caller reduces it. ``target`` is a hook:
-:mod:`~diffusers_stf.losses.stable_target_field` passes the stable target instead of y.
+T is the clean image y (denoising score matching) unless the caller passes a *target function*
+``target(noisy, sigma, images) -> T``; :mod:`~diffusers_stf.losses.stable_target_field` passes the stable target.
+The losses return the per-element loss (B, C, H, W), as EDM does; the caller reduces it (EDM: sum over C·H·W,
+mean over the batch).
+
+Random draws happen on the generator's device (as diffusers' ``randn_tensor``) and are then moved to the images'
+device, so a CPU generator gives the same numbers whatever the device of the images.
+
+Validation without host–device syncs: the constructors check their hyperparameters; tensors given to a loss call
+(e.g. an explicit σ) are checked only when they live on the CPU, where the check is free (:func:`check_on_host`).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..preconditioning import Denoiser, EDMPreconditioning, VEPreconditioning
+from ..preconditioning import (
+    DDPMPreconditioning,
+    Denoiser,
+    EDMPreconditioning,
+    Preconditioning,
+    VEPreconditioning,
+    VPPreconditioning,
+    betas_for_schedule,
+)
+
+Target = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+DENOISING_LOSSES = ("edm", "vp", "ve")
 
 
-def _per_sample(sigma: torch.Tensor, ndim: int) -> torch.Tensor:
-    return sigma.reshape(-1, *([1] * (ndim - 1)))
+# ----------------------------------------------------------------------------------------------------------------------
+# Draws and checks shared by every loss
 
 
-class EDMLoss:
-    """EDM's loss ("Ours" in Table 1): ln σ ~ N(P_mean, P_std²), λ(σ) = (σ² + σ_data²)/(σ·σ_data)², with EDM's
+def _device(generator: Optional[torch.Generator], device) -> torch.device:
+    return generator.device if generator is not None else torch.device(device if device is not None else "cpu")
+
+
+def rand(shape, generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """U(0, 1) drawn on the generator's device, returned on ``device``."""
+    return torch.rand(shape, generator=generator, device=_device(generator, device), dtype=dtype).to(device)
+
+
+def randn(shape, generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """N(0, 1) drawn on the generator's device, returned on ``device``."""
+    return torch.randn(shape, generator=generator, device=_device(generator, device), dtype=dtype).to(device)
+
+
+def randint(high: int, shape, generator: Optional[torch.Generator] = None, device=None, low: int = 0) -> torch.Tensor:
+    """Integers uniform in {low, …, high − 1}, drawn on the generator's device, returned on ``device``."""
+    return torch.randint(low, high, shape, generator=generator, device=_device(generator, device)).to(device)
+
+
+def check_on_host(condition: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` when ``condition`` is not all true, for a CPU tensor only.
+
+    On an accelerator the check would stall the pipeline on every training step (a host–device sync), so values
+    drawn or computed there are trusted; checking them costs nothing on the CPU.
+    """
+    if condition.device.type == "cpu" and not bool(condition.all()):
+        raise ValueError(message)
+
+
+def check_finite(**values: float) -> None:
+    """ValueError naming the first argument that is not a finite number."""
+    for name, value in values.items():
+        if not math.isfinite(float(value)):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(B,) → (B, 1, …, 1) for broadcasting against (B, C, H, W)."""
+    return values.reshape(-1, *([1] * (ndim - 1)))
+
+
+def reduce_per_sample(per_element: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """(B, C, H, W) → (B,): ``sum`` over C·H·W, as EDM's training loop (whose loss is then the mean over the batch,
+    ``loss.sum() / batch_size``), or ``mean`` over C·H·W, as ``F.mse_loss`` (1/(C·H·W) of EDM's scale)."""
+    if reduction == "sum":
+        return per_element.flatten(1).sum(1)
+    if reduction == "mean":
+        return per_element.flatten(1).mean(1)
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def add_noise(images: torch.Tensor, sigma: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """x̃ = y + σ·n with n ~ N(0, I) (EDM eq. 2's perturbation; σ per sample), in the dtype of ``images``."""
+    noise = randn(images.shape, generator, images.device, images.dtype)
+    return images + per_sample(sigma.to(images.dtype), images.ndim) * noise
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EDM Table 1: one loss per row
+
+
+class DenoisingLoss:
+    """λ(σ)·(D(y + σ·n; σ) − T)² per element, with σ from :meth:`sample_sigma` and λ from :meth:`weight`
+    (EDM eq. 2; a subclass is one row of EDM Table 1).
+
+    Args:
+        preconditioning: the :class:`~diffusers_stf.preconditioning.Preconditioning` that turns the raw network into
+            D (:meth:`denoiser`); the samplers use the same object to load the trained network.
+    """
+
+    def __init__(self, preconditioning: Preconditioning):
+        self.preconditioning = preconditioning
+
+    def sample_sigma(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def denoiser(self, model: torch.nn.Module) -> Denoiser:
+        """D(x; σ) of a raw network under this loss's preconditioning."""
+        return Denoiser(model, self.preconditioning)
+
+    def __call__(self, denoiser, images: torch.Tensor, sigma: Optional[torch.Tensor] = None,
+                 class_labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                 target: Optional[Target] = None) -> torch.Tensor:
+        """The per-element loss λ(σ)·(D(x̃; σ) − T)² of ``images`` (B, C, H, W).
+
+        Args:
+            denoiser: D(x, σ, class_labels=None), e.g. ``loss.denoiser(unet)``.
+            images: the clean (possibly augmented) images y.
+            sigma: noise levels (B,), > 0; drawn with :meth:`sample_sigma` when None.
+            class_labels: passed to the denoiser (class labels, or EDM's augmentation labels).
+            generator: source of σ and of the noise.
+            target: ``target(noisy, sigma, images) -> T``; default T = ``images`` (denoising score matching).
+        """
+        if sigma is None:
+            sigma = self.sample_sigma(images.shape[0], generator, images.device)
+        else:
+            sigma = torch.as_tensor(sigma, dtype=torch.float32).to(images.device).reshape(-1).expand(images.shape[0])
+            check_on_host(sigma > 0, "sigma must be > 0 (and not NaN) for every sample")
+        noisy = add_noise(images, sigma, generator)
+        goal = images if target is None else target(noisy, sigma, images)
+        denoised = denoiser(noisy, sigma, class_labels=class_labels)
+        return per_sample(self.weight(sigma), images.ndim).to(denoised.dtype) * (denoised - goal) ** 2
+
+
+class EDMLoss(DenoisingLoss):
+    """EDM's loss (Table 1 "Ours"): ln σ ~ N(P_mean, P_std²), λ(σ) = (σ² + σ_data²)/(σ·σ_data)², EDM
     preconditioning (so λ(σ) = 1/c_out(σ)² and the network's effective target has unit variance).
 
     Args:
@@ -32,53 +160,56 @@ class EDMLoss:
     """
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
+        check_finite(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
         if not P_std > 0:
             raise ValueError(f"P_std must be > 0, got {P_std}")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        super().__init__(EDMPreconditioning(sigma_data))
         self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
-        self.preconditioning = EDMPreconditioning(sigma_data)
 
-    def denoiser(self, model: torch.nn.Module) -> Denoiser:
-        """D(x; σ) of a raw network under this loss's preconditioning."""
-        return Denoiser(model, self.preconditioning)
-
-    def sample_sigma(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    def sample_sigma(self, batch_size, generator=None, device=None):
         """σ = exp(P_mean + P_std·z), z ~ N(0, 1), shape (batch_size,), float32."""
-        device = device if device is not None else (generator.device if generator is not None else "cpu")
-        z = torch.randn(batch_size, generator=generator, device=device)
-        return (z * self.P_std + self.P_mean).exp()
+        return (randn(batch_size, generator, device) * self.P_std + self.P_mean).exp()
 
-    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+    def weight(self, sigma):
         """λ(σ) = (σ² + σ_data²)/(σ·σ_data)²."""
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
-    def regression_loss(self, denoiser, noisy: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor,
-                        class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """λ(σ)·(D(x̃; σ) − target)², per element."""
-        denoised = denoiser(noisy, sigma, class_labels=class_labels)
-        return _per_sample(self.weight(sigma), noisy.ndim) * (denoised - target) ** 2
 
-    def __call__(self, denoiser, images: torch.Tensor, sigma: Optional[torch.Tensor] = None,
-                 class_labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                 target: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The per-element loss of ``images`` (B, C, H, W).
+class VPLoss(DenoisingLoss):
+    """The variance-preserving loss of Song et al. 2021 in EDM's form (Table 1 "VP"): t ~ U(ε_t, 1),
+    σ = σ(t) = √(exp(½β_d t² + β_min t) − 1), λ(σ) = 1/σ², VP preconditioning.
 
-        Args:
-            denoiser: D(x, σ, class_labels=None), e.g. ``loss.denoiser(unet)``.
-            images: the clean (possibly augmented) images y.
-            sigma: noise levels (B,); drawn with :meth:`sample_sigma` when None.
-            class_labels: passed to the denoiser (class labels, or EDM's augmentation labels).
-            generator: source of σ and the noise.
-            target: regression target (default: ``images``, denoising score matching).
-        """
-        if sigma is None:
-            sigma = self.sample_sigma(images.shape[0], generator, images.device)
-        sigma = sigma.to(device=images.device, dtype=torch.float32)
-        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-        noisy = images + _per_sample(sigma, images.ndim).to(images.dtype) * noise
-        return self.regression_loss(denoiser, noisy, sigma, images if target is None else target, class_labels)
+    σ(t) is evaluated in float64 (then cast to float32): at t = ε_t, exp(·) − 1 ≈ 1e-6, which float32 would round
+    to within 10 %.
+
+    Args:
+        beta_d, beta_min: the VP schedule (EDM: 19.9, 0.1).
+        epsilon_t: the smallest t (EDM: 1e-5).
+        M: the VP preconditioning's c_noise scale, c_noise = (M − 1)·t(σ) (EDM: 1000).
+    """
+
+    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5, M: int = 1000):
+        check_finite(beta_d=beta_d, beta_min=beta_min, epsilon_t=epsilon_t)
+        if not (beta_d > 0 and beta_min >= 0):
+            raise ValueError(f"need beta_d > 0 and beta_min >= 0, got beta_d={beta_d}, beta_min={beta_min}")
+        if not 0 < epsilon_t < 1:
+            raise ValueError(f"epsilon_t must be in (0, 1), got {epsilon_t}")
+        super().__init__(VPPreconditioning(beta_d, beta_min, M, epsilon_t))
+        self.beta_d, self.beta_min, self.epsilon_t = float(beta_d), float(beta_min), float(epsilon_t)
+
+    def sample_sigma(self, batch_size, generator=None, device=None):
+        """σ(t) with t = 1 + u·(ε_t − 1), u ~ U(0, 1), i.e. t ~ U(ε_t, 1)."""
+        t = 1 + rand(batch_size, generator, device).double() * (self.epsilon_t - 1)
+        return self.preconditioning.sigma(t).float()
+
+    def weight(self, sigma):
+        """λ(σ) = 1/σ²."""
+        return 1 / sigma**2
 
 
-class VELoss(EDMLoss):
+class VELoss(DenoisingLoss):
     """The variance-exploding loss of Song et al. 2021 in EDM's form (Table 1 "VE"): ln σ ~ U(ln σ_min, ln σ_max),
     λ(σ) = 1/σ², VE preconditioning (c_skip = 1, c_out = σ).
 
@@ -87,18 +218,94 @@ class VELoss(EDMLoss):
     """
 
     def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100.0):
+        check_finite(sigma_min=sigma_min, sigma_max=sigma_max)
         if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        super().__init__(VEPreconditioning(sigma_min, sigma_max))
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
-        self.preconditioning = VEPreconditioning(sigma_min, sigma_max)
 
-    def sample_sigma(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    def sample_sigma(self, batch_size, generator=None, device=None):
         """σ = σ_min·(σ_max/σ_min)^u, u ~ U(0, 1)."""
-        device = device if device is not None else (generator.device if generator is not None else "cpu")
-        u = torch.rand(batch_size, generator=generator, device=device)
-        return self.sigma_min * (self.sigma_max / self.sigma_min) ** u
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** rand(batch_size, generator, device)
 
-    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+    def weight(self, sigma):
         """λ(σ) = 1/σ²."""
         return 1 / sigma**2
 
+
+def make_denoising_loss(precond: str = "edm", P_mean: float = -1.2, P_std: float = 1.2,
+                        sigma_data: float = 0.5) -> DenoisingLoss:
+    """The loss of one EDM preconditioning, as EDM's ``train.py --precond`` picks them: ``edm`` → :class:`EDMLoss`,
+    ``vp`` → :class:`VPLoss`, ``ve`` → :class:`VELoss` (each with EDM's defaults; P_mean, P_std and sigma_data
+    apply to ``edm``)."""
+    if precond == "edm":
+        return EDMLoss(P_mean, P_std, sigma_data)
+    if precond == "vp":
+        return VPLoss()
+    if precond == "ve":
+        return VELoss()
+    raise ValueError(f"precond must be one of {DENOISING_LOSSES}, got {precond!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DDPM (Ho et al. 2020) in the same shape
+
+
+class DDPMEpsilonLoss:
+    """Ho et al. 2020 eq. 14: (ε_θ(x_t, t) − ε)² per element, t ~ U{0, …, T − 1} (diffusers' 0-based index),
+    x_t = √ᾱ_t·y + √(1 − ᾱ_t)·ε, for a raw ε-prediction network ``model(x_t, t)``.
+
+    x_t is built from the same perturbation as the EDM losses: x_t = c_in(σ_t)·x̃ with x̃ = y + σ_t·ε and
+    σ_t = √((1 − ᾱ_t)/ᾱ_t). A target function T replaces ε by the noise it implies, (x̃ − T(x̃, σ_t, y))/σ_t
+    (with T = y this is ε).
+
+    Args:
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the β schedule, as in diffusers'
+            ``DDPMScheduler`` (ᾱ_t from :class:`~diffusers_stf.preconditioning.DDPMPreconditioning`).
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2,
+                 beta_schedule: str = "linear", trained_betas: Optional[Sequence[float]] = None):
+        betas = betas_for_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("the betas of the schedule must lie in (0, 1)")
+        self.preconditioning = DDPMPreconditioning(betas)
+        self.num_train_timesteps = len(betas)
+
+    def sample_timesteps(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None):
+        """t ~ U{0, …, T − 1}."""
+        return randint(self.num_train_timesteps, (batch_size,), generator, device)
+
+    def sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """σ_t = √((1 − ᾱ_t)/ᾱ_t), float64: the VE noise level equivalent to timestep t."""
+        return self.preconditioning.table.to(timesteps.device)[timesteps]
+
+    def __call__(self, model, images: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
+                 class_labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                 target: Optional[Target] = None) -> torch.Tensor:
+        """The per-element loss (ε_θ(x_t, t) − ε)².
+
+        Args:
+            model: ε-prediction network ``model(x_t, t, class_labels=...)`` (``.sample`` or a tensor).
+            images: clean images y (B, C, H, W).
+            timesteps: 0-based t (B,); drawn with :meth:`sample_timesteps` when None.
+            class_labels: passed to the model.
+            generator: source of t and of the noise.
+            target: ``target(noisy, sigma, images) -> T`` in the x̃ = y + σ·n coordinates (default: ε itself).
+        """
+        if timesteps is None:
+            timesteps = self.sample_timesteps(images.shape[0], generator, images.device)
+        else:
+            timesteps = torch.as_tensor(timesteps).to(images.device).long().reshape(-1).expand(images.shape[0])
+            check_on_host((timesteps >= 0) & (timesteps < self.num_train_timesteps),
+                          f"timesteps must lie in 0..{self.num_train_timesteps - 1}")
+        sigma64 = self.sigma(timesteps)
+        noisy = add_noise(images, sigma64, generator)
+        sigma = per_sample(sigma64, images.ndim)
+        clean = images if target is None else target(noisy, sigma64, images)
+        goal = ((noisy.double() - clean.double()) / sigma).to(images.dtype)
+        x_t = (noisy.double() * self.preconditioning.c_in(sigma)).to(images.dtype)
+        kwargs = {} if class_labels is None else {"class_labels": class_labels}
+        out = model(x_t, timesteps, **kwargs)
+        out = out.sample if hasattr(out, "sample") else out
+        return (out - goal) ** 2

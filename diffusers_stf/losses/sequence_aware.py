@@ -22,7 +22,12 @@ Differences from the official code (VinAIResearch/SA-DPM ``sequence_aware_loss``
   T (``window="official"``); ``window="paper"`` (default) samples the window start from the paper's range, see
   :meth:`SequenceAwareLoss.sample_windows`;
 - both draw one independent noise ε_s per step of the window, each x_s built from the same x_0
-  (``noise="independent"``); ``noise="shared"`` reuses one ε for all K steps, a different estimator.
+  (``noise="independent"``); ``noise="shared"`` reuses one ε for all K steps, a different estimator;
+- timesteps: the official ``train_ddp.py`` draws the L_simple steps antithetically, half of the batch uniform and
+  the other half mirrored, t and T − 1 − t (``timesteps="antithetic"``); ``timesteps="uniform"`` draws each
+  independently;
+- reduction: the official code sums over C·H·W and averages over the batch (``reduction="sum"``); ``"mean"``
+  averages over C·H·W as ``F.mse_loss`` does (λ means the same in both, since both terms are reduced alike).
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ from typing import Optional, Tuple
 import torch
 
 from ..preconditioning import betas_for_schedule
+from .edm import check_on_host, randint, randn
 from .stable_target_field import stable_target_epsilon
 
 WEIGHTINGS = ("uniform", "paper")
 WINDOWS = ("paper", "official")
 NOISE_COUPLINGS = ("independent", "shared")
 REDUCTIONS = ("mean", "sum")
+TIMESTEP_SAMPLINGS = ("uniform", "antithetic")
 
 
 def _check_betas(betas) -> torch.Tensor:
@@ -115,6 +122,9 @@ class SequenceAwareLoss:
             for the whole window).
         reduction: ``mean`` (mean over C·H·W, as ``F.mse_loss``) or ``sum`` (sum over C·H·W, as the official code);
             both terms are reduced the same way, so λ means the same in both.
+        timesteps: how the L_simple steps s of a batch are drawn: ``uniform`` (independently, s ~ U{1..T}) or
+            ``antithetic`` (as the official ``train_ddp.py``: ⌊B/2⌋ + 1 uniform draws s followed by their mirrors
+            T + 1 − s, i.e. t and T − 1 − t in 0-based indices, truncated to B).
 
     With ``reference_images`` in the call, every ε_s (in both terms) is replaced by the Stable Target Field's implied
     noise (Xu et al. 2023, :func:`~diffusers_stf.losses.stable_target_field.stable_target_epsilon`) of x_s.
@@ -129,13 +139,15 @@ class SequenceAwareLoss:
         window: str = "paper",
         noise: str = "independent",
         reduction: str = "mean",
+        timesteps: str = "uniform",
     ):
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps (K) must be an integer >= 1, got {num_steps!r}")
         if not sa_lambda >= 0:
             raise ValueError(f"sa_lambda must be >= 0, got {sa_lambda}")
         for name, value, allowed in (("window", window, WINDOWS), ("noise", noise, NOISE_COUPLINGS),
-                                     ("reduction", reduction, REDUCTIONS), ("weighting", weighting, WEIGHTINGS)):
+                                     ("reduction", reduction, REDUCTIONS), ("weighting", weighting, WEIGHTINGS),
+                                     ("timesteps", timesteps, TIMESTEP_SAMPLINGS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         betas = _check_betas(betas)
@@ -146,6 +158,7 @@ class SequenceAwareLoss:
         self.tau = sequence_aware_weights(betas, weighting)
         self.num_steps, self.sa_lambda = num_steps, float(sa_lambda)
         self.weighting, self.window, self.noise, self.reduction = weighting, window, noise, reduction
+        self.timesteps = timesteps
 
     @classmethod
     def from_scheduler_config(cls, config, **kwargs) -> "SequenceAwareLoss":
@@ -159,18 +172,22 @@ class SequenceAwareLoss:
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Draw (window start t, position k of the L_simple step s = t + k), both 1-based/[B] long tensors.
 
-        s ~ U{1..T}. ``window="paper"``: k ~ U{0..K−1}, so t = s − k has probability n(t)/(T·K) with n(t) the number
-        of window steps inside {1..T}; :meth:`window_weights` turns this into the paper's t ~ U{1−K..T} (the one
-        window with n = 0 contributes nothing). ``window="official"``: k = K − 1.
+        s ~ U{1..T} (each marginally; ``timesteps="antithetic"`` pairs s with T + 1 − s). ``window="paper"``:
+        k ~ U{0..K−1}, so t = s − k has probability n(t)/(T·K) with n(t) the number of window steps inside {1..T};
+        :meth:`window_weights` turns this into the paper's t ~ U{1−K..T} (the one window with n = 0 contributes
+        nothing). ``window="official"``: k = K − 1.
         """
         T, K = self.num_train_timesteps, self.num_steps
-        on = generator.device if generator is not None else device
-        s = torch.randint(1, T + 1, (batch_size,), generator=generator, device=on)
-        if self.window == "paper":
-            k = torch.randint(0, K, (batch_size,), generator=generator, device=on)
+        if self.timesteps == "antithetic":
+            s = randint(T + 1, (batch_size // 2 + 1,), generator, device, low=1)
+            s = torch.cat([s, T + 1 - s])[:batch_size]
         else:
-            k = torch.full((batch_size,), K - 1, dtype=torch.long, device=on)
-        return (s - k).to(device), k.to(device)
+            s = randint(T + 1, (batch_size,), generator, device, low=1)
+        if self.window == "paper":
+            k = randint(K, (batch_size,), generator, device)
+        else:
+            k = torch.full((batch_size,), K - 1, dtype=torch.long, device=device)
+        return s - k, k
 
     def window_weights(self, window_start: torch.Tensor) -> torch.Tensor:
         """Importance weight T·K/((T+K)·n(t)) of a window drawn by :meth:`sample_windows` (``paper``), 1 otherwise."""
@@ -184,9 +201,7 @@ class SequenceAwareLoss:
     def draw_noise(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """ε_{t+j} for j = 0..K−1, shape [K, *images.shape]: independent draws, or one draw repeated (``shared``)."""
         draws = 1 if self.noise == "shared" else self.num_steps
-        on = generator.device if generator is not None else images.device
-        noise = torch.randn((draws, *images.shape), generator=generator, dtype=torch.float32, device=on)
-        return noise.to(images.device).expand(self.num_steps, *images.shape)
+        return randn((draws, *images.shape), generator, images.device).expand(self.num_steps, *images.shape)
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
@@ -220,11 +235,11 @@ class SequenceAwareLoss:
         device = images.device
         if window_start is None:
             window_start, position = self.sample_windows(B, device, generator)
-        window_start, position = window_start.to(device).long(), position.to(device).long()
-        if not bool(((position >= 0) & (position < K)).all()):
-            raise ValueError(f"position must lie in 0..K-1 = 0..{K - 1}")
-        if not bool(((window_start + position >= 1) & (window_start + position <= T)).all()):
-            raise ValueError(f"window_start + position (the L_simple timestep) must lie in 1..T = 1..{T}")
+        else:
+            window_start, position = window_start.to(device).long(), position.to(device).long()
+            check_on_host((position >= 0) & (position < K), f"position must lie in 0..K-1 = 0..{K - 1}")
+            check_on_host((window_start + position >= 1) & (window_start + position <= T),
+                          f"window_start + position (the L_simple timestep) must lie in 1..T = 1..{T}")
         noise = self.draw_noise(images, generator) if noise is None else noise.to(device)
         if noise.shape != (K, *images.shape):
             raise ValueError(f"noise must have shape {(K, *images.shape)}, got {tuple(noise.shape)}")

@@ -10,6 +10,11 @@ y_i. With R = 1 (the sample itself) T_i = y_i, denoising score matching; as σ �
 to the mean of the references; as R grows T_i tends to the true posterior mean E[y | x̃_i], with a target covariance
 about 1/(R − 1) of the DSM target's (the paper's variance-reduction result).
 
+T is a target function handed to a loss of :mod:`~diffusers_stf.losses.edm` (:class:`StableTargetFieldLoss`), so
+STF works over every perturbation written as x̃ = y + σ·n: EDM (the paper), VP and VE, and the DDPM ε form, whose
+x_t = x̃/√(1 + σ_t²) has the same posterior weights (:func:`stable_target_epsilon`). The official code implements
+STF for EDM only.
+
 Numerics: logits in float64 from ‖r_j‖² − 2⟨x̃_i, r_j⟩ (the ‖x̃_i‖² term is the same for every j and cancels in the
 softmax); float64 makes the expansion exact enough at σ = 0.002, where float32 would lose the logits. The
 references are processed in chunks, so the extra memory is O(B·R + B·D + chunk·D), never B×R×D.
@@ -17,12 +22,11 @@ references are processed in chunks, so the extra memory is O(B·R + B·D + chunk
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from ..preconditioning import DDPMPreconditioning, betas_for_schedule
-from .edm import EDMLoss, _per_sample
+from .edm import DDPMEpsilonLoss, DenoisingLoss, EDMLoss, check_on_host, per_sample
 
 CHUNK_BYTES = 8 * 1024**2  # float64 reference chunk
 
@@ -56,8 +60,7 @@ def stable_target_field(noisy_images: torch.Tensor, sigmas, reference_images: to
     sigmas = sigmas.expand(b) if sigmas.numel() == 1 else sigmas
     if sigmas.numel() != b:
         raise ValueError(f"sigmas must have one entry per image ({b}), got {sigmas.numel()}")
-    if not bool((sigmas > 0).all()):
-        raise ValueError("sigmas must be > 0")
+    check_on_host(sigmas > 0, "sigmas must be > 0")
     x = noisy_images.reshape(b, -1).to(torch.float64)
     refs = reference_images.reshape(r, -1)
     step = _chunk_size(x.shape[1], chunk_size)
@@ -95,12 +98,11 @@ def stable_target_epsilon(noisy_images: torch.Tensor, alphas_cumprod, reference_
     b = noisy_images.shape[0]
     abar = torch.as_tensor(alphas_cumprod, device=noisy_images.device, dtype=torch.float64).reshape(-1)
     abar = abar.expand(b) if abar.numel() == 1 else abar
-    if not bool(((abar > 0) & (abar < 1)).all()):
-        raise ValueError("alphas_cumprod must lie in (0, 1)")
+    check_on_host((abar > 0) & (abar < 1), "alphas_cumprod must lie in (0, 1)")
     x_t = noisy_images.to(torch.float64)
-    scale = _per_sample(abar.sqrt(), x_t.ndim)
+    scale = per_sample(abar.sqrt(), x_t.ndim)
     target = stable_target_field(x_t / scale, ((1 - abar) / abar).sqrt(), reference_images, chunk_size)
-    eps = (x_t - scale * target) / _per_sample((1 - abar).sqrt(), x_t.ndim)
+    eps = (x_t - scale * target) / per_sample((1 - abar).sqrt(), x_t.ndim)
     return eps.to(noisy_images.dtype)
 
 
@@ -125,102 +127,75 @@ def check_reference_batch_size(reference_batch_size: int, batch_size: int) -> in
 
 
 class StableTargetFieldLoss:
-    """EDM's (or VE's) loss with the stable target in place of the clean image (Xu et al. 2023).
+    """A denoising loss with the stable target in place of the clean image (Xu et al. 2023).
 
-    Per step: σ and the noise as in the base loss, the reference set = the minibatch ``images`` + ``extra_references``
-    (gathered over processes when ``gather``), T = :func:`stable_target_field`, loss = λ(σ)·(D(x̃; σ) − T)².
+    STF is a target function handed to the base loss: per step the reference set is the minibatch ``images`` plus
+    ``extra_references`` (gathered over processes when ``gather``), and the base loss regresses onto
+    T(x̃, σ) = :func:`stable_target_field` of its own perturbation x̃ = y + σ·n. Over :class:`EDMLoss` (the paper's
+    setting), ``VPLoss`` or ``VELoss`` the loss is λ(σ)·(D(x̃; σ) − T)²; over :class:`DDPMEpsilonLoss` it is
+    (ε_θ(x_t, t) − ε̂)² with ε̂ = (x̃ − T)/σ_t the noise T implies (:func:`stable_target_epsilon`).
 
     Args:
-        base_loss: an :class:`~diffusers_stf.losses.edm.EDMLoss` (default) or ``VELoss``: σ sampling, weight,
-            preconditioning.
+        base_loss: the loss whose σ law, weight and preconditioning are used (default :class:`EDMLoss`).
         reference_batch_size: R per process, minibatch included (the official code's ``--rbatch``; paper: 1024).
         accelerator: with ``gather=True``, the references of all processes are used (R grows with the world size).
         gather: gather references across processes.
+        chunk_size: references per float64 chunk of the target computation (default: 8 MB worth).
     """
 
-    def __init__(self, base_loss: Optional[EDMLoss] = None, reference_batch_size: int = 1024, accelerator=None,
-                 gather: bool = False):
-        if reference_batch_size < 1:
+    def __init__(self, base_loss: Union[DenoisingLoss, DDPMEpsilonLoss, None] = None,
+                 reference_batch_size: int = 1024, accelerator=None, gather: bool = False,
+                 chunk_size: Optional[int] = None):
+        if int(reference_batch_size) < 1:
             raise ValueError(f"reference_batch_size must be >= 1, got {reference_batch_size}")
         self.base_loss = base_loss if base_loss is not None else EDMLoss()
-        self.reference_batch_size, self.accelerator, self.gather = int(reference_batch_size), accelerator, gather
         self.preconditioning = self.base_loss.preconditioning
-
-    def denoiser(self, model):
-        return self.base_loss.denoiser(model)
-
-    def sample_sigma(self, batch_size, generator=None, device=None):
-        return self.base_loss.sample_sigma(batch_size, generator, device)
+        self.reference_batch_size, self.accelerator, self.gather = int(reference_batch_size), accelerator, gather
+        self.chunk_size = chunk_size
 
     def num_extra_references(self, batch_size: int) -> int:
         """R − B, the dataset images to draw per step besides the minibatch."""
         return check_reference_batch_size(self.reference_batch_size, batch_size)
 
     def reference_set(self, images: torch.Tensor, extra_references: Optional[torch.Tensor]) -> torch.Tensor:
+        """The minibatch followed by the extra references (all processes' when ``gather``)."""
         refs = images.detach() if extra_references is None or len(extra_references) == 0 else \
             torch.cat([images.detach(), extra_references.to(images.device, images.dtype)])
         return gather_references(refs, self.accelerator) if self.gather else refs
 
-    def __call__(self, denoiser, images: torch.Tensor, extra_references: Optional[torch.Tensor],
-                 sigma: Optional[torch.Tensor] = None, class_labels: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Per-element loss; arguments as :meth:`EDMLoss.__call__`, plus the extra (augmented) references."""
+    def __call__(self, net, images: torch.Tensor, extra_references: Optional[torch.Tensor],
+                 class_labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                 **draws) -> torch.Tensor:
+        """The base loss's per-element loss with the stable target.
+
+        Args:
+            net: what the base loss takes (a denoiser D(x, σ), or the raw ε-network for :class:`DDPMEpsilonLoss`).
+            images: the clean (possibly augmented) minibatch (B, C, H, W).
+            extra_references: R − B more (independently augmented) dataset images, or None when R = B.
+            class_labels, generator: as in the base loss.
+            draws: explicit ``sigma=`` (EDM/VP/VE) or ``timesteps=`` (DDPM), passed to the base loss.
+        """
         self.num_extra_references(images.shape[0])
-        if sigma is None:
-            sigma = self.sample_sigma(images.shape[0], generator, images.device)
-        sigma = sigma.to(device=images.device, dtype=torch.float32)
-        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-        noisy = images + _per_sample(sigma, images.ndim).to(images.dtype) * noise
-        target = stable_target_field(noisy, sigma, self.reference_set(images, extra_references))
-        return self.base_loss.regression_loss(denoiser, noisy, sigma, target, class_labels)
+        references = self.reference_set(images, extra_references)
+
+        def target(noisy, sigma, clean):
+            return stable_target_field(noisy, sigma, references, self.chunk_size)
+
+        return self.base_loss(net, images, class_labels=class_labels, generator=generator, target=target, **draws)
 
 
-class DDPMStableTargetFieldLoss:
-    """Ho et al. 2020's ε-prediction loss ‖ε_θ(x_t, t) − target‖² on the discrete DDPM schedule, with the STF
-    target ε̂ of :func:`stable_target_epsilon` in place of the drawn noise (which is the R = 1 case).
+class DDPMStableTargetFieldLoss(StableTargetFieldLoss):
+    """:class:`StableTargetFieldLoss` over :class:`DDPMEpsilonLoss`: Ho et al.'s ε-prediction loss on the discrete
+    DDPM schedule with the STF noise target (the R = 1 case is the plain ε loss).
 
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the β schedule, as in diffusers'
-            ``DDPMScheduler`` (ᾱ_t from :class:`~diffusers_stf.preconditioning.DDPMPreconditioning`).
+            ``DDPMScheduler``.
         reference_batch_size, accelerator, gather: as in :class:`StableTargetFieldLoss`.
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2,
                  beta_schedule: str = "linear", trained_betas=None, reference_batch_size: int = 1024,
                  accelerator=None, gather: bool = False):
-        betas = betas_for_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        self.preconditioning = DDPMPreconditioning(betas)
-        self.alphas_cumprod = self.preconditioning.alphas_cumprod
-        self.num_train_timesteps = len(betas)
-        if reference_batch_size < 1:
-            raise ValueError(f"reference_batch_size must be >= 1, got {reference_batch_size}")
-        self.reference_batch_size, self.accelerator, self.gather = int(reference_batch_size), accelerator, gather
-
-    def sample_timesteps(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None):
-        """t ~ U{0, …, T − 1}."""
-        device = device if device is not None else (generator.device if generator is not None else "cpu")
-        return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=device)
-
-    def sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """σ_t = √((1 − ᾱ_t)/ᾱ_t), the equivalent VE noise level (for logging by noise level)."""
-        return self.preconditioning.table.to(timesteps.device)[timesteps]
-
-    num_extra_references = StableTargetFieldLoss.num_extra_references
-    reference_set = StableTargetFieldLoss.reference_set
-
-    def __call__(self, model, images: torch.Tensor, extra_references: Optional[torch.Tensor],
-                 timesteps: Optional[torch.Tensor] = None, class_labels: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Per-element loss (ε_θ(x_t, t) − ε̂)² of a raw ε-prediction ``model(x_t, t)``."""
-        self.num_extra_references(images.shape[0])
-        if timesteps is None:
-            timesteps = self.sample_timesteps(images.shape[0], generator, images.device)
-        abar = self.alphas_cumprod.to(images.device)[timesteps]
-        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-        x_t = (_per_sample(abar.sqrt(), images.ndim) * images + _per_sample((1 - abar).sqrt(), images.ndim) * noise)
-        x_t = x_t.to(images.dtype)
-        target = stable_target_epsilon(x_t, abar, self.reference_set(images, extra_references))
-        kwargs = {} if class_labels is None else {"class_labels": class_labels}
-        out = model(x_t, timesteps, **kwargs)
-        out = out.sample if hasattr(out, "sample") else out
-        return (out - target) ** 2
+        super().__init__(DDPMEpsilonLoss(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas),
+                         reference_batch_size, accelerator, gather)

@@ -1,5 +1,7 @@
-"""Models: the Discriminator Guidance discriminator (the score networks are diffusers' ``UNet2DModel``)."""
+"""Models of guidance: the Discriminator Guidance discriminator and the noise-conditional classifier of classifier
+guidance, both on one noise-conditional encoder (the score networks are diffusers' ``UNet2DModel``)."""
 
+from .classifier import NoiseConditionalClassifier, NoiseConditionalClassifierOutput
 from .discriminator import (
     LOG_RATIO_CLIP,
     Discriminator,

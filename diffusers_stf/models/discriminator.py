@@ -64,13 +64,46 @@ class DiscriminatorOutput(BaseOutput):
 
 
 def _sigma_per_sample(sigma, batch: int, device) -> torch.Tensor:
-    """σ as a float64 tensor of shape (batch,) (scalars and 0-d tensors are broadcast)."""
+    """σ as a float64 tensor of shape (batch,) (scalars and 0-d tensors are broadcast).
+
+    σ given as a number (what the pipelines pass) or a CPU tensor is checked to be > 0 on the host; a number is
+    filled on ``device`` without a copy, and σ already on an accelerator is not checked, so that a sampler step never
+    waits for the device."""
+    if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
+        if not sigma > 0:
+            raise ValueError("sigma must be > 0")
+        return torch.full((batch,), float(sigma), dtype=torch.float64, device=device)
+    if not torch.is_tensor(sigma) or sigma.device.type == "cpu":
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        if not bool((sigma > 0).all()):
+            raise ValueError("sigma must be > 0")
     sigma = torch.as_tensor(sigma, dtype=torch.float64, device=device)
     if sigma.ndim == 0:
         return sigma.expand(batch)
     if sigma.numel() != batch:
         raise ValueError(f"sigma must be a scalar or have one entry per sample ({batch}), got shape {tuple(sigma.shape)}")
     return sigma.reshape(batch)
+
+
+def check_encoder_config(block_out_channels, down_block_types, norm_num_groups, mid_block_type, preconditioning):
+    """ValueErrors for a :class:`NoiseConditionalEncoder` configuration that cannot be built."""
+    if len(block_out_channels) != len(down_block_types) or not block_out_channels:
+        raise ValueError(
+            f"block_out_channels {tuple(block_out_channels)} and down_block_types {tuple(down_block_types)} "
+            "must be non-empty and of equal length"
+        )
+    if any(c % norm_num_groups for c in block_out_channels):
+        raise ValueError(f"norm_num_groups={norm_num_groups} must divide every block_out_channels entry")
+    if preconditioning not in PRECONDITIONINGS:
+        raise ValueError(f"preconditioning must be one of {PRECONDITIONINGS}, got {preconditioning!r}")
+    if mid_block_type not in (None, "UNetMidBlock2D", "UNetMidBlock2DNoAttention"):
+        raise ValueError(f"mid_block_type must be None, 'UNetMidBlock2D' or 'UNetMidBlock2DNoAttention', got {mid_block_type!r}")
+
+
+def check_sample_shape(sample: torch.Tensor, in_channels: int, sample_size: int):
+    expected = (in_channels, sample_size, sample_size)
+    if sample.ndim != 4 or tuple(sample.shape[1:]) != expected:
+        raise ValueError(f"sample must have shape (batch, {', '.join(map(str, expected))}), got {tuple(sample.shape)}")
 
 
 def _network_inputs(preconditioning: Preconditioning, sample: torch.Tensor, sigma: torch.Tensor, dtype):
@@ -100,8 +133,10 @@ class NoiseConditionalEncoder(nn.Module):
         attention_head_dim: int,
         mid_block_type: Optional[str],
         num_class_embeds: Optional[int],
+        num_outputs: int = 1,
     ):
         super().__init__()
+        self.num_outputs = num_outputs
         ch = list(block_out_channels)
         temb = 4 * ch[0]
         self.time_proj = Timesteps(ch[0], flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -137,10 +172,11 @@ class NoiseConditionalEncoder(nn.Module):
                 add_attention=mid_block_type == "UNetMidBlock2D",
             )
         self.norm_out = nn.GroupNorm(norm_num_groups, ch[-1], eps=1e-5)
-        self.linear_out = nn.Linear(ch[-1], 1)
+        self.linear_out = nn.Linear(ch[-1], num_outputs)
 
     def forward(self, h: torch.Tensor, noise_label: torch.Tensor, class_labels: Optional[torch.Tensor] = None):
-        """Logits (batch,) of the (already preconditioned) input ``h`` at noise label ``noise_label`` (batch,)."""
+        """Logits of the (already preconditioned) input ``h`` at noise label ``noise_label`` (batch,): shape (batch,)
+        with one output (the discriminator), (batch, num_outputs) otherwise (the classifier)."""
         emb = self.time_embedding(self.time_proj(noise_label).to(h.dtype))
         if self.class_embedding is not None:
             if class_labels is None:
@@ -152,7 +188,8 @@ class NoiseConditionalEncoder(nn.Module):
         if self.mid_block is not None:
             h = self.mid_block(h, emb)
         h = F.silu(self.norm_out(h)).mean(dim=(2, 3))
-        return self.linear_out(h).squeeze(1)
+        logits = self.linear_out(h)
+        return logits.squeeze(1) if self.num_outputs == 1 else logits
 
 
 class UNetEncoderFeatures(nn.Module):
@@ -283,21 +320,11 @@ class Discriminator(ModelMixin, ConfigMixin):
         feature_channels: Optional[int] = None,
     ):
         super().__init__()
-        if len(block_out_channels) != len(down_block_types) or not block_out_channels:
-            raise ValueError(
-                f"block_out_channels {tuple(block_out_channels)} and down_block_types {tuple(down_block_types)} "
-                "must be non-empty and of equal length"
-            )
-        if any(c % norm_num_groups for c in block_out_channels):
-            raise ValueError(f"norm_num_groups={norm_num_groups} must divide every block_out_channels entry")
-        if preconditioning not in PRECONDITIONINGS:
-            raise ValueError(f"preconditioning must be one of {PRECONDITIONINGS}, got {preconditioning!r}")
+        check_encoder_config(block_out_channels, down_block_types, norm_num_groups, mid_block_type, preconditioning)
         if feature_extractor is not None and feature_extractor not in FEATURE_EXTRACTORS:
             raise ValueError(f"feature_extractor must be None or one of {FEATURE_EXTRACTORS}, got {feature_extractor!r}")
         if feature_extractor is not None and not feature_channels:
             raise ValueError("feature_channels is required with a feature_extractor")
-        if mid_block_type not in (None, "UNetMidBlock2D", "UNetMidBlock2DNoAttention"):
-            raise ValueError(f"mid_block_type must be None, 'UNetMidBlock2D' or 'UNetMidBlock2DNoAttention', got {mid_block_type!r}")
         self.preconditioning = make_preconditioning(preconditioning, sigma_data=sigma_data)
         extractor_config = dict(feature_extractor_config or {})
         self.extractor = None
@@ -447,12 +474,8 @@ class Discriminator(ModelMixin, ConfigMixin):
             class_labels: class indices (batch,) or one-hot rows (batch, K), for a class-conditional discriminator.
             return_dict: return a :class:`DiscriminatorOutput` rather than a tuple.
         """
-        expected = (self.config.in_channels, self.config.sample_size, self.config.sample_size)
-        if sample.ndim != 4 or tuple(sample.shape[1:]) != expected:
-            raise ValueError(f"sample must have shape (batch, {', '.join(map(str, expected))}), got {tuple(sample.shape)}")
+        check_sample_shape(sample, self.config.in_channels, self.config.sample_size)
         sigma = _sigma_per_sample(sigma, sample.shape[0], sample.device)
-        if not bool((sigma > 0).all()):
-            raise ValueError("sigma must be > 0")
         h = self.features(sample, sigma, class_labels)
         noise_label = self.preconditioning.c_noise(sigma).to(torch.float32)
         logits = self.head(h, noise_label, class_labels)

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
-import json
-import os
-from typing import List, Optional, Union
+import numbers
+from typing import List, Optional, Tuple, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..remote_code import RemoteCodeMixin
 from ..schedulers import EDMHeunScheduler
 
 
-class EDMPipeline(DiffusionPipeline):
+def _as_int(value, name: str) -> int:
+    """A python int >= 1 from an int, a numpy integer or a 0-d integer tensor; ValueError otherwise (bools too)."""
+    if torch.is_tensor(value) and value.ndim == 0 and not value.is_floating_point() and value.dtype != torch.bool:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
     """Sample a ``UNet2DModel`` with :class:`EDMHeunScheduler` or :class:`EDMStochasticScheduler` (EDM Algorithms 1
     and 2). The latents are kept in float64 as in EDM; the network runs in its own dtype. The loop is the standard
     diffusers one, so the score-based schedulers (``AnnealedLangevinScheduler``, ``PredictorCorrectorScheduler``) work too.
+    ``save_pretrained`` writes the code files that let ``DiffusionPipeline.from_pretrained(folder,
+    trust_remote_code=True)`` load the folder without this package (see
+    :class:`~diffusers_stf.remote_code.RemoteCodeMixin`).
 
     Args:
         unet: the raw network F of the scheduler's preconditioning (EDM's F for ``edm``, ε for ``ddpm``/``vp``).
@@ -29,64 +41,59 @@ class EDMPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs):
-        """Save as diffusers does, then name our components ``["diffusers_stf", "<Class>"]`` in ``model_index.json``.
-
-        diffusers records the defining module (``diffusers_stf.schedulers.scheduling_edm_heun``), which would make our
-        internal file layout part of the on-disk format; the package re-exports every component class instead.
-        """
-        super().save_pretrained(save_directory, **kwargs)
-        index_path = os.path.join(save_directory, "model_index.json")
-        with open(index_path) as f:
-            index = json.load(f)
-        for name, value in index.items():
-            if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith("diffusers_stf."):
-                index[name] = ["diffusers_stf", value[1]]
-        with open(index_path, "w") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs):
-        """Load from a local folder written by ``save_pretrained``, or from a Hub repo id.
-
-        A repo id is downloaded first with ``huggingface_hub.snapshot_download`` and then loaded from the local snapshot:
-        diffusers' own download step cannot resolve components defined in an installed package. ``revision``,
-        ``token``, ``cache_dir``, ``local_files_only`` and ``force_download`` go to the download; all other keyword
-        arguments (e.g. ``discriminator=None``, ``torch_dtype``) go to ``DiffusionPipeline.from_pretrained``.
-        """
-        path = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isdir(path):
-            from huggingface_hub import snapshot_download
-
-            download_keys = ("revision", "token", "cache_dir", "local_files_only", "force_download")
-            download_kwargs = {k: kwargs.pop(k) for k in download_keys if k in kwargs}
-            path = snapshot_download(path, **download_kwargs)
-        return super().from_pretrained(path, **kwargs)
-
-    def _check_inputs(self, batch_size: int, num_inference_steps: int, output_type: str):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
+    def _check_inputs(self, batch_size, num_inference_steps, output_type: str, generator=None) -> Tuple[int, int]:
+        """Validated ``(batch_size, num_inference_steps)`` as python ints (numpy and 0-d tensor integers accepted)."""
+        batch_size = _as_int(batch_size, "batch_size")
+        num_inference_steps = _as_int(num_inference_steps, "num_inference_steps")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators but the batch has {batch_size} images; "
+                "pass one generator per image, or a single generator"
+            )
+        return batch_size, num_inference_steps
+
+    @property
+    def sample_dtype(self) -> torch.dtype:
+        """float64 for the schedulers of this package (EDM keeps its state in float64), the network's dtype for
+        diffusers' own schedulers (as diffusers' pipelines do)."""
+        own = not type(self.scheduler).__module__.startswith("diffusers.")  # ours, or its remote-code copy
+        return torch.float64 if own else self.unet.dtype
 
     def prepare_latents(self, batch_size, generator, latents=None) -> torch.Tensor:
-        """Initial noise x_0 ~ N(0, init_noise_sigma²) in float64 (EDM Algorithm 1 line 2)."""
+        """Initial noise x_0 ~ N(0, init_noise_sigma²) (EDM Algorithm 1 line 2), in :attr:`sample_dtype`."""
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
+        dtype = self.sample_dtype
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32 if dtype == torch.float64 else dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        return latents.to(device=self.device, dtype=torch.float64) * self.scheduler.init_noise_sigma
+        return latents.to(device=self.device, dtype=dtype) * self.scheduler.init_noise_sigma
 
     def model_output(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels=None) -> torch.Tensor:
-        """The raw network output F at the scheduler's current evaluation."""
+        """The raw network output (F, ε, x₀ or v) at the scheduler's current evaluation. ``class_labels`` reach the
+        UNet only when it is class-conditional."""
         model_input = self.scheduler.scale_model_input(sample, timestep).to(self.unet.dtype)
         t = timestep.to(device=self.device, dtype=torch.float32).expand(sample.shape[0])
-        return self.unet(model_input, t, class_labels=class_labels).sample
+        return self.unet(model_input, t, class_labels=class_labels if self.unet_is_conditional else None).sample
+
+    @property
+    def unet_is_conditional(self) -> bool:
+        config = self.unet.config
+        return config.get("num_class_embeds") is not None or config.get("class_embed_type") is not None
+
+    @staticmethod
+    def check_finite(sample: torch.Tensor) -> torch.Tensor:
+        """Once at the end of sampling (never inside a step, where it would wait for the device): NaN is an error."""
+        if bool(torch.isnan(sample).any()):
+            raise ValueError(
+                "sampling produced NaN: check that the scheduler's parametrisation (preconditioning, prediction_type, "
+                "beta schedule) is the one the UNet was trained with, and the guidance weights"
+            )
+        return sample
 
     def postprocess(self, sample: torch.Tensor, output_type: str):
         """[-1, 1] float64 samples to ``pt`` ([0,1] NCHW float32), ``np`` ([0,1] NHWC) or ``pil``."""
@@ -118,13 +125,15 @@ class EDMPipeline(DiffusionPipeline):
             output_type: ``pil``, ``np`` or ``pt``.
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
         """
-        self._check_inputs(batch_size, num_inference_steps, output_type)
+        batch_size, num_inference_steps = self._check_inputs(batch_size, num_inference_steps, output_type, generator)
+        if class_labels is not None and not self.unet_is_conditional:
+            raise ValueError("class_labels were given but the unet is not class-conditional (num_class_embeds is None)")
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         sample = self.prepare_latents(batch_size, generator, latents)
         for t in self.progress_bar(self.scheduler.timesteps):
             out = self.model_output(sample, t, class_labels)
             sample = self.scheduler.step(out, t, sample, generator=generator).prev_sample
-        image = self.postprocess(sample, output_type)
+        image = self.postprocess(self.check_finite(sample), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)

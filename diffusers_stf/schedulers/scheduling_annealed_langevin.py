@@ -13,15 +13,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..losses.score_matching import (
-    PREDICTION_TYPES,
-    TIMESTEP_TYPES,
-    noise_level_timestep,
-    score_from_model_output,
-    sigma_from_timestep,
-    tweedie_denoise,
-)
 from ..noise_schedules import geometric_sigmas
+from ..preconditioning import NCSN_TIMESTEP_TYPES, SCORE_PREDICTION_TYPES, make_preconditioning
+from .input_checks import check_float_tensor, check_step_count
+from .step_index import StepIndexMixin
 
 SAMPLERS = ("als", "cas")
 
@@ -39,7 +34,7 @@ class AnnealedLangevinSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.Tensor] = None
 
 
-class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
+class AnnealedLangevinScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
     """Annealed Langevin sampling of a noise-conditional score network s_θ(x, σ).
 
     ``sampler="als"`` (NCSN Algorithm 1, with the update of NCSNv2 Algorithm 1 and the official code):
@@ -53,19 +48,23 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
     variance on the schedule (CAS Proposition 2):
 
         α_i = η·σ_i²/σ_L²,  x ← x + α_i·s_θ(x, σ_i) + β_i·σ_{i+1}·z,  β_i = √(1 − (1 − η/σ_L²)²/γ_i²),
-        γ_i = σ_{i+1}/σ_i,  σ_{n+1} = 0 (no noise on the last step).
+        γ_i = σ_{i+1}/σ_i,  σ_{n+1} = 0 (no noise, and no draw, on the last step, as the official code).
 
     η is ``step_size`` (ε above) and must satisfy σ_L²(1 − γ_i) ≤ η ≤ σ_L²(1 + γ_i) for every step.
     With ``denoise_final=True`` one more network evaluation at σ_L returns Tweedie's x + σ_L²·s_θ(x, σ_L)
-    (NCSNv2 Appendix; the CAS paper's "denoising").
+    (NCSNv2's final denoising, for CAS too).
 
     Model input and timesteps: the network receives the sample unscaled (``scale_model_input`` is the identity) and,
-    as ``timestep``, the value in ``timesteps``: one entry per network evaluation, L·T for ALS,
-    (L − 1)·T + 1 for CAS, plus one for the final denoising. Their meaning is ``timestep_type``: ``index`` (the NCSN
-    label of the level, 0 = σ_1, int64), ``log_sigma``, ``sigma`` (float32) or ``none`` (zeros, for an unconditional
-    NCSNv2 network). Entries repeat (T per level), so ``step`` must be called once per entry, in order; it keeps its
-    own count and does not look the timestep up. The initial sample is x ~ N(0, σ_1²I) (``init_noise_sigma``;
-    NCSN drew it from U[0, 1], which matters little when σ_1 covers the data, NCSNv2 Technique 1).
+    as ``timestep``, the value in ``timesteps``: one entry per network evaluation, L·T for ALS, (L − 1)·T + 1 for
+    CAS, plus one for the final denoising. What the timestep means and how the output becomes the score is the
+    network's :class:`~diffusers_stf.preconditioning.NCSNPreconditioning` (``self.preconditioning``), built from
+    ``prediction_type`` and ``timestep_type`` (``index``: the NCSN label of the level, 0 = σ_1, int64;
+    ``log_sigma``; ``sigma``; ``none``: zeros, for an unconditional NCSNv2 network) and the training levels. Entries
+    repeat within a level; a loop over ``timesteps[k:]`` from the first entry k of a level starts there, as after
+    ``set_begin_index(k)``. The final denoising entry repeats σ_L's timestep, and with ``timestep_type="none"`` every
+    entry is 0: there only ``set_begin_index`` can say where a partial loop starts. The initial sample is
+    x ~ N(0, σ_1²I) (``init_noise_sigma``; NCSN drew it from U[0, 1], which matters little when σ_1 covers the data,
+    NCSNv2 Technique 1).
 
     Args:
         sigma_max: σ_1, the largest noise level (NCSN: 1; NCSNv2: Technique 1).
@@ -96,27 +95,29 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
         prediction_type: str = "score",
         timestep_type: str = "index",
     ):
-        if not (sigma_max > sigma_min > 0):
+        if not (math.isfinite(sigma_max) and sigma_max > sigma_min > 0):
             raise ValueError(f"need sigma_max > sigma_min > 0, got sigma_max={sigma_max}, sigma_min={sigma_min}")
-        if int(num_train_timesteps) != num_train_timesteps or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps}")
-        if int(steps_per_level) != steps_per_level or steps_per_level < 1:
-            raise ValueError(f"steps_per_level (T) must be an integer >= 1, got {steps_per_level}")
-        if not step_size > 0:
-            raise ValueError(f"step_size must be > 0, got {step_size}")
+        check_step_count("num_train_timesteps", num_train_timesteps)
+        check_step_count("steps_per_level (T)", steps_per_level)
+        if not (math.isfinite(step_size) and step_size > 0):
+            raise ValueError(f"step_size must be a finite number > 0, got {step_size}")
         for name, value, allowed in (
             ("sampler", sampler, SAMPLERS),
-            ("prediction_type", prediction_type, PREDICTION_TYPES),
-            ("timestep_type", timestep_type, TIMESTEP_TYPES),
+            ("prediction_type", prediction_type, SCORE_PREDICTION_TYPES),
+            ("timestep_type", timestep_type, NCSN_TIMESTEP_TYPES),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if timestep_type == "index" and num_train_timesteps < 2:
+            raise ValueError("timestep_type='index' needs num_train_timesteps >= 2 levels (one level: use 'none')")
         self.train_sigmas = self._geometric(sigma_max, sigma_min, int(num_train_timesteps))
+        self.preconditioning = make_preconditioning(
+            "ncsn", prediction_type=prediction_type, timestep_type=timestep_type, sigmas=self.train_sigmas
+        )
         self.num_inference_steps = None
         self.timesteps = None
         self.sigmas = None
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
 
     @staticmethod
     def _geometric(sigma_max: float, sigma_min: float, n: int) -> torch.Tensor:
@@ -134,8 +135,9 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
         """Build the noise levels and one timestep per network evaluation.
 
         Args:
-            num_inference_steps: L, the number of noise levels (geometric from ``sigma_max`` to ``sigma_min``);
-                defaults to ``num_train_timesteps``. Each level gets T = ``steps_per_level`` Langevin steps.
+            num_inference_steps: L, the number of noise levels (geometric from ``sigma_max`` to ``sigma_min``; an
+                int, numpy and 0-d torch integers too); defaults to ``num_train_timesteps``. Each level gets
+                T = ``steps_per_level`` Langevin steps.
             device: where ``timesteps`` live (``sigmas`` stay on the CPU).
             sigmas: explicit, strictly decreasing, positive levels σ_1 > … > σ_L instead.
         """
@@ -146,11 +148,9 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError("sigmas must be a non-empty, strictly decreasing sequence of positive noise levels")
         else:
             n = c.num_train_timesteps if num_inference_steps is None else num_inference_steps
-            if int(n) != n or int(n) < 1:
-                raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
-            levels = self._geometric(c.sigma_max, c.sigma_min, int(n))
+            levels = self._geometric(c.sigma_max, c.sigma_min, check_step_count("num_inference_steps", n))
         if c.timestep_type == "index":  # an index network knows only its training levels
-            levels = self.train_sigmas[noise_level_timestep(levels, "index", self.train_sigmas)]
+            levels = self.preconditioning.round_sigma(levels)
             if len(levels) > 1 and not bool((levels[1:] < levels[:-1]).all()):
                 raise ValueError("with timestep_type='index' the levels must be distinct training levels")
         self.levels = levels
@@ -158,6 +158,7 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
 
         if c.sampler == "als":
             sigmas = levels.repeat_interleave(T)
+            starts = [k % T == 0 for k in range(len(sigmas))]
         else:
             if c.timestep_type == "index" and T > 1 and len(levels) > 1:
                 raise ValueError(
@@ -171,15 +172,20 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
                 log_levels = torch.cat([inner.flatten(), log_levels[-1:]])
             sigmas = log_levels.exp()
             self._check_cas_step_size(sigmas)
+            starts = [True] * len(sigmas)
         self._is_denoise = [False] * len(sigmas)
         if c.denoise_final:
             sigmas = torch.cat([sigmas, levels[-1:]])
             self._is_denoise.append(True)
+            starts.append(True)
+        self._starts = starts
         self.sigmas = sigmas
+        alpha = c.step_size * sigmas**2 / float(levels[-1]) ** 2
+        self._step_sizes = torch.where(torch.tensor(self._is_denoise), torch.zeros_like(alpha), alpha)
         self.num_inference_steps = len(levels)
-        self.timesteps = noise_level_timestep(sigmas, c.timestep_type, self.train_sigmas).to(device)
-        self._step_index = None
-        self._begin_index = None
+        timesteps = self.preconditioning.c_noise(sigmas)
+        self.timesteps = timesteps.to(device=device, dtype=torch.int64 if c.timestep_type == "index" else torch.float32)
+        self._reset_step_index()
 
     def _check_cas_step_size(self, sigmas: torch.Tensor):
         if len(sigmas) < 2:
@@ -201,25 +207,10 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
 
     def step_sizes(self) -> torch.Tensor:
         """α for each entry of ``timesteps``: ε·σ²/σ_L² (0 for the final denoising step)."""
-        alpha = self.config.step_size * self.sigmas**2 / float(self.levels[-1]) ** 2
-        return torch.where(torch.tensor(self._is_denoise), torch.zeros_like(alpha), alpha)
+        return self._step_sizes
 
-    # ----------------------------------------------------------------------------------------------------------
-    # diffusers' step-index bookkeeping
-
-    @property
-    def step_index(self) -> Optional[int]:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> Optional[int]:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0):
-        """Start at entry ``begin_index`` of ``timesteps`` (e.g. to refine a partly noised image)."""
-        if self.timesteps is None or not 0 <= begin_index < len(self.timesteps):
-            raise ValueError(f"begin_index must be in [0, len(timesteps)), got {begin_index}; call set_timesteps first")
-        self._begin_index = begin_index
+    def _is_step_start(self, index: int) -> bool:
+        return self._starts[index]
 
     @property
     def current_sigma(self) -> float:
@@ -234,7 +225,7 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
     # the sampler
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """The identity: score networks receive x̃ unscaled."""
+        """The identity: score networks receive x̃ unscaled (c_in = 1)."""
         return sample
 
     def step(
@@ -248,41 +239,40 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
         """One Langevin step (ALS), one CAS step, or the final Tweedie denoising step.
 
         Args:
-            model_output: the network output at (``sample``, ``timestep``), turned into s_θ by ``prediction_type``.
-            timestep: the current entry of ``timesteps`` (not looked up: entries repeat; see the class docstring).
-            sample: the current state x.
+            model_output: the network output at (``sample``, ``timestep``), turned into s_θ by the preconditioning.
+            timestep: the current entry of ``timesteps``; the first call finds its position there.
+            sample: the current state x (a floating-point tensor).
             generator: random generator for z.
             return_dict: return an :class:`AnnealedLangevinSchedulerOutput` rather than a tuple.
         """
         if self.timesteps is None:
             raise ValueError("call set_timesteps before step")
+        check_float_tensor("sample", sample)
         if self._step_index is None:
-            self._step_index = self._begin_index or 0
+            self._init_step_index(timestep)
         i = self._step_index
         if i >= len(self.sigmas):
             raise ValueError("step was called more often than there are timesteps; call set_timesteps again")
         c = self.config
         sigma = float(self.sigmas[i])
-        x = sample.to(torch.float64)
-        score = score_from_model_output(model_output.to(torch.float64), sigma, c.prediction_type)
-        denoised = tweedie_denoise(x, score, sigma)
+        x, output = sample.to(torch.float64), model_output.to(torch.float64)
+        denoised = self.preconditioning.denoise(x, output, sigma)
         if self._is_denoise[i]:
             prev = denoised
         else:
-            alpha = c.step_size * sigma**2 / float(self.levels[-1]) ** 2
-            z = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32).double()
-            if c.sampler == "als":
-                prev = x + alpha * score + math.sqrt(2 * alpha) * z
-            else:
-                last = i + 1 >= len(self.sigmas) or self._is_denoise[i + 1]
-                sigma_next = 0.0 if last else float(self.sigmas[i + 1])
-                prev = x + alpha * score
-                if sigma_next > 0:
+            score = self.preconditioning.score(x, output, sigma)
+            alpha = float(self._step_sizes[i])
+            prev = x + alpha * score
+            last = i + 1 >= len(self.sigmas) or self._is_denoise[i + 1]
+            if c.sampler == "als" or not last:
+                z = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32).double()
+                if c.sampler == "als":
+                    prev = prev + math.sqrt(2 * alpha) * z
+                else:
+                    sigma_next = float(self.sigmas[i + 1])
                     eta = c.step_size / float(self.levels[-1]) ** 2
                     beta = math.sqrt(max(1 - (1 - eta) ** 2 * (sigma / sigma_next) ** 2, 0.0))
                     prev = prev + beta * sigma_next * z
-        if torch.isnan(prev).any():
-            raise ValueError(f"the sampler produced NaN at step {i} (sigma={sigma:.4g}); try a smaller step_size")
         self._step_index += 1
         prev, denoised = prev.to(sample.dtype), denoised.to(sample.dtype)
         if not return_dict:
@@ -291,7 +281,6 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x̃ = x + σ·z with σ the noise level of each timestep (of type ``timestep_type``; not ``none``)."""
-        timesteps = torch.as_tensor(timesteps).reshape(-1).cpu()
-        sigma = sigma_from_timestep(timesteps, self.config.timestep_type, self.train_sigmas)
+        sigma = self.preconditioning.sigma_of_timestep(torch.as_tensor(timesteps).reshape(-1).cpu())
         sigma = sigma.to(device=original_samples.device, dtype=original_samples.dtype)
         return original_samples + noise * sigma.reshape(-1, *([1] * (original_samples.ndim - 1)))

@@ -9,9 +9,14 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 
 from ..preconditioning import PRECONDITIONINGS, make_preconditioning
+from .edm_sampling import churn_sigma, euler_update, heun_update, slope
+from .input_checks import check_float_tensor, check_positive_finite, check_step_count
+from .step_index import StepIndexMixin
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -28,14 +33,16 @@ class EDMSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.Tensor] = None
 
 
-class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
+class EDMHeunScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
     """EDM Algorithm 1: σ(t) = t, s(t) = 1, Heun's method on the probability-flow ODE dx/dσ = (x − D(x; σ))/σ,
     with the last step (to σ = 0) a plain Euler step. N steps take 2N − 1 model evaluations (18 steps = 35 NFE).
 
     It runs in the standard diffusers loop: like ``HeunDiscreteScheduler``, ``timesteps`` lists one entry per model
     evaluation (the interior noise levels appear twice) and ``step`` is called once per entry. The timesteps are the
-    network's ``c_noise(σ)``, so ``unet(scheduler.scale_model_input(x, t), t)`` is the preconditioned network input.
-    The state is kept in float64 internally, as in EDM.
+    network's ``c_noise(σ)``, so ``unet(scheduler.scale_model_input(x, t), t)`` is the preconditioned network input;
+    a loop that skips ``scale_model_input`` (diffusers' ``DDPMPipeline``) gets a warning, as with diffusers'
+    ``EDMEulerScheduler``. Each update is a function of :mod:`~diffusers_stf.schedulers.edm_sampling`, the one
+    EDM sampler core. The state is kept in float64 internally, as in EDM.
 
     Args:
         sigma_min: smallest noise level of the schedule (EDM: 0.002).
@@ -44,12 +51,15 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         rho: ρ of the schedule σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ (EDM eq. 5; 7).
         sigma_schedule: ``karras`` (the ρ-schedule) or ``exponential`` (log-linear in σ).
         num_train_timesteps: T of the discrete β schedule (``vp``, ``ddpm``, ``iddpm`` preconditionings).
-        prediction_type: ``epsilon`` (the network is EDM's F, as diffusers' ``EDMEulerScheduler`` names it) or
-            ``v_prediction`` (c_out negated).
+        prediction_type: what the network outputs (see :func:`~diffusers_stf.make_preconditioning`): for ``edm``,
+            ``epsilon`` (EDM's F, as diffusers' ``EDMEulerScheduler`` names it) or ``v_prediction`` (c_out negated);
+            for ``vp``, ``iddpm`` and ``ddpm``, diffusers' DDPM types ``epsilon``, ``v_prediction`` or ``sample``;
+            for ``ve``, ``epsilon``. Any other value is refused here.
         final_sigmas_type: ``zero`` (EDM: the last step goes to σ = 0 with Euler) or ``sigma_min``.
-        preconditioning: ``edm``, ``vp``, ``ve``, ``iddpm`` or ``ddpm`` (EDM Table 1); ``ddpm`` samples an
-            epsilon-prediction ``UNet2DModel`` trained on discrete timesteps 0..T−1.
-        beta_start, beta_end, beta_schedule: the DDPM β schedule, for ``ddpm`` (and its continuous limit for ``vp``).
+        preconditioning: ``edm``, ``vp``, ``ve``, ``iddpm`` or ``ddpm`` (EDM Table 1); ``ddpm`` samples a diffusers
+            DDPM ``UNet2DModel`` trained on discrete timesteps 0..T−1.
+        beta_start, beta_end, beta_schedule, trained_betas: the DDPM β schedule, as in diffusers' ``DDPMScheduler``, for
+            ``ddpm`` (and its continuous limit for ``vp``); ``trained_betas`` overrides the others.
     """
 
     _compatibles = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]
@@ -70,11 +80,13 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
     ):
-        if not 0 < sigma_min < sigma_max:
+        check_positive_finite("sigma_min", sigma_min)
+        check_positive_finite("sigma_max", sigma_max)
+        if not sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-        if not rho > 0:
-            raise ValueError(f"rho must be > 0, got {rho}")
+        check_positive_finite("rho", rho)
         if sigma_schedule not in ("karras", "exponential"):
             raise ValueError(f"sigma_schedule must be 'karras' or 'exponential', got {sigma_schedule!r}")
         if final_sigmas_type not in ("zero", "sigma_min"):
@@ -89,12 +101,14 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
             beta_start=beta_start,
             beta_end=beta_end,
             beta_schedule=beta_schedule,
+            trained_betas=trained_betas,
         )
         self.num_inference_steps = None
         self.sigmas = torch.tensor([], dtype=torch.float64)
+        self.sigmas_hat = torch.tensor([], dtype=torch.float64)
         self.timesteps = torch.tensor([], dtype=torch.float32)
-        self._step_index = None
-        self._begin_index = None
+        self.is_scale_input_called = False
+        self._reset_step_index()
 
     # ----------------------------------------------------------------------------------------------------------
     # The schedule
@@ -129,78 +143,67 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         """Build the noise levels σ_0 > … > σ_{N−1} (plus the final σ_N) and the model timesteps.
 
         Args:
-            num_inference_steps: N, the number of sampler steps (NFE = 2N − 1 with ``final_sigmas_type="zero"``).
+            num_inference_steps: N, the number of sampler steps (NFE = 2N − 1 with ``final_sigmas_type="zero"``);
+                a python, numpy or 0-d torch integer.
             device: where ``timesteps`` live (``sigmas`` stay on the CPU).
-            sigmas: explicit, strictly decreasing, positive noise levels σ_0..σ_{N−1} (the final level is appended).
+            sigmas: explicit, strictly decreasing, positive, finite noise levels σ_0..σ_{N−1} (the final level is
+                appended).
         """
         if sigmas is not None:
             sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
-            if len(sigmas) < 1 or not bool((sigmas > 0).all()) or not bool((sigmas[1:] < sigmas[:-1]).all()):
-                raise ValueError("sigmas must be a non-empty, strictly decreasing sequence of positive noise levels")
+            valid = bool(torch.isfinite(sigmas).all() and (sigmas > 0).all() and (sigmas[1:] < sigmas[:-1]).all())
+            if len(sigmas) < 1 or not valid:
+                raise ValueError("sigmas must be a non-empty, strictly decreasing sequence of finite positive levels")
             num_inference_steps = len(sigmas)
         else:
-            if num_inference_steps is None or int(num_inference_steps) < 1:
-                raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
-            num_inference_steps = int(num_inference_steps)
+            num_inference_steps = check_step_count("num_inference_steps", num_inference_steps)
             sigmas = self._sigma_schedule(num_inference_steps)
         p = self.preconditioning
         sigmas = p.round_sigma(sigmas)
-        final = torch.zeros(1, dtype=torch.float64) if self.config.final_sigmas_type == "zero" else sigmas[-1:] * 0 + self.sigma_range[0]
-        self.sigmas = torch.cat([sigmas, final])
-        gammas = self._churn_gammas(sigmas)
-        self.sigmas_hat = p.round_sigma(sigmas * (1 + gammas))
+        final = 0.0 if self.config.final_sigmas_type == "zero" else self.sigma_range[0]
+        self.sigmas = torch.cat([sigmas, torch.tensor([final], dtype=torch.float64)])
+        self.sigmas_hat = churn_sigma(sigmas, self._churn_gammas(sigmas), p.round_sigma)
         self.num_inference_steps = num_inference_steps
+        # python floats: step() reads them without touching a device tensor
+        self._sigma_values: List[float] = self.sigmas.tolist()
+        self._sigma_hat_values: List[float] = self.sigmas_hat.tolist()
 
-        # One entry per model evaluation: (σ at which the model runs, sampler step i, is it the Heun correction).
-        evals: List[Tuple[float, int, bool]] = []
+        # One entry per model evaluation: the sampler step i it belongs to and whether it is the Heun correction,
+        # which runs at σ_{i+1}; the first-order evaluation runs at σ̂_i (EDM Algorithm 2, lines 7 and 10).
+        self._eval_step: List[int] = []
+        self._eval_is_correction: List[bool] = []
+        eval_sigmas: List[float] = []
         for i in range(num_inference_steps):
-            evals.append((float(self.sigmas_hat[i]), i, False))
-            if self.sigmas[i + 1] > 0:
-                evals.append((float(self.sigmas[i + 1]), i, True))
-        self._eval_sigmas = torch.tensor([e[0] for e in evals], dtype=torch.float64)
-        self._eval_step = [e[1] for e in evals]
-        self._eval_is_correction = [e[2] for e in evals]
+            self._eval_step.append(i)
+            self._eval_is_correction.append(False)
+            eval_sigmas.append(self._sigma_hat_values[i])
+            if self._sigma_values[i + 1] > 0:
+                self._eval_step.append(i)
+                self._eval_is_correction.append(True)
+                eval_sigmas.append(self._sigma_values[i + 1])
+        self._eval_sigmas = torch.tensor(eval_sigmas, dtype=torch.float64)
+        self._eval_sigma_values: List[float] = self._eval_sigmas.tolist()
+        self._eval_c_in: List[float] = p.c_in(self._eval_sigmas).tolist()
         self.timesteps = p.c_noise(self._eval_sigmas).to(device=device, dtype=torch.float32)
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
         self._heun_state = None
+        self.is_scale_input_called = False
+        self._warned_unscaled = False
 
     @property
     def init_noise_sigma(self) -> float:
         """Standard deviation of the initial latents: σ_0 (EDM Algorithm 1 line 2)."""
         if self.num_inference_steps is None:
             return float(self.config.sigma_max)
-        return float(self.sigmas[0])
+        return self._sigma_values[0]
 
     # ----------------------------------------------------------------------------------------------------------
-    # diffusers' step-index bookkeeping
+    # Which evaluation comes next
 
-    @property
-    def step_index(self) -> Optional[int]:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> Optional[int]:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0):
-        """Start sampling at entry ``begin_index`` of ``timesteps`` (img2img); it must be a first-order evaluation."""
-        if not 0 <= begin_index < len(self.timesteps) or self._eval_is_correction[begin_index]:
-            raise ValueError(
-                f"begin_index must index a first-order evaluation in [0, {len(self.timesteps)}), got {begin_index}"
-            )
-        self._begin_index = begin_index
-
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        timestep = torch.as_tensor(timestep, dtype=schedule_timesteps.dtype, device=schedule_timesteps.device)
-        candidates = (schedule_timesteps == timestep).nonzero()
-        if len(candidates) == 0:
-            raise ValueError(f"timestep {float(timestep)} is not one of scheduler.timesteps")
-        return int(candidates[0])
-
-    def _init_step_index(self, timestep):
-        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+    def _is_step_start(self, index: int) -> bool:
+        """Entries that start a sampler step are the first-order evaluations, not the Heun corrections (diffusers'
+        Heun convention, so that ``timesteps[k * order:]`` starts at step k)."""
+        return not self._eval_is_correction[index]
 
     @property
     def state_in_first_order(self) -> bool:
@@ -210,10 +213,16 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
     @property
     def current_sigma(self) -> float:
         """σ at which the model is evaluated at the current step index (σ̂_i or σ_{i+1})."""
-        return float(self._eval_sigmas[self._step_index or 0])
+        index = self._step_index if self._step_index is not None else (self._begin_index or 0)
+        return self._eval_sigma_values[index]
 
-    def sigma_for_timestep(self, timestep) -> torch.Tensor:
-        return self._eval_sigmas[self.index_for_timestep(timestep)]
+    def sigma_for_timestep(self, timestep) -> float:
+        """σ of the model evaluation at ``timestep``, any entry of ``timesteps`` (σ is a function of c_noise)."""
+        timestep = torch.as_tensor(timestep, dtype=self.timesteps.dtype, device=self.timesteps.device)
+        matches = (self.timesteps == timestep).nonzero().flatten().tolist()
+        if not matches:
+            raise ValueError(f"timestep {timestep.tolist()} is not one of scheduler.timesteps")
+        return self._eval_sigma_values[matches[0]]
 
     def __len__(self):
         return self.config.num_train_timesteps
@@ -223,10 +232,11 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Union[float, torch.Tensor]) -> torch.Tensor:
         """c_in(σ)·x, the network input at the current evaluation (EDM eq. 7)."""
+        check_float_tensor("sample", sample)
         if self._step_index is None:
             self._init_step_index(timestep)
-        sigma = self._eval_sigmas[self._step_index]
-        return sample * self.preconditioning.c_in(sigma).to(sample.dtype)
+        self.is_scale_input_called = True
+        return sample * self._eval_c_in[self._step_index]
 
     def precondition_outputs(self, sample: torch.Tensor, model_output: torch.Tensor, sigma) -> torch.Tensor:
         """D(x; σ) = c_skip·x + c_out·F (EDM eq. 7), as ``EDMEulerScheduler.precondition_outputs``."""
@@ -243,13 +253,16 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         generator: Optional[torch.Generator] = None,
         return_dict: bool = True,
+        denoised_correction: Optional[torch.Tensor] = None,
     ) -> Union[EDMSchedulerOutput, Tuple]:
         """One model evaluation's worth of EDM Algorithm 1 (lines 4–8), or Algorithm 2 (lines 7–11) for the
         stochastic subclass.
 
         First-order call (the model ran at (x̂_i, σ̂_i)): d_i = (x̂_i − D)/σ̂_i, x' = x̂_i + (σ_{i+1} − σ̂_i)·d_i.
         If σ_{i+1} > 0, ``prev_sample`` is the predictor x' and the next call applies the correction
-        x_{i+1} = x̂_i + (σ_{i+1} − σ̂_i)·(d_i + d'_i)/2 with d'_i = (x' − D(x'; σ_{i+1}))/σ_{i+1}.
+        x_{i+1} = x̂_i + (σ_{i+1} − σ̂_i)·(½d_i + ½d'_i) with d'_i = (x' − D(x'; σ_{i+1}))/σ_{i+1}.
+
+        Nothing here waits for the device: NaN in the result is for the caller to check once, after sampling.
 
         Args:
             model_output: the raw network output F at ``scale_model_input(sample, timestep)`` and ``timestep``.
@@ -257,35 +270,43 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
             sample: the current state (what the previous ``step`` returned, or the initial latents).
             generator: random generator for the churn noise (stochastic sampler only).
             return_dict: return an :class:`EDMSchedulerOutput` rather than a tuple.
+            denoised_correction: an optional term added to D(x; σ) before the slope is taken, e.g. Discriminator
+                Guidance's w·σ²·∇ₓ log(d/(1 − d)) (DG eq. 9 in denoiser form).
         """
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
+        check_float_tensor("sample", sample)
+        check_float_tensor("model_output", model_output)
+        if not self.is_scale_input_called and not self._warned_unscaled:
+            logger.warning(
+                "The `scale_model_input` function should be called before `step` to ensure correct denoising: "
+                f"{type(self).__name__} expects the network input c_in(sigma)*x and initial latents of std "
+                f"init_noise_sigma={self.init_noise_sigma:.4g}. A loop that skips both (e.g. diffusers' DDPMPipeline) "
+                "samples from the wrong noise level; use EDMPipeline."
+            )
+            self._warned_unscaled = True
         if self._step_index is None:
             self._init_step_index(timestep)
-        if self._step_index >= len(self._eval_sigmas):
+        index = self._step_index
+        if index >= len(self._eval_step):
             raise ValueError("step was called more often than there are timesteps; call set_timesteps again")
-        i = self._eval_step[self._step_index]
-        if torch.isnan(sample).any():
-            raise ValueError(f"the sample contains NaN at sampler step {i} (sigma={self.current_sigma:.4g})")
+        i = self._eval_step[index]
         x = sample.to(torch.float64)
-        sigma_eval = self._eval_sigmas[self._step_index]
-        denoised = self.preconditioning.denoise(x, model_output.to(torch.float64), sigma_eval)
-        sigma_next = self.sigmas[i + 1]
-        if not self._eval_is_correction[self._step_index]:
-            sigma_hat = self.sigmas_hat[i]
-            d = (x - denoised) / sigma_hat
-            prev = x + (sigma_next - sigma_hat) * d  # Euler step (Algorithm 1 line 5 / Algorithm 2 line 8)
+        denoised = self.preconditioning.denoise(x, model_output.to(torch.float64), self._eval_sigma_values[index])
+        if denoised_correction is not None:
+            denoised = denoised + denoised_correction.to(torch.float64)
+        sigma_hat, sigma_next = self._sigma_hat_values[i], self._sigma_values[i + 1]
+        if not self._eval_is_correction[index]:
+            d = slope(x, denoised, sigma_hat)
+            prev = euler_update(x, d, sigma_hat, sigma_next)
             if sigma_next > 0:  # keep what the Heun correction needs; the step to σ = 0 stays Euler
-                self._heun_state = (x, d, sigma_next - sigma_hat)
+                self._heun_state = (x, d)
         else:
-            x_hat, d, dt = self._heun_state
-            d_prime = (x - denoised) / sigma_next
-            prev = x_hat + dt * (d + d_prime) / 2
+            x_hat, d = self._heun_state
+            prev = heun_update(x_hat, d, slope(x, denoised, sigma_next), sigma_hat, sigma_next)
             self._heun_state = None
         if self._heun_state is None and i + 1 < self.num_inference_steps:
             prev = self._churn(prev, i + 1, generator)
-        if torch.isnan(prev).any():
-            raise ValueError(f"the sampler produced NaN at step {i} (sigma={float(sigma_eval):.4g})")
         self._step_index += 1
         prev, denoised = prev.to(sample.dtype), denoised.to(sample.dtype)
         if not return_dict:
@@ -295,9 +316,18 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        """x = y + σ·n with σ the noise level of each entry of ``timesteps`` (VE form, as EDMEulerScheduler)."""
+        """x = y + σ·n with σ the noise level of each entry of ``timesteps`` (VE form, as ``EDMEulerScheduler``); a
+        timestep that is not in the schedule (e.g. a DDPM timestep of −1) is refused.
+
+        Args:
+            original_samples: clean samples y (floating point).
+            noise: standard-normal noise n of the same shape.
+            timesteps: one entry of ``timesteps`` per sample (or one for all).
+        """
+        check_float_tensor("original_samples", original_samples)
+        check_float_tensor("noise", noise)
         timesteps = torch.as_tensor(timesteps, device=self.timesteps.device).reshape(-1)
-        sigma = torch.stack([self._eval_sigmas[self.index_for_timestep(t)] for t in timesteps])
+        sigma = torch.tensor([self.sigma_for_timestep(t) for t in timesteps], dtype=torch.float64)
         sigma = sigma.to(device=original_samples.device, dtype=original_samples.dtype)
         sigma = sigma.reshape(-1, *([1] * (original_samples.ndim - 1)))
         return original_samples + noise * sigma

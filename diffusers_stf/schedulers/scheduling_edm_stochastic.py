@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+import numbers
+from typing import List, Optional, Union
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 
+from .edm_sampling import churn, churn_gamma
+from .input_checks import check_nonnegative_finite
 from .scheduling_edm_heun import EDMHeunScheduler
 
 
@@ -47,17 +51,16 @@ class EDMStochasticScheduler(EDMHeunScheduler):
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
         s_churn: float = 0.0,
         s_tmin: float = 0.0,
         s_tmax: float = float("inf"),
         s_noise: float = 1.0,
     ):
-        if s_churn < 0:
-            raise ValueError(f"s_churn must be >= 0, got {s_churn}")
-        if s_noise < 0:
-            raise ValueError(f"s_noise must be >= 0, got {s_noise}")
-        if s_tmin < 0 or s_tmax < s_tmin:
-            raise ValueError(f"need 0 <= s_tmin <= s_tmax, got s_tmin={s_tmin}, s_tmax={s_tmax}")
+        for name, value in (("s_churn", s_churn), ("s_noise", s_noise), ("s_tmin", s_tmin)):
+            check_nonnegative_finite(name, value)  # a NaN would silently switch churn off
+        if isinstance(s_tmax, bool) or not isinstance(s_tmax, numbers.Real) or not s_tmin <= s_tmax:
+            raise ValueError(f"s_tmax must be a number >= s_tmin (inf allowed), got s_tmin={s_tmin!r}, s_tmax={s_tmax!r}")
         super().__init__(
             sigma_min=sigma_min,
             sigma_max=sigma_max,
@@ -71,27 +74,26 @@ class EDMStochasticScheduler(EDMHeunScheduler):
             beta_start=beta_start,
             beta_end=beta_end,
             beta_schedule=beta_schedule,
+            trained_betas=trained_betas,
         )
 
     def _churn_gammas(self, sigmas: torch.Tensor) -> torch.Tensor:
         """γ_i = min(S_churn/N, √2 − 1) if S_tmin ≤ σ_i ≤ S_tmax else 0 (Algorithm 2 line 4)."""
         c = self.config
-        gamma = min(c.s_churn / len(sigmas), math.sqrt(2) - 1)
-        inside = (sigmas >= c.s_tmin) & (sigmas <= c.s_tmax)
-        return torch.where(inside, torch.full_like(sigmas, gamma), torch.zeros_like(sigmas))
+        return churn_gamma(sigmas, len(sigmas), c.s_churn, c.s_tmin, c.s_tmax)
 
     @property
     def init_noise_sigma(self) -> float:
         """√(σ_0² + S_noise²·(σ̂_0² − σ_0²)): the initial noise with step 0's churn folded in."""
         if self.num_inference_steps is None:
             return float(self.config.sigma_max)
-        s0, s0_hat = float(self.sigmas[0]), float(self.sigmas_hat[0])
+        s0, s0_hat = self._sigma_values[0], self._sigma_hat_values[0]
         return math.sqrt(s0**2 + self.config.s_noise**2 * max(s0_hat**2 - s0**2, 0.0))
 
     def _churn(self, sample: torch.Tensor, i: int, generator: Optional[torch.Generator]) -> torch.Tensor:
         """x̂_i = x_i + √(σ̂_i² − σ_i²)·S_noise·z, z ~ N(0, I) (Algorithm 2 lines 5–6)."""
-        extra = float(self.sigmas_hat[i]) ** 2 - float(self.sigmas[i]) ** 2
-        if extra <= 0:
+        sigma, sigma_hat = self._sigma_values[i], self._sigma_hat_values[i]
+        if sigma_hat <= sigma:
             return sample
         z = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
-        return sample + math.sqrt(extra) * self.config.s_noise * z.to(sample.dtype)
+        return churn(sample, sigma, sigma_hat, self.config.s_noise, z)

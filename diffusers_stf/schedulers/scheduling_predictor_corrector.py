@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -14,12 +14,13 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..losses.score_matching import PREDICTION_TYPES, score_from_model_output, tweedie_denoise
-from ..noise_schedules import linear_alpha_bar, ve_sigma, vp_beta
+from ..preconditioning import SCORE_PREDICTION_TYPES, SCORE_SDE_TIMESTEP_TYPES, make_preconditioning
+from .input_checks import check_float_tensor, check_step_count
+from .step_index import StepIndexMixin
 
 SDE_TYPES = ("ve", "vp")
 PREDICTORS = ("reverse_diffusion", "euler_maruyama", "none")
-PC_TIMESTEP_TYPES = ("sigma", "log_sigma", "t", "discrete", "none")
+DISCRETIZATIONS = ("score_sde", "marginal")
 
 
 @dataclass
@@ -27,10 +28,10 @@ class PredictorCorrectorSchedulerOutput(BaseOutput):
     """Output of :meth:`PredictorCorrectorScheduler.step`.
 
     Args:
-        prev_sample: the state after this corrector or predictor step (its noise-free mean after the last step when
-            ``denoise_final``).
+        prev_sample: the state after this corrector or predictor step (after the last step, what the sampler returns:
+            the noise-free mean when ``denoise_final``).
         prev_sample_mean: the same step without its noise term (``ScoreSdeVeScheduler``'s ``prev_sample_mean``).
-        pred_original_sample: Tweedie's estimate of the clean sample, (x + σ²·s_θ)/√ᾱ at the current time.
+        pred_original_sample: Tweedie's estimate of the clean sample, (x_t + std²·s_θ)/√ᾱ at the current time.
     """
 
     prev_sample: torch.Tensor
@@ -38,42 +39,49 @@ class PredictorCorrectorSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.Tensor] = None
 
 
-class PredictorCorrectorScheduler(SchedulerMixin, ConfigMixin):
+class PredictorCorrectorScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
     """PC sampling (Song et al. 2021, Algorithms 2–5) of the VE or VP SDE with a score network s_θ(x, t).
 
-    SDEs, t ∈ [ε, 1] from t = 1 down to ε = ``sampling_eps``, then one last step to t = 0:
+    SDEs, t from 1 down to ε = ``sampling_eps``:
 
     * VE: x_t = x_0 + σ(t)·z, σ(t) = σ_min(σ_max/σ_min)^t; dx = √(dσ²/dt) dw. x(1) ~ N(0, σ_max²I).
     * VP: x_t = √ᾱ(t)·x_0 + √(1 − ᾱ(t))·z, ᾱ(t) = exp(−½t²(β_max − β_min) − tβ_min); dx = −½β(t)x dt + √β(t) dw.
       x(1) ~ N(0, I).
 
-    Each sampling step i (t_i → t_{i+1}) runs ``correct_steps`` Langevin corrector steps at t_i, then one predictor
-    step, each with its own network evaluation; ``timesteps`` has one entry per evaluation, so the standard diffusers
-    loop runs it. With G_i² = σ_i² − σ_{i+1}² (VE) or β_i = 1 − ᾱ_i/ᾱ_{i+1} (VP) and s = s_θ(x, t_i):
+    ``discretization="score_sde"`` (default) is score_sde's ``get_pc_sampler`` step for step (same noise, same
+    samples): N = ``num_inference_steps`` steps on t_i = linspace(1, ε, N); step i runs ``correct_steps`` Langevin
+    corrector steps at t_i, then one predictor step at t_i, each with its own network evaluation. With
+    j = ⌊t_i·(N − 1)⌋ and score_sde's tables for an SDE of N steps (``sde_lib.VESDE``/``VPSDE.discretize``):
+    σ_j = exp(linspace(ln σ_min, ln σ_max, N))_j with σ_{−1} = 0, and β_j = linspace(β_min/N, β_max/N, N)_j:
 
-    * predictor ``reverse_diffusion`` (eq. 47 / Algorithms 2–3): VE x ← x + G_i²·s + G_i·z;
-      VP x ← (2 − √(1 − β_i))·x + β_i·s + √β_i·z. The last VE step goes to σ = 0, so its mean is Tweedie's estimate,
-      as in ``ScoreSdeVeScheduler``.
-    * predictor ``euler_maruyama``: x ← x − [f(x, t) − g(t)²·s]·Δt + g(t)√Δt·z, Δt = t_i − t_{i+1}
-      (VE: f = 0, g² = 2σ(t)²·log(σ_max/σ_min); VP: f = −½β(t)x, g² = β(t)).
-    * predictor ``none``: correctors only.
-    * ``probability_flow=True``: the predictors integrate the probability-flow ODE dx = [f − ½g²·s] dt instead
-      (g²·s halved, no noise); with ``correct_steps=0`` sampling is deterministic.
-    * corrector (Langevin, Algorithms 4–5): z ~ N(0, I), ε = 2α_i·(r·‖z‖/‖s‖)² (norms averaged over the batch),
-      x ← x + ε·s + √(2ε)·z, with r = ``snr`` and α_i = 1 (VE) or 1 − β_i (VP).
+    * predictor ``reverse_diffusion`` (eq. 47, Algorithms 2–3), with h = σ_j² − σ_{j−1}² (VE) or h = β_j (VP):
+      VE x ← x + h·s + √h·z; VP x ← (2 − √(1 − h))·x + h·s + √h·z.
+    * predictor ``euler_maruyama``: x ← x − [f(x, t_i) − g(t_i)²·s]·Δt + g(t_i)√Δt·z with Δt = 1/N at every step
+      (VE: f = 0, g² = 2σ(t)²·ln(σ_max/σ_min); VP: f = −½β(t)x, g² = β(t)).
+    * predictor ``none``: correctors only; the sampler returns the last corrector's x (score_sde's ``NonePredictor``).
+    * ``probability_flow=True``: the predictors follow the probability-flow ODE (g²·s and h·s halved, noise times 0;
+      z is still drawn, as in score_sde). With ``correct_steps=0`` sampling is deterministic.
+    * corrector (Langevin, Algorithms 4–5): z ~ N(0, I), ε = 2α·(r·‖z‖/‖s‖)² (norms averaged over the batch),
+      x ← x + ε·s + √(2ε)·z, with r = ``snr`` and α = 1 (VE) or 1 − β_j (VP).
 
-    With ``sde_type="ve"``, ``predictor="reverse_diffusion"`` and ``prediction_type="score"`` the updates are those of
-    diffusers' ``ScoreSdeVeScheduler`` (``step_correct`` / ``step_pred``; same config keys and defaults, same noise
-    draws from the ``generator``); the one difference is that both the network and the update use σ(t_i), where
-    ``ScoreSdeVeScheduler`` updates with a geometric grid that omits ``sampling_eps`` (a relative difference below
-    ``sampling_eps·log(σ_max/σ_min)``).
+    VP's table has β_j ≥ 1 when N ≤ β_max (score_sde then returns NaN); ``set_timesteps`` refuses such an N.
 
-    Model input and timesteps: the network receives x unscaled (``scale_model_input`` is the identity) and, as
-    ``timestep``, the entry of ``timesteps`` (float32): by ``timestep_type``, ``sigma`` = the marginal noise std σ(t)
-    (VE σ; VP √(1 − ᾱ); ``ScoreSdeVePipeline`` feeds σ to NCSN++), ``log_sigma``, ``t``, ``discrete`` =
-    t·(num_train_timesteps − 1) (Song et al.'s DDPM-trained VP models) or ``none`` (zeros). ``prediction_type``
-    turns the output into the score with that std: ``score``, ``scaled_score`` (s = F/σ) or ``epsilon`` (s = −F/σ,
-    a DDPM ε-network). Entries repeat, so ``step`` must be called once per entry, in order.
+    ``discretization="marginal"`` keeps the steps on the continuous marginals instead: the grid gets a last step to
+    t = 0, reverse diffusion uses h = σ(t_i)² − σ(t_{i+1})² (VE) or h = 1 − ᾱ(t_i)/ᾱ(t_{i+1}) (VP), Euler–Maruyama
+    Δt = t_i − t_{i+1}, the corrector α = 1 − h (VP), the probability-flow predictor draws no noise, and predictor
+    ``none`` returns the last corrector's mean.
+
+    The VE ``score_sde`` sampler with ``prediction_type="score"`` is diffusers' ``ScoreSdeVeScheduler``
+    (``step_correct``/``step_pred``; same config keys and defaults, same noise draws from the ``generator``).
+
+    Model input and timesteps: the network receives the state x_t unscaled (``scale_model_input`` is the identity)
+    and, as ``timestep``, the entry of ``timesteps``. Both the timestep and how the output becomes the score are the
+    network's :class:`~diffusers_stf.preconditioning.ScoreSDEPreconditioning` (``self.preconditioning``), built from
+    ``prediction_type`` (``score``, ``scaled_score`` = std·s, ``epsilon`` = −std·s) and ``timestep_type`` (``sigma``
+    = the noise std of x_t, ``log_sigma``, ``t``, ``discrete`` = t·(num_train_timesteps − 1), ``none``). Entries
+    repeat within a sampling step; a loop over ``timesteps[k:]`` from the first entry k of a step starts there, as
+    after ``set_begin_index(k)``. With ``timestep_type="none"`` every entry is 0 and only ``set_begin_index`` can
+    say where a partial loop starts.
 
     Args:
         num_train_timesteps: N of the ``discrete`` timestep convention (2000, as ``ScoreSdeVeScheduler``).
@@ -85,9 +93,10 @@ class PredictorCorrectorScheduler(SchedulerMixin, ConfigMixin):
         beta_min, beta_max: the VP SDE's β(t) range (0.1 and 20 = DDPM's linear β for 1000 steps).
         predictor: ``reverse_diffusion``, ``euler_maruyama`` or ``none``.
         probability_flow: predictors follow the probability-flow ODE.
-        denoise_final: the last step returns its noise-free mean (Song et al.'s ``denoise``).
+        denoise_final: the sampler returns the last step's noise-free mean (score_sde's ``denoise``).
         prediction_type: ``score``, ``scaled_score`` or ``epsilon``.
         timestep_type: ``sigma``, ``log_sigma``, ``t``, ``discrete`` or ``none``.
+        discretization: ``score_sde`` (score_sde's tables and Δt = 1/N) or ``marginal`` (the continuous marginals).
     """
 
     order = 1
@@ -110,58 +119,90 @@ class PredictorCorrectorScheduler(SchedulerMixin, ConfigMixin):
         denoise_final: bool = True,
         prediction_type: str = "score",
         timestep_type: str = "sigma",
+        discretization: str = "score_sde",
     ):
         for name, value, allowed in (
             ("sde_type", sde_type, SDE_TYPES),
             ("predictor", predictor, PREDICTORS),
-            ("prediction_type", prediction_type, PREDICTION_TYPES),
-            ("timestep_type", timestep_type, PC_TIMESTEP_TYPES),
+            ("prediction_type", prediction_type, SCORE_PREDICTION_TYPES),
+            ("timestep_type", timestep_type, SCORE_SDE_TIMESTEP_TYPES),
+            ("discretization", discretization, DISCRETIZATIONS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if not (sigma_max > sigma_min > 0):
+        if not (math.isfinite(sigma_max) and sigma_max > sigma_min > 0):
             raise ValueError(f"need sigma_max > sigma_min > 0, got sigma_max={sigma_max}, sigma_min={sigma_min}")
-        if not (beta_max >= beta_min > 0):
+        if not (math.isfinite(beta_max) and beta_max >= beta_min > 0):
             raise ValueError(f"need beta_max >= beta_min > 0, got beta_min={beta_min}, beta_max={beta_max}")
         if not 0 < sampling_eps < 1:
             raise ValueError(f"sampling_eps must be in (0, 1), got {sampling_eps}")
-        if int(correct_steps) != correct_steps or correct_steps < 0:
+        if isinstance(correct_steps, bool) or int(correct_steps) != correct_steps or correct_steps < 0:
             raise ValueError(f"correct_steps must be an integer >= 0, got {correct_steps}")
-        if correct_steps > 0 and not snr > 0:
-            raise ValueError(f"snr must be > 0, got {snr}")
+        if correct_steps > 0 and not (math.isfinite(snr) and snr > 0):
+            raise ValueError(f"snr must be a finite number > 0, got {snr}")
         if predictor == "none" and correct_steps == 0:
             raise ValueError("predictor='none' needs correct_steps >= 1")
         if int(num_train_timesteps) < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+        self.preconditioning = make_preconditioning(
+            f"score_sde_{sde_type}",
+            prediction_type=prediction_type,
+            timestep_type=timestep_type,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            beta_min=beta_min,
+            beta_max=beta_max,
+            num_train_timesteps=num_train_timesteps,
+        )
         self.init_noise_sigma = float(sigma_max) if sde_type == "ve" else 1.0
         self.num_inference_steps = None
         self.timesteps = None
         self.sigmas = None
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
 
     # ----------------------------------------------------------------------------------------------------------
-    # the SDE
+    # the discretisation
 
-    def marginal(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(√ᾱ(t), σ(t)) of x_t = √ᾱ(t)·x_0 + σ(t)·z (√ᾱ = 1 for VE)."""
+    def _score_sde_tables(self, t: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(h_i, α_i): the reverse-diffusion variance and the corrector's α at t_i from score_sde's tables of an SDE
+        with N = n steps, read at j = ⌊t_i·(N − 1)⌋ (``VESDE``/``VPSDE.discretize``, ``LangevinCorrector``)."""
         c = self.config
-        t = torch.as_tensor(t, dtype=torch.float64)
+        j = (t * (n - 1)).long()
         if c.sde_type == "ve":
-            return torch.ones_like(t), ve_sigma(t, c.sigma_min, c.sigma_max)
-        ab = linear_alpha_bar(t, c.beta_min, c.beta_max)
-        return ab.sqrt(), (1 - ab).sqrt()
+            table = torch.exp(torch.linspace(math.log(c.sigma_min), math.log(c.sigma_max), n, dtype=torch.float64))
+            below = torch.where(j > 0, table[(j - 1).clamp(min=0)], torch.zeros_like(t))
+            return table[j] ** 2 - below**2, torch.ones_like(t)
+        betas = torch.linspace(c.beta_min / n, c.beta_max / n, n, dtype=torch.float64)
+        uses_table = c.predictor == "reverse_diffusion" or c.correct_steps > 0
+        if uses_table and c.beta_max / n >= 1:
+            raise ValueError(
+                f"num_inference_steps={n} makes score_sde's VP table beta_j = linspace(beta_min/N, beta_max/N, N) "
+                f"reach beta_max/N = {c.beta_max / n:.4g} >= 1, where the reverse-diffusion predictor and the "
+                f"corrector break down (score_sde returns NaN); use num_inference_steps > {c.beta_max:g}"
+            )
+        return betas[j], 1 - betas[j]
 
-    def _timestep(self, t: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        kind = self.config.timestep_type
-        value = {
-            "sigma": std,
-            "log_sigma": std.log(),
-            "t": t,
-            "discrete": t * (self.config.num_train_timesteps - 1),
-            "none": torch.zeros_like(t),
-        }[kind]
-        return value.float()
+    def _marginal_tables(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(h_i, α_i) on the continuous marginals between t_i and t_{i+1} (t_N = 0)."""
+        mean_coeff, std = self._marginal(torch.cat([t, t.new_zeros(1)]))
+        mean_coeff[-1], std[-1] = 1.0, 0.0
+        if self.config.sde_type == "ve":
+            return std[:-1] ** 2 - std[1:] ** 2, torch.ones_like(t)
+        beta = 1 - mean_coeff[:-1] ** 2 / mean_coeff[1:] ** 2
+        return beta, 1 - beta
+
+    def _marginal(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(m(t), std(t)) of x_t = m·x_0 + std·z."""
+        sigma = self.preconditioning.sigma(t)
+        m = self.preconditioning.mean_coefficient(sigma)
+        return m, m * sigma
+
+    def _diffusion_squared(self, t: torch.Tensor) -> torch.Tensor:
+        """g(t)² of the forward SDE: VE 2σ(t)²·ln(σ_max/σ_min), VP β(t)."""
+        c = self.config
+        if c.sde_type == "ve":
+            return 2 * self.preconditioning.sigma(t) ** 2 * math.log(c.sigma_max / c.sigma_min)
+        return c.beta_min + t * (c.beta_max - c.beta_min)
 
     def set_timesteps(
         self,
@@ -172,95 +213,76 @@ class PredictorCorrectorScheduler(SchedulerMixin, ConfigMixin):
         """t_i = linspace(1, ε, N) and one timestep per network evaluation (M correctors then the predictor).
 
         Args:
-            num_inference_steps: N, the number of sampling steps.
+            num_inference_steps: N, the number of sampling steps (an int; numpy and 0-d torch integers too).
             device: where ``timesteps`` live (``sigmas`` and ``times`` stay on the CPU).
             sampling_eps: overrides the config's ε.
         """
-        if num_inference_steps is None or int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
-        eps = self.config.sampling_eps if sampling_eps is None else sampling_eps
+        n = check_step_count("num_inference_steps", num_inference_steps)
+        c = self.config
+        eps = c.sampling_eps if sampling_eps is None else sampling_eps
         if not 0 < eps < 1:
             raise ValueError(f"sampling_eps must be in (0, 1), got {eps}")
-        n = int(num_inference_steps)
         t = torch.linspace(1, eps, n, dtype=torch.float64)
-        self.times = torch.cat([t, t.new_zeros(1)])  # the last step goes to t = 0: σ = 0 (VE), ᾱ = 1 (VP)
-        mean_coeff, std = self.marginal(self.times)
-        mean_coeff[-1], std[-1] = 1.0, 0.0
-        self.sigmas, self.alphas_cumprod = std, mean_coeff**2
+        if c.discretization == "score_sde":
+            h, alpha = self._score_sde_tables(t, n)
+            dt = torch.full_like(t, 1.0 / n)
+        else:
+            h, alpha = self._marginal_tables(t)
+            dt = t - torch.cat([t[1:], t.new_zeros(1)])
+        if c.predictor == "euler_maruyama":
+            h = self._diffusion_squared(t) * dt
+        self.times = t
+        self._noise_levels = self.preconditioning.sigma(t)  # σ(t_i) of x = x_t/m, what the preconditioning takes
+        self._mean_coeff, self.sigmas = self._marginal(t)  # m(t_i) and the noise std of x_t
+        self._h, self._alpha = h, alpha
         self.num_inference_steps = n
-        M = int(self.config.correct_steps)
-        self._entries = []  # (sampling step i, is it a corrector step)
+
+        M = int(c.correct_steps)
+        self._entry_step: List[int] = []
+        self._entry_is_corrector: List[bool] = []
         for i in range(n):
-            self._entries += [(i, True)] * M
-            if self.config.predictor != "none":
-                self._entries.append((i, False))
-        steps = torch.tensor([e[0] for e in self._entries])
-        self.timesteps = self._timestep(self.times[steps], self.sigmas[steps]).to(device)
-        self._step_index = None
-        self._begin_index = None
+            kinds = [True] * M + ([False] if c.predictor != "none" else [])
+            self._entry_step += [i] * len(kinds)
+            self._entry_is_corrector += kinds
+        steps = torch.tensor(self._entry_step)
+        self.timesteps = self.preconditioning.c_noise(self._noise_levels[steps]).to(device=device, dtype=torch.float32)
+        self._reset_step_index()
 
-    # ----------------------------------------------------------------------------------------------------------
-    # diffusers' step-index bookkeeping
-
-    @property
-    def step_index(self) -> Optional[int]:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> Optional[int]:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0):
-        """Start at entry ``begin_index`` of ``timesteps``."""
-        if self.timesteps is None or not 0 <= begin_index < len(self.timesteps):
-            raise ValueError(f"begin_index must be in [0, len(timesteps)), got {begin_index}; call set_timesteps first")
-        self._begin_index = begin_index
+    def _is_step_start(self, index: int) -> bool:
+        return index == 0 or self._entry_step[index] != self._entry_step[index - 1]
 
     def __len__(self):
         return self.config.num_train_timesteps
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """The identity: score networks receive x_t unscaled."""
+        """The identity: the network receives the SDE's state x_t (c_in·x = m·x = x_t)."""
         return sample
 
     # ----------------------------------------------------------------------------------------------------------
     # the sampler
 
-    def _beta(self, i: int) -> float:
-        """β_i = 1 − ᾱ_i/ᾱ_{i+1} of the VP step t_i → t_{i+1}."""
-        return 1.0 - float(self.alphas_cumprod[i] / self.alphas_cumprod[i + 1])
-
     def _corrector(self, x, score, i, z):
-        """Langevin corrector (Algorithms 4–5)."""
-        alpha = 1.0 if self.config.sde_type == "ve" else 1.0 - self._beta(i)
+        """Langevin corrector (Algorithms 4–5; score_sde's ``LangevinCorrector``)."""
         grad_norm = score.flatten(1).norm(dim=1).mean()
         noise_norm = z.flatten(1).norm(dim=1).mean()
-        eps = 2 * alpha * (self.config.snr * noise_norm / grad_norm) ** 2
+        eps = 2 * float(self._alpha[i]) * (self.config.snr * noise_norm / grad_norm) ** 2
         mean = x + eps * score
         return mean, mean + (2 * eps).sqrt() * z
 
     def _predictor(self, x, score, i, z):
-        """Reverse-diffusion or Euler–Maruyama step t_i → t_{i+1} of the reverse SDE or the probability-flow ODE."""
+        """Reverse-diffusion or Euler–Maruyama step of the reverse SDE or the probability-flow ODE."""
         c = self.config
+        h = float(self._h[i])
         half = 0.5 if c.probability_flow else 1.0
-        if c.predictor == "reverse_diffusion":
-            if c.sde_type == "ve":
-                g2 = float(self.sigmas[i] ** 2 - self.sigmas[i + 1] ** 2)
-                mean = x + half * g2 * score
-            else:
-                g2 = self._beta(i)
-                mean = (2 - math.sqrt(1 - g2)) * x + half * g2 * score
-        else:  # euler_maruyama
-            t, dt = float(self.times[i]), float(self.times[i] - self.times[i + 1])
-            if c.sde_type == "ve":
-                g2 = 2 * float(self.sigmas[i]) ** 2 * math.log(c.sigma_max / c.sigma_min) * dt
-                mean = x + half * g2 * score
-            else:
-                g2 = float(vp_beta(t, c.beta_min, c.beta_max)) * dt
-                mean = x + 0.5 * g2 * x + half * g2 * score
+        if c.sde_type == "ve":
+            mean = x + half * h * score
+        elif c.predictor == "reverse_diffusion":
+            mean = (2 - math.sqrt(1 - h)) * x + half * h * score
+        else:
+            mean = x + 0.5 * h * x + half * h * score
         if c.probability_flow:
             return mean, mean
-        return mean, mean + math.sqrt(g2) * z
+        return mean, mean + math.sqrt(h) * z
 
     def step(
         self,
@@ -273,34 +295,33 @@ class PredictorCorrectorScheduler(SchedulerMixin, ConfigMixin):
         """One corrector or predictor step, as the entry of ``timesteps`` says.
 
         Args:
-            model_output: the network output at (``sample``, ``timestep``), turned into s_θ by ``prediction_type``.
-            timestep: the current entry of ``timesteps`` (not looked up: entries repeat).
-            sample: the current state x_t.
+            model_output: the network output at (``sample``, ``timestep``), turned into s_θ by the preconditioning.
+            timestep: the current entry of ``timesteps``; the first call finds its position there.
+            sample: the current state x_t (a floating-point tensor).
             generator: random generator for z.
             return_dict: return a :class:`PredictorCorrectorSchedulerOutput` rather than a tuple.
         """
         if self.timesteps is None:
             raise ValueError("call set_timesteps before step")
+        check_float_tensor("sample", sample)
         if self._step_index is None:
-            self._step_index = self._begin_index or 0
+            self._init_step_index(timestep)
         k = self._step_index
-        if k >= len(self._entries):
+        if k >= len(self._entry_step):
             raise ValueError("step was called more often than there are timesteps; call set_timesteps again")
-        i, is_corrector = self._entries[k]
+        i, is_corrector = self._entry_step[k], self._entry_is_corrector[k]
         c = self.config
-        x = sample.to(torch.float64)
-        std = float(self.sigmas[i])
-        score = score_from_model_output(model_output.to(torch.float64), std, c.prediction_type)
-        denoised = tweedie_denoise(x, score, std, float(self.alphas_cumprod[i]) ** 0.5)
-        needs_noise = is_corrector or not c.probability_flow
+        x, output = sample.to(torch.float64), model_output.to(torch.float64)
+        sigma, m = float(self._noise_levels[i]), float(self._mean_coeff[i])  # host numbers: no device copy
+        denoised = self.preconditioning.denoise(x / m, output, sigma)
+        score = self.preconditioning.score(x, output, sigma)
         z = None
-        if needs_noise:
+        if is_corrector or not c.probability_flow or c.discretization == "score_sde":
             z = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32).double()
         mean, prev = (self._corrector if is_corrector else self._predictor)(x, score, i, z)
-        if k == len(self._entries) - 1 and c.denoise_final:
+        corrector_only = c.predictor == "none" and c.discretization == "score_sde"
+        if k == len(self._entry_step) - 1 and c.denoise_final and not corrector_only:
             prev = mean
-        if torch.isnan(prev).any():
-            raise ValueError(f"the sampler produced NaN at step {i} (t={float(self.times[i]):.4g})")
         self._step_index += 1
         prev, mean, denoised = prev.to(sample.dtype), mean.to(sample.dtype), denoised.to(sample.dtype)
         if not return_dict:
@@ -308,17 +329,9 @@ class PredictorCorrectorScheduler(SchedulerMixin, ConfigMixin):
         return PredictorCorrectorSchedulerOutput(prev_sample=prev, prev_sample_mean=mean, pred_original_sample=denoised)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = √ᾱ(t)·x_0 + σ(t)·z for timesteps of type ``timestep_type`` (not ``none``)."""
-        c = self.config
-        ts = torch.as_tensor(timesteps).reshape(-1).double().cpu()
-        if c.timestep_type == "none":
-            raise ValueError("timestep_type='none' carries no time; add_noise cannot recover the noise level")
-        if c.timestep_type in ("t", "discrete"):
-            mean_coeff, std = self.marginal(ts if c.timestep_type == "t" else ts / (c.num_train_timesteps - 1))
-        else:
-            std = ts if c.timestep_type == "sigma" else ts.exp()
-            mean_coeff = torch.ones_like(std) if c.sde_type == "ve" else (1 - std**2).clamp(min=0).sqrt()
+        """x_t = √ᾱ(t)·x_0 + std(t)·z for timesteps of type ``timestep_type`` (not ``none``)."""
+        sigma = self.preconditioning.sigma_of_timestep(torch.as_tensor(timesteps).reshape(-1).double().cpu())
+        m = self.preconditioning.mean_coefficient(sigma)
         shape = (-1, *([1] * (original_samples.ndim - 1)))
-        mean_coeff = mean_coeff.to(original_samples.device, original_samples.dtype).reshape(shape)
-        std = std.to(original_samples.device, original_samples.dtype).reshape(shape)
-        return mean_coeff * original_samples + std * noise
+        m, std = (v.to(original_samples.device, original_samples.dtype).reshape(shape) for v in (m, m * sigma))
+        return m * original_samples + std * noise

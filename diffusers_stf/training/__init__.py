@@ -1,10 +1,13 @@
-"""Training plumbing shared by the scripts in ``examples/``: options, Accelerator set-up, in-memory image data,
-EDM's EMA, resumable checkpoints, metrics files, sample grids, model cards, Hub upload, and :class:`Trainer`, the
-loop that runs a script's loss function. See ``examples/train_stf.py`` for a script built on it.
+"""Training plumbing shared by the scripts in ``examples/``: typed configuration filled from the command line,
+Accelerator set-up, EDM's half-life EMA, resumable checkpoints in a one-run output folder, metrics files, sample grids,
+model cards, Hub upload, and :class:`Trainer`, the loop that runs a script's loss function. See
+``examples/train_stf.py`` for a script built on it and ``docs/training.md`` for the options.
 """
 
-from .accelerator import check_world_size, derived_seed, make_accelerator, step_generator, tracker_name
+from ..data import BatchSchedule, DataConfig, ImageData, derived_seed, load_training_images
+from .accelerator import check_world_size, make_accelerator, step_generator, tracker_name
 from .args import (
+    ScriptConfig,
     add_checkpoint_args,
     add_data_args,
     add_ema_args,
@@ -13,11 +16,12 @@ from .args import (
     add_optimization_args,
     add_training_args,
     add_unet_args,
-    check_training_args,
+    float_list,
+    int_list,
     parse_training_args,
 )
 from .checkpoints import (
-    check_fingerprint,
+    checkpoint_problem,
     list_checkpoints,
     load_checkpoint,
     model_fingerprint,
@@ -25,11 +29,11 @@ from .checkpoints import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .data import BatchSchedule, EpochBatchSampler, ImageData, load_training_images, make_dataloader
-from .ema import EMAModel, ema_beta
+from .config import TrainingConfig, UNetConfig, check_finite, from_namespace
+from .ema import HalfLifeEMA, MovingAverage, WarmupEMA, ema_beta, warmup_ema_beta
 from .hub import push_folder_to_hub
 from .metrics_log import MetricsLogger, bucket_names, read_metrics
 from .model_card import ModelCardInfo, write_model_card
-from .trainer import LossOutput, Trainer, TrainingResult, run_training
-from .unet import count_parameters, make_unet, unet_config
+from .trainer import LossOutput, NonFiniteLossError, Trainer, TrainingResult, print_summary
+from .unet import make_unet, unet_config
 from .validation import image_grid, sample_grid, save_image_grid

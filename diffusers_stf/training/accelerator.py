@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import numpy as np
 import torch
+
+from ..data import derived_seed
+from .checkpoints import prepare_output_dir
+from .config import TrainingConfig
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -37,41 +40,39 @@ def check_world_size(num_processes: int, world_size_env=None):
         )
 
 
-def make_accelerator(args):
-    """An ``accelerate.Accelerator`` from the shared options.
+def make_accelerator(config: TrainingConfig):
+    """An ``accelerate.Accelerator`` for ``config`` (``cpu``, ``mixed_precision``, ``gradient_accumulation_steps``,
+    ``report_to``, ``output_dir``, ``logging_dir``), after checking the output folder (see
+    :func:`~diffusers_stf.training.checkpoints.prepare_output_dir`) so that a refused run stops before any work.
 
-    Uses ``--cpu``, ``--mixed_precision``, ``--gradient_accumulation_steps``, ``--report_to``, ``--output_dir`` and
-    ``--logging_dir``; raises when WORLD_SIZE > 1 but Accelerate sees one process (see :func:`check_world_size`).
-    Seeds Python, NumPy and torch with ``--seed``.
+    Raises when WORLD_SIZE > 1 but Accelerate sees one process (see :func:`check_world_size`), and prints the process
+    count: ``accelerate launch --cpu --num_processes 2`` starts a single process (accelerate's simple launcher), which
+    cannot be told apart from a one-process launch. Seeds Python, NumPy and torch with ``seed``.
     """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration, set_seed
 
-    cpu = bool(getattr(args, "cpu", False)) or os.environ.get("ACCELERATE_USE_CPU", "").lower() in _TRUE
-    if args.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
+    cpu = config.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in _TRUE
+    if config.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
         raise ValueError("--mixed_precision fp16 needs a GPU; use bf16 or no on the CPU")
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    logging_dir = os.path.join(config.output_dir, config.logging_dir)
+    tracker = tracker_name(config.report_to)
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=tracker_name(getattr(args, "report_to", "none")),
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=tracker,
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=logging_dir),
     )
     check_world_size(accelerator.num_processes)
-    from accelerate.utils import set_seed
-
-    set_seed(args.seed)  # the same model initialisation on every process
+    prepare_output_dir(accelerator, config)
+    accelerator.print(f"{accelerator.num_processes} training process{'es' if accelerator.num_processes > 1 else ''} "
+                      f"on {accelerator.device.type}")
+    if tracker is None and config.report_to == "auto":
+        accelerator.print(f"--report_to auto: tensorboard is not installed, so no tracker logs this run; the metrics "
+                          f"go to {os.path.join(logging_dir, 'metrics.csv')} (and .jsonl) only")
+    set_seed(config.seed)  # the same model initialisation on every process
     return accelerator
-
-
-def derived_seed(*keys: int) -> int:
-    """A 63-bit seed that is a pure function of the integer ``keys`` (e.g. seed, step, process index).
-
-    Per-step generators seeded this way make a resumed run draw exactly the noise of an uninterrupted one.
-    """
-    high, low = (int(v) for v in np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32))
-    return ((high << 32) | low) & ((1 << 63) - 1)
 
 
 def step_generator(seed: int, step: int, process_index: int = 0, device="cpu") -> torch.Generator:

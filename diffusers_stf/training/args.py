@@ -1,17 +1,22 @@
-"""Command-line options shared by the training scripts, as argparse groups.
+"""Command-line options shared by the training scripts, as argparse groups, and their typed configuration.
 
 Each ``add_*_args(parser)`` adds one group; :func:`add_training_args` adds them all. A script sets its own defaults
-afterwards with ``parser.set_defaults(...)`` and checks the result with :func:`check_training_args`. The names follow
-diffusers' ``train_unconditional.py`` where it has the option.
+afterwards with ``parser.set_defaults(...)`` and parses with :func:`parse_training_args`, which returns the namespace
+and the typed :class:`ScriptConfig` (every check names its flag). The names follow diffusers'
+``train_unconditional.py`` where it has the option.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-from typing import Optional, Sequence
+import copy
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
-LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
+from ..data import DataConfig
+from .config import LR_SCHEDULERS, TRACKERS, TrainingConfig, UNetConfig, from_namespace
+from .hub import check_hub_settings
 
 
 def int_list(text: str):
@@ -30,10 +35,6 @@ def float_list(text: str):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
 
 
-def str_list(text: str):
-    return tuple(v for v in text.replace(" ", "").split(",") if v)
-
-
 def add_data_args(parser: argparse.ArgumentParser):
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", type=str, default=None,
@@ -50,7 +51,7 @@ def add_data_args(parser: argparse.ArgumentParser):
                    help="side length of the training images; the shorter side is resized to it. "
                         "Default: the images' own size (they must then all have the same size)")
     g.add_argument("--channels", type=int, default=None, choices=(1, 3),
-                   help="1 (grey) or 3 (RGB); default: from the first image")
+                   help="1 (grey) or 3 (RGB); default: the images' own (RGB when grey and colour images are mixed)")
     g.add_argument("--center_crop", action="store_true", help="center crop instead of a random crop")
     g.add_argument("--random_flip", action="store_true", help="random left-right flips")
     g.add_argument("--max_train_samples", type=int, default=None, help="use only the first N images")
@@ -76,8 +77,9 @@ def add_optimization_args(parser: argparse.ArgumentParser):
     g = parser.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=64, help="batch size per process")
     g.add_argument("--max_train_steps", type=int, default=None,
-                   help="optimizer steps; overrides --num_epochs")
-    g.add_argument("--num_epochs", type=int, default=100)
+                   help="optimizer steps; when given it decides the length, also over --num_epochs")
+    g.add_argument("--num_epochs", type=int, default=None,
+                   help="passes over the data (default: the script's --default_num_epochs)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--learning_rate", type=float, default=1e-3)
     g.add_argument("--lr_scheduler", type=str, default="constant_with_warmup", choices=LR_SCHEDULERS,
@@ -98,21 +100,70 @@ def add_optimization_args(parser: argparse.ArgumentParser):
 
 
 def add_ema_args(parser: argparse.ArgumentParser):
-    g = parser.add_argument_group("EMA (EDM: half-life in images, with ramp-up)")
+    g = parser.add_argument_group("EMA: EDM's half-life in images (default), or diffusers' warm-up rule (--use_ema)")
     g.add_argument("--ema_halflife_kimg", type=float, default=500.0,
                    help="EMA half-life in thousands of images (EDM: 500); 0 disables the EMA")
     g.add_argument("--ema_rampup_ratio", type=float, default=0.05,
                    help="half-life at most this fraction of the images seen so far (EDM: 0.05); 0 disables the ramp-up")
+    g.add_argument("--use_ema", action="store_true",
+                   help="diffusers' EMAModel decay with warm-up instead of EDM's half-life: "
+                        "min(--ema_max_decay, 1 - (1 + step/--ema_inv_gamma)^-ema_power)")
+    g.add_argument("--ema_inv_gamma", type=float, default=1.0, help="--use_ema: inverse gamma of the warm-up")
+    g.add_argument("--ema_power", type=float, default=0.75, help="--use_ema: power of the warm-up")
+    g.add_argument("--ema_max_decay", type=float, default=0.9999, help="--use_ema: the largest decay")
+    return g
+
+
+# Options of diffusers' examples/unconditional_image_generation/train_unconditional.py that only name ours.
+DDPM_FLAGS = ("prediction_type", "ddpm_num_steps", "ddpm_num_inference_steps", "ddpm_beta_schedule")
+DIFFUSERS_DEFAULTS = {  # train_unconditional.py's defaults where ours differ
+    "learning_rate": 1e-4, "lr_scheduler": "cosine", "lr_warmup_steps": 500, "adam_beta1": 0.95,
+    "adam_weight_decay": 1e-6, "train_batch_size": 16, "resolution": 64, "checkpoints_total_limit": None,
+    "num_validation_images": 16, "num_epochs": 100,
+}
+
+
+def add_diffusers_args(parser: argparse.ArgumentParser, ddpm: bool = False):
+    """The flags of diffusers' ``train_unconditional.py`` that the groups above name differently or do not need,
+    so its command lines run unchanged. With ``ddpm``, its DDPM options too (the script maps them onto its own);
+    otherwise they are accepted by the parser only to be refused with an explanation."""
+    g = parser.add_argument_group("diffusers train_unconditional.py flags (see docs/training.md for the map)")
+    g.add_argument("--logger", type=str, default=None, choices=("tensorboard", "wandb"), help="= --report_to")
+    g.add_argument("--eval_batch_size", type=int, default=None, help="= --num_validation_images")
+    g.add_argument("--save_images_epochs", type=int, default=None,
+                   help="a sample grid every N epochs (= --validation_steps N x steps per epoch)")
+    g.add_argument("--save_model_epochs", type=int, default=None,
+                   help="save the pipeline folder (EMA weights) every N epochs, besides the checkpoints")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="accepted for compatibility: the images are decoded once into memory, no loader workers")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers attention in the UNet (needs the xformers package)")
+    g.add_argument("--preserve_input_precision", action="store_true",
+                   help="refuse 16/32-bit images instead of reducing them to 8 bits")
+    ddpm_help = "" if ddpm else "DDPM only (train_sequence_aware.py); refused here"
+    g.add_argument("--prediction_type", type=str, default=None, help=ddpm_help or "epsilon (the only one supported)")
+    g.add_argument("--ddpm_num_steps", type=int, default=None, help=ddpm_help or "= --num_train_timesteps")
+    g.add_argument("--ddpm_num_inference_steps", type=int, default=None, help=ddpm_help or "= --num_inference_steps")
+    g.add_argument("--ddpm_beta_schedule", type=str, default=None,
+                   help=ddpm_help or "= --beta_schedule (linear, scaled_linear, squaredcos_cap_v2)")
+    parser.set_defaults(accepts_ddpm_flags=ddpm)
     return g
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser):
     g = parser.add_argument_group("output and checkpoints")
     g.add_argument("--output_dir", type=str, default="outputs/train")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start a new run in an --output_dir that holds another run, deleting that run's checkpoints, "
+                        "logs and grids (without it such a folder is refused)")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps; 0: never")
     g.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep at most this many checkpoints")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
-                   help="'latest' (the newest checkpoint-N in --output_dir; a fresh start when there is none) or a checkpoint folder")
+                   help="'latest' (the newest intact checkpoint of the run in --output_dir; a fresh start when there is "
+                        "none) or a checkpoint folder")
+    g.add_argument("--allow_changed_settings", action="store_true",
+                   help="resume although settings that change the maths (learning rate, schedule, EMA, clipping, Adam, "
+                        "data, processes...) differ from the checkpoint's: print them and apply the new values")
     return g
 
 
@@ -120,7 +171,7 @@ def add_logging_args(parser: argparse.ArgumentParser):
     g = parser.add_argument_group("logging and validation")
     g.add_argument("--logging_steps", type=int, default=50, help="write metrics every N steps")
     g.add_argument("--logging_dir", type=str, default="logs", help="metrics folder inside --output_dir")
-    g.add_argument("--report_to", type=str, default="auto", choices=("auto", "tensorboard", "wandb", "none"),
+    g.add_argument("--report_to", type=str, default="auto", choices=TRACKERS,
                    help="tracker besides the plain metrics files; auto = tensorboard when installed")
     g.add_argument("--sigma_buckets", type=float_list, default=(0.02, 0.1, 0.5, 2.0, 10.0),
                    help="edges of the noise-level buckets of the per-sigma loss log")
@@ -141,8 +192,11 @@ def add_hub_args(parser: argparse.ArgumentParser):
     return g
 
 
-def add_training_args(parser: argparse.ArgumentParser, unet: bool = True) -> argparse.ArgumentParser:
-    """Add every group (the UNet group only when ``unet``) and return the parser."""
+def add_training_args(parser: argparse.ArgumentParser, unet: bool = True, default_num_epochs: int = 100,
+                      ddpm: bool = False) -> argparse.ArgumentParser:
+    """Add every group (the UNet group only when ``unet``; diffusers' DDPM flags are accepted only when ``ddpm``)
+    and return the parser. ``default_num_epochs`` is the script's length when neither ``--num_epochs`` nor
+    ``--max_train_steps`` is given."""
     add_data_args(parser)
     if unet:
         add_unet_args(parser)
@@ -151,47 +205,134 @@ def add_training_args(parser: argparse.ArgumentParser, unet: bool = True) -> arg
     add_checkpoint_args(parser)
     add_logging_args(parser)
     add_hub_args(parser)
+    add_diffusers_args(parser, ddpm)
+    parser.set_defaults(default_num_epochs=default_num_epochs)
     return parser
 
 
-def _positive(args, name, allow_zero=False):
-    value = getattr(args, name, None)
-    if value is None:
+@dataclass
+class ScriptConfig:
+    """The typed options of a training script: the trainer's, the data's and (scripts that train a UNet) the UNet's,
+    and which options were given on the command line (``explicit``)."""
+
+    training: TrainingConfig
+    data: DataConfig
+    unet: Optional[UNetConfig] = None
+    explicit: frozenset = frozenset()
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> frozenset:
+    """The destinations of the options given on the command line ``argv`` (not defaults)."""
+    probe = copy.deepcopy(parser)
+    probe._defaults.clear()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(probe.parse_args(argv)))
+
+
+def one_of(args, explicit, ours: str, theirs: str):
+    """Copy diffusers' ``--theirs`` onto ``--ours`` when only it was given; refuse two different values."""
+    values = vars(args)
+    if theirs not in explicit:
         return
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else ">= 1"
-        raise ValueError(f"--{name} must be {bound}, got {value}")
+    if ours in explicit and values[ours] != values[theirs]:
+        raise ValueError(f"--{theirs} (diffusers' name) and --{ours} give different values "
+                         f"({values[theirs]} and {values[ours]}); give one of them")
+    values[ours] = values[theirs]
 
 
-def check_training_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Validate the shared options (clear ValueErrors), filling in environment-dependent defaults. Returns ``args``."""
-    for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "max_train_steps", "logging_steps",
-                 "num_validation_images", "num_inference_steps", "resolution", "max_train_samples"):
-        _positive(args, name)
-    for name in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "checkpoints_total_limit"):
-        _positive(args, name, allow_zero=True)
-    if getattr(args, "learning_rate", 1) <= 0:
-        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
-    if getattr(args, "ema_halflife_kimg", 0) < 0 or getattr(args, "ema_rampup_ratio", 0) < 0:
-        raise ValueError("--ema_halflife_kimg and --ema_rampup_ratio must be >= 0")
-    if getattr(args, "max_grad_norm", 0) < 0:
-        raise ValueError(f"--max_grad_norm must be >= 0, got {args.max_grad_norm}")
-    if getattr(args, "dataset_name", None) and getattr(args, "train_data_dir", None):
-        raise ValueError("give either --dataset_name or --train_data_dir, not both")
-    buckets = getattr(args, "sigma_buckets", ())
-    if list(buckets) != sorted(buckets) or any(b <= 0 for b in buckets):
-        raise ValueError(f"--sigma_buckets must be increasing positive numbers, got {buckets}")
-    if getattr(args, "block_out_channels", None) is not None and len(args.block_out_channels) == 0:
-        raise ValueError("--block_out_channels needs at least one level")
-    levels = len(getattr(args, "block_out_channels", ()) or ())
-    for level in getattr(args, "attention_levels", ()) or ():
-        if not 0 <= level < levels:
-            raise ValueError(f"--attention_levels entries must be in [0, {levels - 1}], got {level}")
-    if getattr(args, "push_to_hub", False) and not getattr(args, "hub_model_id", None):
-        args.hub_model_id = os.path.basename(os.path.normpath(args.output_dir))
-    return args
+DDPM_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 
 
-def parse_training_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """``parser.parse_args(argv)`` followed by :func:`check_training_args`."""
-    return check_training_args(parser.parse_args(argv))
+def map_ddpm_flags(args: argparse.Namespace, explicit: frozenset):
+    """diffusers' DDPM flags onto a DDPM script's ``--num_train_timesteps``, ``--beta_schedule`` (ours: linear,
+    scaled_linear, cosine) and ``--num_inference_steps``; ``--prediction_type`` must be ``epsilon``."""
+    values = vars(args)
+    if "prediction_type" in explicit and args.prediction_type != "epsilon":
+        raise ValueError(f"--prediction_type {args.prediction_type!r}: the sequence-aware loss trains an ε-predictor, "
+                         "so only 'epsilon' is supported")
+    if "ddpm_beta_schedule" in explicit:
+        if args.ddpm_beta_schedule not in DDPM_BETA_SCHEDULES:
+            raise ValueError(f"--ddpm_beta_schedule must be one of {tuple(DDPM_BETA_SCHEDULES)}, "
+                             f"got {args.ddpm_beta_schedule!r}")
+        values["ddpm_beta_schedule"] = DDPM_BETA_SCHEDULES[args.ddpm_beta_schedule]
+    one_of(args, explicit, "num_train_timesteps", "ddpm_num_steps")
+    one_of(args, explicit, "beta_schedule", "ddpm_beta_schedule")
+    one_of(args, explicit, "num_inference_steps", "ddpm_num_inference_steps")
+
+
+def apply_diffusers_flags(args: argparse.Namespace, explicit: frozenset) -> List[str]:
+    """Map diffusers' flags onto ours (in ``args``) and refuse those that make no sense here. Returns the lines the
+    run prints at its start: the EMA rule in force, and the defaults that differ from diffusers'."""
+    if not args.accepts_ddpm_flags:
+        for name in DDPM_FLAGS:
+            if name in explicit:
+                raise ValueError(f"--{name} is an option of DDPM training (train_sequence_aware.py); this script "
+                                 "does not train a DDPM noise predictor")
+    else:
+        map_ddpm_flags(args, explicit)
+    if args.use_ema and explicit & {"ema_halflife_kimg", "ema_rampup_ratio"}:
+        raise ValueError("--use_ema (diffusers' warm-up EMA) and --ema_halflife_kimg/--ema_rampup_ratio (EDM's "
+                         "half-life EMA) choose two EMA rules; give the options of one")
+    if explicit & {"ema_inv_gamma", "ema_power", "ema_max_decay"} and not args.use_ema:
+        raise ValueError("--ema_inv_gamma, --ema_power and --ema_max_decay set diffusers' EMA rule: add --use_ema")
+    one_of(args, explicit, "report_to", "logger")
+    one_of(args, explicit, "num_validation_images", "eval_batch_size")
+    values = vars(args)
+    for name in ("save_images_epochs", "save_model_epochs", "eval_batch_size"):
+        if values[name] is not None and values[name] < 1:
+            raise ValueError(f"--{name} must be >= 1, got {values[name]}")
+    if "save_images_epochs" in explicit and "validation_steps" in explicit:
+        raise ValueError("give either --save_images_epochs (diffusers) or --validation_steps, not both")
+    if args.dataloader_num_workers < 0:
+        raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    notes = []
+    if args.dataloader_num_workers:
+        notes.append("--dataloader_num_workers has no effect: the images are decoded once into memory.")
+    differing = []
+    for name, theirs in DIFFUSERS_DEFAULTS.items():
+        if name in explicit or name not in values:
+            continue
+        ours = values[name]
+        if name == "num_epochs" and args.max_train_steps is None:
+            ours = args.default_num_epochs
+        if ours != theirs:
+            shown = "the images' own" if name == "resolution" and ours is None else \
+                "from --lr_rampup_kimg" if name == "lr_warmup_steps" and ours is None else ours
+            differing.append(f"--{name} {shown} (diffusers: {theirs})")
+    if not args.use_ema and "ema_halflife_kimg" not in explicit and args.ema_halflife_kimg > 0:
+        differing.append("EDM's half-life EMA (diffusers: none unless --use_ema)")
+    if differing:
+        notes.append("Defaults that differ from diffusers' train_unconditional.py (give the flag to choose): "
+                     + "; ".join(differing) + ".")
+    return notes
+
+
+def check_finite_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Refuse NaN and ±inf in every float option (and float-list option) of ``parser``, naming the flag."""
+    values_by_dest = vars(args)
+    for action in parser._actions:
+        value = values_by_dest.get(action.dest)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            flag = action.option_strings[-1] if action.option_strings else action.dest
+            raise ValueError(f"{flag} must be a finite number, got {value}")
+
+
+def parse_training_args(parser: argparse.ArgumentParser,
+                        argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, ScriptConfig]:
+    """``parser.parse_args(argv)``, the finite-number check of every float option, and the typed configuration
+    (which validates the shared options; with ``--push_to_hub`` the token and the repo id are checked too, and
+    ``hub_model_id`` becomes ``namespace/name``). Returns ``(args, config)``."""
+    args = parser.parse_args(argv)
+    check_finite_options(parser, args)
+    explicit = explicit_options(parser, argv)
+    notes = apply_diffusers_flags(args, explicit)
+    has_unet = any(action.dest == "block_out_channels" for action in parser._actions)
+    config = ScriptConfig(training=from_namespace(TrainingConfig, args, notes=tuple(notes)),
+                          data=from_namespace(DataConfig, args),
+                          unet=from_namespace(UNetConfig, args) if has_unet else None, explicit=explicit)
+    training = config.training
+    training.hub_model_id = check_hub_settings(training.push_to_hub, training.hub_model_id, training.hub_token,
+                                               training.output_dir)
+    return args, config

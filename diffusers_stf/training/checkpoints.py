@@ -1,29 +1,63 @@
-"""Resumable checkpoints: ``output_dir/checkpoint-<step>/`` written with ``accelerator.save_state``.
+"""The run folder and its resumable checkpoints ``output_dir/checkpoint-<step>/``.
 
 Layout of a checkpoint folder::
 
     model/               the trained network (save_pretrained: config.json + safetensors)
     ema/                 its EMA copy (same format)
-    optimizer.bin        accelerate (loaded with weights_only=True)
-    random_states_<i>.pkl
-    trainer_state.json   step, images seen, lr-scheduler state, the run's config fingerprint
+    optimizer.bin        accelerate's optimizer state
+    random_states_<i>.pkl  the RNG states of process i
+    trainer_state.json   step, images seen, wall time, lr-scheduler state, the run's id and fingerprint, and the size
+                         and SHA-256 of every other file (written last)
 
-A checkpoint is written into ``checkpoint-<step>.partial`` and renamed when complete, so an interrupted save never
-looks like a checkpoint. Resuming compares the fingerprint (model class and config, and the script's own
-resume-critical options) and refuses a checkpoint of another configuration.
+Robustness:
+
+- A checkpoint is written into ``checkpoint-<step>.partial``, every file and folder is fsynced, and the folder is
+  renamed when complete, so an interrupted save never looks like a checkpoint. Old checkpoints are pruned only after
+  the new one is in place.
+- ``latest`` takes the newest *intact* checkpoint of this run: a checkpoint whose files do not match their recorded
+  size and hash, or whose pickles do not load, is skipped with a warning naming the bad file. An explicit damaged
+  checkpoint is refused, so a resume is exact or does not happen.
+- ``optimizer.bin`` and ``random_states_<i>.pkl`` are only ever unpickled with ``torch.load(weights_only=True)`` (which
+  accepts tensors, numbers and the NumPy arrays of RNG states, never arbitrary objects): this module checks them that
+  way before accelerate loads them, and restores the RNG states itself, so a state accelerate could not read cannot
+  be skipped silently.
+- A save that fails because the disk is full says so, and where.
+
+Why not accelerate's ``ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=...)``: its ``save_state``
+deletes the oldest checkpoints *before* writing the new one (a kill mid-write with ``total_limit=1`` leaves none),
+writes in place without an atomic rename, and numbers checkpoints by save count rather than by optimizer step.
+
+A new run refuses an ``output_dir`` that holds another run unless ``--overwrite_output_dir`` (see
+:func:`prepare_output_dir`), so ``latest`` only ever finds checkpoints of the run being resumed.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
+import signal
+import time
+import uuid
 from typing import Dict, List, Optional, Tuple
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+RUN_FILE = "run.json"
 WEIGHTS_FILE = "model.safetensors"  # for plain nn.Modules; ModelMixins use their own save_pretrained names
+KILL_ENV = "DIFFUSERS_STF_TEST_KILL_AT"  # test hook: SIGKILL this process at a named point, e.g. "checkpoint_renamed@6"
+FAULT_ENV = "DIFFUSERS_STF_TEST_FAULT"  # test hook: "disk_full" makes checkpoint writes fail with ENOSPC
+
+
+def kill_point(point: str, step: Optional[int] = None):
+    """Kill the process (SIGKILL, as a crash would) when ``DIFFUSERS_STF_TEST_KILL_AT`` names ``point`` (or
+    ``point@step``). Only tests set it."""
+    target = os.environ.get(KILL_ENV)
+    if target and target in (point, f"{point}@{step}"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def jsonable(value):
@@ -50,6 +84,77 @@ def fingerprint_differences(saved: Dict, current: Dict, prefix: str = "") -> Lis
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The run folder
+
+
+def run_markers(output_dir: str, logging_dir: str = "logs") -> List[str]:
+    """What in ``output_dir`` shows that a training run used it (checkpoints, the run file, metrics)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in sorted(os.listdir(output_dir)):
+        if name == RUN_FILE or (name.startswith("checkpoint-") and os.path.isdir(os.path.join(output_dir, name))):
+            found.append(name)
+    metrics = os.path.join(logging_dir, "metrics.jsonl")
+    if os.path.isfile(os.path.join(output_dir, metrics)):
+        found.append(metrics)
+    return found
+
+
+def prepare_output_dir(accelerator, config) -> None:
+    """Refuse a new run (no ``resume_from_checkpoint``) in an ``output_dir`` used by another run, naming
+    ``--overwrite_output_dir``; with that flag, delete the old run's checkpoints, logs, grids and run file first."""
+    output_dir = config.output_dir
+    markers = run_markers(output_dir, config.logging_dir)
+    if not markers or config.resume_from_checkpoint:
+        return
+    if not config.overwrite_output_dir:
+        shown = ", ".join(markers[:4]) + (", ..." if len(markers) > 4 else "")
+        raise ValueError(
+            f"--output_dir {output_dir!r} already holds a training run ({shown}). Pass --overwrite_output_dir to "
+            "replace it with a new run, --resume_from_checkpoint latest to continue it, or choose another --output_dir."
+        )
+    if accelerator.is_main_process:
+        for name in os.listdir(output_dir):
+            path = os.path.join(output_dir, name)
+            if name.startswith("checkpoint-") and os.path.isdir(path):
+                shutil.rmtree(path)
+        for name in (config.logging_dir, "samples"):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        for name in (RUN_FILE, "samples.png"):
+            if os.path.isfile(os.path.join(output_dir, name)):
+                os.remove(os.path.join(output_dir, name))
+        accelerator.print(f"--overwrite_output_dir: removed the earlier run's checkpoints and logs from {output_dir}")
+    accelerator.wait_for_everyone()
+
+
+def read_run(output_dir: str) -> Optional[Dict]:
+    path = os.path.join(output_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def start_run(output_dir: str) -> Dict:
+    """Write ``run.json`` with a new run id (main process). Returns its contents."""
+    run = {"run_id": uuid.uuid4().hex, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = os.path.join(output_dir, RUN_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(run, f, indent=2)
+    os.replace(tmp, os.path.join(output_dir, RUN_FILE))
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Listing, checking and choosing checkpoints
+
+
 def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
     """Complete checkpoints in ``output_dir`` as (step, path), oldest first."""
     if not os.path.isdir(output_dir):
@@ -63,36 +168,152 @@ def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
     return sorted(found)
 
 
-def resolve_checkpoint(output_dir: str, resume_from: Optional[str]) -> Optional[str]:
-    """The folder to resume from: ``latest`` (None when there is none yet) or an explicit checkpoint folder."""
+def file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_manifest(folder: str) -> Dict[str, List]:
+    """``{relative path: [size, sha256]}`` of every file under ``folder`` except the state file."""
+    manifest = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel != STATE_FILE:
+                manifest[rel] = [os.path.getsize(path), file_digest(path)]
+    return manifest
+
+
+def load_pickle_weights_only(path: str):
+    """``torch.load(path, weights_only=True)`` with accelerate's allow-list for NumPy RNG states."""
+    import torch
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_state(path: str) -> Dict:
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """None when the checkpoint at ``path`` is intact; otherwise what is wrong, naming the bad file."""
+    state_path = os.path.join(path, STATE_FILE)
+    try:
+        state = read_state(path)
+    except (OSError, ValueError) as err:
+        return f"{state_path} cannot be read ({err})"
+    if not isinstance(state, dict) or "step" not in state:
+        return f"{state_path} has no step"
+    manifest = state.get("files")
+    if manifest is None:  # written before checkpoints carried a manifest: check what can be checked
+        manifest = {}
+        for p in range(int(state.get("num_processes", 1))):
+            manifest[f"random_states_{p}.pkl"] = None
+    for rel, expected in sorted(manifest.items()):
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file):
+            return f"{file} is missing"
+        if expected is not None:
+            size, digest = expected
+            if os.path.getsize(file) != size:
+                return f"{file} has {os.path.getsize(file)} bytes, {size} were written"
+            if file_digest(file) != digest:
+                return f"{file} does not match its recorded SHA-256"
+    for rel in sorted(manifest):
+        if rel.endswith((".pkl", ".bin")):
+            file = os.path.join(path, rel)
+            try:
+                load_pickle_weights_only(file)
+            except Exception as err:  # torch raises several types for unreadable or unsafe pickles
+                return f"{file} cannot be loaded with weights_only=True ({type(err).__name__}: {err})"
+    return None
+
+
+def resolve_checkpoint(output_dir: str, resume_from: Optional[str], run_id: Optional[str] = None,
+                       warn=print) -> Optional[str]:
+    """The checkpoint to resume from, or None for a fresh start.
+
+    ``latest``: the newest intact checkpoint in ``output_dir`` written by run ``run_id`` (any run when None); damaged
+    ones are skipped with a ``warn`` naming the bad file, and when every checkpoint is damaged a ``ValueError`` lists
+    them. A folder: that checkpoint, which must be intact.
+    """
     if not resume_from:
         return None
     if resume_from == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
+        problems = []
+        for step, path in reversed(list_checkpoints(output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None and run_id is not None:
+                saved_run = read_state(path).get("run_id")
+                if saved_run not in (None, run_id):
+                    warn(f"Skipping {path}: it belongs to another run (run id {saved_run}, this run {run_id}).")
+                    continue
+            if problem is None:
+                return path
+            warn(f"WARNING: checkpoint {path} is damaged and is skipped: {problem}")
+            problems.append(problem)
+        if problems:
+            raise ValueError("--resume_from_checkpoint latest: every checkpoint in "
+                             f"{output_dir!r} is damaged:\n  " + "\n  ".join(problems))
+        return None
     path = resume_from if os.path.isdir(resume_from) else os.path.join(output_dir, resume_from)
     if not os.path.isdir(path):
         raise ValueError(f"--resume_from_checkpoint {resume_from!r}: no such checkpoint folder")
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise ValueError(f"--resume_from_checkpoint {resume_from!r} is not a complete checkpoint (no {STATE_FILE})")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"--resume_from_checkpoint {resume_from!r} is damaged, so the resume would not be exact: "
+                         f"{problem}")
     return path
 
 
-def prune_checkpoints(output_dir: str, total_limit: Optional[int], incoming: int = 1) -> List[str]:
-    """Delete the oldest checkpoints (and stale ``.partial`` folders) so that ``incoming`` new ones fit in the limit."""
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def prune_checkpoints(output_dir: str, total_limit: Optional[int], keep: Optional[str] = None) -> List[str]:
+    """Delete the oldest complete checkpoints beyond ``total_limit`` (never ``keep``). Returns the deleted paths."""
+    if not total_limit:
+        return []
+    found = [path for _, path in list_checkpoints(output_dir)]
     removed = []
+    for path in found[:max(len(found) - total_limit, 0)]:
+        if keep is None or os.path.abspath(path) != os.path.abspath(keep):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def remove_partial_checkpoints(output_dir: str):
     if os.path.isdir(output_dir):
         for name in os.listdir(output_dir):
-            if name.startswith("checkpoint-") and name.endswith(".partial"):
+            if name.startswith("checkpoint-") and name.endswith((".partial", ".old")):
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-    if not total_limit:
-        return removed
-    found = list_checkpoints(output_dir)
-    excess = len(found) + incoming - total_limit
-    for _, path in found[:max(excess, 0)]:
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
+
+
+def fsync_tree(folder: str):
+    """fsync every file and folder under ``folder`` (and ``folder`` itself)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
+
+
+def fsync_dir(folder: str):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_weights(model, folder: str):
@@ -121,41 +342,71 @@ def load_weights(model, folder: str):
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
 
 
-def read_state(path: str) -> Dict:
-    with open(os.path.join(path, STATE_FILE)) as f:
-        return json.load(f)
+def folder_size(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
 
 
-def check_fingerprint(path: str, current: Dict):
-    """Raise ``ValueError`` when the checkpoint at ``path`` was written by a run of another configuration."""
-    saved = read_state(path).get("fingerprint", {})
-    diffs = fingerprint_differences(saved, jsonable(current))
-    if diffs:
-        raise ValueError(
-            f"checkpoint {path!r} was written by a run with another configuration and cannot be resumed here:\n  "
-            + "\n  ".join(diffs)
-            + "\nUse a fresh --output_dir, or the options of that run."
-        )
+def is_disk_full(err: BaseException, folder: str, needed: int) -> bool:
+    """Whether ``err`` (or its cause) is ENOSPC, or the disk holding ``folder`` has less than ``needed`` bytes free
+    (torch's zip writer reports a full disk as ``unexpected pos ...``)."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder).free < max(needed, 1 << 20)
+    except OSError:
+        return False
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, ema, state: Dict,
                     total_limit: Optional[int] = None) -> str:
-    """Write ``checkpoint-<step>`` (call on every process). Returns its path."""
+    """Write ``checkpoint-<step>`` (call on every process). Returns its path.
+
+    Written into ``checkpoint-<step>.partial``, fsynced, renamed; only then are checkpoints beyond ``total_limit``
+    pruned. A failure removes the partial folder and raises; a full disk raises a ``RuntimeError`` that says so.
+    """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     partial = final + ".partial"
     if accelerator.is_main_process:
-        prune_checkpoints(output_dir, total_limit, incoming=1)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.makedirs(partial, exist_ok=True)
+        remove_partial_checkpoints(output_dir)
+        os.makedirs(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(partial)
-    if accelerator.is_main_process:
-        if ema is not None:
-            save_weights(ema.model, os.path.join(partial, "ema"))
-        with open(os.path.join(partial, STATE_FILE), "w") as f:
-            json.dump(jsonable(state), f, indent=2, sort_keys=True)
-        os.replace(partial, final)
+    try:
+        if os.environ.get(FAULT_ENV) == "disk_full":
+            raise OSError(errno.ENOSPC, "No space left on device", partial)
+        accelerator.save_state(partial)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if ema is not None:
+                save_weights(ema.model, os.path.join(partial, "ema"))
+            kill_point("checkpoint_files_written", step)
+            state = {**jsonable(state), "files": file_manifest(partial)}
+            with open(os.path.join(partial, STATE_FILE), "w") as f:
+                json.dump(state, f, indent=2, sort_keys=True)
+            fsync_tree(partial)
+            kill_point("checkpoint_before_rename", step)
+            if os.path.isdir(final):  # a checkpoint of the same step from an earlier segment of this run
+                os.replace(final, final + ".old")
+            os.replace(partial, final)
+            fsync_dir(output_dir)
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            kill_point("checkpoint_renamed", step)
+            prune_checkpoints(output_dir, total_limit, keep=final)
+    except Exception as err:
+        needed = max((folder_size(p) for _, p in list_checkpoints(output_dir)), default=0)
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        if is_disk_full(err, output_dir, needed):
+            free = shutil.disk_usage(output_dir).free if os.path.isdir(output_dir) else 0
+            raise RuntimeError(
+                f"the disk is full: checkpoint-{step} could not be written to {os.path.abspath(output_dir)} "
+                f"({free / 2**20:.1f} MiB free there; a checkpoint takes about {needed / 2**20:.1f} MiB). The earlier "
+                "checkpoints are intact: free some space (or lower --checkpoints_total_limit) and resume with "
+                "--resume_from_checkpoint latest."
+            ) from err
+        raise
     accelerator.wait_for_everyone()
     return final
 
@@ -181,11 +432,37 @@ def register_model_hooks(accelerator, subfolder: str = "model"):
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def load_checkpoint(accelerator, path: str, ema, fingerprint: Dict) -> Dict:
-    """Check the fingerprint, then restore model, optimizer and RNG states (accelerate) and the EMA; returns the
-    trainer state (step, images seen, lr-scheduler state...)."""
-    check_fingerprint(path, fingerprint)
+def restore_random_states(path: str, process_index: int):
+    """Set Python's, NumPy's and torch's RNGs (CUDA's too when present) from ``random_states_<i>.pkl``, read with
+    ``weights_only=True``; raises when the file cannot be read, so an inexact resume never passes silently."""
+    import random
+
+    import numpy as np
+    import torch
+
+    file = os.path.join(path, f"random_states_{process_index}.pkl")
+    if not os.path.isfile(file):
+        raise ValueError(f"{file} is missing: the resume would not be exact (its process count may differ; "
+                         "pass --allow_changed_settings to resume anyway)")
+    states = load_pickle_weights_only(file)
+    random.setstate(states["random_state"])
+    np.random.set_state(states["numpy_random_seed"])
+    torch.set_rng_state(states["torch_manual_seed"])
+    if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
+        torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+
+
+def load_checkpoint(accelerator, path: str, ema, exact: bool = True) -> Dict:
+    """Restore model, optimizer and RNG states (accelerate; the RNGs again here, see :func:`restore_random_states`)
+    and the EMA from an intact checkpoint; returns the trainer state (step, images seen, lr-scheduler state...).
+    With ``exact=False`` (another process count) a missing RNG state of this process is only reported."""
     accelerator.load_state(path)
+    try:
+        restore_random_states(path, accelerator.process_index)
+    except ValueError as err:
+        if exact:
+            raise
+        accelerator.print(f"WARNING: {err}")
     if ema is not None:
         load_weights(ema.model, os.path.join(path, "ema"))
     return read_state(path)

@@ -1,5 +1,9 @@
 """Training metrics: the loss overall and per noise-level bucket, written to plain JSONL and CSV files always, and to
-a tracker (tensorboard) when one is configured."""
+a tracker (tensorboard) when one is configured.
+
+Sums are accumulated on the device between writes, so a training step never waits for the host; the only
+device-to-host copy is the one per written row.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import csv
 import json
 import math
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -24,61 +28,76 @@ def bucket_names(edges: Sequence[float]) -> List[str]:
 
 
 class MetricsLogger:
-    """Accumulates per-sample losses by σ bucket between writes and reduces them over processes.
+    """Accumulates losses (and other scalars) between writes, per σ bucket where given, and reduces them over
+    processes.
 
     Args:
-        accelerator: the run's ``Accelerator`` (its tracker, if any, also gets the rows).
+        accelerator: the run's ``Accelerator`` (its tracker, if any, also gets the rows); None for a single process.
         log_dir: folder of ``metrics.jsonl`` and ``metrics.csv`` (written by the main process).
         sigma_buckets: bucket edges.
     """
 
     def __init__(self, accelerator, log_dir: str, sigma_buckets: Sequence[float] = (0.02, 0.1, 0.5, 2.0, 10.0)):
         self.accelerator, self.log_dir = accelerator, log_dir
-        self.edges = torch.tensor(list(sigma_buckets), dtype=torch.float64)
+        self.edge_values = list(sigma_buckets)
         self.names = bucket_names(sigma_buckets)
         self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
         self.csv_path = os.path.join(log_dir, "metrics.csv")
         self._csv_columns: Optional[List[str]] = None
-        self._extra: Dict[str, List[float]] = {}
         self.reset()
 
     def reset(self):
-        k = len(self.names)
-        # [loss sum, loss count, bucket sums..., bucket counts...]
-        self._sums = torch.zeros(2 + 2 * k, dtype=torch.float64)
-        self._extra = {}
+        # name -> (2, m) tensor: sums in row 0, counts in row 1 (m = 1, or one column per σ bucket)
+        self._totals: Dict[str, torch.Tensor] = {}
+
+    def _add(self, name: str, sums: torch.Tensor, counts: torch.Tensor):
+        pair = torch.stack([sums.double().reshape(-1), counts.double().reshape(-1)])
+        self._totals[name] = self._totals[name] + pair if name in self._totals else pair
 
     def accumulate(self, loss: torch.Tensor, per_sample: Optional[torch.Tensor] = None,
-                   sigma: Optional[torch.Tensor] = None, logs: Optional[Dict[str, float]] = None):
-        """Add one micro-batch: its scalar ``loss``, optionally per-sample losses and their σ, and extra scalars."""
-        k = len(self.names)
-        self._sums[0] += float(loss.detach())
-        self._sums[1] += 1
+                   sigma: Optional[torch.Tensor] = None, logs: Optional[Dict[str, Union[float, torch.Tensor]]] = None,
+                   per_sample_logs: Optional[Dict[str, torch.Tensor]] = None):
+        """Add one micro-batch: its scalar ``loss``; optionally per-sample losses and their σ (averaged per bucket),
+        more per-sample values averaged per bucket in the same way (``per_sample_logs``), and scalars (``logs``,
+        averaged over micro-batches)."""
+        loss = loss.detach()
+        one = torch.ones((), dtype=torch.float64, device=loss.device)
+        self._add("loss", loss, one)
         if per_sample is not None and sigma is not None:
-            values = per_sample.detach().reshape(-1).double().cpu()
-            bucket = torch.bucketize(sigma.detach().reshape(-1).double().cpu(), self.edges, right=True)
-            self._sums[2:2 + k] += torch.zeros(k, dtype=torch.float64).index_add_(0, bucket, values)
-            self._sums[2 + k:] += torch.bincount(bucket, minlength=k).double()
+            sigma = sigma.detach().reshape(-1).double()
+            edges = torch.tensor(self.edge_values, dtype=torch.float64, device=sigma.device)
+            bucket = torch.bucketize(sigma, edges, right=True)
+            k = len(self.names)
+            counts = torch.bincount(bucket, minlength=k).double()
+            for name, values in {"loss": per_sample, **(per_sample_logs or {})}.items():
+                values = values.detach().reshape(-1).double().to(sigma.device)
+                sums = torch.zeros(k, dtype=torch.float64, device=sigma.device).index_add_(0, bucket, values)
+                self._add(f"{name}_sigma", sums, counts)
         for name, value in (logs or {}).items():
-            self._extra.setdefault(name, []).append(float(value))
+            value = torch.as_tensor(value, device=loss.device).detach()
+            self._add(name, value, torch.ones_like(value, dtype=torch.float64))
 
     def write(self, step: int, **fields) -> Dict[str, float]:
         """Reduce over processes, write a row (main process) and reset. Returns the row."""
-        k = len(self.names)
-        extra_names = sorted(self._extra)
-        local = torch.cat([self._sums, torch.tensor([sum(self._extra[n]) / len(self._extra[n]) for n in extra_names],
-                                                    dtype=torch.float64)])
-        total = local
-        if self.accelerator is not None and self.accelerator.num_processes > 1:
-            total = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum").cpu()
-        procs = self.accelerator.num_processes if self.accelerator is not None else 1
+        names = sorted(self._totals)
         row = {"step": int(step), **fields}
-        row["loss"] = float(total[0] / total[1]) if total[1] > 0 else math.nan
-        for i, name in enumerate(self.names):
-            count = total[2 + k + i]
-            row[f"loss_sigma_{name}"] = float(total[2 + i] / count) if count > 0 else math.nan
-        for i, name in enumerate(extra_names):
-            row[name] = float(total[2 + 2 * k + i]) / procs
+        if names:
+            device = self._totals[names[0]].device
+            flat = torch.cat([self._totals[n].to(device).reshape(-1) for n in names])
+            if self.accelerator is not None and self.accelerator.num_processes > 1:
+                flat = self.accelerator.reduce(flat.to(self.accelerator.device), reduction="sum")
+            flat = flat.cpu()
+            offset = 0
+            for name in names:
+                m = self._totals[name].shape[1]
+                sums, counts = flat[offset:offset + m], flat[offset + m:offset + 2 * m]
+                offset += 2 * m
+                means = [float(s / c) if c > 0 else math.nan for s, c in zip(sums, counts)]
+                if name.endswith("_sigma"):
+                    for bucket, mean in zip(self.names, means):
+                        row[f"{name}_{bucket}"] = mean
+                else:
+                    row[name] = means[0]
         self.reset()
         if self.accelerator is None or self.accelerator.is_main_process:
             self._write_files(row)
@@ -86,6 +105,24 @@ class MetricsLogger:
             self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
                                  step=int(step))
         return row
+
+    def truncate(self, step: int):
+        """Drop the rows after ``step`` from both files (main process), so a resumed run continues the metrics of
+        the checkpoint it resumed, without the rows of the lost steps."""
+        if self.accelerator is not None and not self.accelerator.is_main_process:
+            return
+        if os.path.isfile(self.jsonl_path):
+            with open(self.jsonl_path) as f:
+                lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            _atomic_write(self.jsonl_path, "".join(lines))
+        if os.path.isfile(self.csv_path):
+            with open(self.csv_path, newline="") as f:
+                rows = list(csv.reader(f))
+            if rows:
+                header, body = rows[0], [r for r in rows[1:] if r and int(float(r[0])) <= step]
+                with open(self.csv_path + ".tmp", "w", newline="") as f:
+                    csv.writer(f).writerows([header, *body])
+                os.replace(self.csv_path + ".tmp", self.csv_path)
 
     def _write_files(self, row: Dict):
         os.makedirs(self.log_dir, exist_ok=True)
@@ -103,6 +140,12 @@ class MetricsLogger:
             if new_file:
                 writer.writeheader()
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+
+
+def _atomic_write(path: str, text: str):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def read_metrics(log_dir: str) -> List[Dict]:

@@ -1,38 +1,22 @@
-"""Model cards (the Hub's README.md with YAML metadata) from the Jinja templates in ``model_cards/``."""
+"""Model cards (the Hub's README.md with YAML metadata) from the Jinja templates in ``diffusers_stf/model_cards/``.
+
+The templates are package data, read with ``importlib.resources``, so a wheel install renders the same cards as a
+source checkout. Every card shows the plain-diffusers load first (``DiffusionPipeline.from_pretrained(repo,
+trust_remote_code=True)`` when the folder carries generated code), then the package route.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Dict, List, Optional
 
 DEFAULT_TEMPLATE = "unconditional_image_generation.md"
-
-# Used when the repository's model_cards/ folder is not next to the package (a non-editable install).
-FALLBACK_TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ title }}
-
-{{ description }}
-
-![samples]({{ sample_grid }})
-
-## Usage
-
-```python
-{{ usage }}
-```
-
-## Training configuration
-
-| option | value |
-|---|---|
-{% for key, value in training_config.items() %}| `{{ key }}` | `{{ value }}` |
-{% endfor %}
-"""
+INSTALL = "pip install diffusers-stf"
 
 DEFAULT_USAGE = """import torch
 from diffusers_stf import EDMPipeline
@@ -41,10 +25,9 @@ pipeline = EDMPipeline.from_pretrained("{repo}")
 images = pipeline(batch_size=16, num_inference_steps=18, generator=torch.Generator().manual_seed(0)).images
 images[0].save("sample.png")"""
 
-DEFAULT_LOADING_NOTE = (
-    "`DiffusionPipeline.from_pretrained` cannot load this folder by itself: its scheduler (and, with augmentation, its "
-    "network) are classes of `diffusers_stf`, so load it through `diffusers_stf.EDMPipeline` as above."
-)
+# a namespaced or canonical Hub id: letters, digits, "-", "_", "."; at most one "/"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+_CACHE_SNAPSHOT = re.compile(r"(?:^|[/\\])(models|datasets)--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\][^/\\]+[/\\]?$")
 
 
 @dataclass
@@ -55,11 +38,14 @@ class ModelCardInfo:
         title: the card's heading.
         description: a markdown paragraph (the method, the data, a paper link).
         tags: Hub tags besides ``diffusers`` and ``diffusers_stf``.
-        template: a file name in ``model_cards/`` or a path to a Jinja template.
+        template: a file name in ``diffusers_stf/model_cards/`` or a path to a Jinja template.
         pipeline_tag: the Hub task.
         license: the Hub license id.
-        usage: a Python snippet; ``{repo}`` is replaced by the Hub id or the local folder.
-        loading_note: a sentence after the snippet (default: why ``EDMPipeline`` rather than ``DiffusionPipeline``).
+        usage: the package route, a Python snippet; ``{repo}`` is replaced by the Hub id or the local folder.
+        loading_note: an optional sentence after the snippets.
+        sample_kwargs: keyword arguments of the pipeline call in the plain-diffusers snippet (default: the pipeline's
+            own defaults).
+        base_model: the Hub id of the model this one builds on (a discriminator: the score model it guides).
         facts: extra rows of the results table (e.g. the loss's hyper-parameters).
         extra: more template variables.
     """
@@ -71,26 +57,72 @@ class ModelCardInfo:
     pipeline_tag: str = "unconditional-image-generation"
     license: str = "apache-2.0"
     usage: str = DEFAULT_USAGE
-    loading_note: str = DEFAULT_LOADING_NOTE
+    loading_note: str = ""
+    sample_kwargs: Optional[Dict] = None
+    base_model: Optional[str] = None
     facts: Dict = field(default_factory=dict)
     extra: Dict = field(default_factory=dict)
 
 
-def template_dirs() -> List[str]:
-    """Folders searched for templates: the repository's ``model_cards/`` (next to the package)."""
-    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return [os.path.join(os.path.dirname(package_dir), "model_cards")]
+def is_hub_repo_id(value) -> bool:
+    """Whether ``value`` is a well-formed Hub repo id (``name`` or ``namespace/name``) and not a local path."""
+    return (isinstance(value, str) and bool(_REPO_ID.match(value)) and ".." not in value
+            and not value.endswith((".", "-")) and not os.path.exists(value))
 
 
-def find_template(template: str) -> Optional[str]:
-    """The path of ``template`` (a path, or a name in ``model_cards/``); None when it cannot be found."""
+def hub_dataset_ids(dataset_name: Optional[str]) -> Optional[List[str]]:
+    """``[dataset_name]`` for a ``--dataset_name`` that is a Hub dataset id, None for a local path or no name.
+
+    A card's ``datasets:`` links to Hub dataset pages, so it takes only ids given on the command line (never a local
+    folder, nor a name made up for built-in data)."""
+    return [dataset_name] if is_hub_repo_id(dataset_name) else None
+
+
+def hub_id_of(path_or_id: Optional[str]) -> Optional[str]:
+    """The Hub id behind ``path_or_id``: the id itself, the id of a Hub cache snapshot folder
+    (``…/models--ns--name/snapshots/<rev>``), or None for another local folder."""
+    if not path_or_id:
+        return None
+    path_or_id = os.fspath(path_or_id)
+    match = _CACHE_SNAPSHOT.search(os.path.abspath(path_or_id)) if os.path.isdir(path_or_id) else None
+    if match:
+        return f"{match.group(2)}/{match.group(3)}"
+    return path_or_id if is_hub_repo_id(path_or_id) else None
+
+
+def template_names() -> List[str]:
+    """The templates shipped with the package."""
+    folder = resources.files("diffusers_stf") / "model_cards"
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".md"))
+
+
+def load_template(template: str) -> str:
+    """The text of ``template``: a path to a Jinja file, or a name in ``diffusers_stf/model_cards/``."""
     if os.path.isfile(template):
-        return template
-    for folder in template_dirs():
-        path = os.path.join(folder, template)
-        if os.path.isfile(path):
-            return path
-    return None
+        with open(template, encoding="utf-8") as f:
+            return f.read()
+    path = resources.files("diffusers_stf") / "model_cards" / template
+    if not path.is_file():
+        raise ValueError(f"model card template {template!r} is neither a file nor one of the package's templates "
+                         f"{template_names()}")
+    return path.read_text(encoding="utf-8")
+
+
+def plain_usage(folder: str, repo: str, sample_kwargs: Optional[Dict] = None) -> Optional[str]:
+    """The plain-diffusers snippet for a saved pipeline folder (None when ``folder`` holds no pipeline)."""
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        return None
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    remote = isinstance(index.get("_class_name"), list)
+    flag = ", trust_remote_code=True" if remote else ""
+    literal = lambda v: json.dumps(v) if isinstance(v, str) else repr(v)  # noqa: E731
+    call = "".join(f", {k}={literal(v)}" for k, v in (sample_kwargs or {}).items())
+    return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
+            f"pipeline = DiffusionPipeline.from_pretrained({literal(repo)}{flag})\n"
+            f"images = pipeline(batch_size=16{call}, generator=torch.Generator().manual_seed(0)).images\n"
+            f'images[0].save("sample.png")')
 
 
 def write_model_card(folder: str, info: ModelCardInfo, repo: str, datasets: Optional[List[str]] = None,
@@ -101,29 +133,36 @@ def write_model_card(folder: str, info: ModelCardInfo, repo: str, datasets: Opti
     Args:
         folder: the saved pipeline folder.
         info: the script's :class:`ModelCardInfo`.
-        repo: Hub repo id or local path used in the usage snippet.
-        datasets: dataset names for the metadata.
-        training_config: option → value table.
+        repo: Hub repo id (``namespace/name``) or local path used in the usage snippets.
+        datasets: Hub dataset ids for the metadata (see :func:`hub_dataset_ids`); a local path is refused.
+        training_config: option → value table. Its ``pretrained_model_name_or_path``, when it names a Hub model, is
+            the card's ``base_model`` unless ``info.base_model`` is set.
         sample_grid: path of the sample grid, relative to ``folder``.
         metrics: extra facts for the template (e.g. final loss, steps, wall time).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
+    for name in datasets or ():
+        if not is_hub_repo_id(name):
+            raise ValueError(f"datasets must be Hub dataset ids, got {name!r} (a local path or a malformed id)")
+    base_model = info.base_model or hub_id_of((training_config or {}).get("pretrained_model_name_or_path"))
+    if base_model is not None and not is_hub_repo_id(base_model):
+        raise ValueError(f"base_model must be a Hub model id, got {base_model!r}")
     tags = list(dict.fromkeys(["diffusers", "diffusers_stf", info.pipeline_tag, "diffusers-training", *info.tags]))
     card_data = ModelCardData(library_name="diffusers", pipeline_tag=info.pipeline_tag, license=info.license,
-                              tags=tags, datasets=list(datasets) if datasets else None)
+                              tags=tags, datasets=list(datasets) if datasets else None, base_model=base_model)
+    index_path = os.path.join(folder, "model_index.json")
+    remote_code = False
+    if os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as f:
+            remote_code = isinstance(json.load(f).get("_class_name"), list)
     context = dict(title=info.title, description=info.description, usage=info.usage.replace("{repo}", repo),
-                   sample_grid=sample_grid, training_config=training_config or {},
+                   plain_usage=plain_usage(folder, repo, info.sample_kwargs), remote_code=remote_code,
+                   install=INSTALL, sample_grid=sample_grid, training_config=training_config or {},
                    metrics={**(metrics or {}), **info.facts}, repo=repo, loading_note=info.loading_note,
                    **info.extra)
     context.setdefault("script", os.path.basename(sys.argv[0]) or "diffusers_stf")
-    path = find_template(info.template)
-    if path is not None:
-        card = ModelCard.from_template(card_data, template_path=path, **context)
-    elif info.template == DEFAULT_TEMPLATE:
-        card = ModelCard.from_template(card_data, template_str=FALLBACK_TEMPLATE, **context)
-    else:
-        raise ValueError(f"model card template {info.template!r} not found (looked in {template_dirs()})")
+    card = ModelCard.from_template(card_data, template_str=load_template(info.template), **context)
     out = os.path.join(folder, "README.md")
     card.save(out)
     return out

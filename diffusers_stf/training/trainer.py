@@ -2,13 +2,17 @@
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``train_batch_size`` images per process. For
 micro-step m, every random draw of the step (crops, flips, σ, noise, references) comes from
-``step_generator(seed, m, process_index)`` and the images from :class:`~diffusers_stf.training.data.BatchSchedule`,
-so a run resumed from a checkpoint repeats an uninterrupted run exactly; accelerate restores the global RNGs
-(dropout) and the optimizer, the trainer the EMA, the lr schedule and the step.
+``step_generator(seed, m, process_index)`` and the images from :class:`~diffusers_stf.data.BatchSchedule`, so a run
+resumed from a checkpoint repeats an uninterrupted run exactly; accelerate restores the global RNGs (dropout) and the
+optimizer, the trainer the EMA, the lr schedule, the step and the wall time.
+
+The training step never waits for the host: losses are summed on the device, and whether a loss was NaN or ±inf is
+checked at each logging step, checkpoint and at the end; the run then stops with the first bad step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -17,36 +21,43 @@ from typing import Callable, Dict, Optional, Union
 
 import torch
 
+from ..data import DIGITS_NAME, BatchSchedule, ImageData
 from .accelerator import make_accelerator, step_generator
 from .checkpoints import (
-    list_checkpoints, load_checkpoint, model_fingerprint, register_model_hooks, resolve_checkpoint, save_checkpoint,
-    save_weights,
+    fingerprint_differences, jsonable, kill_point, load_checkpoint, model_fingerprint, read_run, read_state,
+    register_model_hooks, resolve_checkpoint, save_checkpoint, save_weights, start_run,
 )
-from .data import BatchSchedule, ImageData
-from .ema import EMAModel
-from .hub import push_folder_to_hub
+from .config import TrainingConfig
+from .ema import HalfLifeEMA, WarmupEMA
+from .hub import check_hub_settings, create_repo_early, push_or_explain
 from .metrics_log import MetricsLogger
-from .model_card import ModelCardInfo, write_model_card
+from .model_card import ModelCardInfo, hub_dataset_ids, write_model_card
 from .validation import sample_grid
 
 logger = logging.getLogger(__name__)
 
+CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
+
 
 @dataclass
 class LossOutput:
-    """What a loss function returns to the trainer.
+    """What a loss function returns to the trainer. Keep everything a tensor on the device: the trainer sums them
+    there and copies them to the host once per logging step.
 
     Args:
         loss: the scalar to minimise.
         per_sample: detached per-sample losses (B,), logged per σ bucket together with ``sigma``.
         sigma: the noise level of each sample (B,).
         logs: more scalars to log (averaged between writes).
+        per_sample_logs: more per-sample values (B,), logged overall and per σ bucket like the loss
+            (e.g. ``{"accuracy": correct}`` gives ``accuracy_sigma_<bucket>`` columns).
     """
 
     loss: torch.Tensor
     per_sample: Optional[torch.Tensor] = None
     sigma: Optional[torch.Tensor] = None
-    logs: Dict[str, float] = field(default_factory=dict)
+    logs: Dict[str, Union[float, torch.Tensor]] = field(default_factory=dict)
+    per_sample_logs: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -61,6 +72,11 @@ class TrainingResult:
     model_card_path: Optional[str] = None
     metrics_path: Optional[str] = None
     pushed_to: Optional[str] = None
+    saved_class: Optional[str] = None
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or ±inf."""
 
 
 LossFn = Callable[[torch.nn.Module, Dict[str, torch.Tensor], torch.Generator], Union[LossOutput, torch.Tensor]]
@@ -70,71 +86,105 @@ class Trainer:
     """Train ``model`` on ``data`` by minimising ``loss_fn``; EMA, checkpoints, logs, grids, card, Hub.
 
     Args:
-        args: options of :func:`~diffusers_stf.training.args.add_training_args`.
+        config: the run's :class:`~diffusers_stf.training.config.TrainingConfig`.
         model: the network to train (a diffusers ``ModelMixin`` to get ``save_pretrained`` folders).
         loss_fn: ``loss_fn(model, batch, generator) -> LossOutput`` (or a scalar tensor). ``model`` is the
             accelerate-prepared model (DDP-wrapped with several processes); ``batch`` is
-            ``{"images": (B, C, H, W) in [−1, 1], "index": (B,), "labels": (B,)}`` on the device, already randomly
+            ``{"images": (B, C, H, W) in [−1, 1], "index": (B,), "labels": (B,)}`` on the device (``index`` on the
+            CPU), already randomly
             cropped/flipped; ``generator`` (on the device) must be the source of every random draw of the loss.
-        data: the training :class:`~diffusers_stf.training.data.ImageData`.
+        data: the training :class:`~diffusers_stf.data.ImageData`.
         accelerator: from :func:`make_accelerator` (made here when None).
-        make_pipeline: ``make_pipeline(model) -> DiffusionPipeline`` around the EMA weights, for the validation grids
-            and the final ``save_pretrained`` folder. Without it the final folder holds the EMA model only.
-        optimizer: default AdamW with the ``--adam_*`` options.
-        model_card: the script's :class:`ModelCardInfo` (None: no card).
-        fingerprint: the script's resume-critical settings (e.g. the loss); a checkpoint written with other values
-            (or another model config) is refused.
+        make_pipeline: ``make_pipeline(model) -> DiffusionPipeline`` around the EMA weights, for the sample grids and
+            the final ``save_pretrained`` folder. Without it the final folder holds the EMA model only.
         validation_fn: ``validation_fn(ema_model, step, path) -> path or None``, replacing the sample grid.
-        make_validation_pipeline: a different pipeline for the grids only (e.g. DDIM while saving DDPM);
-            default ``make_pipeline``.
+        optimizer: default AdamW with the ``adam_*`` settings of ``config``.
+        model_card: the script's :class:`ModelCardInfo` (None: no card).
+        fingerprint: the script's settings that change the maths (e.g. the loss and its parameters); together with
+            the model config and the trainer's own settings they must match a checkpoint to resume it.
+        hub_ignore_patterns: more patterns of files in ``output_dir`` that the Hub upload leaves out.
     """
 
-    def __init__(self, args, model: torch.nn.Module, loss_fn: LossFn, data: ImageData, accelerator=None,
-                 make_pipeline: Optional[Callable] = None, optimizer: Optional[torch.optim.Optimizer] = None,
-                 model_card: Optional[ModelCardInfo] = None, fingerprint: Optional[Dict] = None,
-                 validation_fn: Optional[Callable] = None, make_validation_pipeline: Optional[Callable] = None):
-        self.args, self.model, self.loss_fn, self.data = args, model, loss_fn, data
-        self.accelerator = accelerator if accelerator is not None else make_accelerator(args)
-        self.make_pipeline, self.model_card, self.validation_fn = make_pipeline, model_card, validation_fn
-        self.make_validation_pipeline = make_validation_pipeline or make_pipeline
+    def __init__(self, config: TrainingConfig, model: torch.nn.Module, loss_fn: LossFn, data: ImageData,
+                 accelerator=None, make_pipeline: Optional[Callable] = None, validation_fn: Optional[Callable] = None,
+                 optimizer: Optional[torch.optim.Optimizer] = None, model_card: Optional[ModelCardInfo] = None,
+                 fingerprint: Optional[Dict] = None, hub_ignore_patterns: tuple = ()):
+        self.config, self.model, self.loss_fn, self.data = config, model, loss_fn, data
+        config.hub_model_id = check_hub_settings(config.push_to_hub, config.hub_model_id, config.hub_token,
+                                                 config.output_dir)
+        self.accelerator = accelerator if accelerator is not None else make_accelerator(config)
+        self.make_pipeline, self.validation_fn, self.model_card = make_pipeline, validation_fn, model_card
+        self.hub_ignore_patterns = tuple(hub_ignore_patterns)
         self.optimizer = optimizer or torch.optim.AdamW(
-            model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+            model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+        self.optimizer_settings = {"class": type(self.optimizer).__name__,
+                                   **{k: v for k, v in self.optimizer.defaults.items() if k != "params"}}
         acc = self.accelerator
-        self.schedule = BatchSchedule(len(data), args.train_batch_size, args.seed, acc.num_processes, acc.process_index)
-        self.accumulation = args.gradient_accumulation_steps
+        self.schedule = BatchSchedule(len(data), config.train_batch_size, config.seed, acc.num_processes,
+                                      acc.process_index)
+        self.accumulation = config.gradient_accumulation_steps
         self.steps_per_epoch = self.schedule.batches_per_epoch // self.accumulation
         if self.steps_per_epoch < 1:
             raise ValueError(
                 f"one optimizer step needs {self.schedule.global_batch * self.accumulation} images "
                 f"(batch x processes x gradient_accumulation_steps) but the dataset has {len(data)}")
-        self.max_steps = args.max_train_steps or args.num_epochs * self.steps_per_epoch
+        epochs = config.num_epochs or config.default_num_epochs
+        self.max_steps = config.max_train_steps or epochs * self.steps_per_epoch
         self.global_batch = self.schedule.global_batch * self.accumulation
-        warmup = args.lr_warmup_steps
+        warmup = config.lr_warmup_steps
         if warmup is None:
-            warmup = round(getattr(args, "lr_rampup_kimg", 0.0) * 1000 / self.global_batch)
+            warmup = round(config.lr_rampup_kimg * 1000 / self.global_batch)
         from diffusers.optimization import get_scheduler
 
-        self.lr_scheduler = get_scheduler(args.lr_scheduler, self.optimizer, num_warmup_steps=warmup,
+        self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=warmup,
                                           num_training_steps=self.max_steps)
-        self.fingerprint = {**model_fingerprint(model), "global_batch_size": self.global_batch,
-                            "gradient_accumulation_steps": self.accumulation, "seed": args.seed,
-                            "script": dict(fingerprint or {})}
-        self.output_dir = args.output_dir
-        self.step, self.nimg = 0, 0
+        settings = {
+            "learning_rate": config.learning_rate, "lr_scheduler": config.lr_scheduler, "lr_warmup_steps": warmup,
+            "optimizer": self.optimizer_settings, "max_grad_norm": config.max_grad_norm,
+            **({"ema_rule": "diffusers warm-up", "ema_inv_gamma": config.ema_inv_gamma, "ema_power": config.ema_power,
+                "ema_max_decay": config.ema_max_decay} if config.use_ema else
+               {"ema_halflife_kimg": config.ema_halflife_kimg, "ema_rampup_ratio": config.ema_rampup_ratio}),
+            "train_batch_size": config.train_batch_size, "gradient_accumulation_steps": self.accumulation,
+            "num_processes": acc.num_processes, "global_batch_size": self.global_batch, "seed": config.seed,
+            "mixed_precision": config.mixed_precision, "data": data.source, "num_images": len(data),
+            "resolution": data.resolution, "channels": data.channels, "center_crop": data.center_crop,
+            "random_flip": data.random_flip,
+        }
+        if config.lr_scheduler not in CONSTANT_SCHEDULES:  # the schedule's shape depends on the run's length
+            settings["max_train_steps"] = self.max_steps
+        self.fingerprint = jsonable({"model": model_fingerprint(model), "settings": settings,
+                                     "script": dict(fingerprint or {})})
+        self.validation_steps = config.validation_steps
+        if config.save_images_epochs:
+            self.validation_steps = config.save_images_epochs * self.steps_per_epoch
+        self.save_model_steps = (config.save_model_epochs or 0) * self.steps_per_epoch
+        if config.enable_xformers_memory_efficient_attention:
+            import importlib.util
+
+            if importlib.util.find_spec("xformers") is None or not hasattr(model,
+                                                                            "enable_xformers_memory_efficient_attention"):
+                raise ValueError("--enable_xformers_memory_efficient_attention needs the xformers package and a "
+                                 "diffusers model")
+            model.enable_xformers_memory_efficient_attention()
+        self.output_dir = config.output_dir
+        self.step, self.nimg, self.wall_offset = 0, 0, 0.0
+        self.run_id: Optional[str] = None
         self.last_row: Dict = {}
 
     # -- pieces ---------------------------------------------------------------------------------------------------
     def micro_batch(self, micro_step: int):
         """The batch and generator of ``micro_step`` on this process."""
         acc = self.accelerator
-        generator = step_generator(self.args.seed, micro_step, acc.process_index, acc.device)
+        generator = step_generator(self.config.seed, micro_step, acc.process_index, acc.device)
         batch = self.data.batch(self.schedule.indices(micro_step), generator)
-        return {k: v.to(acc.device) for k, v in batch.items()}, generator
+        # the indices stay on the CPU, where the images live (e.g. to exclude them from STF's references)
+        return {k: v if k == "index" else v.to(acc.device) for k, v in batch.items()}, generator
 
-    def trainer_state(self) -> Dict:
+    def trainer_state(self, wall_time: float) -> Dict:
         return {"step": self.step, "nimg": self.nimg, "epoch": self.step // self.steps_per_epoch,
-                "lr_scheduler": self.lr_scheduler.state_dict(), "num_processes": self.accelerator.num_processes,
+                "wall_time": round(wall_time, 3), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "num_processes": self.accelerator.num_processes, "run_id": self.run_id,
                 "fingerprint": self.fingerprint}
 
     def validate(self, path: str) -> Optional[str]:
@@ -145,47 +195,122 @@ class Trainer:
             ema_model = self.ema.model
             if self.validation_fn is not None:
                 out = self.validation_fn(ema_model, self.step, path)
-            elif self.make_validation_pipeline is not None:
-                pipeline = self.make_validation_pipeline(ema_model).to(acc.device)
-                out = sample_grid(pipeline, path, self.args.num_validation_images, self.args.num_inference_steps,
-                                  self.args.validation_seed)
+            elif self.make_pipeline is not None:
+                pipeline = self.make_pipeline(ema_model).to(acc.device)
+                out = sample_grid(pipeline, path, self.config.num_validation_images, self.config.num_inference_steps,
+                                  self.config.validation_seed)
         acc.wait_for_everyone()
         return out
 
-    def resume(self):
-        args, acc = self.args, self.accelerator
-        path = resolve_checkpoint(self.output_dir, getattr(args, "resume_from_checkpoint", None))
+    def check_settings(self, path: str) -> bool:
+        """Compare the checkpoint's fingerprint with this run's. Another model is always refused; other settings
+        only with ``allow_changed_settings`` (printed). Returns whether the resume is exact."""
+        saved = read_state(path).get("fingerprint", {})
+        if "settings" not in saved:  # a checkpoint of the flat fingerprint layout
+            saved = {"model": {k: saved[k] for k in ("model_class", "model_config") if k in saved},
+                     "settings": {}, "script": saved.get("script", {})}
+        model_diffs = fingerprint_differences(saved.get("model", {}), self.fingerprint["model"], "model.")
+        other = fingerprint_differences({k: v for k, v in saved.items() if k != "model"},
+                                        {k: v for k, v in self.fingerprint.items() if k != "model"})
+        if model_diffs or (other and not self.config.allow_changed_settings):
+            hint = "" if model_diffs else (" Pass --allow_changed_settings to resume with the new values (a different "
+                                           "run from here on).")
+            raise ValueError(
+                f"checkpoint {path!r} was written by a run with another configuration and cannot be resumed here:\n  "
+                + "\n  ".join(model_diffs + other)
+                + f"\nUse the options of that run, or a fresh --output_dir.{hint}"
+            )
+        if other:
+            self.accelerator.print("WARNING: resuming with changed settings (--allow_changed_settings); from step "
+                                   f"{read_state(path).get('step')} on this run differs from the one that wrote "
+                                   f"{path}:\n  " + "\n  ".join(other))
+        return not other
+
+    def apply_changed_settings(self):
+        """After a resume with ``allow_changed_settings``: the optimizer and the lr schedule take this run's values
+        (the checkpoint restored its own into them)."""
+        settings = {k: v for k, v in self.optimizer_settings.items() if k != "class"}
+        for group in self.optimizer.param_groups:
+            group.update({k: v for k, v in settings.items() if k in group and k != "lr"})
+            group["initial_lr"] = self.config.learning_rate
+        scheduler = self.lr_scheduler  # diffusers' schedules are LambdaLRs: lr = base_lr · λ(step)
+        scheduler.base_lrs = [self.config.learning_rate for _ in self.optimizer.param_groups]
+        for group, base, lr_lambda in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * lr_lambda(scheduler.last_epoch)
+        self.lr_scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def resume(self, metrics: MetricsLogger):
+        """Continue the run in ``output_dir`` (``resume_from_checkpoint``) or start a new one there."""
+        config, acc = self.config, self.accelerator
+        run = read_run(self.output_dir)
+        path = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint,
+                                  run_id=run["run_id"] if run and config.resume_from_checkpoint == "latest" else None,
+                                  warn=acc.print)
         if path is None:
-            if getattr(args, "resume_from_checkpoint", None) == "latest":
+            if config.resume_from_checkpoint == "latest":
                 acc.print(f"No checkpoint in {self.output_dir}; starting a new run.")
-            elif list_checkpoints(self.output_dir):
-                acc.print(f"Note: {self.output_dir} already holds checkpoints of an earlier run; they will be replaced. "
-                          "Pass --resume_from_checkpoint latest to continue that run instead.")
+            acc.wait_for_everyone()
+            self.run_id = start_run(self.output_dir)["run_id"] if acc.is_main_process else None
+            metrics.truncate(0)
             return
-        state = load_checkpoint(acc, path, self.ema, self.fingerprint)
+        exact = self.check_settings(path)
+        state = load_checkpoint(acc, path, self.ema, exact=exact)
         self.step, self.nimg = int(state["step"]), int(state["nimg"])
+        self.wall_offset = float(state.get("wall_time", 0.0))
+        self.run_id = state.get("run_id") or (run or {}).get("run_id")
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if not exact:
+            self.apply_changed_settings()
+        metrics.truncate(self.step)
         acc.print(f"Resumed from {path} at step {self.step}.")
+
+    def check_finite(self, first_bad: torch.Tensor):
+        """Raise :class:`NonFiniteLossError` naming the first step whose loss was NaN or ±inf (on any process)."""
+        first = self.accelerator.gather(first_bad.reshape(1))
+        bad = first[first >= 0]
+        if len(bad):
+            step = int(bad.min())
+            raise NonFiniteLossError(
+                f"the training loss is not finite (NaN or inf) at step {step}; training stopped at step {self.step}. "
+                "Check the loss options and the learning rate. Checkpoints written before step "
+                f"{step} are intact.")
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def train(self) -> TrainingResult:
         from tqdm.auto import tqdm
 
-        args, acc = self.args, self.accelerator
-        start_time = time.time()
+        config, acc = self.config, self.accelerator
+        for note in (*config.notes, config.length_note()):
+            if note:
+                acc.print(note)
+        acc.print(f"{self.max_steps} optimizer steps of {self.global_batch} images "
+                  f"({self.max_steps / self.steps_per_epoch:.3g} epochs of {self.steps_per_epoch} steps)")
+        segment_start = time.time()
         os.makedirs(self.output_dir, exist_ok=True)
         unwrapped = self.model
-        self.ema = EMAModel(unwrapped, args.ema_halflife_kimg, args.ema_rampup_ratio).to(acc.device)
+        if config.use_ema:
+            self.ema = WarmupEMA(unwrapped, config.ema_inv_gamma, config.ema_power, config.ema_max_decay)
+        else:
+            self.ema = HalfLifeEMA(unwrapped, config.ema_halflife_kimg, config.ema_rampup_ratio)
+        self.ema.to(acc.device)
+        acc.print(f"EMA: {self.ema.rule}")
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         register_model_hooks(acc)
-        self.resume()
+        metrics = MetricsLogger(acc, os.path.join(self.output_dir, config.logging_dir), config.sigma_buckets)
+        self.resume(metrics)
+        if config.push_to_hub and acc.is_main_process:  # a bad token or a taken name stops the run before training
+            config.hub_model_id = create_repo_early(config.hub_model_id, config.hub_token,
+                                                    private=config.hub_private_repo)
         if acc.trackers == [] and acc.log_with:
             acc.init_trackers(os.path.basename(os.path.normpath(self.output_dir)))
-        metrics = MetricsLogger(acc, os.path.join(self.output_dir, args.logging_dir), args.sigma_buckets)
         progress = tqdm(total=self.max_steps, initial=self.step, desc="training", dynamic_ncols=True,
-                        disable=not acc.is_local_main_process or getattr(args, "no_progress_bar", False))
+                        disable=not acc.is_local_main_process or config.no_progress_bar)
+        first_bad = torch.full((), -1, dtype=torch.long, device=acc.device)
         self.model.train()
-        last_loss = None
+
+        def wall_time():
+            return self.wall_offset + time.time() - segment_start
+
         while self.step < self.max_steps:
             for micro in range(self.accumulation):
                 batch, generator = self.micro_batch(self.step * self.accumulation + micro)
@@ -197,61 +322,102 @@ class Trainer:
                         for p in self.model.parameters():  # as EDM: NaN → 0, ±inf → ±1e5
                             if p.grad is not None:
                                 torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
-                        if args.max_grad_norm:
-                            acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                        if config.max_grad_norm:
+                            acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                metrics.accumulate(out.loss, out.per_sample, out.sigma, out.logs)
-                last_loss = float(out.loss.detach())
+                finite = torch.isfinite(out.loss.detach()).all()
+                first_bad = torch.where(~finite & (first_bad < 0), self.step + 1, first_bad)
+                metrics.accumulate(out.loss, out.per_sample, out.sigma, out.logs, out.per_sample_logs)
             lr = self.lr_scheduler.get_last_lr()[0]
             self.lr_scheduler.step()
-            beta = self.ema.update(acc.unwrap_model(self.model), self.nimg, self.global_batch)
+            beta = self.ema.update(acc.unwrap_model(self.model), self.nimg, self.global_batch, self.step)
             self.nimg += self.global_batch
             self.step += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-            if self.step % args.logging_steps == 0 or self.step == self.max_steps:
-                self.last_row = metrics.write(self.step, nimg=self.nimg, epoch=self.step // self.steps_per_epoch, lr=lr, ema_beta=beta,
-                              seconds=round(time.time() - start_time, 2))
-            if args.checkpointing_steps and self.step % args.checkpointing_steps == 0:
-                save_checkpoint(acc, self.output_dir, self.step, self.ema, self.trainer_state(),
-                                args.checkpoints_total_limit)
-            if args.validation_steps and self.step % args.validation_steps == 0 and self.step < self.max_steps:
+            kill_point("step", self.step)
+            if self.step % config.logging_steps == 0 or self.step == self.max_steps:
+                self.last_row = metrics.write(self.step, nimg=self.nimg, epoch=self.step // self.steps_per_epoch,
+                                              lr=lr, ema_beta=beta, seconds=round(wall_time(), 2))
+                progress.set_postfix(loss=f"{self.last_row['loss']:.4f}", lr=f"{lr:.2e}")
+                self.check_finite(first_bad)
+            if config.checkpointing_steps and self.step % config.checkpointing_steps == 0:
+                self.check_finite(first_bad)
+                save_checkpoint(acc, self.output_dir, self.step, self.ema, self.trainer_state(wall_time()),
+                                config.checkpoints_total_limit)
+            if self.validation_steps and self.step % self.validation_steps == 0 and self.step < self.max_steps:
                 self.validate(os.path.join(self.output_dir, "samples", f"step_{self.step:07d}.png"))
+            if self.save_model_steps and self.step % self.save_model_steps == 0 and self.step < self.max_steps:
+                if acc.is_main_process:
+                    self.save_folder()
+                acc.wait_for_everyone()
         progress.close()
-        return self.finish(time.time() - start_time, metrics)
+        self.check_finite(first_bad)
+        return self.finish(wall_time(), metrics)
 
     def finish(self, wall_time: float, metrics: MetricsLogger) -> TrainingResult:
-        """Final grid, ``save_pretrained`` folder, model card and Hub upload (main process)."""
-        args, acc = self.args, self.accelerator
+        """Final grid, ``save_pretrained`` folder, model card, summary, and last the Hub upload (main process; a
+        failed upload keeps every file and exits with the command that retries it)."""
+        config, acc = self.config, self.accelerator
         result = TrainingResult(self.output_dir, self.step, self.nimg, wall_time, metrics_path=metrics.jsonl_path)
         result.samples_path = self.validate(os.path.join(self.output_dir, "samples.png"))
         if acc.is_main_process:
-            if self.make_pipeline is not None:
-                self.make_pipeline(self.ema.model).save_pretrained(self.output_dir)
-            else:
-                save_weights(self.ema.model, self.output_dir)
+            result.saved_class = self.save_folder()
             if self.model_card is not None:
-                repo = args.hub_model_id if getattr(args, "push_to_hub", False) else os.path.abspath(self.output_dir)
-                facts = {"optimizer steps": self.step, "training images seen": self.nimg,
-                         "wall time (s)": round(wall_time, 1), "processes": acc.num_processes,
-                         "parameters": sum(p.numel() for p in self.ema.model.parameters())}
-                if "loss" in self.last_row:
-                    facts[f"training loss (last {args.logging_steps} steps)"] = round(self.last_row["loss"], 4)
-                config = {k: v for k, v in sorted(vars(args).items()) if k != "hub_token"}
-                datasets = [self.data.name] if self.data.name and self.data.name != "imagefolder" else None
-                grid = os.path.relpath(result.samples_path, self.output_dir) if result.samples_path else None
-                result.model_card_path = write_model_card(self.output_dir, self.model_card, repo, datasets, config,
-                                                          grid, facts)
-            if getattr(args, "push_to_hub", False):
-                push_folder_to_hub(self.output_dir, args.hub_model_id, token=args.hub_token,
-                                   private=args.hub_private_repo, commit_message=f"Training finished at step {self.step}")
-                result.pushed_to = args.hub_model_id
+                result.model_card_path = self.write_card(result)
+            if config.push_to_hub:
+                result.pushed_to = config.hub_model_id
+            print_summary(result)
         acc.wait_for_everyone()
         acc.end_training()
+        if config.push_to_hub and acc.is_main_process:  # last: other processes are not left waiting if it fails
+            from .hub import DEFAULT_IGNORE
+
+            push_or_explain(self.output_dir, config.hub_model_id, config.hub_token, private=config.hub_private_repo,
+                            commit_message=f"Training finished at step {self.step}",
+                            ignore_patterns=(*DEFAULT_IGNORE, *self.hub_ignore_patterns))
         return result
 
+    def save_folder(self) -> str:
+        """``save_pretrained`` of the pipeline around the EMA weights (or of the EMA model alone) into ``output_dir``;
+        returns the saved class's name."""
+        if self.make_pipeline is not None:
+            pipeline = self.make_pipeline(self.ema.model)
+            pipeline.save_pretrained(self.output_dir)
+            return type(pipeline).__name__
+        save_weights(self.ema.model, self.output_dir)
+        return type(self.ema.model).__name__
 
-def run_training(args, model, loss_fn: LossFn, data: ImageData, **kwargs) -> TrainingResult:
-    """``Trainer(args, model, loss_fn, data, **kwargs).train()``."""
-    return Trainer(args, model, loss_fn, data, **kwargs).train()
+    def write_card(self, result: TrainingResult) -> str:
+        config, acc = self.config, self.accelerator
+        repo = config.hub_model_id if config.push_to_hub else os.path.abspath(self.output_dir)
+        model = self.ema.model
+        parameters = model.num_parameters() if hasattr(model, "num_parameters") else \
+            sum(p.numel() for p in model.parameters())
+        facts = {"optimizer steps": self.step, "training images seen": self.nimg,
+                 "wall time (s)": round(result.wall_time, 1), "processes": acc.num_processes,
+                 "parameters": parameters}
+        if "loss" in self.last_row:
+            facts[f"training loss (last {config.logging_steps} steps)"] = round(self.last_row["loss"], 4)
+        table = {k: v for k, v in dataclasses.asdict(config).items()
+                 if k not in ("hub_token", "default_num_epochs", "notes")}
+        table.update(self.fingerprint["script"])
+        table = dict(sorted(table.items()))
+        datasets = hub_dataset_ids(self.data.name if self.data.name not in (DIGITS_NAME, "imagefolder") else None)
+        grid = os.path.relpath(result.samples_path, self.output_dir) if result.samples_path else None
+        return write_model_card(self.output_dir, self.model_card, repo, datasets, table, grid, facts)
+
+
+def print_summary(result: TrainingResult):
+    """The end-of-run summary: steps, images, time, and where everything went."""
+    lines = [f"\nTrained {result.step} steps ({result.nimg} images) in {result.wall_time / 60:.1f} min."]
+    if result.samples_path:
+        lines.append(f"Samples (EMA weights): {os.path.abspath(result.samples_path)}")
+    if result.model_card_path:
+        lines.append(f"Model card:            {os.path.abspath(result.model_card_path)}")
+    lines.append(f"Saved folder:          {os.path.abspath(result.output_dir)}  ({result.saved_class}.from_pretrained)")
+    if result.metrics_path:
+        lines.append(f"Metrics:               {os.path.abspath(result.metrics_path)}")
+    if result.pushed_to:
+        lines.append(f"Hub repo:              https://huggingface.co/{result.pushed_to}  (uploaded last)")
+    print("\n".join(lines))

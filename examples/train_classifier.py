@@ -1,0 +1,254 @@
+#!/usr/bin/env python
+"""Train the noise-conditional classifier of classifier guidance (Dhariwal & Nichol, NeurIPS 2021), to guide a score
+model alone or together with Discriminator Guidance (Kim et al., ICML 2023, eq. 6).
+
+    accelerate launch examples/train_classifier.py                                   # the embedded 8x8 digits
+    accelerate launch examples/train_classifier.py --pretrained_model_name_or_path outputs/train_stf
+    accelerate launch examples/train_classifier.py --train_data_dir my_images/ --resolution 32   # one subfolder per class
+
+The labels are the digits' classes, or the class subfolders of an ``--train_data_dir`` image folder (or the label
+column of a ``--dataset_name``). Each training image is diffused to a noise level σ drawn log-uniformly, the same law
+as the discriminator's (DG's importance-sampled VP time), and the classifier learns its class by cross-entropy on the
+EDM-scale sample x = y + σ·n at σ. The network is the discriminator's noise-conditional encoder with one output per
+class (:class:`~diffusers_stf.NoiseConditionalClassifier`).
+
+Writes to --output_dir: checkpoints, logs/metrics.{jsonl,csv} (loss and accuracy per σ bucket),
+logs/validation.jsonl (held-out accuracy per σ), and at the end either a ``DiscriminatorGuidedPipeline`` folder (the
+score model of ``--pretrained_model_name_or_path``, its discriminator if it has one, and the classifier), with grids
+of unguided vs. classifier-guided samples, or, without a score model, the classifier alone; with a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from diffusers_stf import DiscriminatorGuidedPipeline, NoiseConditionalClassifier
+from diffusers_stf.losses.discriminator import DG_TRAIN_SIGMA_MAX, DG_TRAIN_SIGMA_MIN, sample_sigma_log_uniform
+from diffusers_stf.training import (
+    ImageData,
+    LossOutput,
+    ModelCardInfo,
+    Trainer,
+    add_training_args,
+    float_list,
+    image_grid,
+    int_list,
+    load_training_images,
+    make_accelerator,
+    parse_training_args,
+)
+
+DESCRIPTION = (
+    "A noise-conditional classifier p(y | x, σ) for **classifier guidance** (Dhariwal & Nichol, NeurIPS 2021, "
+    "[arXiv:2105.05233](https://arxiv.org/abs/2105.05233)), trained on {data} ({num_classes} classes) diffused to "
+    "noise level σ. Its gradient σ²·∇ log p(y | x, σ) corrects the denoiser towards class y, alone or combined with "
+    "Discriminator Guidance (Kim et al., ICML 2023, eq. 6), under this package's EDM schedulers and diffusers' DDPM, "
+    "DDIM, Euler and EDM-Euler schedulers."
+)
+USAGE = """import torch
+from diffusers_stf import DiscriminatorGuidedPipeline
+
+pipeline = DiscriminatorGuidedPipeline.from_pretrained("{repo}")
+labels = torch.arange(16) % pipeline.classifier.config.num_classes
+images = pipeline(batch_size=16, generator=torch.Generator().manual_seed(0), class_labels=labels,
+                  classifier_guidance_scale=1.0).images
+images[0].save("sample.png")"""
+USAGE_CLASSIFIER_ONLY = """import torch
+from diffusers_stf import DiscriminatorGuidedPipeline, NoiseConditionalClassifier
+
+classifier = NoiseConditionalClassifier.from_pretrained("{repo}")
+pipeline = DiscriminatorGuidedPipeline.from_pretrained("<your score pipeline>", classifier=classifier)
+images = pipeline(batch_size=16, class_labels=torch.arange(16) % classifier.config.num_classes,
+                  classifier_guidance_scale=1.0, generator=torch.Generator().manual_seed(0)).images"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("classifier")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="score pipeline folder or Hub id to save the classifier with (optional)")
+    g.add_argument("--sigma_min", type=float, default=DG_TRAIN_SIGMA_MIN,
+                   help="log-uniform sigma range, the discriminator's (DG: VP time 1e-5..1)")
+    g.add_argument("--sigma_max", type=float, default=DG_TRAIN_SIGMA_MAX)
+    g.add_argument("--clf_block_out_channels", type=int_list, default=(32, 64), help="widths, e.g. 32,64")
+    g.add_argument("--clf_layers_per_block", type=int, default=1)
+    g.add_argument("--clf_attention_levels", type=int_list, default=(), help="levels with attention blocks")
+    g.add_argument("--clf_mid_block", type=str, default="none", choices=("none", "resnet", "attention"))
+    g.add_argument("--clf_norm_num_groups", type=int, default=8)
+    g.add_argument("--clf_preconditioning", type=str, default="vp", choices=("vp", "edm"),
+                   help="vp: x/sqrt(1+sigma^2) at 999*tau (guided_diffusion's classifier); edm: x/sqrt(sigma^2+sigma_data^2) at ln(sigma)/4")
+    g.add_argument("--num_heldout_images", type=int, default=128,
+                   help="images kept out of training for the per-sigma validation accuracy")
+    g.add_argument("--validation_sigmas", type=float_list, default=(0.05, 0.2, 0.5, 1.0, 2.0, 5.0),
+                   help="noise levels of the held-out accuracy")
+    g.add_argument("--classifier_guidance_scale", type=float, default=1.0, help="w_CG of the validation grids")
+    add_training_args(parser, unet=False, default_num_epochs=100)
+    parser.set_defaults(output_dir=os.path.join("outputs", "train_classifier"), learning_rate=3e-4,
+                        adam_weight_decay=0.0, lr_rampup_kimg=0.0, ema_halflife_kimg=0.0, max_grad_norm=0.0,
+                        checkpointing_steps=500, validation_steps=500, num_validation_images=64, logging_steps=50,
+                        sigma_buckets=(0.05, 0.2, 1.0, 5.0))
+    return parser
+
+
+def check_args(args):
+    if not 0 < args.sigma_min < args.sigma_max:
+        raise ValueError(f"need 0 < --sigma_min < --sigma_max, got {args.sigma_min}, {args.sigma_max}")
+    if args.num_heldout_images < 0:
+        raise ValueError(f"--num_heldout_images must be >= 0, got {args.num_heldout_images}")
+    if args.classifier_guidance_scale < 0:
+        raise ValueError(f"--classifier_guidance_scale must be >= 0, got {args.classifier_guidance_scale}")
+    if any(not 0 <= level < len(args.clf_block_out_channels) for level in args.clf_attention_levels):
+        raise ValueError(f"--clf_attention_levels must be in [0, {len(args.clf_block_out_channels) - 1}]")
+    return args
+
+
+def build_classifier(args, data: ImageData, num_classes: int, sigma_data: float) -> NoiseConditionalClassifier:
+    widths = args.clf_block_out_channels
+    return NoiseConditionalClassifier(
+        sample_size=data.resolution, in_channels=data.channels, num_classes=num_classes, block_out_channels=widths,
+        down_block_types=tuple("AttnDownBlock2D" if i in args.clf_attention_levels else "DownBlock2D" for i in range(len(widths))),
+        layers_per_block=args.clf_layers_per_block, norm_num_groups=args.clf_norm_num_groups,
+        mid_block_type={"none": None, "resnet": "UNetMidBlock2DNoAttention", "attention": "UNetMidBlock2D"}[args.clf_mid_block],
+        preconditioning=args.clf_preconditioning, sigma_data=sigma_data)
+
+
+def noisy_cross_entropy(model, images, labels, sigma_min, sigma_max, generator):
+    """Dhariwal & Nichol's classifier objective on the forward process x = y + σ·n, σ log-uniform (as DG's
+    discriminator): −log p(y | x, σ) per image, with σ and the accuracy."""
+    sigma = sample_sigma_log_uniform(len(images), sigma_min, sigma_max, generator, device=images.device)
+    noise = torch.randn(images.shape, generator=generator, device=generator.device if generator else None)
+    x = images + sigma.to(images.dtype).reshape(-1, *([1] * (images.ndim - 1))) * noise.to(images)
+    logits = model(x, sigma).logits.float()
+    per_sample = F.cross_entropy(logits, labels, reduction="none")
+    correct = (logits.argmax(dim=1) == labels).double()
+    return per_sample, sigma, correct
+
+
+def split_heldout(data: ImageData, k: int, seed: int):
+    if k == 0:
+        return data, None
+    if k >= len(data):
+        raise ValueError(f"--num_heldout_images {k} leaves no training images out of {len(data)}")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return data.subset(order[k:].sort().values), data.subset(order[:k].sort().values)
+
+
+@torch.no_grad()
+def heldout_accuracy(classifier, data: ImageData, sigmas, device, seed: int = 0) -> dict:
+    """Accuracy and mean cross-entropy of held-out images at fixed noise levels and noise."""
+    g = torch.Generator().manual_seed(seed)
+    batch = data.batch(torch.arange(len(data)))
+    images, labels = batch["images"], batch["labels"].to(device)
+    row = {}
+    for sigma in sigmas:
+        x = (images + sigma * torch.randn(images.shape, generator=g)).to(device)
+        logits = classifier(x, sigma).logits.float()
+        row[f"accuracy_sigma_{sigma:g}"] = float((logits.argmax(1) == labels).double().mean())
+        row[f"cross_entropy_sigma_{sigma:g}"] = float(F.cross_entropy(logits, labels))
+    return row
+
+
+def guided_grid(score, classifier, args, training, num_classes: int, path: str, device) -> str:
+    """Unguided (left) and classifier-guided (right) samples from the same latents; row r is guided to class r mod K."""
+    from PIL import Image
+
+    pipe = DiscriminatorGuidedPipeline(score.unet, score.scheduler, classifier=classifier).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    n = training.num_validation_images
+    nrow = max(1, math.ceil(math.sqrt(n)))
+    labels = (torch.arange(n) // nrow) % num_classes
+    kwargs = dict(batch_size=n, num_inference_steps=training.num_inference_steps, output_type="pt", class_labels=labels)
+    seed = training.validation_seed
+    plain = pipe(generator=torch.Generator(device=device).manual_seed(seed), **kwargs).images
+    guided = pipe(generator=torch.Generator(device=device).manual_seed(seed),
+                  classifier_guidance_scale=args.classifier_guidance_scale, **kwargs).images
+    left, right = image_grid(plain, nrow=nrow), image_grid(guided, nrow=nrow)
+    canvas = Image.new(left.mode, (left.width + right.width + 8, max(left.height, right.height)), 255)
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + 8, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def main(argv=None):
+    args, config = parse_training_args(build_parser(), argv)
+    check_args(args)
+    training = config.training
+    accelerator = make_accelerator(training)
+    data = load_training_images(config.data, training.seed, accelerator)
+    if data.labels is None:
+        raise ValueError("the classifier needs labelled images: the embedded digits, a --train_data_dir with one "
+                         "subfolder per class, or a --dataset_name with a label column")
+    num_classes = int(data.labels.max()) + 1
+    if num_classes < 2:
+        raise ValueError(f"the classifier needs at least 2 classes, the data have {num_classes}")
+
+    score = None
+    if args.pretrained_model_name_or_path:
+        score = DiscriminatorGuidedPipeline.from_pretrained(args.pretrained_model_name_or_path).to(accelerator.device)
+        size = score.unet.config.sample_size
+        size = size if isinstance(size, int) else tuple(size)[0]
+        if (score.unet.config.in_channels, size) != (data.channels, data.resolution):
+            raise ValueError(f"the score model generates {score.unet.config.in_channels}x{size}x{size} images but the "
+                             f"data are {data.channels}x{data.resolution}x{data.resolution}; set --resolution/--channels")
+    train, heldout = split_heldout(data, min(args.num_heldout_images, len(data) // 2), training.seed)
+    sigma_data = float(score.scheduler.config.get("sigma_data", 0.5)) if score is not None else 0.5
+    classifier = build_classifier(args, data, num_classes, sigma_data)
+    accelerator.print(f"{len(train)} training images ({data.channels}x{data.resolution}x{data.resolution}, {data.name}, "
+                      f"{num_classes} classes); held out {len(heldout) if heldout else 0}; classifier with "
+                      f"{classifier.num_parameters() / 1e6:.3f}M parameters")
+
+    def loss_fn(model, batch, generator):
+        per_sample, sigma, correct = noisy_cross_entropy(model, batch["images"], batch["labels"], args.sigma_min,
+                                                         args.sigma_max, generator)
+        return LossOutput(loss=per_sample.mean(), per_sample=per_sample.detach(), sigma=sigma,
+                          logs={"accuracy": correct.mean()}, per_sample_logs={"accuracy": correct})
+
+    validation_log = os.path.join(training.output_dir, training.logging_dir, "validation.jsonl")
+
+    def validation_fn(ema_classifier, step, path):
+        device = accelerator.device
+        if heldout is not None:
+            row = {"step": step, **heldout_accuracy(ema_classifier, heldout, args.validation_sigmas, device)}
+            os.makedirs(os.path.dirname(validation_log), exist_ok=True)
+            with open(validation_log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            accs = ", ".join(f"σ={s:g}: {row[f'accuracy_sigma_{s:g}']:.3f}" for s in args.validation_sigmas)
+            accelerator.print(f"step {step}: held-out accuracy {accs}")
+        if score is None:
+            return None
+        return guided_grid(score, ema_classifier, args, training, num_classes, path, device)
+
+    def make_pipeline(ema_classifier):
+        return DiscriminatorGuidedPipeline(score.unet, score.scheduler, score.discriminator, ema_classifier)
+
+    card = ModelCardInfo(
+        title=f"Noise-conditional classifier for guidance on {data.name}",
+        description=DESCRIPTION.format(data=data.name, num_classes=num_classes),
+        tags=["classifier-guidance", "discriminator-guidance"], template="classifier.md",
+        usage=USAGE if score is not None else USAGE_CLASSIFIER_ONLY,
+        sample_kwargs={"class_labels": [i % num_classes for i in range(16)], "classifier_guidance_scale": 1.0},
+        facts={"score model": args.pretrained_model_name_or_path, "classes": num_classes,
+               "sigma range (log-uniform)": f"{args.sigma_min:.4g} .. {args.sigma_max:.4g}",
+               "guidance weight of the grid (w_CG)": args.classifier_guidance_scale},
+        extra={"script": "examples/train_classifier.py"},
+    )
+    fingerprint = {"sigma_min": args.sigma_min, "sigma_max": args.sigma_max, "num_classes": num_classes,
+                   "num_heldout_images": args.num_heldout_images, "clf_preconditioning": args.clf_preconditioning}
+    trainer = Trainer(training, classifier, loss_fn, train, accelerator=accelerator,
+                      make_pipeline=make_pipeline if score is not None else None, validation_fn=validation_fn,
+                      model_card=card, fingerprint=fingerprint)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,96 @@
+"""benchmarks/bench_evidence.py: the statistics against their textbook formulas, the table, and the --quick smoke test
+(every comparison end to end through the example scripts, then a resume that skips what finished)."""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+from scipy import stats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_evidence", os.path.join(ROOT, "benchmarks", "bench_evidence.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_evidence"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_is_welch_t_test_with_satterthwaite_degrees_of_freedom(bench):
+    baseline, method = [14.62, 19.32, 16.1], [11.41, 10.95, 11.8]
+    s = bench.summarize(baseline, method)
+    m1, m2 = sum(method) / 3, sum(baseline) / 3
+    v1 = sum((x - m1) ** 2 for x in method) / 2
+    v2 = sum((x - m2) ** 2 for x in baseline) / 2
+    t = (m1 - m2) / math.sqrt(v1 / 3 + v2 / 3)
+    df = (v1 / 3 + v2 / 3) ** 2 / ((v1 / 3) ** 2 / 2 + (v2 / 3) ** 2 / 2)  # Welch–Satterthwaite
+    assert s["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-9)
+    assert (s["method_mean"], s["baseline_mean"]) == (pytest.approx(m1), pytest.approx(m2))
+    assert (s["method_sd"], s["baseline_sd"]) == (pytest.approx(math.sqrt(v1)), pytest.approx(math.sqrt(v2)))
+    assert s["ratio"] == pytest.approx(m1 / m2)
+    one = bench.summarize([3.0], [2.0])  # one seed: no spread, no test
+    assert one["baseline_sd"] is None and one["p_value"] is None and one["ratio"] == pytest.approx(2 / 3)
+
+
+def test_table_and_verdict_state_each_arm_the_ratio_and_p(bench):
+    evidence = {"comparisons": [
+        {"name": "stf_vs_edm", "baseline": [10.0, 12.0, 14.0], "method": [5.0, 6.0, 7.0], "seeds": [0, 1, 2],
+         "baseline_label": "EDM", "method_label": "STF", "plot": "benchmarks/results/evidence_stf_vs_edm.png"},
+        {"name": "dg_vs_unguided", "baseline": [20.0, 21.0, 22.0], "method": [20.5, 21.0, 21.5], "seeds": [0, 1, 2]},
+    ]}
+    table = bench.render_table(evidence).splitlines()
+    assert len(table) == 4
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[:6] == ["`stf_vs_edm`", "EDM", "STF", "12.00 ± 2.00", "6.00 ± 1.00", "0.50"]
+    p = stats.ttest_ind([5.0, 6.0, 7.0], [10.0, 12.0, 14.0], equal_var=False).pvalue
+    assert cells[6] == f"{p:.2g}" and cells[7] == "3" and "evidence_stf_vs_edm.png" in cells[8]
+    assert "helps" in bench.verdict(evidence["comparisons"][0])
+    assert "no significant difference" in bench.verdict(evidence["comparisons"][1])
+
+
+def test_quick_smoke_run_writes_the_evidence_and_resumes_skipping_finished_work(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIFFUSERS_STF_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    argv = ["--quick", "--work_dir", str(work), "--quiet"]
+    evidence = bench.main(argv)
+    with open(work / "results" / "evidence.json") as f:
+        assert json.load(f) == json.loads(json.dumps(evidence))
+    names = [c["name"] for c in evidence["comparisons"]]
+    assert names == ["stf_vs_edm", "sa2_vs_ddpm_ddim10", "dg_vs_unguided"]
+    for c in evidence["comparisons"]:
+        assert c["metric"] == "fd_train" and c["seeds"] == [0] and isinstance(c["setup"], str)
+        assert len(c["baseline"]) == len(c["method"]) == 1 and all(math.isfinite(v) for v in c["baseline"] + c["method"])
+        assert c["summary"]["ratio"] == pytest.approx(c["method"][0] / c["baseline"][0])
+        assert os.path.isfile(os.path.join(bench.ROOT, c["plot"]) if not os.path.isabs(c["plot"]) else c["plot"])
+    sa = evidence["comparisons"][1]
+    assert set(sa["by_steps"]) == {"10", "20"} and sa["by_steps"]["10"]["baseline"] == sa["baseline"]
+    dg = evidence["comparisons"][2]
+    # the unguided arm samples the EDM arm's score model with the same seeds: the same FD
+    assert dg["baseline"] == evidence["comparisons"][0]["baseline"]
+    sigmas = {f"{float(s):g}" for s in bench.Protocol.quick().validation_sigmas.split(",")}
+    assert set(dg["discriminator"][0]["heldout_accuracy_by_sigma"]) == sigmas
+    investigation = evidence["dg_investigation"]
+    assert [v["variant"] for v in investigation["variants"]] == ["default", "narrow_window"]
+    assert all(0 <= a <= 1 for v in investigation["variants"] for a in v["heldout_accuracy_by_sigma"].values())
+    capsys.readouterr()
+
+    # A run killed during the SA-2 training and before the last evaluation: only those are redone.
+    sa2 = work / "models" / "sa2-4-seed0"
+    os.remove(sa2 / "model_index.json")
+    os.remove(work / "models" / "disc-narrow_window-on-edm-4-seed0" / "bench_eval_heun3_w2_narrow.json")
+    again = bench.main(argv)
+    log = capsys.readouterr().out
+    trained = [line.split(":")[0] for line in log.splitlines() if line.startswith("train ")]
+    assert trained == ["train sa2-4-seed0"]
+    evaluated = [line.split("[")[1].split("]")[0] for line in log.splitlines() if line.startswith("  ") and "[" in line]
+    assert sorted(evaluated) == ["ddim10", "ddim20", "heun3_w2_narrow"]
+    assert [c["baseline"] for c in again["comparisons"]] == [c["baseline"] for c in evidence["comparisons"]]
+    shown = bench.main(["--table", "--results_dir", str(work / "results")])
+    printed = capsys.readouterr().out
+    assert bench.render_table(shown) in printed and shown["comparisons"][0]["verdict"] in printed

@@ -1,0 +1,587 @@
+"""Hub-native folders: plain-diffusers loading through generated remote code, package loading of both layouts,
+model cards the Hub parses, and ``--push_to_hub`` that fails early or retries cleanly."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import make_tiny_unet
+from safetensors.torch import load_file
+
+from diffusers_stf import (
+    AnnealedLangevinScheduler,
+    AugmentConditionedUNet2DModel,
+    Discriminator,
+    DiscriminatorGuidedPipeline,
+    EDMHeunScheduler,
+    EDMPipeline,
+    EDMStochasticScheduler,
+    NoiseConditionalClassifier,
+    PredictorCorrectorScheduler,
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Put first on PYTHONPATH of a child process: every import of diffusers_stf fails there, as on a machine with only
+# torch and diffusers installed.
+BLOCKER = """
+import sys
+
+
+class _BlockDiffusersStf:
+    def find_spec(self, name, path=None, target=None):
+        if name == "diffusers_stf" or name.startswith("diffusers_stf."):
+            raise ImportError(f"{name} is blocked: this process has only torch and diffusers")
+        return None
+
+
+sys.meta_path.insert(0, _BlockDiffusersStf())
+"""
+
+
+def blocked_env(tmp_path):
+    """Environment of a child process in which ``import diffusers_stf`` fails (a sitecustomize meta-path blocker)."""
+    block_dir = tmp_path / "block"
+    block_dir.mkdir(exist_ok=True)
+    (block_dir / "sitecustomize.py").write_text(BLOCKER)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(block_dir)
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    env["HF_HUB_OFFLINE"] = "1"
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the same reductions, so bit-identical samples
+    return env
+
+
+def run_blocked(tmp_path, code: str, timeout=120) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter, outside the repository, with diffusers_stf blocked."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=blocked_env(tmp_path),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_disc(seed=0):
+    torch.manual_seed(seed)
+    return Discriminator(sample_size=8, in_channels=1, block_out_channels=(8, 16), norm_num_groups=4)
+
+
+def tiny_classifier(seed=0):
+    torch.manual_seed(seed)
+    return NoiseConditionalClassifier(sample_size=8, in_channels=1, num_classes=3, block_out_channels=(8, 16),
+                                      norm_num_groups=4)
+
+
+def tiny_augment_unet(seed=0):
+    torch.manual_seed(seed)
+    return AugmentConditionedUNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        add_attention=False, norm_num_groups=4, num_class_embeds=9)
+
+
+# name -> (pipeline factory, call kwargs); each exercises a different component class of the package
+CASES = {
+    "edm_heun": (lambda: EDMPipeline(make_tiny_unet(0), EDMHeunScheduler()), {"num_inference_steps": 4}),
+    "edm_stochastic": (lambda: EDMPipeline(make_tiny_unet(1), EDMStochasticScheduler(s_churn=40.0)),
+                       {"num_inference_steps": 4}),
+    "guided": (lambda: DiscriminatorGuidedPipeline(make_tiny_unet(2), EDMHeunScheduler(), tiny_disc(3)),
+               {"num_inference_steps": 4, "dg_weight_1st_order": 2.0}),
+    "classifier_guided": (
+        lambda: DiscriminatorGuidedPipeline(make_tiny_unet(9), EDMHeunScheduler(), tiny_disc(10), tiny_classifier(11)),
+        {"num_inference_steps": 4, "dg_weight_1st_order": 1.0, "classifier_guidance_scale": 2.0,
+         "class_labels": [0, 2]}),
+    "langevin": (lambda: EDMPipeline(make_tiny_unet(4), AnnealedLangevinScheduler(steps_per_level=2)),
+                 {"num_inference_steps": 3}),
+    "predictor_corrector": (lambda: EDMPipeline(make_tiny_unet(5), PredictorCorrectorScheduler(sigma_max=5.0)),
+                            {"num_inference_steps": 4}),
+    "augment_unet": (lambda: EDMPipeline(tiny_augment_unet(6), EDMHeunScheduler()), {"num_inference_steps": 4}),
+}
+
+
+def call_kwargs(kwargs):
+    """JSON-able case kwargs → pipeline kwargs (class labels as a tensor)."""
+    return {k: torch.tensor(v) if k == "class_labels" else v for k, v in kwargs.items()}
+
+
+def sample(pipe, kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(batch_size=2, generator=torch.Generator().manual_seed(7), output_type="pt",
+                **call_kwargs(kwargs)).images
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Every case saved once, with the samples of our own classes."""
+    root = tmp_path_factory.mktemp("saved")
+    out = {}
+    for name, (make, kwargs) in CASES.items():
+        pipe = make()
+        folder = root / name
+        pipe.save_pretrained(folder)
+        out[name] = (folder, kwargs, sample(pipe, kwargs), pipe)
+    return out
+
+
+def module_imports(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "the pipeline's code file must not use relative imports"
+            yield node.module
+
+
+def test_folders_use_the_remote_code_layout_with_self_contained_code(saved):
+    allowed = {"torch", "diffusers", "numpy", "__future__"} | set(sys.stdlib_module_names)
+    lazily_allowed = allowed | {"PIL", "transformers"}
+    for name, (folder, _, _, pipe) in saved.items():
+        index = json.loads((folder / "model_index.json").read_text())
+        stem, class_name = index["_class_name"]
+        assert class_name == type(pipe).__name__
+        code = folder / f"{stem}.py"
+        tree = ast.parse(code.read_text())
+        top_level = {n for stmt in tree.body if isinstance(stmt, (ast.Import, ast.ImportFrom))
+                     for n in module_imports(stmt)}
+        everywhere = set(module_imports(tree))
+        assert {m.split(".")[0] for m in top_level} <= allowed, (code, top_level)
+        assert {m.split(".")[0] for m in everywhere} <= lazily_allowed, (code, everywhere)
+        defined = {stmt.name for stmt in tree.body if isinstance(stmt, ast.ClassDef)}
+        assert class_name in defined
+        components = 0
+        for component, value in index.items():
+            if component.startswith("_") or not isinstance(value, list) or value[0] in ("diffusers", None):
+                continue
+            library, cls = value
+            assert cls == type(getattr(pipe, component)).__name__ and cls in defined
+            # the component's file takes its class from the pipeline's module: one class object for both
+            shim = ast.parse((folder / component / f"{library}.py").read_text())
+            imports = [s for s in shim.body if isinstance(s, (ast.Import, ast.ImportFrom))]
+            assert len(imports) == 1 and imports[0].level == 1 and imports[0].names[0].name == stem
+            components += 1
+        assert components >= 1, name  # at least the scheduler is a package class
+        assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pkl"))
+
+
+def python_blocks(text):
+    import re
+
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.fixture(scope="module")
+def cards(saved, tmp_path_factory):
+    """One card per template, written for a local folder (as a run without --push_to_hub does)."""
+    import shutil
+
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from diffusers_stf.training.model_card import ModelCardInfo, template_names, write_model_card
+
+    root = tmp_path_factory.mktemp("cards")
+    ddpm = root / "ddpm"
+    DDPMPipeline(make_tiny_unet(8), DDPMScheduler(num_train_timesteps=20)).save_pretrained(ddpm)
+    folders = {"unconditional_image_generation.md": saved["edm_stochastic"][0],
+               "discriminator.md": saved["guided"][0], "classifier.md": saved["classifier_guided"][0],
+               "sequence_aware_ddpm.md": ddpm}
+    assert set(folders) == set(template_names())
+    usage = {"unconditional_image_generation.md": 'from diffusers_stf import EDMPipeline\n'
+                                                  'pipeline = EDMPipeline.from_pretrained("{repo}")\n'
+                                                  'images = pipeline(batch_size=2, num_inference_steps=3).images',
+             "discriminator.md": 'from diffusers_stf import DiscriminatorGuidedPipeline\n'
+                                 'pipeline = DiscriminatorGuidedPipeline.from_pretrained("{repo}")\n'
+                                 'images = pipeline(batch_size=2, num_inference_steps=3).images',
+             "classifier.md": 'import torch\nfrom diffusers_stf import DiscriminatorGuidedPipeline\n'
+                              'pipeline = DiscriminatorGuidedPipeline.from_pretrained("{repo}")\n'
+                              'images = pipeline(batch_size=2, num_inference_steps=3,'
+                              ' class_labels=torch.tensor([0, 1]), classifier_guidance_scale=1.0).images',
+             "sequence_aware_ddpm.md": 'from diffusers import DDPMPipeline\n'
+                                       'pipeline = DDPMPipeline.from_pretrained("{repo}")\n'
+                                       'images = pipeline(batch_size=2, num_inference_steps=20).images'}
+    sample_kwargs = {"unconditional_image_generation.md": {"num_inference_steps": 3},
+                     "discriminator.md": {"num_inference_steps": 3, "dg_weight_1st_order": 2.0},
+                     "classifier.md": {"num_inference_steps": 3},
+                     "sequence_aware_ddpm.md": {"num_inference_steps": 20}}
+    out = {}
+    for template, source in folders.items():
+        folder = root / template.replace(".md", "")
+        shutil.copytree(source, folder)
+        info = ModelCardInfo(title="t", description="d", template=template, usage=usage[template],
+                             sample_kwargs=sample_kwargs[template], tags=["edm"])
+        guides = template in ("discriminator.md", "classifier.md")
+        config = {"pretrained_model_name_or_path": "someone/edm-digits"} if guides else {}
+        write_model_card(str(folder), info, str(folder), datasets=["someone/digits"], training_config=config)
+        out[template] = folder
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_run(saved, cards, tmp_path_factory):
+    """One process without diffusers_stf: samples every saved folder with plain diffusers and runs the first
+    (plain-diffusers) snippet of every model card."""
+    tmp = tmp_path_factory.mktemp("plain")
+    folders = {name: (str(folder), kwargs) for name, (folder, kwargs, _, _) in saved.items()}
+    snippets = {template: python_blocks((folder / "README.md").read_text())[0] for template, folder in cards.items()}
+    out_file = tmp / "samples.safetensors"
+    result = run_blocked(tmp, f"""
+        import json, sys
+        import torch
+        from diffusers import DiffusionPipeline
+        from safetensors.torch import save_file
+        try:
+            import diffusers_stf
+            raise SystemExit("diffusers_stf is importable")
+        except ImportError:
+            pass
+        out, types = {{}}, {{}}
+        for name, (folder, kwargs) in json.loads({json.dumps(json.dumps(folders))}).items():
+            pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+            pipe.set_progress_bar_config(disable=True)
+            generator = torch.Generator().manual_seed(7)
+            kwargs = {{k: torch.tensor(v) if k == "class_labels" else v for k, v in kwargs.items()}}
+            out[name] = pipe(batch_size=2, generator=generator, output_type="pt", **kwargs).images.contiguous()
+            types[name] = {{k: type(v).__module__ + "." + type(v).__name__ for k, v in pipe.components.items()}}
+        save_file(out, {str(out_file)!r})
+        snippets = {{}}
+        for template, code in json.loads({json.dumps(json.dumps(snippets))}).items():
+            scope = {{}}
+            exec(compile(code, template, "exec"), scope)
+            snippets[template] = len(scope["images"])
+        assert not any(m.split(".")[0] == "diffusers_stf" for m in sys.modules)
+        print(json.dumps({{"types": types, "snippets": snippets}}))
+    """)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stderr, json.loads(result.stdout.strip().splitlines()[-1]), load_file(out_file)
+
+
+def test_plain_diffusers_loads_every_folder_and_samples_the_same_images(saved, plain_run):
+    stderr, report, remote = plain_run
+    assert "Expected types" not in stderr  # the pipeline's annotations name the classes it was given
+    types = report["types"]
+    for name, (_, _, ours, pipe) in saved.items():
+        assert torch.equal(remote[name], ours.contiguous()), name
+        for component, value in pipe.components.items():
+            if value is not None:
+                assert types[name][component].endswith("." + type(value).__name__)
+    assert types["guided"]["discriminator"].startswith("diffusers_modules.")
+    assert types["augment_unet"]["unet"].startswith("diffusers_modules.")
+
+
+def to_release_layout(folder):
+    """Rewrite a folder into what the current release wrote: ``["diffusers_stf", Class]`` and no code files."""
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["_class_name"] = index["_class_name"][1]
+    for component, value in index.items():
+        if isinstance(value, list) and value[0] not in ("diffusers", None):
+            (folder / component / f"{value[0]}.py").unlink()
+            index[component] = ["diffusers_stf", value[1]]
+    for path in folder.glob("*.py"):
+        path.unlink()
+    index_path.write_text(json.dumps(index, indent=2))
+
+
+@pytest.mark.parametrize("name", ["guided", "edm_stochastic", "augment_unet"])
+def test_package_loads_new_and_release_folders_with_its_own_classes(saved, tmp_path, name):
+    folder, kwargs, ours, pipe = saved[name]
+    cls = type(pipe)
+    loaded = cls.from_pretrained(folder)
+    assert type(loaded) is cls
+    for component, value in pipe.components.items():
+        assert type(loaded.components[component]) is type(value)
+    assert torch.equal(sample(loaded, kwargs), ours)
+    assert loaded.name_or_path == str(folder)
+
+    import shutil
+
+    release = tmp_path / "release"
+    shutil.copytree(folder, release)
+    to_release_layout(release)
+    assert not list(release.rglob("*.py"))
+    for loader in {cls, DiscriminatorGuidedPipeline}:
+        again = loader.from_pretrained(release)
+        assert type(again.scheduler) is type(pipe.scheduler)
+        assert type(again.unet) is type(pipe.unet)
+    assert torch.equal(sample(cls.from_pretrained(release), kwargs), ours)
+
+
+def test_bad_input_messages(saved, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    folder = saved["edm_heun"][0]
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        DiffusionPipeline.from_pretrained(folder)
+    # a folder without code files: diffusers' own message
+    import shutil
+
+    release = tmp_path / "release"
+    shutil.copytree(folder, release)
+    to_release_layout(release)
+    with pytest.raises(AttributeError, match="EDMPipeline"):
+        DiffusionPipeline.from_pretrained(release, trust_remote_code=True)
+    # neither a folder nor in the Hub cache (offline)
+    with pytest.raises(OSError) as err:
+        EDMPipeline.from_pretrained("nobody-h6/not-a-model", cache_dir=str(tmp_path / "empty_cache"),
+                                    local_files_only=True)
+    message = str(err.value)
+    assert "no such folder" in message and "local Hub cache" in message
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model cards
+
+
+def test_model_cards_carry_metadata_the_hub_parses(cards):
+    import re
+
+    from huggingface_hub import ModelCard
+
+    for template, folder in cards.items():
+        card = ModelCard.load(str(folder / "README.md"))
+        data = card.data
+        assert data.library_name == "diffusers" and data.license == "apache-2.0"
+        assert data.pipeline_tag == "unconditional-image-generation"
+        assert {"diffusers", "diffusers_stf", "edm"} <= set(data.tags)
+        assert data.datasets == ["someone/digits"]
+        guides = template in ("discriminator.md", "classifier.md")
+        assert data.base_model == ("someone/edm-digits" if guides else None)
+        assert "pip install diffusers-stf" in card.text and "pip install -e" not in card.text
+        assert not re.search(r"https://github\.com/?(?=[\s)\]]|$)", card.text), template
+        blocks = python_blocks(card.text)
+        assert len(blocks) == 2, template
+        remote = template != "sequence_aware_ddpm.md"
+        flag = ", trust_remote_code=True" if remote else ""
+        assert f'DiffusionPipeline.from_pretrained("{folder}"{flag})' in blocks[0]
+        assert "diffusers_stf" not in blocks[0] and ("diffusers_stf" in blocks[1]) == remote
+
+
+def test_card_datasets_and_base_model_take_only_hub_ids(tmp_path, saved):
+    from diffusers_stf.training.model_card import ModelCardInfo, hub_dataset_ids, hub_id_of, write_model_card
+
+    assert hub_dataset_ids(str(tmp_path)) is None and hub_dataset_ids(None) is None
+    assert hub_dataset_ids("someone/digits") == ["someone/digits"]
+    with pytest.raises(ValueError, match="datasets must be Hub dataset ids"):
+        write_model_card(str(saved["edm_heun"][0]), ModelCardInfo(), "x/y", datasets=[str(tmp_path)])
+    snapshot = tmp_path / "hub" / "models--someone--edm" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert hub_id_of(str(snapshot)) == "someone/edm"
+    assert hub_id_of(str(tmp_path)) is None and hub_id_of("someone/edm") == "someone/edm"
+
+
+def test_every_card_snippet_runs_against_its_local_folder(cards, plain_run):
+    """The plain-diffusers snippet in a process without diffusers_stf (``plain_run``), the package snippet here."""
+    assert plain_run[1]["snippets"] == {template: 16 for template in cards}
+    for template, folder in cards.items():
+        package = python_blocks((folder / "README.md").read_text())[1]
+        scope = {}
+        exec(compile(package, template, "exec"), scope)
+        assert len(scope["images"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --push_to_hub: fail early, retry cleanly (offline, with a stand-in for HfApi)
+
+
+class RecordingHfApi:
+    """Records the calls a push makes; ``fail`` names a method that raises."""
+
+    def __init__(self, fail=None, user="me"):
+        self.calls, self.fail, self.user = [], fail, user
+
+    def _call(self, name, *args, **kwargs):
+        self.calls.append((name, args, kwargs))
+        if name == self.fail:
+            raise ConnectionError(f"{name}: the Hub cannot be reached")
+
+    def whoami(self, token=None):
+        self._call("whoami", token=token)
+        return {"name": self.user}
+
+    def create_repo(self, repo_id, **kwargs):
+        self._call("create_repo", repo_id, **kwargs)
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, **kwargs):
+        self._call("upload_folder", **kwargs)
+        return "commit"
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+
+
+def test_hub_settings_are_checked_before_training(offline):
+    from diffusers_stf.training.hub import check_hub_settings
+
+    assert check_hub_settings(False, None, None, "out/run") is None
+    with pytest.raises(ValueError, match="token"):
+        check_hub_settings(True, "me/run", None, "out/run")
+    api = RecordingHfApi(user="alice")
+    assert check_hub_settings(True, None, "hf_x", "out/my-run", api=api) == "alice/my-run"
+    assert check_hub_settings(True, "bob/run", "hf_x", "out", api=RecordingHfApi(fail="whoami")) == "bob/run"
+    with pytest.raises(ValueError, match="namespace"):
+        check_hub_settings(True, None, "hf_x", "out/run", api=RecordingHfApi(fail="whoami"))
+    for bad in ("a/b/c", "me/bad name", "me/-run"):
+        with pytest.raises(ValueError, match="hub_model_id"):
+            check_hub_settings(True, bad, "hf_x", "out", api=api)
+
+
+def test_repo_is_created_early_and_a_failed_upload_keeps_files_and_prints_the_retry(offline, saved, tmp_path,
+                                                                                    monkeypatch, capsys):
+    import shutil
+
+    import diffusers_stf.training.hub as hub
+    from diffusers_stf import push
+
+    api = RecordingHfApi()
+    assert hub.create_repo_early("me/run", "hf_x", private=True, api=api) == "me/run"
+    assert api.calls == [("create_repo", ("me/run",), {"private": True, "exist_ok": True, "repo_type": "model"})]
+    with pytest.raises(SystemExit, match="cannot create the Hub repo 'me/run'"):
+        hub.create_repo_early("me/run", "hf_x", api=RecordingHfApi(fail="create_repo"))
+
+    folder = tmp_path / "run"
+    shutil.copytree(saved["edm_heun"][0], folder)
+    (folder / "README.md").write_text(f'pipeline = DiffusionPipeline.from_pretrained("{folder}")\n')
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    with pytest.raises(SystemExit) as err:
+        hub.push_or_explain(str(folder), "me/run", "hf_x", api=RecordingHfApi(fail="upload_folder"))
+    message = str(err.value.code)
+    retry = f"python -m diffusers_stf.push {folder} --hub_model_id me/run"
+    assert "failed (ConnectionError" in message and message.rstrip().endswith(retry)
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+
+    # the printed command, run as printed (the module's main), uploads the folder and points the card at the repo
+    retried = RecordingHfApi()
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: retried)
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    monkeypatch.setattr(hub, "_token", lambda token: token or "hf_x")
+    assert push.main(retry.split()[3:]) == "me/run"
+    names = [c[0] for c in retried.calls]
+    assert names == ["create_repo", "create_repo", "upload_folder"]
+    upload = retried.calls[-1][2]
+    assert upload["folder_path"] == str(folder) and upload["repo_id"] == "me/run"
+    assert "checkpoint-*" in upload["ignore_patterns"]
+    assert '"me/run"' in (folder / "README.md").read_text()
+    with pytest.raises(SystemExit, match="not a folder"):
+        push.main([str(tmp_path / "missing"), "--hub_model_id", "me/run"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The wheel: built with `python -m build`, installed outside the source tree, trains with every script
+
+
+TRAINING_RUNS = {  # script -> arguments of a few-step run on the 8x8 digits
+    "train_stf.py": ["--block_out_channels", "8,16", "--train_batch_size", "16", "--stf_reference_batch_size", "48",
+                     "--max_train_steps", "2", "--num_validation_images", "4", "--num_inference_steps", "2",
+                     "--logging_steps", "1", "--validation_steps", "0", "--checkpointing_steps", "0"],
+    "train_sequence_aware.py": ["--block_out_channels", "8,16", "--norm_num_groups", "4", "--max_train_steps", "2",
+                                "--train_batch_size", "16", "--num_validation_images", "4", "--num_inference_steps",
+                                "2", "--checkpointing_steps", "0", "--validation_steps", "0", "--logging_steps", "1",
+                                "--sa_k", "3", "--num_train_timesteps", "100"],
+    "train_score_model.py": ["--block_out_channels", "8,16", "--norm_num_groups", "4", "--max_train_steps", "2",
+                             "--train_batch_size", "16", "--num_validation_images", "4", "--num_inference_steps", "3",
+                             "--steps_per_level", "2", "--checkpointing_steps", "0", "--logging_steps", "1"],
+    "train_discriminator.py": ["--pretrained_model_name_or_path", "{train_stf}", "--max_train_steps", "2",
+                               "--num_fake_images", "48", "--generation_steps", "2", "--num_inference_steps", "2",
+                               "--num_validation_images", "4", "--validation_steps", "0", "--checkpointing_steps", "0",
+                               "--disc_block_out_channels", "8,16", "--disc_norm_num_groups", "4",
+                               "--train_batch_size", "16", "--report_to", "none", "--num_heldout_images", "16"],
+    "train_classifier.py": ["--pretrained_model_name_or_path", "{train_stf}", "--max_train_steps", "2",
+                            "--num_validation_images", "4", "--validation_steps", "0", "--checkpointing_steps", "0",
+                            "--clf_block_out_channels", "8,16", "--clf_norm_num_groups", "4", "--train_batch_size",
+                            "16", "--report_to", "none", "--num_heldout_images", "16", "--num_inference_steps", "2"],
+}
+
+WHEEL_DRIVER = """
+import importlib.util, json, os, sys
+import torch
+import diffusers_stf
+from huggingface_hub import ModelCard
+
+venv, examples, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+assert os.path.realpath(diffusers_stf.__file__).startswith(os.path.realpath(venv)), diffusers_stf.__file__
+torch.set_num_threads(1)
+outputs = {}
+for script, args in runs.items():
+    out = os.path.join(os.getcwd(), script[:-3])
+    args = [a.format(**outputs) for a in args] + ["--output_dir", out, "--no_progress_bar"]
+    spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(examples, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(args)
+    card = ModelCard.load(os.path.join(out, "README.md"))  # rendered from the wheel's templates
+    assert card.data.library_name == "diffusers", script
+    outputs[script[:-3]] = out
+print(json.dumps(outputs))
+"""
+
+
+def test_wheel_installs_outside_the_tree_and_every_script_trains_a_folder_plain_diffusers_loads(tmp_path):
+    import glob
+    import shutil
+    import sysconfig
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(REPO_ROOT, name), src / name)
+    shutil.copytree(os.path.join(REPO_ROOT, "diffusers_stf"), src / "diffusers_stf",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # offline: the build backend of this environment, no isolated download (its setuptools needs no `wheel`)
+    build = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--skip-dependency-check",
+                            "--outdir", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = glob.glob(str(tmp_path / "dist" / "*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for template in os.listdir(os.path.join(REPO_ROOT, "diffusers_stf", "model_cards")):
+        assert f"diffusers_stf/model_cards/{template}" in names
+    assert "diffusers_stf/remote_code.py" in names and "diffusers_stf/push.py" in names
+    assert not any(n.startswith(("examples/", "tests/")) for n in names)
+
+    # a fresh virtual environment that reuses the installed dependencies of this one (offline), not its
+    # editable diffusers_stf: a plain path entry, so the editable finder's .pth is not processed
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    venv_python = str(venv / "bin" / "python")
+    venv_site = subprocess.run([venv_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(venv_site, "_dependencies.pth"), "w") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", venv_python, "install", "--no-deps",
+                              "--no-index", wheel], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    trained = subprocess.run([venv_python, "-c", WHEEL_DRIVER, str(venv), os.path.join(REPO_ROOT, "examples"),
+                              json.dumps(TRAINING_RUNS)], cwd=work, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    outputs = json.loads(trained.stdout.strip().splitlines()[-1])
+    assert set(outputs) == {script[:-3] for script in TRAINING_RUNS}
+
+    loaded = run_blocked(tmp_path, f"""
+        import json
+        import torch
+        from diffusers import DiffusionPipeline
+        for script, folder in json.loads({json.dumps(json.dumps(outputs))}).items():
+            pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+            pipe.set_progress_bar_config(disable=True)
+            image = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                         output_type="np").images[0]
+            assert image.shape[-1] == 1 and torch.isfinite(torch.as_tensor(image)).all(), script
+            print(script, type(pipe).__name__)
+    """, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-4000:]
+    assert len(loaded.stdout.strip().splitlines()) == len(TRAINING_RUNS)
