@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_guidance import find_score_pipeline, load_example, train_discriminator  # noqa: E402
+from bench_guidance import add_model_args, find_score_pipeline, train_discriminator, train_with_example  # noqa: E402
 
 from diffusers_stf import DiscriminatorGuidedPipeline  # noqa: E402
 from diffusers_stf.evaluation import (  # noqa: E402
@@ -54,16 +54,9 @@ METRICS = (("accuracy", "requested-label accuracy ↑", 3), ("fd", "FD vs train 
 
 
 def train_classifier(args, dg_folder: str) -> str:
-    folder = os.path.join(args.work_dir, "classifier")
-    if os.path.isfile(os.path.join(folder, "model_index.json")) and not args.retrain:
-        print(f"classifier: reusing {folder} (--retrain to train it again)")
-        return folder
-    load_example("train_classifier").main([
-        "--pretrained_model_name_or_path", dg_folder, "--output_dir", folder, "--max_train_steps", str(args.clf_steps),
-        "--validation_steps", str(max(args.clf_steps // 4, 1)), "--checkpointing_steps", "0", "--report_to", "none",
-        "--overwrite_output_dir",
-    ])
-    return folder
+    return train_with_example(
+        args, "train_classifier", "classifier", "classifier", dg_folder, args.clf_steps, ("--overwrite_output_dir",)
+    )
 
 
 def requested_labels(seeds) -> torch.Tensor:
@@ -102,13 +95,8 @@ def summarize(runs, configs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pipeline", type=str, default=None, help="EDM pipeline folder of the score model")
-    parser.add_argument("--work_dir", type=str, default=os.path.join(ROOT, "outputs", "bench_classifier_guidance"))
-    parser.add_argument("--score_steps", type=int, default=3000, help="steps of the score model trained when none exists")
-    parser.add_argument("--disc_steps", type=int, default=2000)
+    add_model_args(parser, "bench_classifier_guidance")
     parser.add_argument("--clf_steps", type=int, default=2000)
-    parser.add_argument("--loss", type=str, default="bce", choices=("bce", "lsif", "ukl"), help="discriminator loss")
-    parser.add_argument("--retrain", action="store_true", help="train the discriminator and the classifier again")
     parser.add_argument("--num_images", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--steps", type=int, default=18, help="EDM Heun steps of every row (NFE = 2·steps − 1)")

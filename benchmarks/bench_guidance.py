@@ -59,17 +59,34 @@ def find_score_pipeline(args) -> str:
     return folder
 
 
-def train_discriminator(args, score_folder: str) -> str:
-    folder = os.path.join(args.work_dir, "dg")
+def train_with_example(args, example: str, what: str, subfolder: str, base_folder: str, steps: int, extra=()) -> str:
+    """The pipeline folder ``work_dir/subfolder``: trained by ``examples/<example>.py`` on top of ``base_folder`` for
+    ``steps`` steps, or reused when it exists and ``--retrain`` is not given."""
+    folder = os.path.join(args.work_dir, subfolder)
     if os.path.isfile(os.path.join(folder, "model_index.json")) and not args.retrain:
-        print(f"discriminator: reusing {folder} (--retrain to train it again)")
+        print(f"{what}: reusing {folder} (--retrain to train it again)")
         return folder
-    load_example("train_discriminator").main([
-        "--pretrained_model_name_or_path", score_folder, "--output_dir", folder, "--max_train_steps", str(args.disc_steps),
-        "--validation_steps", str(max(args.disc_steps // 4, 1)), "--checkpointing_steps", "0", "--report_to", "none",
-        "--loss", args.loss,
+    load_example(example).main([
+        "--pretrained_model_name_or_path", base_folder, "--output_dir", folder, "--max_train_steps", str(steps),
+        "--validation_steps", str(max(steps // 4, 1)), "--checkpointing_steps", "0", "--report_to", "none", *extra,
     ])
     return folder
+
+
+def train_discriminator(args, score_folder: str) -> str:
+    return train_with_example(
+        args, "train_discriminator", "discriminator", "dg", score_folder, args.disc_steps, ("--loss", args.loss)
+    )
+
+
+def add_model_args(parser: argparse.ArgumentParser, work_dir_name: str):
+    """The options that say where the score model and the discriminator come from (trained here, or reused)."""
+    parser.add_argument("--pipeline", type=str, default=None, help="EDM pipeline folder of the score model")
+    parser.add_argument("--work_dir", type=str, default=os.path.join(ROOT, "outputs", work_dir_name))
+    parser.add_argument("--score_steps", type=int, default=3000, help="steps of the score model trained when none exists")
+    parser.add_argument("--disc_steps", type=int, default=2000)
+    parser.add_argument("--loss", type=str, default="bce", choices=("bce", "lsif", "ukl"), help="discriminator loss")
+    parser.add_argument("--retrain", action="store_true", help="train the guidance models again")
 
 
 def timing(pipe, args):
@@ -126,12 +143,7 @@ def summarize(runs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pipeline", type=str, default=None, help="EDM pipeline folder of the score model")
-    parser.add_argument("--work_dir", type=str, default=os.path.join(ROOT, "outputs", "bench_guidance"))
-    parser.add_argument("--score_steps", type=int, default=3000, help="steps of the score model trained when none exists")
-    parser.add_argument("--disc_steps", type=int, default=2000)
-    parser.add_argument("--loss", type=str, default="bce", choices=("bce", "lsif", "ukl"))
-    parser.add_argument("--retrain", action="store_true", help="train the discriminator again")
+    add_model_args(parser, "bench_guidance")
     parser.add_argument("--part", type=str, default="all", choices=("all", "timing", "quality"))
     parser.add_argument("--timing_batch", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=5)

@@ -2,17 +2,18 @@
 """What the training plumbing costs: :class:`diffusers_stf.training.Trainer`'s step time over a bare training loop.
 
 1. **Overhead (CPU, always)**: the same UNet2DModel, EDM loss, AdamW and EMA, stepped by a bare loop of EDM's shape
-   (draw a batch, loss, backward, optimizer step, EMA update) and by the Trainer (which also schedules the learning
-   rate, clips gradients, accumulates the per-σ metrics on the device and keeps the NaN check). Step time = thread
-   CPU time between two consecutive loss calls, one torch thread, the two loops interleaved over several rounds so
-   that other jobs on the machine slow them alike; the median step of each is compared. Target: ``ratio <= 1.05``.
+   (draw a batch, loss, backward, gradient NaN repair, optimizer step, EMA update) and by the Trainer (which also
+   schedules the learning rate, accumulates the per-σ metrics on the device and keeps the NaN check; no clipping, as
+   examples/train_stf.py and EDM). Step time = thread CPU time between two consecutive loss calls, one torch thread,
+   the two loops interleaved over several rounds so that other jobs on the machine slow them alike; the median step of
+   each is compared. Target: ``ratio <= 1.05``.
 2. **Throughput (GPU only)**: images/s of the Trainer on a CIFAR-10-size configuration (32x32x3, a UNet2DModel of
-   DDPM++ size: 256 channels at 32/16/8 px, 4 blocks per level, attention at 16 px; 59 M parameters, EDM's is 56 M) in fp32 and
-   bf16 (``--mixed_precision``).
-3. **No host–device sync (GPU only)**: with ``torch.cuda.set_sync_debug_mode("error")`` switched on for the steady
-   training steps (between two logging steps) and for a sampler loop (EDMHeunScheduler, model + ``step``), any
-   operation that waits for the device raises; each such place is printed with its source line, and the line
-   ``sync-free training step: yes/no`` / ``sync-free sampler step: yes/no`` sums it up.
+   DDPM++ size: 256 channels at 32/16/8 px, 4 blocks per level, attention at 16 px; 59 M parameters, EDM's is 56 M)
+   in fp32 and bf16 (``--mixed_precision``).
+3. **No host–device sync (GPU only)**: ``torch.cuda.set_sync_debug_mode`` switched on for the steady training steps
+   (between two logging steps) and for a sampler loop (EDMHeunScheduler, model + ``step``): first in ``"warn"`` mode,
+   printing the source line of every operation that waited for the device, then in ``"error"`` mode, where any such
+   operation raises; ``sync-free training step: yes/no`` and ``sync-free sampler step: yes/no`` sum it up.
 
     python benchmarks/bench_trainer.py                 # CPU overhead only when no GPU is present (~1-2 min)
     python benchmarks/bench_trainer.py --gpu_steps 50  # on a GPU machine: all three parts
@@ -55,7 +56,8 @@ def edm_loss_fn(loss, timestamps, clock, on_step=None):
 
 
 def bare_loop(model, data, loss, steps, batch_size, lr, clock, device="cpu", seed=0):
-    """EDM's training loop reduced to its maths: batch, loss, backward, AdamW, EMA. Returns the call timestamps."""
+    """EDM's training loop (NVlabs/edm training_loop.py) reduced to its maths: batch, loss, backward, gradient
+    NaN/inf repair, AdamW, EMA. Returns the call timestamps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     ema = HalfLifeEMA(model)
     images_all = data.images
@@ -69,6 +71,9 @@ def bare_loop(model, data, loss, steps, batch_size, lr, clock, device="cpu", see
         sigma = loss.sample_sigma(batch_size, generator, device)
         per_sample = reduce_per_sample(loss(loss.denoiser(model), images, sigma=sigma, generator=generator), "sum")
         per_sample.mean().backward()
+        for p in model.parameters():  # EDM's training loop: NaN → 0, ±inf → ±1e5
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(model, nimg, batch_size)
@@ -79,10 +84,14 @@ def bare_loop(model, data, loss, steps, batch_size, lr, clock, device="cpu", see
 
 def trainer_run(model, data, loss, steps, batch_size, lr, output_dir, clock, mixed_precision="no", cpu=True,
                 on_step=None, logging_steps=None):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # accelerate keeps one state per process; each run sets its own precision
     stamps = []
     config = TrainingConfig(output_dir=output_dir, overwrite_output_dir=True, train_batch_size=batch_size,
                             max_train_steps=steps, learning_rate=lr, lr_warmup_steps=0, checkpointing_steps=0,
                             validation_steps=0, logging_steps=logging_steps or steps, report_to="none",
+                            max_grad_norm=0.0,
                             no_progress_bar=True, cpu=cpu, mixed_precision=mixed_precision)
     trainer = Trainer(config, model, edm_loss_fn(loss, stamps, clock, on_step), data)
     trainer.finish = lambda wall_time, metrics: None  # the end of the run (grid, folder, card) is not a step
@@ -182,7 +191,8 @@ def gpu_part(args):
             stamps = trainer_run(ddpmpp_cifar_unet(), data, loss, args.gpu_steps, args.gpu_batch_size, 2e-4,
                                  os.path.join(tmp, precision), clock, mixed_precision=precision, cpu=False)
             seconds = statistics.median(step_times(stamps, skip=5))
-            print(f"CIFAR-10 size, {'fp32' if precision == 'no' else 'bf16'}: {args.gpu_batch_size / seconds:.0f} images/s "
+            name = "fp32" if precision == "no" else "bf16"
+            print(f"CIFAR-10 size, {name}: {args.gpu_batch_size / seconds:.0f} images/s "
                   f"({seconds * 1e3:.1f} ms/step)", flush=True)
 
         # the steady steps under sync debug: switched on at the 3rd loss call, off at the last one (before the

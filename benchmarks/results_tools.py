@@ -32,6 +32,7 @@ from diffusers_stf.evaluation import (  # noqa: E402
     load_feature_extractor,
     load_pipeline,
     make_scheduler,
+    pipeline_with_scheduler,
     reference_images,
 )
 
@@ -103,16 +104,17 @@ def evaluate_pipeline(
     jobs = [(spec, steps) for spec in specs for steps in spec.steps]
     rows = []
     for spec, steps in tqdm(jobs, desc="sampler sweep"):
-        pipe.scheduler = base_scheduler if spec.scheduler is None else make_scheduler(
-            base_scheduler, spec.scheduler, **spec.overrides
+        # a pipeline whose loop drives the chosen scheduler correctly (DDPMPipeline never calls scale_model_input)
+        spec_pipe = pipe if spec.scheduler is None else pipeline_with_scheduler(
+            pipe, make_scheduler(base_scheduler, spec.scheduler, **spec.overrides)
         )
-        out = generate_images(pipe, num_images, steps, seed=seed, batch_size=batch_size, progress=False, **spec.pipeline_kwargs)
+        out = generate_images(spec_pipe, num_images, steps, seed=seed, batch_size=batch_size, progress=False,
+                              **spec.pipeline_kwargs)
         result = evaluate_images(out["images"], extractor, references=references, cache_dir=cache_dir)
-        row = {"label": spec.label, "scheduler": type(pipe.scheduler).__name__, "steps": steps, "nfe": out["nfe"],
+        row = {"label": spec.label, "scheduler": type(spec_pipe.scheduler).__name__, "steps": steps, "nfe": out["nfe"],
                "seconds": out["seconds"], "seed": seed, **flatten_metrics(result)}  # fmt: skip
         rows.append(row)
         tqdm.write(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    pipe.scheduler = base_scheduler
     return rows
 
 
@@ -189,5 +191,5 @@ def save_sample_grid(pipe, path: str, num_inference_steps: int = 18, num_images:
     from diffusers_stf.evaluation import save_image_grid
 
     images = generate_images(pipe, num_images, num_inference_steps, seed=seed, progress=False)["images"]
-    save_image_grid(images, path, nrow=10, scale=4)
+    save_image_grid(images, path, nrow=10, scale=4, value_range=(-1, 1))
 

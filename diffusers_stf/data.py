@@ -3,9 +3,11 @@ and the training set in memory with a batch order that is a pure function of (se
 
 Everything downstream sees images as float tensors in [−1, 1], shape (C, H, W).
 
-Training images are decoded once into a uint8 tensor (:class:`ImageData`). Batches come from a per-epoch permutation
-seeded by (seed, epoch) (:class:`BatchSchedule`), and random crops/flips use the caller's generator, so a run resumed
-at step s sees exactly the batches an uninterrupted run sees, with no sampler state to save.
+Training images are decoded once into a uint8 tensor (:class:`ImageData`), or, for a set larger than
+``MAX_IN_MEMORY_BYTES``, into a memory-mapped Arrow file that :class:`ArrowImages` reads like that tensor. Batches
+come from a per-epoch permutation seeded by (seed, epoch) (:class:`BatchSchedule`), and random crops/flips use the
+caller's generator, so a run resumed at step s sees exactly the batches an uninterrupted run sees, with no sampler state
+to save.
 """
 
 from __future__ import annotations
@@ -428,6 +430,200 @@ def images_to_uint8(pil_images: Iterable, resolution: Optional[int] = None, chan
     return torch.from_numpy(np.stack(arrays))
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Training data memory-mapped from an Arrow file
+#
+# A set too large for MAX_IN_MEMORY_BYTES is decoded, converted and resized once into a uint8 ``pixels`` column of
+# fixed shape (C, H, W), written to an Arrow file by ``datasets.Dataset.map``. The file is memory-mapped, so a set far
+# larger than the memory (ImageNet-64: 1.28 M images, 15.7 GB) trains with only the pages of the current batches
+# resident; batches and STF's references are random-access reads (Arrow ``take``). ArrowImages looks like the uint8
+# tensor ImageData holds in memory, so the batches, crops, flips and references are the same numbers either way.
+
+PIXELS = "pixels"
+
+
+class ArrowImages:
+    """A uint8 image array (N, C, H, W) read from the ``pixels`` column of a memory-mapped ``datasets.Dataset``.
+
+    Supports what :class:`~diffusers_stf.data.ImageData` uses: ``shape``, ``ndim``, ``dtype``, ``len`` and indexing
+    with an integer tensor (a random-access batch read, returned as a CPU tensor).
+
+    Args:
+        dataset: a ``datasets.Dataset`` with a ``pixels`` column of feature ``Array3D(shape=(C, H, W), dtype="uint8")``.
+    """
+
+    dtype = torch.uint8
+    ndim = 4
+
+    def __init__(self, dataset):
+        import datasets
+
+        feature = dataset.features.get(PIXELS)
+        if not isinstance(feature, datasets.Array3D) or feature.dtype != "uint8":
+            raise ValueError(f"the dataset needs a {PIXELS!r} column of Array3D uint8 (C, H, W), got {feature}")
+        self.dataset = dataset.with_format("numpy", columns=[PIXELS])
+        self.shape = torch.Size((len(dataset), *feature.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, indices) -> torch.Tensor:
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if indices.ndim == 0:
+            return self[indices.reshape(1)][0]
+        if len(indices) == 0:
+            return torch.zeros((0, *self.shape[1:]), dtype=torch.uint8)
+        rows = self.dataset[indices.tolist()][PIXELS]
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(rows, dtype=np.uint8)))
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape))
+
+    def cache_files(self):
+        """The Arrow files the images are read from (empty when the dataset lives in memory)."""
+        return [f["filename"] for f in self.dataset.cache_files]
+
+
+def _open_lazily(item):
+    """A PIL image of a ``datasets`` image cell (bytes or path, or already PIL); only its header is read."""
+    from PIL import Image
+
+    if isinstance(item, dict):
+        data = item.get("bytes")
+        return Image.open(io.BytesIO(data)) if data is not None else Image.open(item["path"])
+    return item
+
+
+def _resized_size(size: Tuple[int, int], resolution: Optional[int]) -> Tuple[int, int]:
+    w, h = size
+    if resolution is None or min(w, h) == resolution:
+        return w, h
+    scale = resolution / min(w, h)
+    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
+
+
+def survey_images(dataset, column: str, resolution: Optional[int], channels: Optional[int],
+           preserve_input_precision: bool = False) -> Dict:
+    """Read every image's header (mode and size, no pixels) and decide the stored layout as
+    :func:`~diffusers_stf.data.images_to_uint8` does: the channels (RGB when grey and colour images mix and
+    ``channels`` is None), and either the common resized (W, H) or, when the resized sizes differ, square
+    ``resolution`` crops. Returns ``{"channels", "size", "square_crops", "num_images"}``."""
+    import datasets
+
+    raw = dataset
+    if isinstance(dataset.features[column], datasets.Image):
+        raw = dataset.cast_column(column, datasets.Image(decode=False))
+    kinds, sizes = set(), set()
+    first_kind = None
+    for i, item in enumerate(raw[column] if len(raw) <= 100_000 else (ex[column] for ex in raw)):
+        try:
+            image = _open_lazily(item)
+        except Exception as err:  # PIL raises several types for unreadable files
+            raise ValueError(f"cannot read image {i}: {err}") from err
+        if preserve_input_precision and image.mode in HIGH_BIT_MODES:
+            raise ValueError(f"--preserve_input_precision: image {i} has mode {image.mode} (more than 8 bits per "
+                             "channel), but the training images are stored with 8 bits")
+        kind = 1 if image.mode in GREY_MODES else 3
+        first_kind = first_kind or kind
+        kinds.add(kind)
+        if resolution is None and sizes and image.size not in sizes:
+            first = next(iter(sizes))
+            raise ValueError(f"images have mixed sizes ({first[0]}x{first[1]} and {image.size[0]}x{image.size[1]} at "
+                             f"image {i}); pass --resolution to resize them to a common size")
+        sizes.add(_resized_size(image.size, resolution))
+    if not sizes:
+        raise ValueError("the dataset contains no images")
+    target = channels or (3 if len(kinds) > 1 else first_kind)
+    if channels is None and len(kinds) > 1:
+        logger.warning("the images mix greyscale and colour; converting all of them to RGB; pass --channels 1 or 3 "
+                       "to choose")
+    square = len(sizes) > 1
+    size = (resolution, resolution) if square else next(iter(sizes))
+    return {"channels": target, "size": size, "square_crops": square, "num_images": len(raw)}
+
+
+def _decode_to_pixels(batch, indices, column, layout, center_crop, seed):
+    from PIL import Image
+
+    w, h = layout["size"]
+    mode = "L" if layout["channels"] == 1 else "RGB"
+    out = []
+    for index, item in zip(indices, batch[column]):
+        image = _open_lazily(item).convert(mode)
+        size = _resized_size(image.size, min(w, h))
+        if image.size != size:
+            image = image.resize(size, Image.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        if array.shape[-2:] != (h, w):  # another aspect ratio: a square crop, centred or at a seeded position
+            rng = np.random.default_rng(derived_seed(seed, index, 0xC209))
+            ih, iw = array.shape[-2:]
+            top = (ih - h) // 2 if center_crop else int(rng.integers(0, ih - h + 1))
+            left = (iw - w) // 2 if center_crop else int(rng.integers(0, iw - w + 1))
+            array = array[:, top:top + h, left:left + w]
+        out.append(array)
+    return {PIXELS: out}
+
+
+def arrow_cache_path(cache_root: str, dataset, layout: Dict, center_crop: bool, seed: int) -> str:
+    """The Arrow file of a dataset's prepared pixels: a name that changes with the source and the layout."""
+    import hashlib
+
+    key = repr((getattr(dataset, "_fingerprint", None), len(dataset), layout, center_crop, seed))
+    return os.path.join(cache_root, f"pixels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.arrow")
+
+
+def prepare_arrow_images(dataset, column: str, cache_root: str, resolution: Optional[int] = None,
+                         channels: Optional[int] = None, center_crop: bool = False, seed: int = 0,
+                         preserve_input_precision: bool = False, num_proc: Optional[int] = None) -> ArrowImages:
+    """Decode ``dataset[column]`` once into a memory-mapped uint8 Arrow file under ``cache_root`` (reused when it
+    exists) and return it as :class:`ArrowImages`.
+
+    Args:
+        dataset: a ``datasets.Dataset`` with an image column.
+        column: the image column.
+        cache_root: folder of the Arrow file.
+        resolution: the shorter side is resized to it; images whose resized shapes differ are cropped to squares here
+            (centred with ``center_crop``, else at a position seeded by (``seed``, index)).
+        channels: 1 or 3; None: the images' own (RGB when they mix).
+        preserve_input_precision: refuse images of more than 8 bits per channel.
+        num_proc: decoding processes (``datasets.Dataset.map``); None: one.
+    """
+    import datasets
+
+    layout = survey_images(dataset, column, resolution, channels, preserve_input_precision)
+    w, h = layout["size"]
+    os.makedirs(cache_root, exist_ok=True)
+    path = arrow_cache_path(cache_root, dataset, layout, center_crop, seed)
+    source = dataset
+    if isinstance(dataset.features[column], datasets.Image):
+        source = dataset.cast_column(column, datasets.Image(decode=False))
+    features = datasets.Features({PIXELS: datasets.Array3D(shape=(layout["channels"], h, w), dtype="uint8")})
+    prepared = source.map(
+        _decode_to_pixels, batched=True, batch_size=256, with_indices=True, remove_columns=source.column_names,
+        features=features, cache_file_name=path, load_from_cache_file=True, num_proc=num_proc,
+        fn_kwargs={"column": column, "layout": layout, "center_crop": center_crop, "seed": seed},
+        desc="decoding images into a memory-mapped Arrow file",
+    )
+    if not prepared.cache_files:  # map kept it in memory: read it back memory-mapped
+        prepared = datasets.Dataset.from_file(path)
+    return ArrowImages(prepared)
+
+
+def decoded_bytes_estimate(dataset, column: str, resolution: Optional[int], channels: Optional[int]) -> int:
+    """The memory the decoded set would take, from the first image's header: N · C · H · W bytes after resizing."""
+    import datasets
+
+    raw = dataset
+    if isinstance(dataset.features[column], datasets.Image):
+        raw = dataset.cast_column(column, datasets.Image(decode=False))
+    image = _open_lazily(raw[0][column])
+    w, h = _resized_size(image.size, resolution)
+    c = channels or (1 if image.mode in GREY_MODES else 3)
+    return len(dataset) * c * h * w
+
+
 def load_training_images(config: DataConfig, seed: int = 0, accelerator=None) -> ImageData:
     """The training set described by ``config``: a Hub dataset, an image folder or, with neither, the embedded 8×8
     digits. Unreadable or empty folders, unreadable images and mixed sizes without ``resolution`` raise a
@@ -468,6 +664,17 @@ def load_training_images(config: DataConfig, seed: int = 0, accelerator=None) ->
             labels = torch.tensor(ds["label"], dtype=torch.long)
         except (TypeError, ValueError):
             labels = None
+    estimate = decoded_bytes_estimate(ds, column, config.resolution, config.channels)
+    if estimate > MAX_IN_MEMORY_BYTES:
+        cache_root = os.path.join(config.cache_dir or datasets.config.HF_DATASETS_CACHE, "diffusers_stf_pixels")
+        with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+            images = prepare_arrow_images(ds, column, cache_root, config.resolution, config.channels,
+                                          config.center_crop, seed, config.preserve_input_precision)
+        (accelerator.print if accelerator is not None else logger.warning)(
+            f"{len(ds)} images need about {estimate / 1e9:.1f} GB decoded, over the in-memory cap of "
+            f"{MAX_IN_MEMORY_BYTES / 1e9:.1f} GB: serving them from the memory-mapped file {images.cache_files()[0]}")
+        return ImageData(images, labels, config.resolution, config.center_crop, config.random_flip, name=name,
+                         source=source)
     if isinstance(ds.features[column], datasets.Image):
         ds = ds.cast_column(column, datasets.Image(decode=False))
     raw = ds[column] if len(ds) <= 100_000 else (ex[column] for ex in ds)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from diffusers_stf import DiscriminatorGuidedPipeline, NoiseConditionalClassifier
 from diffusers_stf.losses.discriminator import DG_TRAIN_SIGMA_MAX, DG_TRAIN_SIGMA_MIN, sample_sigma_log_uniform
+from diffusers_stf.evaluation import save_side_by_side
 from diffusers_stf.training import (
     ImageData,
     LossOutput,
@@ -38,7 +39,6 @@ from diffusers_stf.training import (
     Trainer,
     add_training_args,
     float_list,
-    image_grid,
     int_list,
     load_training_images,
     make_accelerator,
@@ -158,8 +158,6 @@ def heldout_accuracy(classifier, data: ImageData, sigmas, device, seed: int = 0)
 
 def guided_grid(score, classifier, args, training, num_classes: int, path: str, device) -> str:
     """Unguided (left) and classifier-guided (right) samples from the same latents; row r is guided to class r mod K."""
-    from PIL import Image
-
     pipe = DiscriminatorGuidedPipeline(score.unet, score.scheduler, classifier=classifier).to(device)
     pipe.set_progress_bar_config(disable=True)
     n = training.num_validation_images
@@ -170,13 +168,7 @@ def guided_grid(score, classifier, args, training, num_classes: int, path: str, 
     plain = pipe(generator=torch.Generator(device=device).manual_seed(seed), **kwargs).images
     guided = pipe(generator=torch.Generator(device=device).manual_seed(seed),
                   classifier_guidance_scale=args.classifier_guidance_scale, **kwargs).images
-    left, right = image_grid(plain, nrow=nrow), image_grid(guided, nrow=nrow)
-    canvas = Image.new(left.mode, (left.width + right.width + 8, max(left.height, right.height)), 255)
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width + 8, 0))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
-    return path
+    return save_side_by_side(plain, guided, path, nrow=nrow)
 
 
 def main(argv=None):

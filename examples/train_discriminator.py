@@ -37,6 +37,7 @@ from diffusers_stf import Discriminator, DiscriminatorGuidedPipeline
 from diffusers_stf.losses import make_discriminator_loss
 from diffusers_stf.losses.discriminator import DG_TRAIN_SIGMA_MAX, DG_TRAIN_SIGMA_MIN, DISCRIMINATOR_LOSSES
 from diffusers_stf.losses.discriminator import REDUCTIONS as DISCRIMINATOR_REDUCTIONS
+from diffusers_stf.evaluation import save_side_by_side
 from diffusers_stf.training import (
     DataConfig,
     ImageData,
@@ -45,7 +46,6 @@ from diffusers_stf.training import (
     Trainer,
     add_training_args,
     float_list,
-    image_grid,
     int_list,
     load_training_images,
     make_accelerator,
@@ -138,9 +138,10 @@ def check_args(args):
         raise ValueError("give --pretrained_model_name_or_path (to generate fake images) or --fake_data_dir (to read them)")
     if not 0 < args.sigma_min < args.sigma_max:
         raise ValueError(f"need 0 < --sigma_min < --sigma_max, got {args.sigma_min}, {args.sigma_max}")
+    values = vars(args)
     for name in ("num_fake_images", "generation_batch_size", "generation_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if values[name] is not None and values[name] < 1:
+            raise ValueError(f"--{name} must be >= 1, got {values[name]}")
     if args.num_heldout_images < 0:
         raise ValueError(f"--num_heldout_images must be >= 0, got {args.num_heldout_images}")
     if args.dg_weight_1st_order < 0 or args.dg_weight_2nd_order < 0:
@@ -252,7 +253,7 @@ def build_discriminator(args, real: ImageData, score, num_classes: int) -> Discr
                 layers_per_block=args.disc_layers_per_block, norm_num_groups=args.disc_norm_num_groups,
                 mid_block_type={"none": None, "resnet": "UNetMidBlock2DNoAttention", "attention": "UNetMidBlock2D"}[args.disc_mid_block],
                 num_class_embeds=num_classes or None, preconditioning=args.disc_preconditioning,
-                sigma_data=score.scheduler.config.sigma_data if score is not None else 0.5)
+                sigma_data=float(score.scheduler.config.get("sigma_data", 0.5)) if score is not None else 0.5)
     if args.feature_extractor == "unet_encoder":
         return Discriminator.from_unet_encoder(score.unet, score.scheduler, **head)
     if args.feature_extractor == "transformers":
@@ -293,16 +294,7 @@ def guided_grid(score, disc, args, training, path: str, device) -> str:
     plain = pipe(generator=torch.Generator(device=device).manual_seed(seed), dg_weight_1st_order=0.0, **kwargs).images
     guided = pipe(generator=torch.Generator(device=device).manual_seed(seed),
                   dg_weight_1st_order=args.dg_weight_1st_order, dg_weight_2nd_order=args.dg_weight_2nd_order, **kwargs).images
-    nrow = max(1, math.ceil(math.sqrt(n)))
-    left, right = image_grid(plain, nrow=nrow), image_grid(guided, nrow=nrow)
-    from PIL import Image
-
-    canvas = Image.new(left.mode, (left.width + right.width + 8, max(left.height, right.height)), 255)
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width + 8, 0))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
-    return path
+    return save_side_by_side(plain, guided, path, nrow=max(1, math.ceil(math.sqrt(n))))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,7 +346,7 @@ def main(argv=None):
 
     def loss_fn(model, batch, generator):
         real_images = batch["images"]
-        fakes = fake_train.random_batch(len(real_images), generator)
+        fakes = fake_train.random_batch(len(real_images), batch["data_generator"])
         device = real_images.device
         real_labels = batch.get("labels") if num_classes else None
         fake_labels = fakes["labels"].to(device) if num_classes else None

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a DDPM ε-prediction UNet2DModel with the sequence-aware loss (SA-DPM, Nguyen et al., AAAI 2024).
+"""Train a DDPM UNet2DModel with the sequence-aware loss (SA-DPM, Nguyen et al., AAAI 2024).
 
     accelerate launch examples/train_sequence_aware.py                         # SA-2 (λ=1) on the embedded 8x8 digits
     accelerate launch examples/train_sequence_aware.py --sa_lambda 0           # the DDPM baseline (L_simple only)
@@ -11,7 +11,10 @@
         --learning_rate 2e-4 --train_batch_size 128
 
 L = L_simple + λ·L_sa, L_sa = E‖(1/K) Σ_{s=t}^{t+K−1} τ_s (ε_θ(x_s, s) − ε_s)‖² (K consecutive steps, one batched UNet
-call). Writes to --output_dir: checkpoints, logs/metrics.{jsonl,csv} (L, L_simple, L_sa, loss per noise level),
+call). ``--prediction_type sample|v_prediction`` (diffusers' flag) trains an x₀- or v-predictor instead: L_simple is
+the MSE to that target (SNR-weighted for x₀, as diffusers' train_unconditional.py) and L_sa stays on the equivalent
+ε-residuals; the saved DDPMScheduler carries the prediction_type. Writes to --output_dir: checkpoints,
+logs/metrics.{jsonl,csv} (L, L_simple, L_sa, loss per noise level),
 DDIM sample grids, and at the end a diffusers ``DDPMPipeline`` folder (unet + DDPMScheduler, safetensors) with a model
 card. ``DDPMPipeline``/``DDIMPipeline`` load it directly; ``diffusers_stf.EDMPipeline`` samples it with
 ``EDMHeunScheduler.from_config(config, preconditioning="ddpm")``.
@@ -44,10 +47,11 @@ from diffusers_stf.training import (
 
 logger = logging.getLogger("train_sequence_aware")
 
+PARAMETRISATIONS = {"epsilon": "ε", "sample": "x₀", "v_prediction": "v"}
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear"}
 
 DESCRIPTION = (
-    "An unconditional ε-prediction `UNet2DModel` trained the DDPM way (Ho et al., 2020; {T} steps, {schedule} β "
+    "An unconditional {parametrisation}-prediction `UNet2DModel` trained the DDPM way (Ho et al., 2020; {T} steps, {schedule} β "
     "schedule){sa}{stf}. It is a plain diffusers `DDPMPipeline`."
 )
 SA_TEXT = (
@@ -133,7 +137,8 @@ def check_args(args, config):
 
 def scheduler_config(args) -> dict:
     return dict(num_train_timesteps=args.num_train_timesteps, beta_start=args.beta_start, beta_end=args.beta_end,
-                beta_schedule=BETA_SCHEDULES[args.beta_schedule], clip_sample=args.clip_sample)
+                beta_schedule=BETA_SCHEDULES[args.beta_schedule], clip_sample=args.clip_sample,
+                prediction_type=args.prediction_type or "epsilon")
 
 
 def checked_betas(args, config: dict):
@@ -168,17 +173,18 @@ def main(argv=None):
     unet = make_unet(config.unet, data.resolution, data.channels)
     loss = SequenceAwareLoss(betas, num_steps=args.sa_k, sa_lambda=args.sa_lambda, weighting=args.sa_weighting,
                              window=args.sa_window, noise=args.sa_noise, reduction=args.loss_reduction,
-                             timesteps=args.sa_timesteps)
+                             timesteps=args.sa_timesteps, prediction_type=schedule["prediction_type"])
     name = f"SA-{args.sa_k} (λ={args.sa_lambda:g}, {args.sa_weighting})" if args.sa_lambda > 0 else "DDPM L_simple"
     accelerator.print(f"{len(data)} training images {data.channels}x{data.resolution}x{data.resolution} ({data.name}); "
-                      f"UNet2DModel with {unet.num_parameters() / 1e6:.2f}M parameters; loss {name}"
+                      f"UNet2DModel ({schedule['prediction_type']}) with {unet.num_parameters() / 1e6:.2f}M parameters; "
+                      f"loss {name}"
                       + (f" + STF (R={args.stf_reference_batch_size})" if args.stf else ""))
 
     def loss_fn(model, batch, generator):
         images = batch["images"]
         refs = None
         if args.stf:
-            extra = data.random_batch(args.stf_reference_batch_size - images.shape[0], generator,
+            extra = data.random_batch(args.stf_reference_batch_size - images.shape[0], batch["data_generator"],
                                       exclude=batch["index"].cpu())["images"].to(images.device)
             refs = torch.cat([images, extra])
         out = loss(model, images, generator=generator, reference_images=refs)
@@ -202,7 +208,8 @@ def main(argv=None):
         if args.sa_lambda > 0 else ""
     card = ModelCardInfo(
         title=f"{name.split(' (')[0]} DDPM UNet2DModel on {data.name}",
-        description=DESCRIPTION.format(T=args.num_train_timesteps, schedule=args.beta_schedule, sa=sa_text,
+        description=DESCRIPTION.format(parametrisation=PARAMETRISATIONS[schedule["prediction_type"]],
+                                       T=args.num_train_timesteps, schedule=args.beta_schedule, sa=sa_text,
                                        stf=STF_TEXT.format(r=args.stf_reference_batch_size) if args.stf else ""),
         tags=["ddpm"] + (["sequence-aware", "sa-dpm"] if args.sa_lambda > 0 else [])
         + (["stable-target-field"] if args.stf else []),
@@ -217,6 +224,8 @@ def main(argv=None):
                    "sa_timesteps": args.sa_timesteps, "loss_reduction": args.loss_reduction,
                    "stf_reference_batch_size": args.stf_reference_batch_size if args.stf else None}
     fingerprint.pop("clip_sample")  # a sampling setting: changing it on resume is fine
+    if fingerprint["prediction_type"] == "epsilon":
+        fingerprint.pop("prediction_type")  # runs from before the flag existed still resume
     trainer = Trainer(training, unet, loss_fn, data, accelerator=accelerator, make_pipeline=make_pipeline,
                       model_card=card, fingerprint=fingerprint, validation_fn=validation_fn)
     return trainer.train()

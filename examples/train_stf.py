@@ -20,8 +20,11 @@ import logging
 import os
 import sys
 
+import torch
+
 from diffusers_stf import AugmentConditionedUNet2DModel, AugmentPipe, EDMHeunScheduler, EDMPipeline
 from diffusers_stf.losses import StableTargetFieldLoss, make_denoising_loss, reduce_per_sample
+from diffusers_stf.losses.edm import randn
 from diffusers_stf.training import (
     LossOutput,
     ModelCardInfo,
@@ -31,6 +34,7 @@ from diffusers_stf.training import (
     make_accelerator,
     make_unet,
     parse_training_args,
+    to_device,
 )
 
 logger = logging.getLogger("train_stf")
@@ -59,9 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss_reduction", type=str, default="sum", choices=("sum", "mean"),
                    help="per image: sum over C·H·W (EDM) or mean; the batch is averaged")
     g.add_argument("--stf_reference_batch_size", type=int, default=1024,
-                   help="R: references per process, the minibatch included (the paper's CIFAR-10 setting: 1024)")
+                   help="R: references, the minibatch included (the paper's CIFAR-10 setting: 1024); with several "
+                        "processes and no --augment_p, one set of R for the global batch, shared by all processes "
+                        "(R >= the global batch); with --augment_p, R per process")
     g.add_argument("--stf_gather_references", action="store_true",
-                   help="use the references of all processes (R grows with the number of processes)")
+                   help="use the references of all processes (R grows with the number of processes); without "
+                        "--augment_p: one shared set of R x processes")
     g.add_argument("--P_mean", type=float, default=-1.2, help="mean of ln(sigma) (EDM; --precond edm)")
     g.add_argument("--P_std", type=float, default=1.2, help="std of ln(sigma) (EDM; --precond edm)")
     g.add_argument("--sigma_data", type=float, default=0.5, help="sigma_data of the preconditioning (EDM)")
@@ -85,8 +92,18 @@ def main(argv=None):
     base_loss = make_denoising_loss(args.precond, P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data)
     stf = args.loss == "stf"
     batch_size = config.training.train_batch_size
-    loss = StableTargetFieldLoss(base_loss, args.stf_reference_batch_size, accelerator, args.stf_gather_references) \
-        if stf else base_loss
+    global_draws = not args.augment_p > 0
+    reference_size, gather = args.stf_reference_batch_size, args.stf_gather_references
+    if stf and global_draws and accelerator.num_processes > 1:  # one shared reference set for the global batch
+        global_batch = batch_size * accelerator.num_processes
+        if gather:  # the union of N sets of R: one shared set of N·R
+            reference_size, gather = reference_size * accelerator.num_processes, False
+        if reference_size < global_batch:
+            raise ValueError(f"--stf_reference_batch_size {args.stf_reference_batch_size}: the shared reference set "
+                             f"holds the global batch ({batch_size} x {accelerator.num_processes} processes = "
+                             f"{global_batch}), so R must be >= {global_batch}")
+        batch_size = global_batch
+    loss = StableTargetFieldLoss(base_loss, reference_size, accelerator, gather) if stf else base_loss
     if stf:
         extra = loss.num_extra_references(batch_size)  # ValueError when R < B
         if extra > len(data) - batch_size:
@@ -103,16 +120,25 @@ def main(argv=None):
         images, labels = batch["images"], None
         if augment is not None:
             images, labels = augment(images, generator)
-        sigma = base_loss.sample_sigma(images.shape[0], generator, images.device)
+        share = batch["share"]  # σ and n for the whole global batch, this process's rows (one process: all of them)
+        sigma = share.take(base_loss.sample_sigma(share.total, generator, images.device))
         denoiser = base_loss.denoiser(model)
         if stf:
-            refs = data.random_batch(loss.num_extra_references(images.shape[0]), generator,
-                                     exclude=batch["index"].cpu())["images"].to(images.device)
+            # R − B extras for the global batch from the shared data generator, so that every process sees the same
+            # reference set: the global batch (gathered) and the same extras
+            refs = to_device(data.random_batch(loss.num_extra_references(share.total), batch["data_generator"],
+                                               exclude=batch["global_index"].cpu())["images"], images.device)
+            if share.total > share.size:
+                others = accelerator.gather(images.detach().contiguous())
+                refs = torch.cat([others[:share.start], others[share.start + share.size:], refs])
             if augment is not None:  # independently augmented; their labels are not used (as in the paper's code)
                 refs, _ = augment(refs, generator)
-            per_element = loss(denoiser, images, refs, sigma=sigma, class_labels=labels, generator=generator)
+        noise = share.draw(randn, images.shape, generator, images.device, images.dtype)
+        if stf:
+            per_element = loss(denoiser, images, refs, sigma=sigma, noise=noise, class_labels=labels,
+                               generator=generator)
         else:
-            per_element = loss(denoiser, images, sigma=sigma, class_labels=labels, generator=generator)
+            per_element = loss(denoiser, images, sigma=sigma, noise=noise, class_labels=labels, generator=generator)
         per_sample = reduce_per_sample(per_element, args.loss_reduction)  # EDM: sum over C·H·W
         return LossOutput(loss=per_sample.mean(), per_sample=per_sample.detach(), sigma=sigma)
 
@@ -132,8 +158,9 @@ def main(argv=None):
                    "stf_gather_references": bool(stf and args.stf_gather_references), "P_mean": args.P_mean,
                    "P_std": args.P_std, "sigma_data": args.sigma_data, "augment_p": args.augment_p,
                    "augment_xflip": args.augment_xflip}
+    # the augmentation draws per process, so only without it do N processes take the steps of one
     trainer = Trainer(config.training, unet, loss_fn, data, accelerator=accelerator, make_pipeline=make_pipeline,
-                      model_card=card, fingerprint=fingerprint)
+                      model_card=card, fingerprint=fingerprint, global_draws=global_draws)
     return trainer.train()
 
 

@@ -2,6 +2,7 @@
 every scheduler the guided pipeline takes: the noise-conditional classifier, exact Gaussian-mixture maths (the
 classifier from Bayes' rule), bit-identity with unguided sampling at zero weights, save/load and bad input."""
 
+import json
 import math
 
 import numpy as np
@@ -20,24 +21,13 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 from guidance_exact import ExactLogRatio, ExactMixtureClassifier, ExactMixtureNet
 
-from diffusers_stf import (
-    Discriminator,
-    DiscriminatorGuidedPipeline,
-    EDMHeunScheduler,
-    EDMPipeline,
-    EDMStochasticScheduler,
-    NoiseConditionalClassifier,
-)
+from diffusers_stf import Discriminator, DiscriminatorGuidedPipeline, EDMPipeline, NoiseConditionalClassifier
+from diffusers_stf import EDMHeunScheduler, EDMStochasticScheduler
 from diffusers_stf.models import NoiseConditionalEncoder
 from diffusers_stf.pipelines.pipeline_discriminator_guided import classifier_correction
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_classifier(seed=0, **kwargs):
@@ -210,6 +200,28 @@ def test_exact_classifier_guidance_samples_the_requested_class(name, make_schedu
     assert abs(float(plain[labels == 0].mean()) - sum(MEANS) / 2) < 0.1
 
 
+def test_exact_classifier_guidance_inside_the_boosted_sampler():
+    """Boosting runs its own per-sample loop on the EDM sampler core; with a discriminator whose log-ratio is exactly 0
+    (data = model: no rejection, no DG correction) and w_CG = 1 it still samples class y's Gaussian."""
+    n = 200
+    labels = torch.cat([torch.zeros(n // 2, dtype=torch.long), torch.ones(n // 2, dtype=torch.long)])
+    unet = ExactMixtureNet(means=MEANS, weights=WEIGHTS, std=STD, sample_size=2, parametrisation="edm")
+    disc = ExactLogRatio(std=STD, sample_size=2, means_real=MEANS, weights_real=WEIGHTS, means_model=MEANS,
+                         weights_model=WEIGHTS)
+    clf = ExactMixtureClassifier(means=MEANS, weights=WEIGHTS, std=STD, sample_size=2)
+    pipe = DiscriminatorGuidedPipeline(unet, EDMHeunScheduler(), disc, clf)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(batch_size=n, num_inference_steps=18, output_type="pt")
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    boosted = pipe(generator=gen(), class_labels=labels, classifier_guidance_scale=1.0, dg_weight_1st_order=1.0,
+                   boosting=True, **kw).images.double() * 2 - 1
+    for k in (0, 1):
+        rows = labels == k
+        target = mixture_pipeline(EDMHeunScheduler(), "edm", "epsilon", means=(MEANS[k],), weights=(1.0,),
+                                  classifier=False)(generator=gen(), **kw).images.double() * 2 - 1
+        assert (boosted[rows] - target[rows]).abs().max() < 1e-3, (k, float((boosted[rows] - target[rows]).abs().max()))
+
+
 @pytest.mark.parametrize("make_scheduler,parametrisation,steps", [(lambda: EDMHeunScheduler(), "edm", 18),
                                                                     (lambda: DDIMScheduler(clip_sample=False), "ddpm", 50)],
                          ids=["edm_heun", "ddim"])
@@ -358,6 +370,9 @@ def test_train_classifier_reads_labels_from_class_subfolders(tmp_path):
                  "--train_batch_size", "8", "--num_heldout_images", "6"])
     classifier = NoiseConditionalClassifier.from_pretrained(out)
     assert classifier.config.num_classes == 3 and classifier.config.sample_size == 8
+    # saved alone, it still carries its code for diffusers' AutoModel (tests/test_hub.py loads such folders plainly)
+    auto_map = json.loads((out / "config.json").read_text())["auto_map"]["AutoModel"]
+    assert (out / (auto_map.split(".")[0] + ".py")).is_file() and auto_map.endswith(".NoiseConditionalClassifier")
 
     from diffusers_stf.losses.discriminator import DG_TRAIN_SIGMA_MAX, DG_TRAIN_SIGMA_MIN
 

@@ -57,12 +57,12 @@ def blocked_env(tmp_path):
     return env
 
 
-def run_blocked(tmp_path, code: str, timeout=120) -> subprocess.CompletedProcess:
+def run_blocked(tmp_path, code: str, timeout=120, **extra_env) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter, outside the repository, with diffusers_stf blocked."""
     cwd = tmp_path / "elsewhere"
     cwd.mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=blocked_env(tmp_path),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
+                          env={**blocked_env(tmp_path), **extra_env}, capture_output=True, text=True, timeout=timeout)
 
 
 def tiny_disc(seed=0):
@@ -167,6 +167,48 @@ def test_folders_use_the_remote_code_layout_with_self_contained_code(saved):
         assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pkl"))
 
 
+# A package of known content: what the generator must keep, rename, drop and refuse
+FAKE_PACKAGE = {
+    "__init__.py": "from .things import Thing\n",
+    "constants.py": "_SCALE = 2.0\nOFFSET = 1.0\n\n\ndef scaled(x):\n    return _SCALE * x + OFFSET\n\n\n"
+                    "def unused():\n    import scipy\n\n    return scipy\n",
+    "things.py": "import math\n\nfrom torch import nn\n\nfrom .constants import OFFSET\nfrom .constants import scaled as "
+                 "scale_it\n\n_SCALE = 10.0\n\n\nclass Thing(nn.Module):\n    factor = _SCALE\n\n"
+                 "    def value(self, x):\n        return scale_it(x) + _SCALE + OFFSET + math.floor(0.5)\n",
+    "bad_top.py": "import scipy\n\n\nclass Bad:\n    def f(self):\n        return scipy\n",
+    "bad_nested.py": "class Lazy:\n    def f(self):\n        from .constants import OFFSET\n\n        return OFFSET\n",
+    "bad_module.py": "from . import constants\n\n\nclass ModRef:\n    def f(self):\n        return constants.OFFSET\n",
+    "bad_fstring.py": "from .constants import scaled\n\n_SCALE = 5.0\n\n\nclass Shown:\n    def f(self):\n"
+                      "        return f\"{_SCALE}\" + str(scaled(1.0))\n",
+}
+
+
+def test_generator_keeps_what_is_reached_renames_clashes_and_refuses_what_cannot_travel(tmp_path, monkeypatch):
+    import importlib
+
+    import diffusers_stf.remote_code as remote_code
+
+    package = tmp_path / "h6_fake_package"
+    package.mkdir()
+    for name, text in FAKE_PACKAGE.items():
+        (package / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(remote_code, "PACKAGE", "h6_fake_package")
+    things = importlib.import_module("h6_fake_package.things")
+    code = remote_code.generate_remote_code(things.Thing)
+    assert "def unused" not in code and "scipy" not in code  # not reached from Thing
+    scope = {}
+    exec(compile(code, "bundle", "exec"), scope)
+    # scaled(1) = 2·1 + 1 with constants' _SCALE; then + things' _SCALE (10) + OFFSET (1) + floor(0.5)
+    assert scope["Thing"]().value(1.0) == 14.0 and scope["Thing"].factor == 10.0
+    assert things.Thing().value(1.0) == 14.0
+
+    for module, cls, message in [("bad_top", "Bad", "imports scipy"), ("bad_nested", "Lazy", "module level"),
+                                 ("bad_module", "ModRef", "is a module"), ("bad_fstring", "Shown", "f-string")]:
+        with pytest.raises(ValueError, match=message):
+            remote_code.generate_remote_code(getattr(importlib.import_module(f"h6_fake_package.{module}"), cls))
+
+
 def python_blocks(text):
     import re
 
@@ -219,12 +261,40 @@ def cards(saved, tmp_path_factory):
     return out
 
 
+def model_inputs():
+    return torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([0.5, 2.0])
+
+
 @pytest.fixture(scope="module")
-def plain_run(saved, cards, tmp_path_factory):
+def saved_models(tmp_path_factory):
+    """A discriminator and a classifier saved on their own (as the guidance scripts do without a score model)."""
+    from diffusers_stf.remote_code import write_model_remote_code
+
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, model in {"discriminator": tiny_disc(12), "classifier": tiny_classifier(13)}.items():
+        model.save_pretrained(root / name)
+        write_model_remote_code(model, str(root / name))
+        with torch.no_grad():
+            out[name] = (root / name, model(*model_inputs())[0])
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_run(saved, saved_models, cards, tmp_path_factory):
     """One process without diffusers_stf: samples every saved folder with plain diffusers and runs the first
     (plain-diffusers) snippet of every model card."""
+    import shutil
+
     tmp = tmp_path_factory.mktemp("plain")
     folders = {name: (str(folder), kwargs) for name, (folder, kwargs, _, _) in saved.items()}
+    # a Hub repo id, from the local Hub cache (offline): what `from_pretrained("namespace/name")` finds after a download
+    cache = tmp / "hub_cache" / "models--h6user--guided"
+    shutil.copytree(saved["guided"][0], cache / "snapshots" / ("a" * 40))
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("a" * 40)
+    folders["guided_repo_id"] = ("h6user/guided", saved["guided"][1])
+    models = {name: str(folder) for name, (folder, _) in saved_models.items()}
     snippets = {template: python_blocks((folder / "README.md").read_text())[0] for template, folder in cards.items()}
     out_file = tmp / "samples.safetensors"
     result = run_blocked(tmp, f"""
@@ -245,6 +315,13 @@ def plain_run(saved, cards, tmp_path_factory):
             kwargs = {{k: torch.tensor(v) if k == "class_labels" else v for k, v in kwargs.items()}}
             out[name] = pipe(batch_size=2, generator=generator, output_type="pt", **kwargs).images.contiguous()
             types[name] = {{k: type(v).__module__ + "." + type(v).__name__ for k, v in pipe.components.items()}}
+        from diffusers import AutoModel
+        x, sigma = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([0.5, 2.0])
+        for name, folder in json.loads({json.dumps(json.dumps(models))}).items():
+            model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+            with torch.no_grad():
+                out["model_" + name] = model(x, sigma)[0].contiguous()
+            types["model_" + name] = type(model).__module__ + "." + type(model).__name__
         save_file(out, {str(out_file)!r})
         snippets = {{}}
         for template, code in json.loads({json.dumps(json.dumps(snippets))}).items():
@@ -253,12 +330,12 @@ def plain_run(saved, cards, tmp_path_factory):
             snippets[template] = len(scope["images"])
         assert not any(m.split(".")[0] == "diffusers_stf" for m in sys.modules)
         print(json.dumps({{"types": types, "snippets": snippets}}))
-    """)
+    """, HF_HUB_CACHE=str(tmp / "hub_cache"))
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stderr, json.loads(result.stdout.strip().splitlines()[-1]), load_file(out_file)
 
 
-def test_plain_diffusers_loads_every_folder_and_samples_the_same_images(saved, plain_run):
+def test_plain_diffusers_loads_every_folder_and_samples_the_same_images(saved, saved_models, plain_run):
     stderr, report, remote = plain_run
     assert "Expected types" not in stderr  # the pipeline's annotations name the classes it was given
     types = report["types"]
@@ -267,6 +344,10 @@ def test_plain_diffusers_loads_every_folder_and_samples_the_same_images(saved, p
         for component, value in pipe.components.items():
             if value is not None:
                 assert types[name][component].endswith("." + type(value).__name__)
+    assert torch.equal(remote["guided_repo_id"], saved["guided"][2])
+    for name, (_, ours) in saved_models.items():  # a model saved alone: diffusers' AutoModel
+        assert torch.equal(remote["model_" + name], ours), name
+        assert types["model_" + name].startswith("diffusers_modules.")
     assert types["guided"]["discriminator"].startswith("diffusers_modules.")
     assert types["augment_unet"]["unet"].startswith("diffusers_modules.")
 
@@ -472,6 +553,52 @@ def test_repo_is_created_early_and_a_failed_upload_keeps_files_and_prints_the_re
     assert '"me/run"' in (folder / "README.md").read_text()
     with pytest.raises(SystemExit, match="not a folder"):
         push.main([str(tmp_path / "missing"), "--hub_model_id", "me/run"])
+
+
+def load_example(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"h6_{name}", os.path.join(REPO_ROOT, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY_STF = ["--block_out_channels", "8,16", "--train_batch_size", "16", "--stf_reference_batch_size", "48",
+            "--max_train_steps", "2", "--num_validation_images", "4", "--num_inference_steps", "2", "--no_progress_bar",
+            "--logging_steps", "1", "--validation_steps", "0", "--checkpointing_steps", "0"]
+
+
+def test_training_script_push_fails_before_training_or_keeps_the_run_and_prints_the_retry(offline, tmp_path,
+                                                                                           monkeypatch):
+    import diffusers_stf.training.hub as hub
+
+    train_stf = load_example("train_stf")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="token"):  # no token: refused while parsing, nothing written
+        train_stf.main(["--output_dir", str(out), "--push_to_hub", *TINY_STF])
+    assert not out.exists() or not any(out.rglob("*.safetensors"))
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")  # as after `hf auth login`
+    refused = RecordingHfApi(fail="create_repo", user="alice")
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: refused)
+    with pytest.raises(SystemExit, match="cannot create the Hub repo 'alice/run'"):
+        train_stf.main(["--output_dir", str(out), "--push_to_hub", *TINY_STF])  # default id: alice/<output_dir>
+    assert not any(out.rglob("*.safetensors")) and not (out / "samples.png").exists()  # nothing was trained
+
+    out = tmp_path / "run2"
+    api = RecordingHfApi(fail="upload_folder", user="alice")
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    with pytest.raises(SystemExit) as err:
+        train_stf.main(["--output_dir", str(out), "--push_to_hub", "--hub_model_id", "alice/stf-digits", *TINY_STF])
+    assert [c[0] for c in api.calls] == ["create_repo", "create_repo", "upload_folder"]  # early, then exist_ok
+    message = str(err.value.code)
+    assert message.rstrip().endswith(f"python -m diffusers_stf.push {out} --hub_model_id alice/stf-digits")
+    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md", "samples.png"):
+        assert (out / name).is_file(), name
+    assert 'from_pretrained("alice/stf-digits", trust_remote_code=True)' in (out / "README.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

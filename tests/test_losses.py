@@ -65,6 +65,17 @@ def batch(n=4, seed=1):
     return torch.rand(n, 2, 5, 5, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
+def recording_inputs(fn):
+    """``fn`` wrapped to keep the noisy input x of its last call (detached) in the returned dict, under "x"."""
+    seen = {}
+
+    def wrapped(x, *args, **kwargs):
+        seen["x"] = x.detach()
+        return fn(x, *args, **kwargs)
+
+    return wrapped, seen
+
+
 # --- EDM Table 1 losses --------------------------------------------------------------------------------------------
 
 
@@ -91,11 +102,7 @@ def test_vp_loss_is_its_equation_for_a_given_sigma():
     sigma = torch.tensor([0.01, 0.3, 2.0, 80.0])
     net = TinyNet()
     loss = VPLoss()
-    seen = {}
-
-    def denoiser(x, s, class_labels=None):
-        seen["x"] = x
-        return loss.denoiser(net)(x, s)
+    denoiser, seen = recording_inputs(lambda x, s, class_labels=None: loss.denoiser(net)(x, s))
 
     per_element = loss(denoiser, y, sigma=sigma, generator=torch.Generator().manual_seed(3))
     x = seen["x"]
@@ -106,6 +113,30 @@ def test_vp_loss_is_its_equation_for_a_given_sigma():
     torch.testing.assert_close(per_element, (D - y) ** 2 / s**2, rtol=1e-5, atol=1e-6)
     noise = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(x, y + s * noise)
+
+
+def test_given_noise_is_the_perturbation_and_draws_nothing():
+    y = batch()
+    sigma = torch.tensor([0.01, 0.3, 2.0, 80.0])
+    noise = torch.randn(y.shape, generator=torch.Generator().manual_seed(11))
+    loss = EDMLoss(sigma_data=0.5)
+
+    def identity(x, s, class_labels=None):  # D(x̃) = x̃, so the loss is λ(σ)·(σ·n)²
+        return x
+
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    per_element = loss(identity, y, sigma=sigma, noise=noise, generator=generator)
+    s = sigma.reshape(-1, 1, 1, 1)
+    weight = (s**2 + 0.25) / (s * 0.5) ** 2  # EDM Table 1: λ(σ) = (σ² + σ_data²)/(σ·σ_data)²
+    torch.testing.assert_close(per_element, weight * (s * noise) ** 2, rtol=1e-5, atol=1e-6)
+    assert torch.equal(generator.get_state(), state)
+    stf = StableTargetFieldLoss(loss, reference_batch_size=4)
+    recording, seen = recording_inputs(lambda x, s, class_labels=None: x)
+    stf(recording, y, None, sigma=sigma, noise=noise)
+    torch.testing.assert_close(seen["x"], y + s * noise)
+    with pytest.raises(ValueError, match="noise must have the shape of images"):
+        loss(identity, y, sigma=sigma, noise=noise[:2])
 
 
 @pytest.mark.parametrize("name,loss_cls,precond_cls", [("edm", EDMLoss, EDMPreconditioning),
@@ -146,11 +177,7 @@ def test_ddpm_epsilon_loss_is_ho_et_al_eq_14():
     t = torch.tensor([0, 10, 500, 999])
     loss = DDPMEpsilonLoss()
     net = TinyNet()
-    seen = {}
-
-    def model(x, timesteps):
-        seen["x"] = x
-        return net(x, timesteps)
+    model, seen = recording_inputs(net)
 
     per_element = loss(model, y, timesteps=t, generator=torch.Generator().manual_seed(4))
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t].reshape(-1, 1, 1, 1)
@@ -170,11 +197,7 @@ def test_edm_step_matches_edm_training_loop_sum_over_pixels_mean_over_batch():
     y, sigma = batch(), torch.tensor([0.05, 0.4, 1.3, 9.0])
     ours, ref = TinyNet(), TinyNet()
     loss = EDMLoss()
-    seen = {}
-
-    def denoiser(x, s, class_labels=None):
-        seen["x"] = x.detach()
-        return loss.denoiser(ours)(x, s)
+    denoiser, seen = recording_inputs(lambda x, s, class_labels=None: loss.denoiser(ours)(x, s))
 
     per_element = loss(denoiser, y, sigma=sigma, generator=torch.Generator().manual_seed(5))
     after_ours = adam_step(ours, reduce_per_sample(per_element, "sum").mean())

@@ -91,3 +91,19 @@ def test_bad_arguments():
         pipe(output_type="jpeg")
     with pytest.raises(ValueError, match="latents"):
         pipe(batch_size=2, latents=torch.zeros(1, 1, 8, 8))
+
+
+def test_integer_types_generator_lists_and_labels():
+    pipe = make_pipe()
+    a = pipe(batch_size=2, num_inference_steps=3, generator=[torch.Generator().manual_seed(i) for i in range(2)], output_type="np").images
+    b = pipe(batch_size=np.int32(2), num_inference_steps=torch.tensor(3), output_type="np",
+             generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="generator is a list of 1 generators but the batch has 2"):
+        pipe(batch_size=2, generator=[torch.Generator()])
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1"):
+        pipe(num_inference_steps=2.0)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        pipe(batch_size=True)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        pipe(class_labels=torch.tensor([1]))

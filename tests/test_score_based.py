@@ -56,13 +56,7 @@ def mixture_score(x, sigma, weights, means, stds, a=1.0):
     return (resp[:, :, None] * torch.stack(grads, 1)).sum(1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run thousands of tiny steps; on a shared 2-core machine one thread is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def within(estimate, target, sd, k=4.0):

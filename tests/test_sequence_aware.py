@@ -426,3 +426,139 @@ def test_tiny_training_run_writes_a_ddpm_pipeline(tmp_path):
     edm = EDMPipeline(unet=ddpm.unet, scheduler=scheduler)
     samples = edm(batch_size=2, num_inference_steps=3, generator=g, output_type="pt").images
     assert samples.shape == (2, 1, 8, 8) and torch.isfinite(samples).all()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# x₀- and v-prediction (diffusers' --prediction_type), checked on Gaussian data where the optimum is closed-form
+
+GAUSS_MEAN, GAUSS_STD = 0.3, 0.5
+
+
+class ExactGaussianPredictor(torch.nn.Module):
+    """The MMSE predictor of ε, x₀ or v for data x₀ ~ N(μ, s²) per pixel: with x_t = a·x₀ + b·ε (a² = ᾱ_t,
+    b² = 1 − ᾱ_t), E[x₀|x_t] = μ + a·s²/(a²s² + b²)·(x_t − aμ), E[ε|x_t] = b/(a²s² + b²)·(x_t − aμ) and
+    E[v|x_t] = a·E[ε|x_t] − b·E[x₀|x_t]."""
+
+    def __init__(self, alphas_cumprod, prediction_type):
+        super().__init__()
+        self.abar, self.prediction_type = alphas_cumprod, prediction_type
+
+    def forward(self, x, index):
+        abar = self.abar[index].reshape(-1, *([1] * (x.ndim - 1)))
+        a, b, mu, s2 = abar.sqrt(), (1 - abar).sqrt(), GAUSS_MEAN, GAUSS_STD**2
+        centred = x.double() - a * mu
+        eps = b / (a**2 * s2 + b**2) * centred
+        x0 = mu + a * s2 / (a**2 * s2 + b**2) * centred
+        out = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - b * x0}[self.prediction_type]
+        return out.float()
+
+
+def gaussian_setup(T=100):
+    betas = betas_for_schedule(T, 1e-4, 2e-2, "linear")
+    return betas, torch.cumprod(1 - betas, 0)
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_epsilon_from_prediction_of_an_exact_predictor_is_the_posterior_noise(prediction_type):
+    from diffusers_stf.losses.sequence_aware import epsilon_from_prediction
+
+    _, abar_table = gaussian_setup()
+    g = torch.Generator().manual_seed(0)
+    index = torch.tensor([0, 10, 50, 99])
+    abar = abar_table[index].reshape(-1, 1, 1, 1)
+    x_t = (abar.sqrt() * (GAUSS_MEAN + GAUSS_STD * torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64))
+           + (1 - abar).sqrt() * torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64)).float()
+    eps_true = ExactGaussianPredictor(abar_table, "epsilon")(x_t, index)
+    output = ExactGaussianPredictor(abar_table, prediction_type)(x_t, index)
+    eps_hat = epsilon_from_prediction(output, x_t, abar.float(), prediction_type)
+    assert torch.allclose(eps_hat, eps_true, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_exact_predictor_sits_at_the_analytic_minimum(prediction_type):
+    """E[L_simple] of the MMSE predictor is the posterior variance of the target: a²s²/(a²s²+b²) for ε, the same
+    for the SNR-weighted x₀ loss (SNR·s²b²/(a²s²+b²)), and s²/(a²s²+b²) for v (v − E[v|x_t] = (ε − E[ε|x_t])/a).
+    E[L_sa] (K = 2, uniform τ) is ¼ Σ_{j,k} Cov(r_j, r_k) of the ε-residuals r_s = c_s a_s (x₀ − μ) + (c_s b_s − 1) ε_s,
+    c_s = b_s/(a_s²s² + b_s²), the same for every parametrisation."""
+    betas, abar_table = gaussian_setup()
+    loss = SequenceAwareLoss(betas, num_steps=2, sa_lambda=1.0, window="official", reduction="mean",
+                             prediction_type=prediction_type)
+    B, t = 20000, 30  # window {t, t+1} (1-based), L_simple at s = t + 1
+    g = torch.Generator().manual_seed(1)
+    x0 = GAUSS_MEAN + GAUSS_STD * torch.randn(B, 1, 2, 2, generator=g)
+    window_start, position = torch.full((B,), t), torch.ones(B, dtype=torch.long)
+    with torch.no_grad():
+        out = loss(ExactGaussianPredictor(abar_table, prediction_type), x0, window_start=window_start,
+                   position=position, generator=g)
+    s2 = GAUSS_STD**2
+    a2 = abar_table[[t - 1, t]]  # ᾱ_t, ᾱ_{t+1}
+    a, b = a2.sqrt(), (1 - a2).sqrt()
+    var_eps = a2[1] * s2 / (a2[1] * s2 + b[1] ** 2)
+    expected_simple = var_eps / a2[1] if prediction_type == "v_prediction" else var_eps
+    c = b / (a2 * s2 + b**2)
+    cov = torch.outer(c * a, c * a) * s2 + torch.diag((c * b - 1) ** 2)
+    expected_sa = cov.sum() / 4
+    assert abs(out.simple.mean().item() / float(expected_simple) - 1) < 0.03
+    assert abs(out.sa.mean().item() / float(expected_sa) - 1) < 0.03
+    # a predictor moved off the optimum scores worse
+    shifted = ExactGaussianPredictor(abar_table, prediction_type)
+    with torch.no_grad():
+        worse = loss(lambda x, i: shifted(x, i) + 0.1, x0, window_start=window_start, position=position,
+                     generator=torch.Generator().manual_seed(1))
+    assert worse.simple.mean() > out.simple.mean()
+
+
+def test_parametrisations_share_the_epsilon_residuals():
+    """Same draws: L_sa is identical for the three exact predictors (their ε̂ coincide); the SNR-weighted x₀ loss
+    equals the ε loss (SNR·(x̂₀ − x₀)² = (ε̂ − ε)²) and the v loss is the ε loss over ᾱ_s (ε̂ − ε = √ᾱ·(v̂ − v))."""
+    betas, abar_table = gaussian_setup()
+    g = torch.Generator().manual_seed(3)
+    x0 = GAUSS_MEAN + GAUSS_STD * torch.randn(6, 1, 2, 2, generator=g)
+    window_start, position = torch.tensor([-1, 5, 40, 60, 98, 99]), torch.tensor([2, 0, 1, 2, 1, 0])
+    noise = torch.randn(3, 6, 1, 2, 2, generator=g)
+    outs = {}
+    for p in ("epsilon", "sample", "v_prediction"):
+        loss = SequenceAwareLoss(betas, num_steps=3, sa_lambda=0.5, window="paper", prediction_type=p)
+        with torch.no_grad():
+            outs[p] = loss(ExactGaussianPredictor(abar_table, p), x0, window_start=window_start, position=position,
+                           noise=noise)
+    eps = outs["epsilon"]
+    abar_s = abar_table[window_start + position - 1].float()
+    for p in ("sample", "v_prediction"):
+        assert torch.allclose(outs[p].sa, eps.sa, rtol=1e-3, atol=1e-6)
+    assert torch.allclose(outs["sample"].simple, eps.simple, rtol=1e-3, atol=1e-6)
+    assert torch.allclose(outs["v_prediction"].simple, eps.simple / abar_s, rtol=1e-3, atol=1e-6)
+
+
+def test_unknown_prediction_type_is_refused():
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        SequenceAwareLoss(gaussian_setup()[0], prediction_type="x0")
+
+
+def test_v_prediction_run_writes_a_v_prediction_pipeline(tmp_path):
+    import os
+    import sys
+
+    from diffusers import DDPMPipeline
+
+    from diffusers_stf import EDMHeunScheduler
+    from diffusers_stf.training import read_metrics
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import train_sequence_aware
+
+    out_dir = str(tmp_path / "sa_v")
+    train_sequence_aware.main([
+        "--output_dir", out_dir, "--block_out_channels", "8,16", "--norm_num_groups", "4", "--max_train_steps", "2",
+        "--train_batch_size", "8", "--num_validation_images", "2", "--num_inference_steps", "2",
+        "--checkpointing_steps", "0", "--validation_steps", "0", "--logging_steps", "1", "--no_progress_bar",
+        "--num_train_timesteps", "50", "--prediction_type", "v_prediction",
+    ])
+    rows = read_metrics(os.path.join(out_dir, "logs"))
+    assert rows and all(math.isfinite(r["loss"]) for r in rows)
+    ddpm = DDPMPipeline.from_pretrained(out_dir)
+    assert ddpm.scheduler.config.prediction_type == "v_prediction"
+    edm = EDMHeunScheduler.from_config(ddpm.scheduler.config, preconditioning="ddpm")
+    assert edm.config.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="--prediction_type must be one of"):
+        train_sequence_aware.main(["--output_dir", str(tmp_path / "bad"), "--prediction_type", "x0"])

@@ -26,12 +26,7 @@ def brute_force_target(x, sigma, refs):
     return torch.softmax(-d2 / (2 * sigma**2), dim=1) @ refs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_matches_brute_force_float64_over_sigmas_and_chunks():

@@ -49,12 +49,7 @@ TINY = ["--block_out_channels", "8,16", "--train_batch_size", "16", "--stf_refer
         "--validation_steps", "0", "--lr_warmup_steps", "2", "--dropout", "0.1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shared_config(argv):
@@ -308,7 +303,7 @@ def test_two_cpu_processes_gather_references_like_one_process(tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(worker), str(result_file), os.path.join(ROOT, "examples"),
            str(tmp_path / "run"), *TINY]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(result_file.read_text())
     assert result["processes"] == 2 and result["refs"] == 20  # R grows with the world size
@@ -626,3 +621,17 @@ def test_a_tracker_that_is_not_installed_is_refused(tmp_path):
         pytest.skip("both trackers are installed")
     with pytest.raises(ValueError, match=f"--report_to {missing[0]} needs the '{missing[0]}' package"):
         run_stf(tmp_path / "run", "--max_train_steps", "1", "--report_to", missing[0])
+
+
+def test_truncating_the_logs_drops_later_rows_and_a_line_cut_by_a_crash(tmp_path):
+    logger = MetricsLogger(None, str(tmp_path), sigma_buckets=(1.0,))
+    for step in (1, 2, 3):
+        logger.accumulate(torch.tensor(float(step)))
+        logger.write(step)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # the process died mid-write
+    (tmp_path / "validation.jsonl").write_text('{"step": 2, "acc": 0.5}\n{"step": 3, "acc": 0.6}\n')
+    logger.truncate(2)
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2]
+    assert [json.loads(line)["step"] for line in (tmp_path / "validation.jsonl").read_text().splitlines()] == [2]
+    assert [line.split(",")[0] for line in (tmp_path / "metrics.csv").read_text().splitlines()] == ["step", "1", "2"]

@@ -21,7 +21,16 @@ from .feature_extractors import (
     load_feature_extractor,
 )
 from .frechet import feature_statistics, frechet_distance, frechet_distance_from_features
-from .images import image_grid, load_images, match_channels, quantize, save_image_grid, to_uint8
+from .images import (
+    image_grid,
+    load_images,
+    match_channels,
+    quantize,
+    save_image_grid,
+    save_png,
+    save_side_by_side,
+    to_uint8,
+)
 from .inception import INCEPTION_FID_WEIGHTS_URL, FIDInceptionV3
 from .precision_recall import knn_radii, manifold_membership, precision_recall
 from .sampling import (

@@ -175,6 +175,21 @@ def image_grid(
     return ImageOps.expand(grid, border=(padding, padding, 0, 0), fill=grey[0] if c == 1 else grey)
 
 
+def save_png(image, path: str) -> str:
+    """Save a PIL image as a PNG under a temporary name, then rename it to ``path`` (a killed write leaves no
+    truncated file behind); returns ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def save_image_grid(
     images: torch.Tensor,
     path: str,
@@ -184,16 +199,20 @@ def save_image_grid(
     value_range: Tuple[float, float] = (0.0, 1.0),
     scale: Optional[int] = None,
 ) -> str:
-    """Save :func:`image_grid` of ``images`` as a PNG (written under a temporary name, then renamed); returns
-    ``path``. The arguments are those of :func:`image_grid`."""
+    """Save :func:`image_grid` of ``images`` as a PNG (:func:`save_png`); returns ``path``. The arguments are those
+    of :func:`image_grid`."""
     grid = image_grid(images, nrow=nrow, padding=padding, min_cell=min_cell, value_range=value_range, scale=scale)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
-    try:
-        grid.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_png(grid, path)
+
+
+def save_side_by_side(left: torch.Tensor, right: torch.Tensor, path: str, nrow: Optional[int] = None,
+                      gap: int = 8) -> str:
+    """Two :func:`image_grid` s of images in [0, 1] next to each other (e.g. unguided | guided from the same
+    latents), ``gap`` white pixels apart, saved as one PNG; returns ``path``."""
+    from PIL import Image
+
+    left, right = image_grid(left, nrow=nrow), image_grid(right, nrow=nrow)
+    canvas = Image.new(left.mode, (left.width + right.width + gap, max(left.height, right.height)), 255)
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + gap, 0))
+    return save_png(canvas, path)

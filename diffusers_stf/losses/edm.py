@@ -94,10 +94,15 @@ def reduce_per_sample(per_element: torch.Tensor, reduction: str = "sum") -> torc
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
 
 
-def add_noise(images: torch.Tensor, sigma: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """x̃ = y + σ·n with n ~ N(0, I) (EDM eq. 2's perturbation; σ per sample), in the dtype of ``images``."""
-    noise = randn(images.shape, generator, images.device, images.dtype)
-    return images + per_sample(sigma.to(images.dtype), images.ndim) * noise
+def add_noise(images: torch.Tensor, sigma: torch.Tensor, generator: Optional[torch.Generator] = None,
+              noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x̃ = y + σ·n with n ~ N(0, I) (EDM eq. 2's perturbation; σ per sample), in the dtype of ``images``; n is drawn
+    with ``generator`` unless given as ``noise`` (shaped like ``images``)."""
+    if noise is None:
+        noise = randn(images.shape, generator, images.device, images.dtype)
+    elif noise.shape != images.shape:
+        raise ValueError(f"noise must have the shape of images {tuple(images.shape)}, got {tuple(noise.shape)}")
+    return images + per_sample(sigma.to(images.dtype), images.ndim) * noise.to(images.device, images.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -128,7 +133,7 @@ class DenoisingLoss:
 
     def __call__(self, denoiser, images: torch.Tensor, sigma: Optional[torch.Tensor] = None,
                  class_labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                 target: Optional[Target] = None) -> torch.Tensor:
+                 target: Optional[Target] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The per-element loss λ(σ)·(D(x̃; σ) − T)² of ``images`` (B, C, H, W).
 
         Args:
@@ -138,13 +143,15 @@ class DenoisingLoss:
             class_labels: passed to the denoiser (class labels, or EDM's augmentation labels).
             generator: source of σ and of the noise.
             target: ``target(noisy, sigma, images) -> T``; default T = ``images`` (denoising score matching).
+            noise: n ~ N(0, I) shaped like ``images``; drawn with ``generator`` when None (e.g. given as rows of a
+                draw for the global batch of several processes).
         """
         if sigma is None:
             sigma = self.sample_sigma(images.shape[0], generator, images.device)
         else:
             sigma = torch.as_tensor(sigma, dtype=torch.float32).to(images.device).reshape(-1).expand(images.shape[0])
             check_on_host(sigma > 0, "sigma must be > 0 (and not NaN) for every sample")
-        noisy = add_noise(images, sigma, generator)
+        noisy = add_noise(images, sigma, generator, noise)
         goal = images if target is None else target(noisy, sigma, images)
         denoised = denoiser(noisy, sigma, class_labels=class_labels)
         return per_sample(self.weight(sigma), images.ndim).to(denoised.dtype) * (denoised - goal) ** 2

@@ -27,7 +27,12 @@ Differences from the official code (VinAIResearch/SA-DPM ``sequence_aware_loss``
   the other half mirrored, t and T − 1 − t (``timesteps="antithetic"``); ``timesteps="uniform"`` draws each
   independently;
 - reduction: the official code sums over C·H·W and averages over the batch (``reduction="sum"``); ``"mean"``
-  averages over C·H·W as ``F.mse_loss`` does (λ means the same in both, since both terms are reduced alike).
+  averages over C·H·W as ``F.mse_loss`` does (λ means the same in both, since both terms are reduced alike);
+- parametrisation: the official code trains ε-prediction only. ``prediction_type`` ``sample`` (x₀) and
+  ``v_prediction`` (v = √ᾱ_s·ε − √(1−ᾱ_s)·x₀, diffusers' ``DDPMScheduler.get_velocity``) are ours: L_simple is the
+  MSE to that target (SNR-weighted for ``sample``, ᾱ_s/(1−ᾱ_s)·‖x̂₀ − x₀‖², as diffusers' ``train_unconditional.py``),
+  and L_sa keeps its meaning by being computed on the equivalent ε-residuals: the network output is turned into ε̂
+  with the closed forms of :func:`epsilon_from_prediction` before the window sum.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..preconditioning import betas_for_schedule
+from ..noise_schedules import betas_for_schedule
 from .edm import check_on_host, randint, randn
 from .stable_target_field import stable_target_epsilon
 
@@ -46,6 +51,38 @@ WINDOWS = ("paper", "official")
 NOISE_COUPLINGS = ("independent", "shared")
 REDUCTIONS = ("mean", "sum")
 TIMESTEP_SAMPLINGS = ("uniform", "antithetic")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def epsilon_from_prediction(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
+                            prediction_type: str) -> torch.Tensor:
+    """ε̂ implied by a network output at x_t = √ᾱ·x₀ + √(1−ᾱ)·ε (``alpha_bar`` broadcastable to ``x_t``):
+
+        epsilon:       ε̂ = output
+        sample:        ε̂ = (x_t − √ᾱ·x̂₀) / √(1−ᾱ)
+        v_prediction:  ε̂ = √(1−ᾱ)·x_t + √ᾱ·v̂      (inverting v = √ᾱ·ε − √(1−ᾱ)·x₀ with x₀ = √ᾱ·x_t − √(1−ᾱ)·v)
+    """
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "sample":
+        return (x_t - alpha_bar.sqrt() * output) / (1 - alpha_bar).sqrt()
+    if prediction_type == "v_prediction":
+        return (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * output
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def prediction_target(epsilon: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
+                      prediction_type: str) -> torch.Tensor:
+    """The regression target of each parametrisation for the noise ε of x_t: ε, x₀ = (x_t − √(1−ᾱ)·ε)/√ᾱ, or
+    v = √ᾱ·ε − √(1−ᾱ)·x₀ (diffusers' ``get_velocity``)."""
+    if prediction_type == "epsilon":
+        return epsilon
+    x0 = (x_t - (1 - alpha_bar).sqrt() * epsilon) / alpha_bar.sqrt()
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * epsilon - (1 - alpha_bar).sqrt() * x0
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
 def _check_betas(betas) -> torch.Tensor:
@@ -104,7 +141,7 @@ class SequenceAwareLossOutput:
 
 
 class SequenceAwareLoss:
-    """L_simple + λ·L_sa for an ε-prediction ``UNet2DModel`` on a discrete DDPM schedule (Nguyen et al. 2024).
+    """L_simple + λ·L_sa for a ``UNet2DModel`` on a discrete DDPM schedule (Nguyen et al. 2024).
 
     Each batch row draws its L_simple timestep s ~ U{1..T} (so ``sa_lambda=0`` is exactly DDPM's L_simple) and a
     window of K consecutive steps containing s. The K·B noisy inputs x_{t+j} (in-range ones only) go through the UNet
@@ -125,6 +162,10 @@ class SequenceAwareLoss:
         timesteps: how the L_simple steps s of a batch are drawn: ``uniform`` (independently, s ~ U{1..T}) or
             ``antithetic`` (as the official ``train_ddp.py``: ⌊B/2⌋ + 1 uniform draws s followed by their mirrors
             T + 1 − s, i.e. t and T − 1 − t in 0-based indices, truncated to B).
+        prediction_type: what the network predicts, diffusers' names: ``epsilon`` (ε, the paper), ``sample`` (x₀;
+            L_simple = ᾱ_s/(1−ᾱ_s)·‖x̂₀ − x₀‖² as diffusers' ``train_unconditional.py``) or ``v_prediction``
+            (v = √ᾱ_s·ε − √(1−ᾱ_s)·x₀; L_simple = ‖v̂ − v‖²). L_sa is always on the ε-residuals ε̂_s − ε_s, with ε̂_s
+            from :func:`epsilon_from_prediction`, so it penalises the same accumulated gap as the paper's.
 
     With ``reference_images`` in the call, every ε_s (in both terms) is replaced by the Stable Target Field's implied
     noise (Xu et al. 2023, :func:`~diffusers_stf.losses.stable_target_field.stable_target_epsilon`) of x_s.
@@ -140,6 +181,7 @@ class SequenceAwareLoss:
         noise: str = "independent",
         reduction: str = "mean",
         timesteps: str = "uniform",
+        prediction_type: str = "epsilon",
     ):
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps (K) must be an integer >= 1, got {num_steps!r}")
@@ -147,7 +189,8 @@ class SequenceAwareLoss:
             raise ValueError(f"sa_lambda must be >= 0, got {sa_lambda}")
         for name, value, allowed in (("window", window, WINDOWS), ("noise", noise, NOISE_COUPLINGS),
                                      ("reduction", reduction, REDUCTIONS), ("weighting", weighting, WEIGHTINGS),
-                                     ("timesteps", timesteps, TIMESTEP_SAMPLINGS)):
+                                     ("timesteps", timesteps, TIMESTEP_SAMPLINGS),
+                                     ("prediction_type", prediction_type, PREDICTION_TYPES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         betas = _check_betas(betas)
@@ -159,6 +202,7 @@ class SequenceAwareLoss:
         self.num_steps, self.sa_lambda = num_steps, float(sa_lambda)
         self.weighting, self.window, self.noise, self.reduction = weighting, window, noise, reduction
         self.timesteps = timesteps
+        self.prediction_type = prediction_type
 
     @classmethod
     def from_scheduler_config(cls, config, **kwargs) -> "SequenceAwareLoss":
@@ -221,7 +265,7 @@ class SequenceAwareLoss:
         """Per-sample L_simple + λ·L_sa for a batch of clean images x_0 in [-1, 1].
 
         Args:
-            unet: ε-prediction network called as ``unet(x, timestep_index)`` (``.sample`` or a tensor).
+            unet: network (predicting ``prediction_type``) called as ``unet(x, timestep_index)`` (``.sample`` or a tensor).
             images: x_0, shape [B, C, H, W].
             class_labels: optional [B] labels for a class-conditional UNet.
             generator: RNG for the windows and the noise.
@@ -260,8 +304,17 @@ class SequenceAwareLoss:
         target = eps if reference_images is None else stable_target_epsilon(x_s, abar64, reference_images).float()
 
         residual = torch.zeros((K, *images.shape), dtype=out.dtype, device=device)
-        residual = residual.index_put((evaluate,), out - target)
-        simple = self._reduce(residual[position, torch.arange(B, device=device)] ** 2)
+        if self.prediction_type == "epsilon":
+            residual = residual.index_put((evaluate,), out - target)
+            simple = self._reduce(residual[position, torch.arange(B, device=device)] ** 2)
+        else:
+            native = out - prediction_target(target, x_s, abar, self.prediction_type)
+            if self.prediction_type == "sample":
+                native = native * (abar / (1 - abar)).sqrt()  # the SNR weight of the squared x₀ error
+            native = torch.zeros_like(residual).index_put((evaluate,), native)
+            simple = self._reduce(native[position, torch.arange(B, device=device)] ** 2)
+            eps_hat = epsilon_from_prediction(out, x_s, abar, self.prediction_type)
+            residual = residual.index_put((evaluate,), eps_hat - target)
         if self.sa_lambda == 0:
             sa = torch.zeros_like(simple)
         else:

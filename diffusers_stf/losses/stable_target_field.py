@@ -173,7 +173,7 @@ class StableTargetFieldLoss:
             images: the clean (possibly augmented) minibatch (B, C, H, W).
             extra_references: R − B more (independently augmented) dataset images, or None when R = B.
             class_labels, generator: as in the base loss.
-            draws: explicit ``sigma=`` (EDM/VP/VE) or ``timesteps=`` (DDPM), passed to the base loss.
+            draws: explicit ``sigma=`` and ``noise=`` (EDM/VP/VE) or ``timesteps=`` (DDPM), passed to the base loss.
         """
         self.num_extra_references(images.shape[0])
         references = self.reference_set(images, extra_references)

@@ -81,17 +81,7 @@ class NoiseConditionalClassifier(ModelMixin, ConfigMixin):
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         check_encoder_config(block_out_channels, down_block_types, norm_num_groups, mid_block_type, preconditioning)
         self.preconditioning = make_preconditioning(preconditioning, sigma_data=sigma_data)
-        self.encoder = NoiseConditionalEncoder(
-            in_channels=in_channels,
-            block_out_channels=block_out_channels,
-            down_block_types=down_block_types,
-            layers_per_block=layers_per_block,
-            norm_num_groups=norm_num_groups,
-            attention_head_dim=attention_head_dim,
-            mid_block_type=mid_block_type,
-            num_class_embeds=None,
-            num_outputs=num_classes,
-        )
+        self.encoder = NoiseConditionalEncoder.from_model_config(self.config, in_channels, num_outputs=num_classes)
 
     def forward(
         self, sample: torch.Tensor, sigma: Union[torch.Tensor, float], return_dict: bool = True

@@ -174,6 +174,23 @@ class NoiseConditionalEncoder(nn.Module):
         self.norm_out = nn.GroupNorm(norm_num_groups, ch[-1], eps=1e-5)
         self.linear_out = nn.Linear(ch[-1], num_outputs)
 
+
+    @classmethod
+    def from_model_config(cls, config, in_channels: int, num_class_embeds: Optional[int] = None, num_outputs: int = 1):
+        """The encoder a model's config describes (its block widths and types, layers, norms, attention and mid block),
+        as the discriminator's head and the classifier's network both build it.
+
+        Args:
+            config: the model's ``config`` (``block_out_channels``, ``down_block_types``, ``layers_per_block``,
+                ``norm_num_groups``, ``attention_head_dim``, ``mid_block_type``).
+            in_channels: channels of its input (the images, or a feature extractor's map).
+            num_class_embeds: number of classes of a class embedding added to the noise embedding (None: none).
+            num_outputs: width of the final linear layer (1 logit, or one per class).
+        """
+        keys = ("block_out_channels", "down_block_types", "layers_per_block", "norm_num_groups", "attention_head_dim")
+        return cls(
+            in_channels, *(config[key] for key in keys), config["mid_block_type"], num_class_embeds, num_outputs
+        )
     def forward(self, h: torch.Tensor, noise_label: torch.Tensor, class_labels: Optional[torch.Tensor] = None):
         """Logits of the (already preconditioned) input ``h`` at noise label ``noise_label`` (batch,): shape (batch,)
         with one output (the discriminator), (batch, num_outputs) otherwise (the classifier)."""
@@ -337,15 +354,8 @@ class Discriminator(ModelMixin, ConfigMixin):
             )
         if self.extractor is not None:
             self.extractor.requires_grad_(False).eval()
-        self.head = NoiseConditionalEncoder(
-            in_channels=feature_channels if feature_extractor else in_channels,
-            block_out_channels=block_out_channels,
-            down_block_types=down_block_types,
-            layers_per_block=layers_per_block,
-            norm_num_groups=norm_num_groups,
-            attention_head_dim=attention_head_dim,
-            mid_block_type=mid_block_type,
-            num_class_embeds=num_class_embeds,
+        self.head = NoiseConditionalEncoder.from_model_config(
+            self.config, feature_channels if feature_extractor else in_channels, num_class_embeds=num_class_embeds
         )
 
     # ------------------------------------------------------------------------------------------------------------

@@ -93,9 +93,19 @@ def _squared(sigma, like: torch.Tensor):
 
 
 def _choose(mask: torch.Tensor, if_true: float, if_false: float) -> torch.Tensor:
-    """Per-sample float64 values: ``if_true`` where ``mask``, ``if_false`` elsewhere."""
-    return torch.where(mask, torch.tensor(if_true, dtype=torch.float64, device=mask.device),
-                       torch.tensor(if_false, dtype=torch.float64, device=mask.device))
+    """Per-sample float64 values: ``if_true`` where ``mask``, ``if_false`` elsewhere (fill kernels: no host copy)."""
+    return torch.full(mask.shape, if_false, dtype=torch.float64, device=mask.device).masked_fill(mask, if_true)
+
+
+def _sigma_squared_gradient(log_density, dtype: torch.dtype, sample: torch.Tensor, sigma):
+    """(σ²·∇_x f(x, σ) in float64, f per sample, detached) for a per-sample log-density f: the gradient w.r.t. the
+    input only, in the model's ``dtype``, with autograd on even inside the pipeline's ``no_grad``."""
+    sigma = _per_sample(sigma, sample.shape[0])
+    with torch.enable_grad():
+        x = sample.detach().to(dtype).requires_grad_(True)
+        value = log_density(x, sigma)
+        (grad,) = torch.autograd.grad(value.sum(), x)
+    return _squared(sigma, sample) * grad.to(torch.float64), value.detach()
 
 
 def discriminator_correction(
@@ -120,12 +130,8 @@ def discriminator_correction(
     Returns:
         (correction in float64 with the shape of ``sample``, log(d/(1 − d)) per sample, clipped, detached)
     """
-    sigma = _per_sample(sigma, sample.shape[0])
-    with torch.enable_grad():
-        x = sample.detach().to(discriminator.dtype).requires_grad_(True)
-        log_ratio = discriminator.log_ratio(x, sigma, class_labels)
-        (grad,) = torch.autograd.grad(log_ratio.sum(), x)
-    return _squared(sigma, sample) * grad.to(torch.float64), log_ratio.detach()
+    log_ratio = lambda x, s: discriminator.log_ratio(x, s, class_labels)  # noqa: E731
+    return _sigma_squared_gradient(log_ratio, discriminator.dtype, sample, sigma)
 
 
 def classifier_correction(
@@ -146,12 +152,8 @@ def classifier_correction(
     Returns:
         the correction in float64, with the shape of ``sample``.
     """
-    sigma = _per_sample(sigma, sample.shape[0])
-    with torch.enable_grad():
-        x = sample.detach().to(classifier.dtype).requires_grad_(True)
-        log_prob = classifier.log_prob(x, sigma, class_labels)
-        (grad,) = torch.autograd.grad(log_prob.sum(), x)
-    return _squared(sigma, sample) * grad.to(torch.float64)
+    log_prob = lambda x, s: classifier.log_prob(x, s, class_labels)  # noqa: E731
+    return _sigma_squared_gradient(log_prob, classifier.dtype, sample, sigma)[0]
 
 
 class DiscriminatorGuidedPipeline(EDMPipeline):

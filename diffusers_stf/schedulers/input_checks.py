@@ -23,6 +23,29 @@ def check_nonnegative_finite(name: str, value) -> float:
     return float(value)
 
 
+def check_sigma_range(sigma_min, sigma_max) -> None:
+    """A ValueError unless 0 < ``sigma_min`` < ``sigma_max`` < ∞."""
+    if not (math.isfinite(sigma_max) and sigma_max > sigma_min > 0):
+        raise ValueError(f"need sigma_max > sigma_min > 0, got sigma_max={sigma_max}, sigma_min={sigma_min}")
+
+
+def check_sigmas(sigmas) -> torch.Tensor:
+    """Explicit noise levels as a float64 CPU vector, or a ValueError unless they are a non-empty, strictly decreasing
+    sequence of finite positive numbers."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+    valid = bool(torch.isfinite(sigmas).all() and (sigmas > 0).all() and (sigmas[1:] < sigmas[:-1]).all())
+    if len(sigmas) < 1 or not valid:
+        raise ValueError("sigmas must be a non-empty, strictly decreasing sequence of finite positive levels")
+    return sigmas
+
+
+def check_choices(*checks) -> None:
+    """A ValueError for the first ``(name, value, allowed)`` whose ``value`` is not one of ``allowed``."""
+    for name, value, allowed in checks:
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
 def check_step_count(name: str, value) -> int:
     """``value`` as an int >= 1: python, numpy and 0-d torch integers pass; floats, strings and bools do not."""
     if torch.is_tensor(value) and value.numel() == 1 and not value.is_floating_point() and value.dtype != torch.bool:

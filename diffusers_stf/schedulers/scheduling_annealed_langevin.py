@@ -15,7 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..noise_schedules import geometric_sigmas
 from ..preconditioning import NCSN_TIMESTEP_TYPES, SCORE_PREDICTION_TYPES, make_preconditioning
-from .input_checks import check_float_tensor, check_step_count
+from .input_checks import check_choices, check_sigma_range, check_sigmas, check_step_count
 from .step_index import StepIndexMixin
 
 SAMPLERS = ("als", "cas")
@@ -95,19 +95,16 @@ class AnnealedLangevinScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
         prediction_type: str = "score",
         timestep_type: str = "index",
     ):
-        if not (math.isfinite(sigma_max) and sigma_max > sigma_min > 0):
-            raise ValueError(f"need sigma_max > sigma_min > 0, got sigma_max={sigma_max}, sigma_min={sigma_min}")
+        check_sigma_range(sigma_min, sigma_max)
         check_step_count("num_train_timesteps", num_train_timesteps)
         check_step_count("steps_per_level (T)", steps_per_level)
         if not (math.isfinite(step_size) and step_size > 0):
             raise ValueError(f"step_size must be a finite number > 0, got {step_size}")
-        for name, value, allowed in (
+        check_choices(
             ("sampler", sampler, SAMPLERS),
             ("prediction_type", prediction_type, SCORE_PREDICTION_TYPES),
             ("timestep_type", timestep_type, NCSN_TIMESTEP_TYPES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        )
         if timestep_type == "index" and num_train_timesteps < 2:
             raise ValueError("timestep_type='index' needs num_train_timesteps >= 2 levels (one level: use 'none')")
         self.train_sigmas = self._geometric(sigma_max, sigma_min, int(num_train_timesteps))
@@ -143,9 +140,7 @@ class AnnealedLangevinScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
         """
         c = self.config
         if sigmas is not None:
-            levels = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
-            if len(levels) < 1 or not bool((levels > 0).all()) or not bool((levels[1:] < levels[:-1]).all()):
-                raise ValueError("sigmas must be a non-empty, strictly decreasing sequence of positive noise levels")
+            levels = check_sigmas(sigmas)
         else:
             n = c.num_train_timesteps if num_inference_steps is None else num_inference_steps
             levels = self._geometric(c.sigma_max, c.sigma_min, check_step_count("num_inference_steps", n))
@@ -215,8 +210,7 @@ class AnnealedLangevinScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
     @property
     def current_sigma(self) -> float:
         """σ at which the network is evaluated for the next ``step``."""
-        i = self._step_index if self._step_index is not None else (self._begin_index or 0)
-        return float(self.sigmas[i])
+        return float(self.sigmas[self._next_index])
 
     def __len__(self):
         return self.config.num_train_timesteps
@@ -245,14 +239,7 @@ class AnnealedLangevinScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
             generator: random generator for z.
             return_dict: return an :class:`AnnealedLangevinSchedulerOutput` rather than a tuple.
         """
-        if self.timesteps is None:
-            raise ValueError("call set_timesteps before step")
-        check_float_tensor("sample", sample)
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
-        if i >= len(self.sigmas):
-            raise ValueError("step was called more often than there are timesteps; call set_timesteps again")
+        i = self._entry_for_step(timestep, sample)
         c = self.config
         sigma = float(self.sigmas[i])
         x, output = sample.to(torch.float64), model_output.to(torch.float64)

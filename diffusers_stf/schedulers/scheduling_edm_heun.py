@@ -13,7 +13,7 @@ from diffusers.utils import BaseOutput, logging
 
 from ..preconditioning import PRECONDITIONINGS, make_preconditioning
 from .edm_sampling import churn_sigma, euler_update, heun_update, slope
-from .input_checks import check_float_tensor, check_positive_finite, check_step_count
+from .input_checks import check_float_tensor, check_positive_finite, check_sigmas, check_step_count
 from .step_index import StepIndexMixin
 
 logger = logging.get_logger(__name__)
@@ -150,10 +150,7 @@ class EDMHeunScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
                 appended).
         """
         if sigmas is not None:
-            sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
-            valid = bool(torch.isfinite(sigmas).all() and (sigmas > 0).all() and (sigmas[1:] < sigmas[:-1]).all())
-            if len(sigmas) < 1 or not valid:
-                raise ValueError("sigmas must be a non-empty, strictly decreasing sequence of finite positive levels")
+            sigmas = check_sigmas(sigmas)
             num_inference_steps = len(sigmas)
         else:
             num_inference_steps = check_step_count("num_inference_steps", num_inference_steps)
@@ -213,8 +210,7 @@ class EDMHeunScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
     @property
     def current_sigma(self) -> float:
         """σ at which the model is evaluated at the current step index (σ̂_i or σ_{i+1})."""
-        index = self._step_index if self._step_index is not None else (self._begin_index or 0)
-        return self._eval_sigma_values[index]
+        return self._eval_sigma_values[self._next_index]
 
     def sigma_for_timestep(self, timestep) -> float:
         """σ of the model evaluation at ``timestep``, any entry of ``timesteps`` (σ is a function of c_noise)."""
@@ -273,9 +269,7 @@ class EDMHeunScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
             denoised_correction: an optional term added to D(x; σ) before the slope is taken, e.g. Discriminator
                 Guidance's w·σ²·∇ₓ log(d/(1 − d)) (DG eq. 9 in denoiser form).
         """
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps before step")
-        check_float_tensor("sample", sample)
+        index = self._entry_for_step(timestep, sample)
         check_float_tensor("model_output", model_output)
         if not self.is_scale_input_called and not self._warned_unscaled:
             logger.warning(
@@ -285,11 +279,6 @@ class EDMHeunScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
                 "samples from the wrong noise level; use EDMPipeline."
             )
             self._warned_unscaled = True
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        index = self._step_index
-        if index >= len(self._eval_step):
-            raise ValueError("step was called more often than there are timesteps; call set_timesteps again")
         i = self._eval_step[index]
         x = sample.to(torch.float64)
         denoised = self.preconditioning.denoise(x, model_output.to(torch.float64), self._eval_sigma_values[index])

@@ -15,7 +15,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..preconditioning import SCORE_PREDICTION_TYPES, SCORE_SDE_TIMESTEP_TYPES, make_preconditioning
-from .input_checks import check_float_tensor, check_step_count
+from .input_checks import check_choices, check_sigma_range, check_step_count
 from .step_index import StepIndexMixin
 
 SDE_TYPES = ("ve", "vp")
@@ -121,17 +121,14 @@ class PredictorCorrectorScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
         timestep_type: str = "sigma",
         discretization: str = "score_sde",
     ):
-        for name, value, allowed in (
+        check_choices(
             ("sde_type", sde_type, SDE_TYPES),
             ("predictor", predictor, PREDICTORS),
             ("prediction_type", prediction_type, SCORE_PREDICTION_TYPES),
             ("timestep_type", timestep_type, SCORE_SDE_TIMESTEP_TYPES),
             ("discretization", discretization, DISCRETIZATIONS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if not (math.isfinite(sigma_max) and sigma_max > sigma_min > 0):
-            raise ValueError(f"need sigma_max > sigma_min > 0, got sigma_max={sigma_max}, sigma_min={sigma_min}")
+        )
+        check_sigma_range(sigma_min, sigma_max)
         if not (math.isfinite(beta_max) and beta_max >= beta_min > 0):
             raise ValueError(f"need beta_max >= beta_min > 0, got beta_min={beta_min}, beta_max={beta_max}")
         if not 0 < sampling_eps < 1:
@@ -301,14 +298,7 @@ class PredictorCorrectorScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
             generator: random generator for z.
             return_dict: return a :class:`PredictorCorrectorSchedulerOutput` rather than a tuple.
         """
-        if self.timesteps is None:
-            raise ValueError("call set_timesteps before step")
-        check_float_tensor("sample", sample)
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        k = self._step_index
-        if k >= len(self._entry_step):
-            raise ValueError("step was called more often than there are timesteps; call set_timesteps again")
+        k = self._entry_for_step(timestep, sample)
         i, is_corrector = self._entry_step[k], self._entry_is_corrector[k]
         c = self.config
         x, output = sample.to(torch.float64), model_output.to(torch.float64)

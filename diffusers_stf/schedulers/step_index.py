@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from .input_checks import check_float_tensor
+
 
 class StepIndexMixin:
     """Which entry of ``timesteps`` the next ``step`` call handles.
@@ -29,6 +31,11 @@ class StepIndexMixin:
     def begin_index(self) -> Optional[int]:
         """The first entry of ``timesteps`` to run, when a pipeline set it."""
         return self._begin_index
+
+    @property
+    def _next_index(self) -> int:
+        """The entry the next ``step`` handles, before the first call too (``begin_index``, else 0)."""
+        return self._step_index if self._step_index is not None else (self._begin_index or 0)
 
     def _is_step_start(self, index: int) -> bool:
         """Whether entry ``index`` of ``timesteps`` starts a sampler step (every entry, unless a subclass says)."""
@@ -66,6 +73,18 @@ class StepIndexMixin:
 
     def _init_step_index(self, timestep):
         self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+
+    def _entry_for_step(self, timestep, sample: torch.Tensor) -> int:
+        """The entry of ``timesteps`` this ``step`` call handles, after the checks every ``step`` makes: the schedule
+        is set, ``sample`` is a floating-point tensor and the schedule is not exhausted."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps before step")
+        check_float_tensor("sample", sample)
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        if self._step_index >= len(self.timesteps):
+            raise ValueError("step was called more often than there are timesteps; call set_timesteps again")
+        return self._step_index
 
     def _reset_step_index(self):
         self._step_index = None

@@ -5,7 +5,7 @@ model cards, Hub upload, and :class:`Trainer`, the loop that runs a script's los
 """
 
 from ..data import BatchSchedule, DataConfig, ImageData, derived_seed, load_training_images
-from .accelerator import check_world_size, make_accelerator, step_generator, tracker_name
+from .accelerator import check_world_size, make_accelerator, step_generator, to_device, tracker_name
 from .args import (
     ScriptConfig,
     add_checkpoint_args,

@@ -12,6 +12,7 @@ from .checkpoints import prepare_output_dir
 from .config import TrainingConfig
 
 _TRUE = ("1", "true", "yes", "on")
+TORCH_COMPILE_BACKEND = "inductor"  # of --torch_compile
 
 
 def tracker_name(report_to: str):
@@ -21,7 +22,8 @@ def tracker_name(report_to: str):
     if report_to == "auto":
         return "tensorboard" if importlib.util.find_spec("tensorboard") is not None else None
     if importlib.util.find_spec(report_to) is None:
-        raise ValueError(f"--report_to {report_to} needs the {report_to!r} package, which is not installed")
+        raise ValueError(f"--report_to {report_to} needs the {report_to!r} package, which is not installed "
+                         f"(diffusers' --logger {report_to} is the same option)")
     return report_to
 
 
@@ -42,7 +44,7 @@ def check_world_size(num_processes: int, world_size_env=None):
 
 def make_accelerator(config: TrainingConfig):
     """An ``accelerate.Accelerator`` for ``config`` (``cpu``, ``mixed_precision``, ``gradient_accumulation_steps``,
-    ``report_to``, ``output_dir``, ``logging_dir``), after checking the output folder (see
+    ``report_to``, ``output_dir``, ``logging_dir``, ``torch_compile``), after checking the output folder (see
     :func:`~diffusers_stf.training.checkpoints.prepare_output_dir`) so that a refused run stops before any work.
 
     Raises when WORLD_SIZE > 1 but Accelerate sees one process (see :func:`check_world_size`), and prints the process
@@ -62,6 +64,7 @@ def make_accelerator(config: TrainingConfig):
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=tracker,
+        **({"dynamo_backend": TORCH_COMPILE_BACKEND} if config.torch_compile else {}),
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=logging_dir),
     )
     check_world_size(accelerator.num_processes)
@@ -73,6 +76,15 @@ def make_accelerator(config: TrainingConfig):
                           f"go to {os.path.join(logging_dir, 'metrics.csv')} (and .jsonl) only")
     set_seed(config.seed)  # the same model initialisation on every process
     return accelerator
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """``tensor`` (on the CPU) copied to ``device`` without making the host wait: on a GPU through pinned memory with
+    ``non_blocking=True`` (a plain copy from pageable memory synchronises)."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def step_generator(seed: int, step: int, process_index: int = 0, device="cpu") -> torch.Generator:

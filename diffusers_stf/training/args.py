@@ -96,6 +96,8 @@ def add_optimization_args(parser: argparse.ArgumentParser):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--mixed_precision", type=str, default="no", choices=("no", "fp16", "bf16"))
     g.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
+    g.add_argument("--torch_compile", action="store_true",
+                   help="compile the model with torch.compile (inductor); the first steps take minutes on a CPU")
     return g
 
 
@@ -140,8 +142,10 @@ def add_diffusers_args(parser: argparse.ArgumentParser, ddpm: bool = False):
                    help="xformers attention in the UNet (needs the xformers package)")
     g.add_argument("--preserve_input_precision", action="store_true",
                    help="refuse 16/32-bit images instead of reducing them to 8 bits")
+    g.add_argument("--local_rank", type=int, default=-1,
+                   help="accepted for compatibility; the process layout comes from the launcher (LOCAL_RANK)")
     ddpm_help = "" if ddpm else "DDPM only (train_sequence_aware.py); refused here"
-    g.add_argument("--prediction_type", type=str, default=None, help=ddpm_help or "epsilon (the only one supported)")
+    g.add_argument("--prediction_type", type=str, default=None, help=ddpm_help or "epsilon (default), sample (x0) or v_prediction")
     g.add_argument("--ddpm_num_steps", type=int, default=None, help=ddpm_help or "= --num_train_timesteps")
     g.add_argument("--ddpm_num_inference_steps", type=int, default=None, help=ddpm_help or "= --num_inference_steps")
     g.add_argument("--ddpm_beta_schedule", type=str, default=None,
@@ -241,16 +245,16 @@ def one_of(args, explicit, ours: str, theirs: str):
     values[ours] = values[theirs]
 
 
+DDPM_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 DDPM_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 
 
 def map_ddpm_flags(args: argparse.Namespace, explicit: frozenset):
     """diffusers' DDPM flags onto a DDPM script's ``--num_train_timesteps``, ``--beta_schedule`` (ours: linear,
-    scaled_linear, cosine) and ``--num_inference_steps``; ``--prediction_type`` must be ``epsilon``."""
+    scaled_linear, cosine) and ``--num_inference_steps``; ``--prediction_type`` is one of DDPM_PREDICTION_TYPES."""
     values = vars(args)
-    if "prediction_type" in explicit and args.prediction_type != "epsilon":
-        raise ValueError(f"--prediction_type {args.prediction_type!r}: the sequence-aware loss trains an ε-predictor, "
-                         "so only 'epsilon' is supported")
+    if "prediction_type" in explicit and args.prediction_type not in DDPM_PREDICTION_TYPES:
+        raise ValueError(f"--prediction_type must be one of {DDPM_PREDICTION_TYPES}, got {args.prediction_type!r}")
     if "ddpm_beta_schedule" in explicit:
         if args.ddpm_beta_schedule not in DDPM_BETA_SCHEDULES:
             raise ValueError(f"--ddpm_beta_schedule must be one of {tuple(DDPM_BETA_SCHEDULES)}, "
@@ -294,7 +298,9 @@ def apply_diffusers_flags(args: argparse.Namespace, explicit: frozenset) -> List
         if name in explicit or name not in values:
             continue
         ours = values[name]
-        if name == "num_epochs" and args.max_train_steps is None:
+        if name == "num_epochs":
+            if args.max_train_steps is not None:
+                continue
             ours = args.default_num_epochs
         if ours != theirs:
             shown = "the images' own" if name == "resolution" and ours is None else \

@@ -115,6 +115,7 @@ class TrainingConfig:
         seed: the training seed (initialisation, batches, every draw of the loss).
         mixed_precision: ``no``, ``fp16`` or ``bf16``.
         cpu: train on the CPU even when an accelerator is present.
+        torch_compile: compile the model with ``torch.compile`` (accelerate's dynamo plugin, inductor backend).
         ema_halflife_kimg, ema_rampup_ratio: EDM's EMA (:class:`~diffusers_stf.training.ema.HalfLifeEMA`), the
             default rule.
         use_ema, ema_inv_gamma, ema_power, ema_max_decay: diffusers' warm-up EMA
@@ -153,6 +154,7 @@ class TrainingConfig:
     seed: int = 0
     mixed_precision: str = "no"
     cpu: bool = False
+    torch_compile: bool = False
     ema_halflife_kimg: float = 500.0
     ema_rampup_ratio: float = 0.05
     use_ema: bool = False

@@ -45,8 +45,8 @@ def check_hub_settings(push_to_hub: bool, hub_model_id: Optional[str], hub_token
 
     token = _token(hub_token)
     if not token:
-        raise ValueError("--push_to_hub needs a Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass "
-                         "--hub_token")
+        raise ValueError("uploading to the Hub (--push_to_hub) needs a Hugging Face token: run `hf auth login`, set "
+                         "HF_TOKEN, or pass --hub_token")
     repo_id = hub_model_id or os.path.basename(os.path.normpath(output_dir))
     if repo_id.count("/") > 1:
         raise ValueError(f"--hub_model_id must be 'namespace/name', got {repo_id!r}")

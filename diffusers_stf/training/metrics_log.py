@@ -44,6 +44,7 @@ class MetricsLogger:
         self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
         self.csv_path = os.path.join(log_dir, "metrics.csv")
         self._csv_columns: Optional[List[str]] = None
+        self._edges: Optional[torch.Tensor] = None
         self.reset()
 
     def reset(self):
@@ -65,10 +66,14 @@ class MetricsLogger:
         self._add("loss", loss, one)
         if per_sample is not None and sigma is not None:
             sigma = sigma.detach().reshape(-1).double()
-            edges = torch.tensor(self.edge_values, dtype=torch.float64, device=sigma.device)
+            if self._edges is None or self._edges.device != sigma.device:  # copied to the device once, not per step
+                self._edges = torch.tensor(self.edge_values, dtype=torch.float64, device=sigma.device)
+            edges = self._edges
             bucket = torch.bucketize(sigma, edges, right=True)
             k = len(self.names)
-            counts = torch.bincount(bucket, minlength=k).double()
+            # index_add_, not bincount: bincount on a GPU reads the largest index back to the host
+            counts = torch.zeros(k, dtype=torch.float64, device=sigma.device).index_add_(0, bucket,
+                                                                                          torch.ones_like(sigma))
             for name, values in {"loss": per_sample, **(per_sample_logs or {})}.items():
                 values = values.detach().reshape(-1).double().to(sigma.device)
                 sums = torch.zeros(k, dtype=torch.float64, device=sigma.device).index_add_(0, bucket, values)
@@ -107,19 +112,26 @@ class MetricsLogger:
         return row
 
     def truncate(self, step: int):
-        """Drop the rows after ``step`` from both files (main process), so a resumed run continues the metrics of
-        the checkpoint it resumed, without the rows of the lost steps."""
+        """Drop the rows after ``step`` from both files, and from the scripts' other ``*.jsonl`` logs in the same
+        folder (e.g. ``validation.jsonl``), on the main process: a resumed run continues the logs of the checkpoint it
+        resumed, without the rows of the lost steps."""
         if self.accelerator is not None and not self.accelerator.is_main_process:
             return
-        if os.path.isfile(self.jsonl_path):
-            with open(self.jsonl_path) as f:
-                lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            _atomic_write(self.jsonl_path, "".join(lines))
+        logs = [os.path.join(self.log_dir, f) for f in os.listdir(self.log_dir) if f.endswith(".jsonl")] \
+            if os.path.isdir(self.log_dir) else []
+        for path in logs:
+            with open(path) as f:
+                lines = [line for line in f if line.strip()]
+            kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+            if len(kept) != len(lines):
+                _atomic_write(path, "".join(kept))
         if os.path.isfile(self.csv_path):
             with open(self.csv_path, newline="") as f:
                 rows = list(csv.reader(f))
             if rows:
-                header, body = rows[0], [r for r in rows[1:] if r and int(float(r[0])) <= step]
+                header = rows[0]
+                body = [r for r in rows[1:] if len(r) == len(header) and _csv_step(r) is not None
+                        and _csv_step(r) <= step]
                 with open(self.csv_path + ".tmp", "w", newline="") as f:
                     csv.writer(f).writerows([header, *body])
                 os.replace(self.csv_path + ".tmp", self.csv_path)
@@ -140,6 +152,21 @@ class MetricsLogger:
             if new_file:
                 writer.writeheader()
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+
+
+def _row_step(line: str) -> Optional[int]:
+    """The step of a JSON-lines row; None for a line cut short by a crash."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _csv_step(row: List[str]) -> Optional[int]:
+    try:
+        return int(float(row[0]))
+    except (ValueError, IndexError):
+        return None
 
 
 def _atomic_write(path: str, text: str):

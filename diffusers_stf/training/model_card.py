@@ -109,15 +109,22 @@ def load_template(template: str) -> str:
 
 
 def plain_usage(folder: str, repo: str, sample_kwargs: Optional[Dict] = None) -> Optional[str]:
-    """The plain-diffusers snippet for a saved pipeline folder (None when ``folder`` holds no pipeline)."""
+    """The plain-diffusers snippet for a saved pipeline folder, or for a model saved alone (``AutoModel``); None when
+    ``folder`` holds neither."""
     index_path = os.path.join(folder, "model_index.json")
+    literal = lambda v: json.dumps(v) if isinstance(v, str) else repr(v)  # noqa: E731
     if not os.path.isfile(index_path):
-        return None
+        config_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_path):
+            return None
+        with open(config_path, encoding="utf-8") as f:
+            remote = "AutoModel" in json.load(f).get("auto_map", {})
+        flag = ", trust_remote_code=True" if remote else ""
+        return f"from diffusers import AutoModel\n\nmodel = AutoModel.from_pretrained({literal(repo)}{flag})"
     with open(index_path, encoding="utf-8") as f:
         index = json.load(f)
     remote = isinstance(index.get("_class_name"), list)
     flag = ", trust_remote_code=True" if remote else ""
-    literal = lambda v: json.dumps(v) if isinstance(v, str) else repr(v)  # noqa: E731
     call = "".join(f", {k}={literal(v)}" for k, v in (sample_kwargs or {}).items())
     return (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
             f"pipeline = DiffusionPipeline.from_pretrained({literal(repo)}{flag})\n"
@@ -152,10 +159,14 @@ def write_model_card(folder: str, info: ModelCardInfo, repo: str, datasets: Opti
     card_data = ModelCardData(library_name="diffusers", pipeline_tag=info.pipeline_tag, license=info.license,
                               tags=tags, datasets=list(datasets) if datasets else None, base_model=base_model)
     index_path = os.path.join(folder, "model_index.json")
+    config_path = os.path.join(folder, "config.json")
     remote_code = False
     if os.path.isfile(index_path):
         with open(index_path, encoding="utf-8") as f:
             remote_code = isinstance(json.load(f).get("_class_name"), list)
+    elif os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            remote_code = "auto_map" in json.load(f)
     context = dict(title=info.title, description=info.description, usage=info.usage.replace("{repo}", repo),
                    plain_usage=plain_usage(folder, repo, info.sample_kwargs), remote_code=remote_code,
                    install=INSTALL, sample_grid=sample_grid, training_config=training_config or {},

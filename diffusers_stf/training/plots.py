@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..evaluation.images import image_grid, save_png
+
 SIGMA_LOSS_PREFIX = "loss_sigma_"
 
 
@@ -27,32 +29,27 @@ def sampler_caption(step: int, pipeline=None, num_inference_steps: Optional[int]
 def captioned(image, caption: str, margin: int = 4):
     """``image`` (a PIL image of mode ``L`` or ``RGB``) with a white band above it holding ``caption`` in black.
 
-    The band is as wide as the image (the text is clipped when the image is narrower than it)."""
+    An image narrower than the caption is centred on a white canvas as wide as the caption."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
     left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), caption, font=font)
     band = (bottom - top) + 2 * margin
+    width = max(image.width, right + 2 * margin)
     white = 255 if image.mode == "L" else (255, 255, 255)
     black = 0 if image.mode == "L" else (0, 0, 0)
-    out = Image.new(image.mode, (image.width, image.height + band), white)
-    out.paste(image, (0, band))
+    out = Image.new(image.mode, (width, image.height + band), white)
+    out.paste(image, ((width - image.width) // 2, band))
     ImageDraw.Draw(out).text((margin, margin - top), caption, fill=black, font=font)
     return out
 
 
-def save_atomically(image, path: str) -> str:
-    """Save a PIL image as PNG under a temporary name, then rename it to ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+def save_captioned_grid(images, path: str, caption: Optional[str] = None, min_cell: int = 64,
+                        value_range=(0.0, 1.0)) -> str:
+    """The package's grid (:func:`~diffusers_stf.evaluation.images.image_grid`, each image upscaled to at least
+    ``min_cell`` pixels) of ``images`` (N, C, H, W), with ``caption`` above it, saved as a PNG at ``path``."""
+    grid = image_grid(images, min_cell=min_cell, value_range=value_range)
+    return save_png(captioned(grid, caption) if caption else grid, path)
 
 
 def log_image(accelerator, tag: str, image, step: int, caption: Optional[str] = None):
@@ -143,3 +140,21 @@ def plot_loss_curves(rows: Sequence[Dict], path: str, title: Optional[str] = Non
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def record_validation(accelerator, grid_path: Optional[str], step: int, log_dir: str,
+                      caption: Optional[str] = None) -> Optional[str]:
+    """What each validation leaves besides its grid, on the main process: the grid (a PNG at ``grid_path``, if any)
+    sent to the run's trackers as ``samples``, and ``log_dir/loss.png`` redrawn from ``log_dir/metrics.jsonl``.
+    Returns the path of ``loss.png`` (None before the first metrics row)."""
+    if accelerator is not None and not accelerator.is_main_process:
+        return None
+    if grid_path and grid_path.lower().endswith(".png") and os.path.isfile(grid_path) and accelerator is not None \
+            and accelerator.trackers:
+        from PIL import Image
+
+        with Image.open(grid_path) as grid:
+            log_image(accelerator, "samples", grid.copy(), step, caption)
+    from .metrics_log import read_metrics
+
+    return plot_loss_curves(read_metrics(log_dir), os.path.join(log_dir, "loss.png"))

@@ -21,16 +21,19 @@ from typing import Callable, Dict, Optional, Union
 
 import torch
 
-from ..data import DIGITS_NAME, BatchSchedule, ImageData
-from .accelerator import make_accelerator, step_generator
+from ..data import DIGITS_NAME, BatchSchedule, ImageData, derived_seed
+from ..remote_code import write_model_remote_code
+from .accelerator import make_accelerator, step_generator, to_device
 from .checkpoints import (
     fingerprint_differences, jsonable, kill_point, load_checkpoint, model_fingerprint, read_run, read_state,
     register_model_hooks, resolve_checkpoint, save_checkpoint, save_weights, start_run,
 )
 from .config import TrainingConfig
 from .ema import HalfLifeEMA, WarmupEMA
+from .global_batch import BatchShare, global_indices, share_of, take_rows
 from .hub import check_hub_settings, create_repo_early, push_or_explain
 from .metrics_log import MetricsLogger
+from .plots import record_validation, sampler_caption
 from .model_card import ModelCardInfo, hub_dataset_ids, write_model_card
 from .validation import sample_grid
 
@@ -91,8 +94,11 @@ class Trainer:
         loss_fn: ``loss_fn(model, batch, generator) -> LossOutput`` (or a scalar tensor). ``model`` is the
             accelerate-prepared model (DDP-wrapped with several processes); ``batch`` is
             ``{"images": (B, C, H, W) in [−1, 1], "index": (B,), "labels": (B,)}`` on the device (``index`` on the
-            CPU), already randomly
-            cropped/flipped; ``generator`` (on the device) must be the source of every random draw of the loss.
+            CPU), with ``"data_generator"``, the CPU generator for drawing more dataset images (e.g.
+            ``data.random_batch(k, batch["data_generator"])``) and ``"share"``, this process's
+            :class:`~diffusers_stf.training.global_batch.BatchShare` of the batch (see ``global_draws``) and
+            ``"global_index"``, the CPU indices of the whole global batch (``share.total`` of them), already
+            randomly cropped/flipped; ``generator`` (on the device) must be the source of every random draw of the loss.
         data: the training :class:`~diffusers_stf.data.ImageData`.
         accelerator: from :func:`make_accelerator` (made here when None).
         make_pipeline: ``make_pipeline(model) -> DiffusionPipeline`` around the EMA weights, for the sample grids and
@@ -103,12 +109,17 @@ class Trainer:
         fingerprint: the script's settings that change the maths (e.g. the loss and its parameters); together with
             the model config and the trainer's own settings they must match a checkpoint to resume it.
         hub_ignore_patterns: more patterns of files in ``output_dir`` that the Hub upload leaves out.
+        global_draws: every process gets the same step generator and the batch of the whole global batch's rows
+            (images, crops, flips), so that a ``loss_fn`` drawing σ and noise for ``batch["share"].total`` images and
+            keeping ``batch["share"]``'s rows makes the same steps with any number of processes (see
+            :mod:`~diffusers_stf.training.global_batch`). Without it each process draws for its own rows; then
+            ``batch["share"]`` covers just this process's batch, so the same ``loss_fn`` works either way.
     """
 
     def __init__(self, config: TrainingConfig, model: torch.nn.Module, loss_fn: LossFn, data: ImageData,
                  accelerator=None, make_pipeline: Optional[Callable] = None, validation_fn: Optional[Callable] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None, model_card: Optional[ModelCardInfo] = None,
-                 fingerprint: Optional[Dict] = None, hub_ignore_patterns: tuple = ()):
+                 fingerprint: Optional[Dict] = None, hub_ignore_patterns: tuple = (), global_draws: bool = False):
         self.config, self.model, self.loss_fn, self.data = config, model, loss_fn, data
         config.hub_model_id = check_hub_settings(config.push_to_hub, config.hub_model_id, config.hub_token,
                                                  config.output_dir)
@@ -123,6 +134,9 @@ class Trainer:
         acc = self.accelerator
         self.schedule = BatchSchedule(len(data), config.train_batch_size, config.seed, acc.num_processes,
                                       acc.process_index)
+        self.global_draws = bool(global_draws)
+        self.share = share_of(self.schedule) if self.global_draws else \
+            BatchShare.of_process(config.train_batch_size)
         self.accumulation = config.gradient_accumulation_steps
         self.steps_per_epoch = self.schedule.batches_per_epoch // self.accumulation
         if self.steps_per_epoch < 1:
@@ -151,6 +165,8 @@ class Trainer:
             "resolution": data.resolution, "channels": data.channels, "center_crop": data.center_crop,
             "random_flip": data.random_flip,
         }
+        if self.global_draws and acc.num_processes > 1:  # one process draws the same either way
+            settings["global_draws"] = True
         if config.lr_scheduler not in CONSTANT_SCHEDULES:  # the schedule's shape depends on the run's length
             settings["max_train_steps"] = self.max_steps
         self.fingerprint = jsonable({"model": model_fingerprint(model), "settings": settings,
@@ -162,8 +178,8 @@ class Trainer:
         if config.enable_xformers_memory_efficient_attention:
             import importlib.util
 
-            if importlib.util.find_spec("xformers") is None or not hasattr(model,
-                                                                            "enable_xformers_memory_efficient_attention"):
+            usable = hasattr(model, "enable_xformers_memory_efficient_attention")
+            if importlib.util.find_spec("xformers") is None or not usable:
                 raise ValueError("--enable_xformers_memory_efficient_attention needs the xformers package and a "
                                  "diffusers model")
             model.enable_xformers_memory_efficient_attention()
@@ -174,12 +190,29 @@ class Trainer:
 
     # -- pieces ---------------------------------------------------------------------------------------------------
     def micro_batch(self, micro_step: int):
-        """The batch and generator of ``micro_step`` on this process."""
+        """The batch and generator of ``micro_step`` on this process.
+
+        Draws on the data (crops, flips, and the loss's extra images through ``batch["data_generator"]``) use a CPU
+        generator, where the images live, so that they never wait for an accelerator; on the CPU it is the loss's
+        generator itself."""
         acc = self.accelerator
-        generator = step_generator(self.config.seed, micro_step, acc.process_index, acc.device)
-        batch = self.data.batch(self.schedule.indices(micro_step), generator)
+        stream = 0 if self.global_draws else acc.process_index  # global draws: one stream for every process
+        generator = step_generator(self.config.seed, micro_step, stream, acc.device)
+        data_generator = generator
+        if generator.device.type != "cpu":
+            data_generator = torch.Generator().manual_seed(derived_seed(self.config.seed, micro_step, stream, 1))
+        global_index = None
+        if self.global_draws:  # crops and flips drawn for the whole global batch, then this process's rows
+            global_index = global_indices(self.schedule, micro_step)
+            batch = take_rows(self.data.batch(global_index, data_generator), self.share)
+        else:
+            batch = self.data.batch(self.schedule.indices(micro_step), data_generator)
         # the indices stay on the CPU, where the images live (e.g. to exclude them from STF's references)
-        return {k: v if k == "index" else v.to(acc.device) for k, v in batch.items()}, generator
+        batch = {k: v if k == "index" else to_device(v, acc.device) for k, v in batch.items()}
+        batch["global_index"] = batch["index"] if global_index is None else global_index
+        batch["data_generator"] = data_generator
+        batch["share"] = self.share
+        return batch, generator
 
     def trainer_state(self, wall_time: float) -> Dict:
         return {"step": self.step, "nimg": self.nimg, "epoch": self.step // self.steps_per_epoch,
@@ -188,17 +221,20 @@ class Trainer:
                 "fingerprint": self.fingerprint}
 
     def validate(self, path: str) -> Optional[str]:
-        """Sample grid (or ``validation_fn``) of the EMA weights, on the main process."""
+        """Sample grid (or ``validation_fn``) of the EMA weights, captioned with the step and the sampler, on the main
+        process; the grid also goes to the tracker, and ``logs/loss.png`` is redrawn."""
         acc = self.accelerator
-        out = None
+        out, caption = None, None
         if acc.is_main_process:
             ema_model = self.ema.model
             if self.validation_fn is not None:
                 out = self.validation_fn(ema_model, self.step, path)
             elif self.make_pipeline is not None:
                 pipeline = self.make_pipeline(ema_model).to(acc.device)
+                caption = sampler_caption(self.step, pipeline, self.config.num_inference_steps)
                 out = sample_grid(pipeline, path, self.config.num_validation_images, self.config.num_inference_steps,
-                                  self.config.validation_seed)
+                                  self.config.validation_seed, caption=caption)
+            record_validation(acc, out, self.step, os.path.join(self.output_dir, self.config.logging_dir), caption)
         acc.wait_for_everyone()
         return out
 
@@ -385,8 +421,12 @@ class Trainer:
             pipeline = self.make_pipeline(self.ema.model)
             pipeline.save_pretrained(self.output_dir)
             return type(pipeline).__name__
-        save_weights(self.ema.model, self.output_dir)
-        return type(self.ema.model).__name__
+        model = self.ema.model
+        save_weights(model, self.output_dir)
+        if type(model).__module__.split(".")[0] == "diffusers_stf" and hasattr(model, "config"):
+            # a model of this package saved alone: AutoModel.from_pretrained(..., trust_remote_code=True) loads it
+            write_model_remote_code(model, self.output_dir)
+        return type(model).__name__
 
     def write_card(self, result: TrainingResult) -> str:
         config, acc = self.config, self.accelerator
