@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   create .venv, install, train on the embedded digits (~5-10 min on 2 CPU cores), write samples + model card
+#   make demo   create .venv, install, train on the embedded digits, write samples + model card; a rerun continues
+#               a killed run (or does nothing once it has finished)
 #   make test   create .venv, install, run the test suite (< 10 min)
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +18,7 @@ install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		examples/train_stf.py --output_dir outputs/stf-digits
+		examples/train_stf.py --output_dir outputs/stf-digits --resume_from_checkpoint latest
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -46,16 +46,18 @@ def find_score_pipeline(args) -> str:
     for name in sorted(os.listdir(outputs)) if os.path.isdir(outputs) else []:
         folder = os.path.join(outputs, name)
         index = os.path.join(folder, "model_index.json")
-        if os.path.isfile(index) and json.load(open(index)).get("_class_name") == "EDMPipeline":
+        class_name = json.load(open(index)).get("_class_name") if os.path.isfile(index) else None
+        if (class_name[-1] if isinstance(class_name, list) else class_name) == "EDMPipeline":
             unet = json.load(open(os.path.join(folder, "unet", "config.json")))
             if unet.get("sample_size") == 8 and unet.get("in_channels") == 1:
                 print(f"score model: {folder}")
                 return folder
     folder = os.path.join(args.work_dir, "edm")
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        print(f"no EDM digits pipeline under outputs/: training one ({args.score_steps} steps) in {folder}")
+    if args.retrain or not os.path.isfile(os.path.join(folder, "model_index.json")):
+        print(f"training an EDM digits pipeline ({args.score_steps} steps) in {folder}")
         load_example("train_stf").main(["--loss", "edm", "--max_train_steps", str(args.score_steps), "--output_dir", folder,
-                                        "--validation_steps", "0", "--checkpointing_steps", "0", "--report_to", "none"])
+                                        "--validation_steps", "0", "--checkpointing_steps", "0", "--report_to", "none",
+                                        "--overwrite_output_dir"])
     return folder
 
 
@@ -68,7 +70,8 @@ def train_with_example(args, example: str, what: str, subfolder: str, base_folde
         return folder
     load_example(example).main([
         "--pretrained_model_name_or_path", base_folder, "--output_dir", folder, "--max_train_steps", str(steps),
-        "--validation_steps", str(max(steps // 4, 1)), "--checkpointing_steps", "0", "--report_to", "none", *extra,
+        "--validation_steps", str(max(steps // 4, 1)), "--checkpointing_steps", "0", "--report_to", "none",
+        "--overwrite_output_dir", *extra,
     ])
     return folder
 

@@ -1,6 +1,6 @@
 """Training objectives: one module per paper, each loss a small callable, each target a pure tensor function."""
 
-# --- EDM + Stable Target Field (issue 3) ---
+# EDM (and its VP/VE/DDPM siblings) + Stable Target Field
 from .edm import (
     DDPMEpsilonLoss,
     DenoisingLoss,
@@ -20,10 +20,10 @@ from .stable_target_field import (
     stable_target_field,
 )
 
-# --- Sequence-aware (issue 6) ---
+# Sequence-aware (SA-DPM)
 from .sequence_aware import SequenceAwareLoss, SequenceAwareLossOutput, sequence_aware_weights
 
-# --- Discriminator (issue 4) ---
+# Discriminator Guidance's discriminator
 from .discriminator import (
     DiscriminatorBCELoss,
     DiscriminatorLoss,
@@ -34,5 +34,5 @@ from .discriminator import (
     sample_sigma_log_uniform,
 )
 
-# --- Score matching (issue 7) ---
+# Denoising score matching (NCSN)
 from .score_matching import DenoisingScoreMatchingLoss
