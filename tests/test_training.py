@@ -615,12 +615,17 @@ def test_flags_that_make_no_sense_here_are_refused(tmp_path, argv, message):
         run_stf(tmp_path / "run", "--max_train_steps", "1", *argv)
 
 
-def test_a_tracker_that_is_not_installed_is_refused(tmp_path):
-    missing = [name for name in ("tensorboard", "wandb") if importlib.util.find_spec(name) is None]
-    if not missing:
-        pytest.skip("both trackers are installed")
-    with pytest.raises(ValueError, match=f"--report_to {missing[0]} needs the '{missing[0]}' package"):
-        run_stf(tmp_path / "run", "--max_train_steps", "1", "--report_to", missing[0])
+def hide_package(monkeypatch, hidden: str):
+    """Make ``importlib.util.find_spec`` report ``hidden`` as not installed, whatever this machine has."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hidden else find_spec(name, *a))
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_a_tracker_that_is_not_installed_is_refused(tmp_path, monkeypatch, tracker):
+    hide_package(monkeypatch, tracker)
+    with pytest.raises(ValueError, match=f"--report_to {tracker} needs the '{tracker}' package"):
+        run_stf(tmp_path / "run", "--max_train_steps", "1", "--report_to", tracker)
 
 
 def test_truncating_the_logs_drops_later_rows_and_a_line_cut_by_a_crash(tmp_path):

@@ -13,6 +13,7 @@ they have the channels (and, for fixed-size networks, the size) it was built for
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -42,7 +43,7 @@ def file_fingerprint(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()[:12]
 
 
-class FeatureExtractor(nn.Module):
+class FeatureExtractor(nn.Module, abc.ABC):
     """Base class: ``forward(images)`` → (features (N, d), logits (N, C) or None).
 
     Attributes:
@@ -81,8 +82,9 @@ class FeatureExtractor(nn.Module):
                 "(images in [0, 1] or [0, 255] must be rescaled to [-1, 1])"
             )
 
+    @abc.abstractmethod
     def embed(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        raise NotImplementedError
+        ...
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -22,6 +22,7 @@ log-uniform on [σ_VP(1e-5), σ_VP(1)] ≈ [0.0010, 152.2] (the default range).
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -81,7 +82,7 @@ class DiscriminatorLossOutput:
 REDUCTIONS = ("mean", "balanced")
 
 
-class DiscriminatorLoss:
+class DiscriminatorLoss(abc.ABC):
     """real_term(ℓ) on real and fake_term(ℓ) on generated images diffused at log-uniform σ, reduced over the batch.
 
     Args:
@@ -100,11 +101,13 @@ class DiscriminatorLoss:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.sigma_min, self.sigma_max, self.reduction = float(sigma_min), float(sigma_max), reduction
 
+    @abc.abstractmethod
     def real_term(self, logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def fake_term(self, logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     def logits(self, discriminator, images, class_labels=None, generator=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """ℓ(y + σ·n, σ) with σ log-uniform and n ~ N(0, I) (the forward process of DG Algorithm 1)."""

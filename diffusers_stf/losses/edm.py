@@ -20,6 +20,7 @@ Validation without host–device syncs: the constructors check their hyperparame
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Callable, Optional, Sequence
 
@@ -109,7 +110,7 @@ def add_noise(images: torch.Tensor, sigma: torch.Tensor, generator: Optional[tor
 # EDM Table 1: one loss per row
 
 
-class DenoisingLoss:
+class DenoisingLoss(abc.ABC):
     """λ(σ)·(D(y + σ·n; σ) − T)² per element, with σ from :meth:`sample_sigma` and λ from :meth:`weight`
     (EDM eq. 2; a subclass is one row of EDM Table 1).
 
@@ -121,11 +122,13 @@ class DenoisingLoss:
     def __init__(self, preconditioning: Preconditioning):
         self.preconditioning = preconditioning
 
+    @abc.abstractmethod
     def sample_sigma(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     def denoiser(self, model: torch.nn.Module) -> Denoiser:
         """D(x; σ) of a raw network under this loss's preconditioning."""

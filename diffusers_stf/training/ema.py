@@ -17,6 +17,7 @@ step k (k = 0, 1, …),
 
 from __future__ import annotations
 
+import abc
 import copy
 
 import torch
@@ -41,7 +42,7 @@ def warmup_ema_beta(step: int, inv_gamma: float = 1.0, power: float = 0.75, max_
     return max(0.0, min(max_decay, 1 - (1 + step / inv_gamma) ** -power))
 
 
-class MovingAverage:
+class MovingAverage(abc.ABC):
     """A frozen copy of ``model`` (its class, config and device) that follows it; subclasses give the decay rule.
 
     Args:
@@ -54,8 +55,9 @@ class MovingAverage:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.beta = 0.0
 
+    @abc.abstractmethod
     def decay(self, nimg: float, batch_images: float, step: int) -> float:
-        raise NotImplementedError
+        ...
 
     @torch.no_grad()
     def update(self, model: nn.Module, nimg: float, batch_images: float, step: int = 0) -> float:
