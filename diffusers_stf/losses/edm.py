@@ -276,9 +276,7 @@ class DDPMEpsilonLoss:
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2,
                  beta_schedule: str = "linear", trained_betas: Optional[Sequence[float]] = None):
-        betas = betas_for_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        if not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("the betas of the schedule must lie in (0, 1)")
+        betas = betas_for_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)  # checked there
         self.preconditioning = DDPMPreconditioning(betas)
         self.num_train_timesteps = len(betas)
 
