@@ -3,7 +3,8 @@ and the training set in memory with a batch order that is a pure function of (se
 
 Everything downstream sees images as float tensors in [−1, 1], shape (C, H, W).
 
-Training images are decoded once into a uint8 tensor (:class:`ImageData`), or, for a set larger than
+Training images are decoded once into a uint8 tensor (uint16 for 16-bit images with ``preserve_input_precision``)
+(:class:`ImageData`), or, for a set larger than
 ``MAX_IN_MEMORY_BYTES``, into a memory-mapped Arrow file that :class:`ArrowImages` reads like that tensor. Batches
 come from a per-epoch permutation seeded by (seed, epoch) (:class:`BatchSchedule`), and random crops/flips use the
 caller's generator, so a run resumed at step s sees exactly the batches an uninterrupted run sees, with no sampler state
@@ -12,6 +13,7 @@ to save.
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import os
@@ -163,8 +165,8 @@ class DataConfig:
         center_crop: centred instead of random crops.
         random_flip: random left–right flips.
         max_train_samples: use only the first N images.
-        preserve_input_precision: refuse images of more than 8 bits per channel (they are stored as 8-bit) instead of
-            reducing them.
+        preserve_input_precision: keep images of more than 8 bits per channel (16-bit PNG/TIFF, PIL modes ``I;16*``
+            and ``I``) at 16 bits instead of reducing them to 8 (stored as uint16, served as x / 65535 · 2 − 1).
     """
 
     dataset_name: Optional[str] = None
@@ -200,14 +202,19 @@ def _draw(generator: Optional[torch.Generator], fn, *args, **kwargs) -> torch.Te
     return fn(*args, generator=generator, device=device, **kwargs).cpu()
 
 
+# Full-scale value of each supported storage dtype: a stored value x is served as x / full_scale · 2 − 1.
+FULL_SCALE = {torch.uint8: 255, torch.uint16: 65535}
+
+
 class ImageData(torch.utils.data.Dataset):
-    """Training images held in memory as uint8 (N, C, H, W), served as float tensors in [−1, 1].
+    """Training images held in memory as uint8 (or, for 16-bit sources, uint16) (N, C, H, W), served as float tensors
+    in [−1, 1].
 
     Stored images may be larger than ``resolution`` along one side (non-square images); they are cropped per batch,
     at random or centred.
 
     Args:
-        images: uint8 tensor (N, C, H, W) with H, W >= ``resolution``.
+        images: uint8 or uint16 tensor (N, C, H, W) with H, W >= ``resolution``.
         labels: optional int64 tensor (N,), e.g. the digit classes.
         resolution: side length of the served images.
         center_crop: centred instead of random crops.
@@ -219,8 +226,9 @@ class ImageData(torch.utils.data.Dataset):
     def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, resolution: Optional[int] = None,
                  center_crop: bool = False, random_flip: bool = False, name: str = "images",
                  source: Optional[str] = None):
-        if images.ndim != 4 or images.dtype != torch.uint8:
-            raise ValueError(f"images must be a uint8 tensor (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if images.ndim != 4 or images.dtype not in FULL_SCALE:
+            raise ValueError(f"images must be a uint8 or uint16 tensor (N, C, H, W), got {images.dtype} "
+                             f"{tuple(images.shape)}")
         if len(images) == 0:
             raise ValueError("the dataset contains no images")
         self.images = images
@@ -270,7 +278,7 @@ class ImageData(torch.utils.data.Dataset):
                 tops = _draw(generator, torch.randint, 0, h - r + 1, (len(x),)).tolist()
                 lefts = _draw(generator, torch.randint, 0, w - r + 1, (len(x),)).tolist()
                 x = torch.stack([im[:, t:t + r, s:s + r] for im, t, s in zip(x, tops, lefts)])
-        x = x.float().div_(127.5).sub_(1.0)
+        x = x.float().div_(FULL_SCALE[self.images.dtype] / 2).sub_(1.0)
         if self.random_flip and generator is not None:
             flip = _draw(generator, torch.rand, len(x)) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -360,9 +368,32 @@ def _image_channels(image) -> int:
     return 1 if image.mode in GREY_MODES else 3
 
 
-def images_to_uint8(pil_images: Iterable, resolution: Optional[int] = None, channels: Optional[int] = None,
-                    center_crop: bool = False, seed: int = 0, preserve_input_precision: bool = False) -> torch.Tensor:
-    """Decode PIL images into a uint8 tensor (N, C, H, W).
+def _sixteen_bit_grey(image, index: int) -> np.ndarray:
+    """The pixels of a greyscale image of more than 8 bits (PIL modes ``I;16*`` and ``I``) as uint16 (H, W)."""
+    if image.mode == "F":
+        raise ValueError(f"--preserve_input_precision: image {index} has mode F (32-bit float), which has no "
+                         "full-scale value to map to [-1, 1]; allowed: 8-bit images and 16-bit integer images (modes I;16, I;16B, "
+                         "I;16L, and I with values in [0, 65535])")
+    values = np.asarray(image)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"--preserve_input_precision: image {index} has mode {image.mode} with values in "
+                         f"[{values.min()}, {values.max()}], outside the 16-bit range [0, 65535] that is stored")
+    return values.astype(np.uint16)
+
+
+def _resize_sixteen_bit(grey: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a uint16 (H, W) array to ``size`` (W, H) in PIL's 32-bit float mode, which holds every
+    16-bit value exactly (PIL's 8-bit modes would drop the low byte)."""
+    from PIL import Image
+
+    resized = np.asarray(Image.fromarray(grey.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
+    return np.clip(np.round(resized), 0, 65535).astype(np.uint16)
+
+
+def decode_images(pil_images: Iterable, resolution: Optional[int] = None, channels: Optional[int] = None,
+                  center_crop: bool = False, seed: int = 0, preserve_input_precision: bool = False) -> torch.Tensor:
+    """Decode PIL images into a uint8 tensor (N, C, H, W), or uint16 when ``preserve_input_precision`` and any image
+    has more than 8 bits per channel.
 
     Every image is converted to ``channels`` (1: PIL's ``L``, 3: ``RGB``). Without ``channels``, the images' own
     number; when they mix grey and colour images, a warning, and RGB (a grey image converted to RGB repeats its one
@@ -371,6 +402,12 @@ def images_to_uint8(pil_images: Iterable, resolution: Optional[int] = None, chan
     With ``resolution``, the shorter side is resized to it (bilinear). Images keep their aspect ratio when they all
     end up with the same shape (cropped per batch later); otherwise each is cropped to a square here (centred, or at
     a seeded random position). Without ``resolution`` all images must have the same size.
+
+    With ``preserve_input_precision``, 16-bit greyscale images (PIL modes ``I;16*``, or ``I`` with values in
+    [0, 65535]) keep their 16 bits: they are resized in PIL's float mode and made RGB by repeating the channel in
+    numpy, never through PIL's 8-bit modes; if any image is 16-bit, the 8-bit ones are stored as x · 257, the same
+    fraction x / 255 of full scale. PIL decodes 16-bit colour PNGs as 8-bit RGB, so their low bytes are not recoverable
+    here. Mode ``F`` (float) images are refused.
     """
     from PIL import Image
 
@@ -378,9 +415,7 @@ def images_to_uint8(pil_images: Iterable, resolution: Optional[int] = None, chan
     first_size, first_kind, mixed_at = None, None, None
     target = channels
     for i, image in enumerate(pil_images):
-        if preserve_input_precision and image.mode in HIGH_BIT_MODES:
-            raise ValueError(f"--preserve_input_precision: image {i} has mode {image.mode} (more than 8 bits per "
-                             "channel), but the training images are stored with 8 bits")
+        sixteen_bit = preserve_input_precision and image.mode in HIGH_BIT_MODES
         kind = _image_channels(image)
         if first_kind is None:
             first_kind = (kind, image.mode)
@@ -390,8 +425,12 @@ def images_to_uint8(pil_images: Iterable, resolution: Optional[int] = None, chan
                 arrays = [np.repeat(a, 3, axis=0) for a in arrays]
         if target is None or (channels is None and mixed_at is not None):
             target = 3 if mixed_at is not None else kind
-        image = image.convert("L" if target == 1 else "RGB")
+        if sixteen_bit:
+            grey = _sixteen_bit_grey(image, i)
+        else:
+            image = image.convert("L" if target == 1 else "RGB")
         w, h = image.size
+        size = (w, h)
         if resolution is None:
             if first_size is None:
                 first_size = (w, h)
@@ -402,11 +441,21 @@ def images_to_uint8(pil_images: Iterable, resolution: Optional[int] = None, chan
                 )
         elif min(w, h) != resolution:
             scale = resolution / min(w, h)
-            image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
+            size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+        if sixteen_bit:
+            if size != (w, h):
+                grey = _resize_sixteen_bit(grey, size)
+            arrays.append(np.repeat(grey[None], target, axis=0))
+            continue
+        if size != (w, h):
+            image = image.resize(size, Image.BILINEAR)
         array = np.asarray(image, dtype=np.uint8)
         arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
     if not arrays:
         raise ValueError("the dataset contains no images")
+    if any(a.dtype == np.uint16 for a in arrays):
+        # x · 257 / 65535 = x / 255: an 8-bit image keeps its values in a 16-bit set
+        arrays = [a if a.dtype == np.uint16 else a.astype(np.uint16) * np.uint16(257) for a in arrays]
     if mixed_at is not None:
         logger.warning(
             "the images mix greyscale and colour (image 0 is %s, image %d is %s); converting all of them to %s%s",
@@ -463,9 +512,16 @@ class ArrowImages:
             raise ValueError(f"the dataset needs a {PIXELS!r} column of Array3D uint8 (C, H, W), got {feature}")
         self.dataset = dataset.with_format("numpy", columns=[PIXELS])
         self.shape = torch.Size((len(dataset), *feature.shape))
+        self._pool = None
+        self._pending: "collections.OrderedDict" = collections.OrderedDict()
+        self.prefetched_reads = 0  # reads answered by a background read (for the run's reports and the tests)
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def _read(self, indices: List[int]) -> torch.Tensor:
+        rows = self.dataset[indices][PIXELS]
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(rows, dtype=np.uint8)))
 
     def __getitem__(self, indices) -> torch.Tensor:
         indices = torch.as_tensor(indices, dtype=torch.long)
@@ -473,8 +529,41 @@ class ArrowImages:
             return self[indices.reshape(1)][0]
         if len(indices) == 0:
             return torch.zeros((0, *self.shape[1:]), dtype=torch.uint8)
-        rows = self.dataset[indices.tolist()][PIXELS]
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(rows, dtype=np.uint8)))
+        key = tuple(indices.tolist())
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            self.prefetched_reads += 1
+            return pending.result()
+        return self._read(list(key))
+
+    def start_prefetch(self, num_threads: int):
+        """Read the rows named by :meth:`prefetch` in ``num_threads`` background threads (``--dataloader_num_workers``).
+
+        The page faults of the next batches' reads then overlap the current step. A prefetched read is the same
+        function of the same indices as a direct one, so the rows are identical."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if num_threads < 1:
+            raise ValueError(f"--dataloader_num_workers must be >= 1 to prefetch, got {num_threads}")
+        self.stop_prefetch()
+        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="arrow-prefetch")
+        self._max_pending = 2 * num_threads
+
+    def prefetch(self, indices: torch.Tensor):
+        """Start reading rows ``indices`` in the background; the next read of exactly these indices returns them."""
+        key = tuple(torch.as_tensor(indices, dtype=torch.long).reshape(-1).tolist())
+        if self._pool is None or not key or key in self._pending:
+            return
+        self._pending[key] = self._pool.submit(self._read, list(key))
+        while len(self._pending) > self._max_pending:  # reads nobody asked for (e.g. past the run's end) are dropped
+            self._pending.popitem(last=False)
+
+    def stop_prefetch(self):
+        """Stop the background threads and drop reads not yet asked for."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending.clear()
 
     @property
     def nbytes(self) -> int:
@@ -506,7 +595,7 @@ def _resized_size(size: Tuple[int, int], resolution: Optional[int]) -> Tuple[int
 def survey_images(dataset, column: str, resolution: Optional[int], channels: Optional[int],
            preserve_input_precision: bool = False) -> Dict:
     """Read every image's header (mode and size, no pixels) and decide the stored layout as
-    :func:`~diffusers_stf.data.images_to_uint8` does: the channels (RGB when grey and colour images mix and
+    :func:`~diffusers_stf.data.decode_images` does: the channels (RGB when grey and colour images mix and
     ``channels`` is None), and either the common resized (W, H) or, when the resized sizes differ, square
     ``resolution`` crops. Returns ``{"channels", "size", "square_crops", "num_images"}``."""
     import datasets
@@ -523,7 +612,9 @@ def survey_images(dataset, column: str, resolution: Optional[int], channels: Opt
             raise ValueError(f"cannot read image {i}: {err}") from err
         if preserve_input_precision and image.mode in HIGH_BIT_MODES:
             raise ValueError(f"--preserve_input_precision: image {i} has mode {image.mode} (more than 8 bits per "
-                             "channel), but the training images are stored with 8 bits")
+                             "channel), but the memory-mapped Arrow file used for sets over the in-memory cap "
+                             f"MAX_IN_MEMORY_BYTES ({MAX_IN_MEMORY_BYTES / 1e9:.1f} GB) stores 8 bits; lower "
+                             "--resolution or --max_train_samples to fit the cap, or drop --preserve_input_precision")
         kind = 1 if image.mode in GREY_MODES else 3
         first_kind = first_kind or kind
         kinds.add(kind)
@@ -587,7 +678,7 @@ def prepare_arrow_images(dataset, column: str, cache_root: str, resolution: Opti
         resolution: the shorter side is resized to it; images whose resized shapes differ are cropped to squares here
             (centred with ``center_crop``, else at a position seeded by (``seed``, index)).
         channels: 1 or 3; None: the images' own (RGB when they mix).
-        preserve_input_precision: refuse images of more than 8 bits per channel.
+        preserve_input_precision: refuse images of more than 8 bits per channel (the file stores 8 bits).
         num_proc: decoding processes (``datasets.Dataset.map``); None: one.
     """
     import datasets
@@ -611,8 +702,10 @@ def prepare_arrow_images(dataset, column: str, cache_root: str, resolution: Opti
     return ArrowImages(prepared)
 
 
-def decoded_bytes_estimate(dataset, column: str, resolution: Optional[int], channels: Optional[int]) -> int:
-    """The memory the decoded set would take, from the first image's header: N · C · H · W bytes after resizing."""
+def decoded_bytes_estimate(dataset, column: str, resolution: Optional[int], channels: Optional[int],
+                           preserve_input_precision: bool = False) -> int:
+    """The memory the decoded set would take, from the first image's header: N · C · H · W bytes after resizing
+    (twice that when ``preserve_input_precision`` keeps the first image at 16 bits)."""
     import datasets
 
     raw = dataset
@@ -621,7 +714,8 @@ def decoded_bytes_estimate(dataset, column: str, resolution: Optional[int], chan
     image = _open_lazily(raw[0][column])
     w, h = _resized_size(image.size, resolution)
     c = channels or (1 if image.mode in GREY_MODES else 3)
-    return len(dataset) * c * h * w
+    bytes_per_value = 2 if preserve_input_precision and image.mode in HIGH_BIT_MODES else 1
+    return len(dataset) * c * h * w * bytes_per_value
 
 
 def load_training_images(config: DataConfig, seed: int = 0, accelerator=None) -> ImageData:
@@ -664,7 +758,7 @@ def load_training_images(config: DataConfig, seed: int = 0, accelerator=None) ->
             labels = torch.tensor(ds["label"], dtype=torch.long)
         except (TypeError, ValueError):
             labels = None
-    estimate = decoded_bytes_estimate(ds, column, config.resolution, config.channels)
+    estimate = decoded_bytes_estimate(ds, column, config.resolution, config.channels, config.preserve_input_precision)
     if estimate > MAX_IN_MEMORY_BYTES:
         cache_root = os.path.join(config.cache_dir or datasets.config.HF_DATASETS_CACHE, "diffusers_stf_pixels")
         with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
@@ -679,7 +773,7 @@ def load_training_images(config: DataConfig, seed: int = 0, accelerator=None) ->
         ds = ds.cast_column(column, datasets.Image(decode=False))
     raw = ds[column] if len(ds) <= 100_000 else (ex[column] for ex in ds)
     pil_images = (_open_image(item, i) for i, item in enumerate(raw))
-    images = images_to_uint8(pil_images, config.resolution, config.channels, config.center_crop, seed,
+    images = decode_images(pil_images, config.resolution, config.channels, config.center_crop, seed,
                              config.preserve_input_precision)
     return ImageData(images, labels, config.resolution, config.center_crop, config.random_flip, name=name,
                      source=source)

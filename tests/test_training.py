@@ -640,3 +640,107 @@ def test_truncating_the_logs_drops_later_rows_and_a_line_cut_by_a_crash(tmp_path
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2]
     assert [json.loads(line)["step"] for line in (tmp_path / "validation.jsonl").read_text().splitlines()] == [2]
     assert [line.split(",")[0] for line in (tmp_path / "metrics.csv").read_text().splitlines()] == ["step", "1", "2"]
+
+
+# --- --preserve_input_precision: 16-bit images ---------------------------------------------------------------------
+
+# Four 8x8 greyscale ramps with a step of 1/65535: neighbouring values collapse under any 8-bit reduction. The bases
+# put one ramp across 255 (where PIL's 8-bit conversion saturates) and one next to the top of the 16-bit range.
+RAMP_BASES = (200, 300, 30001, 65471)
+
+
+def write_sixteen_bit_ramps(folder):
+    os.makedirs(folder, exist_ok=True)
+    ramps = []
+    for k, base in enumerate(RAMP_BASES):
+        ramp = (base + np.arange(64)).reshape(8, 8).astype(np.uint16)
+        Image.fromarray(ramp).save(os.path.join(folder, f"{k}.png"))  # a 16-bit greyscale PNG
+        ramps.append(ramp)
+    return np.stack(ramps)[:, None]  # (N, 1, 8, 8), in file-name order as imagefolder reads them
+
+
+def served_batches(data, steps=2, batch_size=2):
+    """The batches a Trainer serves to its loss during ``steps`` optimizer steps on ``data``."""
+    from diffusers_stf.training import TrainingConfig
+
+    seen = []
+
+    def loss_fn(model, batch, generator):
+        seen.append((batch["index"].clone(), batch["images"].detach().cpu().clone()))
+        return model(batch["images"].flatten(1)).pow(2).mean()
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainingConfig(output_dir=os.path.join(out, "run"), train_batch_size=batch_size,
+                                max_train_steps=steps, logging_steps=1, checkpointing_steps=0, validation_steps=0,
+                                no_progress_bar=True, report_to="none")
+        channels, side = data.channels, data.resolution
+        Trainer(config, torch.nn.Linear(channels * side * side, 1), loss_fn, data).train()
+    assert len(seen) == steps
+    return seen
+
+
+def test_preserve_input_precision_trains_on_16_bit_pngs_at_16_bits(tmp_path):
+    folder = str(tmp_path / "ramps")
+    ramps = write_sixteen_bit_ramps(folder)
+    data = shared_data(["--train_data_dir", folder, "--preserve_input_precision"])
+    assert data.images.dtype == torch.uint16
+    assert np.array_equal(data.images.numpy(), ramps)  # stored losslessly
+    for index, images in served_batches(data):
+        expected = torch.from_numpy(ramps[index.numpy()].astype(np.float64) / 65535 * 2 - 1)
+        torch.testing.assert_close(images.double(), expected, rtol=0, atol=1e-7)
+        # neighbouring pixels stay 2/65535 apart, which no 8-bit image can represent
+        torch.testing.assert_close(images.double().diff(dim=-1), torch.full_like(expected[..., 1:], 2 / 65535),
+                                   rtol=0, atol=1e-6)
+
+
+def test_without_preserve_input_precision_16_bit_pngs_are_reduced_to_8_bits_as_before(tmp_path):
+    folder = str(tmp_path / "ramps")
+    ramps = write_sixteen_bit_ramps(folder)
+    data = shared_data(["--train_data_dir", folder])
+    # PIL's 8-bit conversion of a 16-bit value v (as diffusers' image.convert does) saturates: min(v, 255)
+    quantised = np.minimum(ramps, 255).astype(np.uint8)
+    assert data.images.dtype == torch.uint8 and np.array_equal(data.images.numpy(), quantised)
+    for index, images in served_batches(data):
+        expected = torch.from_numpy(quantised[index.numpy()].astype(np.float64) / 255 * 2 - 1)
+        torch.testing.assert_close(images.double(), expected, rtol=0, atol=1e-7)
+
+
+def decode_keeping_precision(pil_images):
+    from diffusers_stf.data import decode_images
+
+    return decode_images(pil_images, preserve_input_precision=True)
+
+
+def test_preserve_input_precision_keeps_16_bits_through_rgb_resizing_and_mixed_8_bit_images(tmp_path):
+    folder = str(tmp_path / "mixed")
+    os.makedirs(folder)
+    deep = 40001  # not a multiple of 257: an 8-bit round trip cannot give it back
+    Image.fromarray(np.full((8, 8), deep, np.uint16)).save(os.path.join(folder, "a.png"))
+    Image.new("L", (8, 8), 77).save(os.path.join(folder, "b.png"))  # an 8-bit image in the same set
+    data = shared_data(["--train_data_dir", folder, "--preserve_input_precision", "--channels", "3",
+                        "--resolution", "4"])
+    assert data.images.dtype == torch.uint16 and tuple(data.images.shape) == (2, 3, 4, 4)
+    served = data.batch(torch.tensor([0, 1]))["images"].double()
+    # a constant image stays constant under bilinear resizing; grey becomes RGB by repeating the channel
+    torch.testing.assert_close(served[0], torch.full((3, 4, 4), deep / 65535 * 2 - 1, dtype=torch.float64),
+                               rtol=0, atol=1e-7)
+    torch.testing.assert_close(served[1], torch.full((3, 4, 4), 77 / 255 * 2 - 1, dtype=torch.float64),
+                               rtol=0, atol=1e-7)
+    # PIL mode I (32-bit integers) holding 16-bit values is kept as those values
+    wide = decode_keeping_precision([Image.fromarray(np.full((2, 2), 1000, np.int32))])
+    assert wide.dtype == torch.uint16 and torch.equal(wide, torch.full((1, 1, 2, 2), 1000, dtype=torch.uint16))
+
+
+def test_preserve_input_precision_refuses_what_it_cannot_keep(tmp_path, monkeypatch):
+    from diffusers_stf import data as data_module
+
+    with pytest.raises(ValueError, match="--preserve_input_precision.*mode F"):
+        data_module.decode_images([Image.fromarray(np.zeros((4, 4), np.float32))], preserve_input_precision=True)
+    with pytest.raises(ValueError, match="--preserve_input_precision.*outside the 16-bit range"):
+        data_module.decode_images([Image.fromarray(np.full((4, 4), 70000, np.int32))], preserve_input_precision=True)
+    folder = str(tmp_path / "ramps")
+    write_sixteen_bit_ramps(folder)
+    monkeypatch.setattr(data_module, "MAX_IN_MEMORY_BYTES", 64)  # the four ramps need 4 * 64 * 2 bytes
+    with pytest.raises(ValueError, match="--preserve_input_precision.*MAX_IN_MEMORY_BYTES"):
+        shared_data(["--train_data_dir", folder, "--preserve_input_precision", "--cache_dir", str(tmp_path / "c")])

@@ -386,3 +386,52 @@ def test_torch_compile_compiles_the_trained_model_and_checkpoints_stay_plain(tmp
     assert isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule)
     saved = load_file(str(tmp_path / "run" / "checkpoint-2" / "model" / "diffusion_pytorch_model.safetensors"))
     assert set(saved) == set(unet.state_dict())  # no "_orig_mod." prefixes
+
+
+# --- --dataloader_num_workers: reading the next batches ahead from the memory-mapped file -----------------------------
+
+def batches_seen_by_the_loss(data, output_dir, num_workers, steps=5):
+    from diffusers_stf.training import Trainer, TrainingConfig
+
+    seen = []
+
+    def loss_fn(model, batch, generator):
+        seen.append((batch["index"].clone(), batch["images"].detach().cpu().clone()))
+        return model(batch["images"].flatten(1)).pow(2).mean()
+
+    config = TrainingConfig(output_dir=output_dir, train_batch_size=4, max_train_steps=steps, logging_steps=1,
+                            checkpointing_steps=0, validation_steps=0, no_progress_bar=True, report_to="none",
+                            dataloader_num_workers=num_workers)
+    trainer = Trainer(config, torch.nn.Linear(3 * 6 * 6, 1), loss_fn, data)
+    trainer.train()
+    return seen, trainer
+
+
+def test_dataloader_workers_read_the_arrow_batches_ahead_with_identical_results(tmp_path, capsys):
+    from diffusers_stf.data import DataConfig
+
+    ds, arrays = synthetic_dataset([(6, 6)] * 12)
+    data = load_memory_mapped_images(ds, DataConfig(random_flip=True), str(tmp_path / "cache"))
+    direct, _ = batches_seen_by_the_loss(data, str(tmp_path / "direct"), num_workers=0)
+    assert data.images.prefetched_reads == 0
+    ahead, trainer = batches_seen_by_the_loss(data, str(tmp_path / "ahead"), num_workers=2)
+    assert "2 threads read the next 2 batches" in capsys.readouterr().out
+    # every micro-step after the first was read in the background, and the pool is gone after training
+    assert data.images.prefetched_reads == len(ahead) - 1 == 4 and data.images._pool is None
+    assert len(direct) == len(ahead) == 5
+    for (index_direct, images_direct), (index_ahead, images_ahead) in zip(direct, ahead):
+        assert torch.equal(index_direct, index_ahead) and torch.equal(images_direct, images_ahead)
+        # and they are the file's pixels, x / 255 · 2 − 1, up to the flips
+        pixels = torch.from_numpy(np.stack([arrays[i] for i in index_ahead])).permute(0, 3, 1, 2).double()
+        expected = pixels / 255 * 2 - 1
+        unflipped = torch.isclose(images_ahead.double(), expected, atol=1e-6).flatten(1).all(1)
+        flipped = torch.isclose(images_ahead.double(), expected.flip(-1), atol=1e-6).flatten(1).all(1)
+        assert bool((unflipped | flipped).all())
+
+
+def test_dataloader_workers_on_a_set_in_memory_say_they_have_no_effect(tmp_path, capsys):
+    from diffusers_stf.data import ImageData
+
+    data = ImageData.from_tensor(torch.rand(12, 3, 6, 6) * 2 - 1)
+    batches_seen_by_the_loss(data, str(tmp_path / "run"), num_workers=3, steps=1)
+    assert "--dataloader_num_workers has no effect: the images are held in memory" in capsys.readouterr().out

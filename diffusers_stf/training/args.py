@@ -137,11 +137,12 @@ def add_diffusers_args(parser: argparse.ArgumentParser, ddpm: bool = False):
     g.add_argument("--save_model_epochs", type=int, default=None,
                    help="save the pipeline folder (EMA weights) every N epochs, besides the checkpoints")
     g.add_argument("--dataloader_num_workers", type=int, default=0,
-                   help="accepted for compatibility: the images are decoded once into memory, no loader workers")
+                   help="threads reading the next batches ahead from a memory-mapped (over-the-cap) set; no effect "
+                        "on a set held in memory")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention in the UNet (needs the xformers package)")
     g.add_argument("--preserve_input_precision", action="store_true",
-                   help="refuse 16/32-bit images instead of reducing them to 8 bits")
+                   help="keep 16-bit images at 16 bits instead of reducing them to 8 bits (in-memory sets)")
     g.add_argument("--local_rank", type=int, default=-1,
                    help="accepted for compatibility; the process layout comes from the launcher (LOCAL_RANK)")
     ddpm_help = "" if ddpm else "DDPM only (train_sequence_aware.py); refused here"
@@ -291,8 +292,6 @@ def apply_diffusers_flags(args: argparse.Namespace, explicit: frozenset) -> List
     if args.dataloader_num_workers < 0:
         raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
     notes = []
-    if args.dataloader_num_workers:
-        notes.append("--dataloader_num_workers has no effect: the images are decoded once into memory.")
     differing = []
     for name, theirs in DIFFUSERS_DEFAULTS.items():
         if name in explicit or name not in values:

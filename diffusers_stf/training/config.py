@@ -130,6 +130,8 @@ class TrainingConfig:
         save_images_epochs: a sample grid every N epochs instead of every ``validation_steps``.
         save_model_epochs: save the pipeline folder every N epochs too (diffusers' option).
         no_progress_bar: no tqdm bar.
+        dataloader_num_workers: threads reading the next batches' rows ahead from a memory-mapped Arrow set; no
+            effect on a set held in memory.
         enable_xformers_memory_efficient_attention: xformers attention in the model.
         push_to_hub, hub_model_id, hub_token, hub_private_repo: upload of the final folder.
         notes: lines the run prints at its start (e.g. defaults that differ from diffusers').
@@ -176,6 +178,7 @@ class TrainingConfig:
     num_inference_steps: Optional[int] = 18
     validation_seed: int = 0
     no_progress_bar: bool = False
+    dataloader_num_workers: int = 0
     enable_xformers_memory_efficient_attention: bool = False
     push_to_hub: bool = False
     hub_model_id: Optional[str] = None
@@ -187,7 +190,8 @@ class TrainingConfig:
         for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "default_num_epochs",
                      "max_train_steps", "logging_steps", "num_validation_images", "num_inference_steps"):
             check_count(name, getattr(self, name))
-        for name in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "checkpoints_total_limit"):
+        for name in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "checkpoints_total_limit",
+                     "dataloader_num_workers"):
             check_count(name, getattr(self, name), minimum=0)
         check_finite("learning_rate", self.learning_rate, 0.0, False)
         check_finite("lr_rampup_kimg", self.lr_rampup_kimg, 0.0)

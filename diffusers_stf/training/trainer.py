@@ -21,7 +21,7 @@ from typing import Callable, Dict, Optional, Union
 
 import torch
 
-from ..data import DIGITS_NAME, BatchSchedule, ImageData, derived_seed
+from ..data import DIGITS_NAME, ArrowImages, BatchSchedule, ImageData, derived_seed
 from ..remote_code import write_model_remote_code
 from .accelerator import make_accelerator, step_generator, to_device
 from .checkpoints import (
@@ -137,6 +137,20 @@ class Trainer:
         self.global_draws = bool(global_draws)
         self.share = share_of(self.schedule) if self.global_draws else \
             BatchShare.of_process(config.train_batch_size)
+        # --dataloader_num_workers N: N threads read the rows of the next N micro-batches from a memory-mapped set
+        # ahead of time (a set in memory has nothing to read ahead). The look-ahead uses its own schedule so that
+        # near an epoch's end it does not evict the current epoch's cached permutation.
+        memory_mapped = isinstance(getattr(data, "images", None), ArrowImages)
+        self.read_ahead = config.dataloader_num_workers if memory_mapped else 0
+        self.lookahead_schedule = BatchSchedule(len(data), config.train_batch_size, config.seed, acc.num_processes,
+                                                acc.process_index)
+        if config.dataloader_num_workers:
+            self.read_ahead_note = (
+                f"--dataloader_num_workers {self.read_ahead}: {self.read_ahead} threads read the next "
+                f"{self.read_ahead} batches from the memory-mapped file ahead of time" if self.read_ahead else
+                "--dataloader_num_workers has no effect: the images are held in memory (nothing to read ahead)")
+        else:
+            self.read_ahead_note = None
         self.accumulation = config.gradient_accumulation_steps
         self.steps_per_epoch = self.schedule.batches_per_epoch // self.accumulation
         if self.steps_per_epoch < 1:
@@ -201,6 +215,10 @@ class Trainer:
         data_generator = generator
         if generator.device.type != "cpu":
             data_generator = torch.Generator().manual_seed(derived_seed(self.config.seed, micro_step, stream, 1))
+        for ahead in range(1, self.read_ahead + 1):
+            upcoming = micro_step + ahead
+            self.data.images.prefetch(global_indices(self.lookahead_schedule, upcoming) if self.global_draws
+                                      else self.lookahead_schedule.indices(upcoming))
         global_index = None
         if self.global_draws:  # crops and flips drawn for the whole global batch, then this process's rows
             global_index = global_indices(self.schedule, micro_step)
@@ -313,10 +331,20 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def train(self) -> TrainingResult:
+        """Train for ``max_steps`` optimizer steps (resuming from ``resume_from_checkpoint``), then :meth:`finish`."""
+        if self.read_ahead:
+            self.data.images.start_prefetch(self.read_ahead)
+        try:
+            return self.train_and_finish()
+        finally:
+            if self.read_ahead:
+                self.data.images.stop_prefetch()
+
+    def train_and_finish(self) -> TrainingResult:
         from tqdm.auto import tqdm
 
         config, acc = self.config, self.accelerator
-        for note in (*config.notes, config.length_note()):
+        for note in (*config.notes, config.length_note(), self.read_ahead_note):
             if note:
                 acc.print(note)
         acc.print(f"{self.max_steps} optimizer steps of {self.global_batch} images "
