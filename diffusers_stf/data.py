@@ -251,6 +251,17 @@ class ImageData(torch.utils.data.Dataset):
         return ImageData(self.images[indices], labels, self.resolution, self.center_crop, self.random_flip, self.name,
                          self.source)
 
+    def split_heldout(self, k: int, seed: int):
+        """(training part, held-out part) with ``k`` images held out at random, fixed by ``seed``; (self, None) for
+        k = 0."""
+        if k == 0:
+            return self, None
+        if k >= len(self):
+            raise ValueError(f"holding out {k} images (--num_heldout_images) leaves no training images out of "
+                             f"{len(self)}")
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        return self.subset(order[k:].sort().values), self.subset(order[:k].sort().values)
+
     @property
     def channels(self) -> int:
         return self.images.shape[1]

@@ -33,6 +33,7 @@ from diffusers_stf import DiscriminatorGuidedPipeline, NoiseConditionalClassifie
 from diffusers_stf.losses.discriminator import DG_TRAIN_SIGMA_MAX, DG_TRAIN_SIGMA_MIN, sample_sigma_log_uniform
 from diffusers_stf.evaluation import save_side_by_side
 from diffusers_stf.training import (
+    load_score_pipeline,
     ImageData,
     LossOutput,
     ModelCardInfo,
@@ -132,13 +133,6 @@ def noisy_cross_entropy(model, images, labels, sigma_min, sigma_max, generator):
     return per_sample, sigma, correct
 
 
-def split_heldout(data: ImageData, k: int, seed: int):
-    if k == 0:
-        return data, None
-    if k >= len(data):
-        raise ValueError(f"--num_heldout_images {k} leaves no training images out of {len(data)}")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    return data.subset(order[k:].sort().values), data.subset(order[:k].sort().values)
 
 
 @torch.no_grad()
@@ -186,13 +180,8 @@ def main(argv=None):
 
     score = None
     if args.pretrained_model_name_or_path:
-        score = DiscriminatorGuidedPipeline.from_pretrained(args.pretrained_model_name_or_path).to(accelerator.device)
-        size = score.unet.config.sample_size
-        size = size if isinstance(size, int) else tuple(size)[0]
-        if (score.unet.config.in_channels, size) != (data.channels, data.resolution):
-            raise ValueError(f"the score model generates {score.unet.config.in_channels}x{size}x{size} images but the "
-                             f"data are {data.channels}x{data.resolution}x{data.resolution}; set --resolution/--channels")
-    train, heldout = split_heldout(data, min(args.num_heldout_images, len(data) // 2), training.seed)
+        score = load_score_pipeline(args.pretrained_model_name_or_path, data, accelerator.device)
+    train, heldout = data.split_heldout(min(args.num_heldout_images, len(data) // 2), training.seed)
     sigma_data = float(score.scheduler.config.get("sigma_data", 0.5)) if score is not None else 0.5
     classifier = build_classifier(args, data, num_classes, sigma_data)
     accelerator.print(f"{len(train)} training images ({data.channels}x{data.resolution}x{data.resolution}, {data.name}, "

@@ -39,6 +39,7 @@ from diffusers_stf.losses.discriminator import DG_TRAIN_SIGMA_MAX, DG_TRAIN_SIGM
 from diffusers_stf.losses.discriminator import REDUCTIONS as DISCRIMINATOR_REDUCTIONS
 from diffusers_stf.evaluation import save_side_by_side
 from diffusers_stf.training import (
+    load_score_pipeline,
     DataConfig,
     ImageData,
     LossOutput,
@@ -231,14 +232,6 @@ def load_fake_images(data_config: DataConfig, seed: int, folder: str, real: Imag
     return load_training_images(fake_config, seed, accelerator)
 
 
-def split_heldout(data: ImageData, k: int, seed: int):
-    """(training part, held-out part) with ``k`` images held out at random (fixed by ``seed``)."""
-    if k == 0:
-        return data, None
-    if k >= len(data):
-        raise ValueError(f"--num_heldout_images {k} leaves no training images out of {len(data)}")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    return data.subset(order[k:].sort().values), data.subset(order[:k].sort().values)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,12 +303,7 @@ def main(argv=None):
 
     score = None
     if args.pretrained_model_name_or_path:
-        score = DiscriminatorGuidedPipeline.from_pretrained(args.pretrained_model_name_or_path).to(accelerator.device)
-        size = score.unet.config.sample_size
-        size = size if isinstance(size, int) else tuple(size)[0]
-        if (score.unet.config.in_channels, size) != (real.channels, real.resolution):
-            raise ValueError(f"the score model generates {score.unet.config.in_channels}x{size}x{size} images but the "
-                             f"real data are {real.channels}x{real.resolution}x{real.resolution}; set --resolution/--channels")
+        score = load_score_pipeline(args.pretrained_model_name_or_path, real, accelerator.device)
     num_classes = 0
     if args.class_conditional:
         if real.labels is None:
@@ -331,8 +319,8 @@ def main(argv=None):
     fake = load_fake_images(config.data, training.seed, fake_dir, real, accelerator)
     if num_classes and fake.labels is None:
         raise ValueError("--class_conditional needs labelled fake images (one subfolder per class in --fake_data_dir)")
-    real_train, real_heldout = split_heldout(real, min(args.num_heldout_images, len(real) // 2), training.seed)
-    fake_train, fake_heldout = split_heldout(fake, min(args.num_heldout_images, len(fake) // 2), training.seed + 1)
+    real_train, real_heldout = real.split_heldout(min(args.num_heldout_images, len(real) // 2), training.seed)
+    fake_train, fake_heldout = fake.split_heldout(min(args.num_heldout_images, len(fake) // 2), training.seed + 1)
 
     disc = build_discriminator(args, real, score, num_classes)
     trainable = [p for p in disc.parameters() if p.requires_grad]

@@ -34,6 +34,7 @@ from .ema import HalfLifeEMA, MovingAverage, WarmupEMA, ema_beta, warmup_ema_bet
 from .hub import push_folder_to_hub
 from .metrics_log import MetricsLogger, bucket_names, read_metrics
 from .model_card import ModelCardInfo, write_model_card
+from .score_model import load_score_pipeline
 from .trainer import LossOutput, NonFiniteLossError, Trainer, TrainingResult, print_summary
 from .unet import make_unet, unet_config
 from .validation import image_grid, sample_grid, save_image_grid
