@@ -32,19 +32,9 @@ import torch.nn.functional as F
 from diffusers_stf import DiscriminatorGuidedPipeline, NoiseConditionalClassifier
 from diffusers_stf.losses.discriminator import DG_TRAIN_SIGMA_MAX, DG_TRAIN_SIGMA_MIN, sample_sigma_log_uniform
 from diffusers_stf.evaluation import save_side_by_side
-from diffusers_stf.training import (
-    load_score_pipeline,
-    ImageData,
-    LossOutput,
-    ModelCardInfo,
-    Trainer,
-    add_training_args,
-    float_list,
-    int_list,
-    load_training_images,
-    make_accelerator,
-    parse_training_args,
-)
+from diffusers_stf.training import EncoderConfig, ImageData, LossOutput, ModelCardInfo, Trainer, add_encoder_args
+from diffusers_stf.training import add_training_args, encoder_config, float_list, load_score_pipeline
+from diffusers_stf.training import load_training_images, make_accelerator, parse_training_args, training_parser
 
 DESCRIPTION = (
     "A noise-conditional classifier p(y | x, σ) for **classifier guidance** (Dhariwal & Nichol, NeurIPS 2021, "
@@ -71,21 +61,15 @@ images = pipeline(batch_size=16, class_labels=torch.arange(16) % classifier.conf
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = training_parser(__doc__)
     g = parser.add_argument_group("classifier")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                    help="score pipeline folder or Hub id to save the classifier with (optional)")
     g.add_argument("--sigma_min", type=float, default=DG_TRAIN_SIGMA_MIN,
                    help="log-uniform sigma range, the discriminator's (DG: VP time 1e-5..1)")
     g.add_argument("--sigma_max", type=float, default=DG_TRAIN_SIGMA_MAX)
-    g.add_argument("--clf_block_out_channels", type=int_list, default=(32, 64), help="widths, e.g. 32,64")
-    g.add_argument("--clf_layers_per_block", type=int, default=1)
-    g.add_argument("--clf_attention_levels", type=int_list, default=(), help="levels with attention blocks")
-    g.add_argument("--clf_mid_block", type=str, default="none", choices=("none", "resnet", "attention"))
-    g.add_argument("--clf_norm_num_groups", type=int, default=8)
-    g.add_argument("--clf_preconditioning", type=str, default="vp", choices=("vp", "edm"),
-                   help="vp: x/sqrt(1+sigma^2) at 999*tau (guided_diffusion's classifier); edm: x/sqrt(sigma^2+sigma_data^2) at ln(sigma)/4")
+    add_encoder_args(g, "clf", "vp: x/sqrt(1+sigma^2) at 999*tau (guided_diffusion's classifier); edm: "
+                               "x/sqrt(sigma^2+sigma_data^2) at ln(sigma)/4")
     g.add_argument("--num_heldout_images", type=int, default=128,
                    help="images kept out of training for the per-sigma validation accuracy")
     g.add_argument("--validation_sigmas", type=float_list, default=(0.05, 0.2, 0.5, 1.0, 2.0, 5.0),
@@ -106,19 +90,13 @@ def check_args(args):
         raise ValueError(f"--num_heldout_images must be >= 0, got {args.num_heldout_images}")
     if args.classifier_guidance_scale < 0:
         raise ValueError(f"--classifier_guidance_scale must be >= 0, got {args.classifier_guidance_scale}")
-    if any(not 0 <= level < len(args.clf_block_out_channels) for level in args.clf_attention_levels):
-        raise ValueError(f"--clf_attention_levels must be in [0, {len(args.clf_block_out_channels) - 1}]")
-    return args
+    return encoder_config(args, "clf")
 
 
-def build_classifier(args, data: ImageData, num_classes: int, sigma_data: float) -> NoiseConditionalClassifier:
-    widths = args.clf_block_out_channels
-    return NoiseConditionalClassifier(
-        sample_size=data.resolution, in_channels=data.channels, num_classes=num_classes, block_out_channels=widths,
-        down_block_types=tuple("AttnDownBlock2D" if i in args.clf_attention_levels else "DownBlock2D" for i in range(len(widths))),
-        layers_per_block=args.clf_layers_per_block, norm_num_groups=args.clf_norm_num_groups,
-        mid_block_type={"none": None, "resnet": "UNetMidBlock2DNoAttention", "attention": "UNetMidBlock2D"}[args.clf_mid_block],
-        preconditioning=args.clf_preconditioning, sigma_data=sigma_data)
+def build_classifier(encoder: EncoderConfig, data: ImageData, num_classes: int,
+                     sigma_data: float) -> NoiseConditionalClassifier:
+    return NoiseConditionalClassifier(sample_size=data.resolution, in_channels=data.channels, num_classes=num_classes,
+                                      sigma_data=sigma_data, **encoder.model_kwargs())
 
 
 def noisy_cross_entropy(model, images, labels, sigma_min, sigma_max, generator):
@@ -167,7 +145,7 @@ def guided_grid(score, classifier, args, training, num_classes: int, path: str, 
 
 def main(argv=None):
     args, config = parse_training_args(build_parser(), argv)
-    check_args(args)
+    encoder = check_args(args)
     training = config.training
     accelerator = make_accelerator(training)
     data = load_training_images(config.data, training.seed, accelerator)
@@ -183,7 +161,7 @@ def main(argv=None):
         score = load_score_pipeline(args.pretrained_model_name_or_path, data, accelerator.device)
     train, heldout = data.split_heldout(min(args.num_heldout_images, len(data) // 2), training.seed)
     sigma_data = float(score.scheduler.config.get("sigma_data", 0.5)) if score is not None else 0.5
-    classifier = build_classifier(args, data, num_classes, sigma_data)
+    classifier = build_classifier(encoder, data, num_classes, sigma_data)
     accelerator.print(f"{len(train)} training images ({data.channels}x{data.resolution}x{data.resolution}, {data.name}, "
                       f"{num_classes} classes); held out {len(heldout) if heldout else 0}; classifier with "
                       f"{classifier.num_parameters() / 1e6:.3f}M parameters")

@@ -38,20 +38,9 @@ from diffusers_stf.losses import make_discriminator_loss
 from diffusers_stf.losses.discriminator import DG_TRAIN_SIGMA_MAX, DG_TRAIN_SIGMA_MIN, DISCRIMINATOR_LOSSES
 from diffusers_stf.losses.discriminator import REDUCTIONS as DISCRIMINATOR_REDUCTIONS
 from diffusers_stf.evaluation import save_side_by_side
-from diffusers_stf.training import (
-    load_score_pipeline,
-    DataConfig,
-    ImageData,
-    LossOutput,
-    ModelCardInfo,
-    Trainer,
-    add_training_args,
-    float_list,
-    int_list,
-    load_training_images,
-    make_accelerator,
-    parse_training_args,
-)
+from diffusers_stf.training import DataConfig, EncoderConfig, ImageData, LossOutput, ModelCardInfo, Trainer
+from diffusers_stf.training import add_encoder_args, add_training_args, encoder_config, float_list, load_score_pipeline
+from diffusers_stf.training import load_training_images, make_accelerator, parse_training_args, training_parser
 
 logger = logging.getLogger("train_discriminator")
 
@@ -85,8 +74,7 @@ images = pipeline(batch_size=16, num_inference_steps=18, generator=torch.Generat
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = training_parser(__doc__)
     g = parser.add_argument_group("fake images")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                    help="EDM pipeline folder or Hub id: generates the fake images and is the score model of the saved "
@@ -112,13 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the score UNet; transformers: a head on a frozen transformers vision model (--backbone)")
     g.add_argument("--backbone", type=str, default=None, help="local folder of a transformers vision model")
     g.add_argument("--backbone_resolution", type=int, default=None, help="resize images to this side for the backbone")
-    g.add_argument("--disc_block_out_channels", type=int_list, default=(32, 64), help="head widths, e.g. 32,64")
-    g.add_argument("--disc_layers_per_block", type=int, default=1)
-    g.add_argument("--disc_attention_levels", type=int_list, default=(), help="head levels with attention blocks")
-    g.add_argument("--disc_mid_block", type=str, default="none", choices=("none", "resnet", "attention"))
-    g.add_argument("--disc_norm_num_groups", type=int, default=8)
-    g.add_argument("--disc_preconditioning", type=str, default="vp", choices=("vp", "edm"),
-                   help="vp: DG's inputs (x/sqrt(1+sigma^2) at 999*tau); edm: x/sqrt(sigma^2+sigma_data^2) at ln(sigma)/4")
+    add_encoder_args(g, "disc", "vp: DG's inputs (x/sqrt(1+sigma^2) at 999*tau); edm: x/sqrt(sigma^2+sigma_data^2) "
+                                "at ln(sigma)/4")
     g.add_argument("--class_conditional", action="store_true", help="condition on the class labels (DG's conditional model)")
     g.add_argument("--num_heldout_images", type=int, default=128,
                    help="real and fake images kept out of training for the per-sigma validation accuracy")
@@ -151,9 +134,7 @@ def check_args(args):
         raise ValueError("--feature_extractor unet_encoder needs --pretrained_model_name_or_path (the score UNet)")
     if args.feature_extractor == "transformers" and not args.backbone:
         raise ValueError("--feature_extractor transformers needs --backbone (a local transformers model folder)")
-    if any(not 0 <= level < len(args.disc_block_out_channels) for level in args.disc_attention_levels):
-        raise ValueError(f"--disc_attention_levels must be in [0, {len(args.disc_block_out_channels) - 1}]")
-    return args
+    return encoder_config(args, "disc")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,15 +219,9 @@ def load_fake_images(data_config: DataConfig, seed: int, folder: str, real: Imag
 # Model, validation
 
 
-def build_discriminator(args, real: ImageData, score, num_classes: int) -> Discriminator:
-    widths = args.disc_block_out_channels
-    head = dict(block_out_channels=widths,
-                down_block_types=tuple("AttnDownBlock2D" if i in args.disc_attention_levels else "DownBlock2D"
-                                       for i in range(len(widths))),
-                layers_per_block=args.disc_layers_per_block, norm_num_groups=args.disc_norm_num_groups,
-                mid_block_type={"none": None, "resnet": "UNetMidBlock2DNoAttention", "attention": "UNetMidBlock2D"}[args.disc_mid_block],
-                num_class_embeds=num_classes or None, preconditioning=args.disc_preconditioning,
-                sigma_data=float(score.scheduler.config.get("sigma_data", 0.5)) if score is not None else 0.5)
+def build_discriminator(args, encoder: EncoderConfig, real: ImageData, score, num_classes: int) -> Discriminator:
+    sigma_data = float(score.scheduler.config.get("sigma_data", 0.5)) if score is not None else 0.5
+    head = dict(num_class_embeds=num_classes or None, sigma_data=sigma_data, **encoder.model_kwargs())
     if args.feature_extractor == "unet_encoder":
         return Discriminator.from_unet_encoder(score.unet, score.scheduler, **head)
     if args.feature_extractor == "transformers":
@@ -295,7 +270,7 @@ def guided_grid(score, disc, args, training, path: str, device) -> str:
 
 def main(argv=None):
     args, config = parse_training_args(build_parser(), argv)
-    check_args(args)
+    encoder = check_args(args)
     training = config.training
     fake_dir = args.fake_data_dir or os.path.join(training.output_dir, "fake_images")
     accelerator = make_accelerator(training)
@@ -322,7 +297,7 @@ def main(argv=None):
     real_train, real_heldout = real.split_heldout(min(args.num_heldout_images, len(real) // 2), training.seed)
     fake_train, fake_heldout = fake.split_heldout(min(args.num_heldout_images, len(fake) // 2), training.seed + 1)
 
-    disc = build_discriminator(args, real, score, num_classes)
+    disc = build_discriminator(args, encoder, real, score, num_classes)
     trainable = [p for p in disc.parameters() if p.requires_grad]
     accelerator.print(f"{len(real_train)} real / {len(fake_train)} fake training images "
                       f"({real.channels}x{real.resolution}x{real.resolution}, {real.name}); held out "

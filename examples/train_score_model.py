@@ -35,17 +35,9 @@ from diffusers_stf.data import DIGITS_NAME
 from diffusers_stf.losses.score_matching import DenoisingScoreMatchingLoss
 from diffusers_stf.noise_schedules import max_pairwise_distance, ncsnv2_sigmas, ncsnv2_step_size
 from diffusers_stf.preconditioning import Denoiser
-from diffusers_stf.training import (
-    LossOutput,
-    ModelCardInfo,
-    Trainer,
-    add_training_args,
-    image_grid,
-    load_training_images,
-    make_accelerator,
-    make_unet,
-    parse_training_args,
-)
+from diffusers_stf.training import LossOutput, ModelCardInfo, Trainer, add_training_args, image_grid
+from diffusers_stf.training import load_training_images, make_accelerator, make_unet, parse_training_args
+from diffusers_stf.training import training_parser
 
 logger = logging.getLogger("train_score_model")
 
@@ -105,8 +97,7 @@ LOADING_NOTE = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = training_parser(__doc__)
     g = parser.add_argument_group("noise levels and network (NCSNv2 techniques)")
     g.add_argument("--sigma_min", type=float, default=0.01, help="σ_L, the smallest noise level")
     g.add_argument("--sigma_max", type=float, default=None,

@@ -33,17 +33,8 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 from diffusers_stf.losses import SequenceAwareLoss, check_reference_batch_size
 from diffusers_stf.losses.sequence_aware import NOISE_COUPLINGS, REDUCTIONS, TIMESTEP_SAMPLINGS, WEIGHTINGS, WINDOWS
 from diffusers_stf.noise_schedules import betas_for_schedule
-from diffusers_stf.training import (
-    LossOutput,
-    ModelCardInfo,
-    Trainer,
-    add_training_args,
-    load_training_images,
-    make_accelerator,
-    make_unet,
-    parse_training_args,
-    save_image_grid,
-)
+from diffusers_stf.training import LossOutput, ModelCardInfo, Trainer, add_training_args, load_training_images
+from diffusers_stf.training import make_accelerator, make_unet, parse_training_args, save_image_grid, training_parser
 
 logger = logging.getLogger("train_sequence_aware")
 
@@ -83,8 +74,7 @@ images = edm(batch_size=16, num_inference_steps=18, generator=torch.Generator().
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = training_parser(__doc__)
     g = parser.add_argument_group("DDPM schedule")
     g.add_argument("--num_train_timesteps", type=int, default=1000, help="T")
     g.add_argument("--beta_schedule", type=str, default="linear", choices=tuple(BETA_SCHEDULES),

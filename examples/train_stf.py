@@ -25,36 +25,14 @@ import torch
 from diffusers_stf import AugmentConditionedUNet2DModel, AugmentPipe, EDMHeunScheduler, EDMPipeline
 from diffusers_stf.losses import StableTargetFieldLoss, make_denoising_loss, reduce_per_sample
 from diffusers_stf.losses.edm import randn
-from diffusers_stf.training import (
-    LossOutput,
-    ModelCardInfo,
-    Trainer,
-    add_training_args,
-    load_training_images,
-    make_accelerator,
-    make_unet,
-    parse_training_args,
-    to_device,
-)
+from diffusers_stf.training import LossOutput, ModelCardInfo, Trainer, add_training_args, load_training_images
+from diffusers_stf.training import make_accelerator, make_unet, parse_training_args, to_device, training_parser
 
 logger = logging.getLogger("train_stf")
 
-DESCRIPTION = (
-    "An unconditional `UNet2DModel` trained with EDM's {precond} preconditioning, noise distribution and loss "
-    "weighting (Karras et al., NeurIPS 2022){stf}. Samples come from EDM's deterministic Heun sampler through "
-    "`diffusers_stf.EDMPipeline`."
-)
-STF_TEXT = (
-    ", with the **Stable Target Field** objective (Xu, Tong & Jaakkola, ICLR 2023, "
-    "[arXiv:2302.00670](https://arxiv.org/abs/2302.00670)): the regression target of each noisy image is the "
-    "importance-weighted average of a reference batch of {r} images, which lowers the variance of the training "
-    "targets at intermediate noise levels"
-)
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = training_parser(__doc__)
     g = parser.add_argument_group("loss (EDM / Stable Target Field)")
     g.add_argument("--loss", type=str, default="stf", choices=("stf", "edm"),
                    help="stf: stable targets over a reference batch; edm: EDM's denoising loss")
@@ -80,6 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(output_dir=os.path.join("outputs", "train_stf"), checkpointing_steps=500,
                         validation_steps=500, logging_steps=50, max_grad_norm=0.0)
     return parser
+
+
+def model_card(precond: str, reference_batch_size, data_name: str) -> ModelCardInfo:
+    """What the model card says: EDM's recipe, and STF with R references when ``reference_batch_size`` is given."""
+    stf_text = (
+        ", with the **Stable Target Field** objective (Xu, Tong & Jaakkola, ICLR 2023, "
+        "[arXiv:2302.00670](https://arxiv.org/abs/2302.00670)): the regression target of each noisy image is the "
+        f"importance-weighted average of a reference batch of {reference_batch_size} images, which lowers the "
+        "variance of the training targets at intermediate noise levels"
+    ) if reference_batch_size else ""
+    description = (
+        f"An unconditional `UNet2DModel` trained with EDM's {precond.upper()} preconditioning, noise distribution and "
+        f"loss weighting (Karras et al., NeurIPS 2022){stf_text}. Samples come from EDM's deterministic Heun sampler "
+        "through `diffusers_stf.EDMPipeline`."
+    )
+    stf = reference_batch_size is not None
+    return ModelCardInfo(title=f"{'STF' if stf else 'EDM'} UNet2DModel on {data_name}", description=description,
+                         tags=["edm", "stable-target-field"] if stf else ["edm"],
+                         extra={"script": "examples/train_stf.py"})
 
 
 def main(argv=None):
@@ -146,13 +143,7 @@ def main(argv=None):
         return EDMPipeline(unet=model, scheduler=EDMHeunScheduler(sigma_data=args.sigma_data,
                                                                   preconditioning=args.precond))
 
-    card = ModelCardInfo(
-        title=f"{'STF' if stf else 'EDM'} UNet2DModel on {data.name}",
-        description=DESCRIPTION.format(precond=args.precond.upper(),
-                                       stf=STF_TEXT.format(r=args.stf_reference_batch_size) if stf else ""),
-        tags=["edm", "stable-target-field"] if stf else ["edm"],
-        extra={"script": "examples/train_stf.py"},
-    )
+    card = model_card(args.precond, args.stf_reference_batch_size if stf else None, data.name)
     fingerprint = {"loss": args.loss, "precond": args.precond, "loss_reduction": args.loss_reduction,
                    "stf_reference_batch_size": args.stf_reference_batch_size if stf else None,
                    "stf_gather_references": bool(stf and args.stf_gather_references), "P_mean": args.P_mean,

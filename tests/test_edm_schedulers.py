@@ -99,10 +99,12 @@ def test_heun_model_evaluations():
     assert s.order == 2
 
 
+@pytest.mark.parametrize("scheduler_class", [EDMStochasticScheduler, EDMHeunScheduler])
 @pytest.mark.parametrize("s_churn,s_tmin,s_tmax,s_noise", [(40.0, 0.0, math.inf, 1.0), (10.0, 0.05, 50.0, 1.003)])
-def test_stochastic_equals_algorithm_2_under_same_noise(s_churn, s_tmin, s_tmax, s_noise):
+def test_stochastic_equals_algorithm_2_under_same_noise(scheduler_class, s_churn, s_tmin, s_tmax, s_noise):
+    """Both names take EDM's churn arguments, as NVlabs' edm_sampler and k-diffusion's sample_heun do."""
     n, shape = 12, (2, 1, 4, 4)
-    sched = EDMStochasticScheduler(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+    sched = scheduler_class(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     x_hat0, x = run_standard_loop(sched, n, shape, seed=3)
     # Replay the generator: the latents, then one z per churned step i >= 1, drawn as float32 as the scheduler does.
     t = karras_sigmas(n)
@@ -164,18 +166,19 @@ def test_core_heun_step_with_per_sample_sigma_hat_equals_the_transcription_per_s
         assert torch.allclose(x_next[b], x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d_p), atol=1e-12, rtol=0)
 
 
-def test_step_denoised_correction_is_added_to_the_denoiser():
-    """One Euler step to σ = 0 returns D(x; σ_0) + c (EDM eq. 7 written here): the correction enters as DG's does."""
+def test_single_step_to_zero_returns_the_denoiser():
+    """One Euler step to σ = 0 returns D(x; σ_0) (EDM eq. 7 written here), the denoised estimate too."""
     s = EDMHeunScheduler(sigma_max=2.0)
     s.set_timesteps(1)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64) * 2.0
-    F, c = torch.randn_like(x), torch.randn_like(x)
+    F = torch.randn_like(x)
     t = s.timesteps[0]
-    out = s.step(F, t, s.scale_model_input(x, t) * 0 + x, denoised_correction=c).prev_sample
+    out = s.step(F, t, s.scale_model_input(x, t) * 0 + x)
     sigma, sd = 2.0, 0.5
     D = sd**2 / (sigma**2 + sd**2) * x + sigma * sd / math.sqrt(sigma**2 + sd**2) * F
-    assert torch.allclose(out, D + c, atol=1e-12)
+    assert torch.allclose(out.prev_sample, D, atol=1e-12)
+    assert torch.allclose(out.pred_original_sample, D, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------------------

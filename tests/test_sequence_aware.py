@@ -4,6 +4,8 @@ Time convention in this file: paper time t = 1..T; diffusers' timestep index is 
 """
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -391,25 +393,27 @@ def test_theorem_2_bounds(unet, K):
 # --------------------------------------------------------------------------------------------------------------
 # The training script end to end
 
-def test_tiny_training_run_writes_a_ddpm_pipeline(tmp_path):
-    import os
-    import sys
+def train_tiny_ddpm(out_dir: str, *flags: str):
+    """examples/train_sequence_aware.py on a 8→16-channel UNet for a few steps, with ``flags`` added."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import train_sequence_aware
 
+    train_sequence_aware.main([
+        "--output_dir", out_dir, "--block_out_channels", "8,16", "--norm_num_groups", "4",
+        "--num_validation_images", "2", "--num_inference_steps", "2", "--checkpointing_steps", "0",
+        "--validation_steps", "0", "--no_progress_bar", *flags,
+    ])
+
+
+def test_tiny_training_run_writes_a_ddpm_pipeline(tmp_path):
     from diffusers import DDPMPipeline
 
     from diffusers_stf import EDMHeunScheduler, EDMPipeline
     from diffusers_stf.training import read_metrics
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-    import train_sequence_aware
-
     out_dir = str(tmp_path / "sa")
-    train_sequence_aware.main([
-        "--output_dir", out_dir, "--block_out_channels", "8,16", "--norm_num_groups", "4", "--max_train_steps", "4",
-        "--train_batch_size", "16", "--num_validation_images", "4", "--num_inference_steps", "2",
-        "--checkpointing_steps", "0", "--validation_steps", "0", "--logging_steps", "2", "--no_progress_bar",
-        "--sa_k", "3", "--sa_lambda", "0.3", "--beta_schedule", "cosine", "--num_train_timesteps", "100",
-    ])
+    train_tiny_ddpm(out_dir, "--max_train_steps", "4", "--train_batch_size", "16", "--logging_steps", "2",
+                    "--sa_k", "3", "--sa_lambda", "0.3", "--beta_schedule", "cosine", "--num_train_timesteps", "100")
     rows = read_metrics(os.path.join(out_dir, "logs"))
     assert rows and all(r["loss_sa"] > 0 and r["loss_simple"] > 0 for r in rows)
     assert os.path.isfile(os.path.join(out_dir, "samples.png"))
@@ -536,24 +540,14 @@ def test_unknown_prediction_type_is_refused():
 
 
 def test_v_prediction_run_writes_a_v_prediction_pipeline(tmp_path):
-    import os
-    import sys
-
     from diffusers import DDPMPipeline
 
     from diffusers_stf import EDMHeunScheduler
     from diffusers_stf.training import read_metrics
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-    import train_sequence_aware
-
     out_dir = str(tmp_path / "sa_v")
-    train_sequence_aware.main([
-        "--output_dir", out_dir, "--block_out_channels", "8,16", "--norm_num_groups", "4", "--max_train_steps", "2",
-        "--train_batch_size", "8", "--num_validation_images", "2", "--num_inference_steps", "2",
-        "--checkpointing_steps", "0", "--validation_steps", "0", "--logging_steps", "1", "--no_progress_bar",
-        "--num_train_timesteps", "50", "--prediction_type", "v_prediction",
-    ])
+    train_tiny_ddpm(out_dir, "--max_train_steps", "2", "--train_batch_size", "8", "--logging_steps", "1",
+                    "--num_train_timesteps", "50", "--prediction_type", "v_prediction")
     rows = read_metrics(os.path.join(out_dir, "logs"))
     assert rows and all(math.isfinite(r["loss"]) for r in rows)
     ddpm = DDPMPipeline.from_pretrained(out_dir)
@@ -561,4 +555,4 @@ def test_v_prediction_run_writes_a_v_prediction_pipeline(tmp_path):
     edm = EDMHeunScheduler.from_config(ddpm.scheduler.config, preconditioning="ddpm")
     assert edm.config.prediction_type == "v_prediction"
     with pytest.raises(ValueError, match="--prediction_type must be one of"):
-        train_sequence_aware.main(["--output_dir", str(tmp_path / "bad"), "--prediction_type", "x0"])
+        train_tiny_ddpm(str(tmp_path / "bad"), "--prediction_type", "x0")

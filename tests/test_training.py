@@ -744,3 +744,20 @@ def test_preserve_input_precision_refuses_what_it_cannot_keep(tmp_path, monkeypa
     monkeypatch.setattr(data_module, "MAX_IN_MEMORY_BYTES", 64)  # the four ramps need 4 * 64 * 2 bytes
     with pytest.raises(ValueError, match="--preserve_input_precision.*MAX_IN_MEMORY_BYTES"):
         shared_data(["--train_data_dir", folder, "--preserve_input_precision", "--cache_dir", str(tmp_path / "c")])
+
+
+@pytest.mark.parametrize("prefix", ["clf", "disc"])
+def test_encoder_flags_become_the_models_arguments(prefix):
+    from diffusers_stf.training import add_encoder_args, encoder_config
+
+    parser = argparse.ArgumentParser()
+    add_encoder_args(parser.add_argument_group("encoder"), prefix, "how (x, sigma) enter")
+    args = parser.parse_args([f"--{prefix}_block_out_channels", "8,16,32", f"--{prefix}_attention_levels", "1,2",
+                              f"--{prefix}_mid_block", "attention", f"--{prefix}_norm_num_groups", "4",
+                              f"--{prefix}_layers_per_block", "2", f"--{prefix}_preconditioning", "edm"])
+    assert encoder_config(args, prefix).model_kwargs() == dict(
+        block_out_channels=(8, 16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        layers_per_block=2, norm_num_groups=4, mid_block_type="UNetMidBlock2D", preconditioning="edm")
+    args = parser.parse_args([f"--{prefix}_attention_levels", "2"])  # two default levels: 0 and 1
+    with pytest.raises(ValueError, match=f"--{prefix}_attention_levels must be in \\[0, 1\\], got 2"):
+        encoder_config(args, prefix)

@@ -3,7 +3,6 @@ logs/loss.png, captioned grids and the tracker's sample images."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -107,7 +107,7 @@ def make_scheduler(base_scheduler, name: str, **overrides):
     scheduler = cls.from_config(base_scheduler.config, **overrides)
     unknown = [k for k in overrides if k not in scheduler.config and k not in parametrisation]
     if unknown:
-        raise ValueError(f"{cls.__name__} has no option(s) {unknown}; e.g. churn needs the 'stochastic' scheduler")
+        raise ValueError(f"{cls.__name__} has no option(s) {unknown}")
     return scheduler
 
 

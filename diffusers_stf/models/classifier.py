@@ -46,16 +46,19 @@ class NoiseConditionalClassifierOutput(BaseOutput):
 class NoiseConditionalClassifier(ModelMixin, ConfigMixin):
     """Noise-conditional classifier p_φ(y | x, σ) for classifier guidance (Dhariwal & Nichol 2021, Algorithm 1).
 
+    The arguments are the :class:`~diffusers_stf.models.Discriminator`'s, in its order, with the number of classes
+    where the discriminator has its class embedding.
+
     Args:
         sample_size: side of the images it classifies (must match the score UNet's ``sample_size``).
         in_channels: their channels (must match the UNet's ``in_channels``).
-        num_classes: K, the number of classes.
         block_out_channels: widths of the down blocks.
         down_block_types: diffusers down block names (``DownBlock2D``, ``AttnDownBlock2D``, …), one per width.
         layers_per_block: ResNet layers per down block.
         norm_num_groups: GroupNorm groups (must divide every width).
         attention_head_dim: head size of attention blocks, if any.
         mid_block_type: ``UNetMidBlock2D`` (with attention), ``UNetMidBlock2DNoAttention`` or None.
+        num_classes: K, the number of classes.
         preconditioning: how (x, σ) enter the network (``vp``: x/√(1+σ²) at 999·τ(σ); ``edm``:
             x/√(σ²+σ_data²) at ln(σ)/4; or any other name of :func:`make_preconditioning`).
         sigma_data: σ_data of the ``edm`` preconditioning.
@@ -66,13 +69,13 @@ class NoiseConditionalClassifier(ModelMixin, ConfigMixin):
         self,
         sample_size: int = 32,
         in_channels: int = 3,
-        num_classes: int = 10,
         block_out_channels: Tuple[int, ...] = (32, 64),
         down_block_types: Tuple[str, ...] = ("DownBlock2D", "DownBlock2D"),
         layers_per_block: int = 1,
         norm_num_groups: int = 8,
         attention_head_dim: int = 8,
         mid_block_type: Optional[str] = None,
+        num_classes: int = 10,
         preconditioning: str = "vp",
         sigma_data: float = 0.5,
     ):

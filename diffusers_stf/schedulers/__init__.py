@@ -2,6 +2,7 @@
 
 from . import edm_sampling  # the EDM sampler core (Algorithm 2 line by line), shared by the EDM schedulers and DG
 from .step_index import StepIndexMixin
+from .scheduling_base import PreconditionedScheduler
 from .scheduling_edm_heun import EDMHeunScheduler, EDMSchedulerOutput
 from .scheduling_edm_stochastic import EDMStochasticScheduler
 

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..noise_schedules import geometric_sigmas
 from ..preconditioning import NCSN_TIMESTEP_TYPES, SCORE_PREDICTION_TYPES, make_preconditioning
-from .input_checks import check_choices, check_sigma_range, check_sigmas, check_step_count
-from .step_index import StepIndexMixin
+from .input_checks import check_choices, check_sigma_range, check_step_count
+from .scheduling_base import PreconditionedScheduler
 
 SAMPLERS = ("als", "cas")
 
@@ -34,7 +33,7 @@ class AnnealedLangevinSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.Tensor] = None
 
 
-class AnnealedLangevinScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
+class AnnealedLangevinScheduler(PreconditionedScheduler):
     """Annealed Langevin sampling of a noise-conditional score network s_θ(x, σ).
 
     ``sampler="als"`` (NCSN Algorithm 1, with the update of NCSNv2 Algorithm 1 and the official code):
@@ -79,8 +78,8 @@ class AnnealedLangevinScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
         timestep_type: what the network receives: ``index``, ``log_sigma``, ``sigma`` or ``none``.
     """
 
-    order = 1
     _compatibles = []
+    output_class = AnnealedLangevinSchedulerOutput
 
     @register_to_config
     def __init__(
@@ -123,27 +122,18 @@ class AnnealedLangevinScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
     # ----------------------------------------------------------------------------------------------------------
     # schedule
 
-    def set_timesteps(
-        self,
-        num_inference_steps: Optional[int] = None,
-        device: Union[str, torch.device, None] = None,
-        sigmas: Optional[Union[Sequence[float], torch.Tensor]] = None,
-    ):
-        """Build the noise levels and one timestep per network evaluation.
+    @property
+    def default_num_inference_steps(self) -> int:
+        """L defaults to the training table's ``num_train_timesteps`` levels."""
+        return self.config.num_train_timesteps
 
-        Args:
-            num_inference_steps: L, the number of noise levels (geometric from ``sigma_max`` to ``sigma_min``; an
-                int, numpy and 0-d torch integers too); defaults to ``num_train_timesteps``. Each level gets
-                T = ``steps_per_level`` Langevin steps.
-            device: where ``timesteps`` live (``sigmas`` stay on the CPU).
-            sigmas: explicit, strictly decreasing, positive levels σ_1 > … > σ_L instead.
-        """
+    def _sigma_schedule(self, n: int) -> torch.Tensor:
+        """L levels, geometric from ``sigma_max`` to ``sigma_min``."""
+        return self._geometric(self.config.sigma_max, self.config.sigma_min, n)
+
+    def _set_schedule(self, levels: torch.Tensor, device) -> None:
+        """The levels σ_1 > … > σ_L, refined for CAS, and one timestep per network evaluation: T per level."""
         c = self.config
-        if sigmas is not None:
-            levels = check_sigmas(sigmas)
-        else:
-            n = c.num_train_timesteps if num_inference_steps is None else num_inference_steps
-            levels = self._geometric(c.sigma_max, c.sigma_min, check_step_count("num_inference_steps", n))
         if c.timestep_type == "index":  # an index network knows only its training levels
             levels = self.preconditioning.round_sigma(levels)
             if len(levels) > 1 and not bool((levels[1:] < levels[:-1]).all()):
@@ -180,7 +170,6 @@ class AnnealedLangevinScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(levels)
         timesteps = self.preconditioning.c_noise(sigmas)
         self.timesteps = timesteps.to(device=device, dtype=torch.int64 if c.timestep_type == "index" else torch.float32)
-        self._reset_step_index()
 
     def _check_cas_step_size(self, sigmas: torch.Tensor):
         if len(sigmas) < 2:
@@ -212,37 +201,14 @@ class AnnealedLangevinScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
         """σ at which the network is evaluated for the next ``step``."""
         return float(self.sigmas[self._next_index])
 
-    def __len__(self):
-        return self.config.num_train_timesteps
-
     # ----------------------------------------------------------------------------------------------------------
     # the sampler
 
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """The identity: score networks receive x̃ unscaled (c_in = 1)."""
-        return sample
-
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: Union[float, torch.Tensor],
-        sample: torch.Tensor,
-        generator: Optional[torch.Generator] = None,
-        return_dict: bool = True,
-    ) -> Union[AnnealedLangevinSchedulerOutput, Tuple]:
-        """One Langevin step (ALS), one CAS step, or the final Tweedie denoising step.
-
-        Args:
-            model_output: the network output at (``sample``, ``timestep``), turned into s_θ by the preconditioning.
-            timestep: the current entry of ``timesteps``; the first call finds its position there.
-            sample: the current state x (a floating-point tensor).
-            generator: random generator for z.
-            return_dict: return an :class:`AnnealedLangevinSchedulerOutput` rather than a tuple.
-        """
-        i = self._entry_for_step(timestep, sample)
+    def _step(self, i: int, x: torch.Tensor, output: torch.Tensor, generator) -> Dict[str, torch.Tensor]:
+        """One Langevin step (ALS), one CAS step, or the final Tweedie denoising step; the network input is x itself
+        (c_in = 1)."""
         c = self.config
         sigma = float(self.sigmas[i])
-        x, output = sample.to(torch.float64), model_output.to(torch.float64)
         denoised = self.preconditioning.denoise(x, output, sigma)
         if self._is_denoise[i]:
             prev = denoised
@@ -252,7 +218,7 @@ class AnnealedLangevinScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
             prev = x + alpha * score
             last = i + 1 >= len(self.sigmas) or self._is_denoise[i + 1]
             if c.sampler == "als" or not last:
-                z = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32).double()
+                z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32).double()
                 if c.sampler == "als":
                     prev = prev + math.sqrt(2 * alpha) * z
                 else:
@@ -260,11 +226,7 @@ class AnnealedLangevinScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
                     eta = c.step_size / float(self.levels[-1]) ** 2
                     beta = math.sqrt(max(1 - (1 - eta) ** 2 * (sigma / sigma_next) ** 2, 0.0))
                     prev = prev + beta * sigma_next * z
-        self._step_index += 1
-        prev, denoised = prev.to(sample.dtype), denoised.to(sample.dtype)
-        if not return_dict:
-            return (prev, denoised)
-        return AnnealedLangevinSchedulerOutput(prev_sample=prev, pred_original_sample=denoised)
+        return {"prev_sample": prev, "pred_original_sample": denoised}
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x̃ = x + σ·z with σ the noise level of each timestep (of type ``timestep_type``; not ``none``)."""

@@ -1,20 +1,23 @@
-"""EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1) as a diffusers scheduler."""
+"""EDM's 2nd-order sampler (Karras et al. 2022, Algorithm 1, and its churned form, Algorithm 2) as a diffusers
+scheduler."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..preconditioning import PRECONDITIONINGS, make_preconditioning
-from .edm_sampling import churn_sigma, euler_update, heun_update, slope
-from .input_checks import check_float_tensor, check_positive_finite, check_sigmas, check_step_count
-from .step_index import StepIndexMixin
+from .edm_sampling import churn, churn_gamma, churn_sigma, euler_update, heun_update, slope
+from .input_checks import check_float_tensor, check_nonnegative_finite, check_positive_finite
+from .scheduling_base import PreconditionedScheduler
 
 logger = logging.get_logger(__name__)
 
@@ -33,9 +36,19 @@ class EDMSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.Tensor] = None
 
 
-class EDMHeunScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
+class EDMHeunScheduler(PreconditionedScheduler):
     """EDM Algorithm 1: σ(t) = t, s(t) = 1, Heun's method on the probability-flow ODE dx/dσ = (x − D(x; σ))/σ,
     with the last step (to σ = 0) a plain Euler step. N steps take 2N − 1 model evaluations (18 steps = 35 NFE).
+
+    With ``s_churn > 0`` it is Algorithm 2, as NVlabs' ``edm_sampler`` and k-diffusion's ``sample_heun`` take the
+    same four arguments: before each step x_i is "churned" to a higher noise level σ̂_i = σ_i·(1 + γ_i) with
+    γ_i = min(S_churn/N, √2 − 1) for σ_i ∈ [S_tmin, S_tmax] (else 0), x̂_i = x_i + √(σ̂_i² − σ_i²)·S_noise·z, and
+    the Heun step starts *from (x̂_i, σ̂_i)*: the model is evaluated at the noised-up state. Because γ_i depends only
+    on the schedule, σ̂_i is known when ``set_timesteps`` runs, so ``timesteps`` already carry c_noise(σ̂_i). The
+    churn of step i+1 is applied at the end of step i (``prev_sample`` is x̂_{i+1}), with the ``generator`` passed to
+    ``step``. The churn of step 0 is folded into the initial noise: x_0 + √(σ̂_0² − σ_0²)·S_noise·z with
+    x_0 ~ N(0, σ_0²) is exactly N(0, σ_0² + S_noise²(σ̂_0² − σ_0²)), whose standard deviation is
+    ``init_noise_sigma``.
 
     It runs in the standard diffusers loop: like ``HeunDiscreteScheduler``, ``timesteps`` lists one entry per model
     evaluation (the interior noise levels appear twice) and ``step`` is called once per entry. The timesteps are the
@@ -60,10 +73,14 @@ class EDMHeunScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
             DDPM ``UNet2DModel`` trained on discrete timesteps 0..T−1.
         beta_start, beta_end, beta_schedule, trained_betas: the DDPM β schedule, as in diffusers' ``DDPMScheduler``, for
             ``ddpm`` (and its continuous limit for ``vp``); ``trained_betas`` overrides the others.
+        s_churn: S_churn, the total amount of churn (0: Algorithm 1; EDM ImageNet-64: 40).
+        s_tmin, s_tmax: the σ window in which churn is applied.
+        s_noise: S_noise, the noise inflation (EDM ImageNet-64: 1.003).
     """
 
     _compatibles = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]
     order = 2
+    output_class = EDMSchedulerOutput
 
     @register_to_config
     def __init__(
@@ -81,6 +98,10 @@ class EDMHeunScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
     ):
         check_positive_finite("sigma_min", sigma_min)
         check_positive_finite("sigma_max", sigma_max)
@@ -93,6 +114,10 @@ class EDMHeunScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
             raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
         if preconditioning not in PRECONDITIONINGS:
             raise ValueError(f"preconditioning must be one of {PRECONDITIONINGS}, got {preconditioning!r}")
+        for name, value in (("s_churn", s_churn), ("s_noise", s_noise), ("s_tmin", s_tmin)):
+            check_nonnegative_finite(name, value)  # a NaN would silently switch churn off
+        if isinstance(s_tmax, bool) or not isinstance(s_tmax, numbers.Real) or not s_tmin <= s_tmax:
+            raise ValueError(f"s_tmax must be a number >= s_tmin (inf allowed), got s_tmin={s_tmin!r}, s_tmax={s_tmax!r}")
         self.preconditioning = make_preconditioning(
             preconditioning,
             sigma_data=sigma_data,
@@ -130,36 +155,17 @@ class EDMHeunScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
             return (smax**r + ramp * (smin**r - smax**r)) ** self.config.rho
         return torch.exp(np.log(smax) + ramp * (np.log(smin) - np.log(smax)))
 
-    def _churn_gammas(self, sigmas: torch.Tensor) -> torch.Tensor:
-        """γ_i of EDM Algorithm 2 line 4; Algorithm 1 has none."""
-        return torch.zeros_like(sigmas)
-
-    def set_timesteps(
-        self,
-        num_inference_steps: Optional[int] = None,
-        device: Union[str, torch.device, None] = None,
-        sigmas: Optional[Union[Sequence[float], torch.Tensor]] = None,
-    ):
-        """Build the noise levels σ_0 > … > σ_{N−1} (plus the final σ_N) and the model timesteps.
-
-        Args:
-            num_inference_steps: N, the number of sampler steps (NFE = 2N − 1 with ``final_sigmas_type="zero"``);
-                a python, numpy or 0-d torch integer.
-            device: where ``timesteps`` live (``sigmas`` stay on the CPU).
-            sigmas: explicit, strictly decreasing, positive, finite noise levels σ_0..σ_{N−1} (the final level is
-                appended).
-        """
-        if sigmas is not None:
-            sigmas = check_sigmas(sigmas)
-            num_inference_steps = len(sigmas)
-        else:
-            num_inference_steps = check_step_count("num_inference_steps", num_inference_steps)
-            sigmas = self._sigma_schedule(num_inference_steps)
+    def _set_schedule(self, sigmas: torch.Tensor, device) -> None:
+        """σ_0 > … > σ_{N−1} (rounded to what the network supports) plus the final σ_N, σ̂_i, and one timestep
+        c_noise per model evaluation."""
         p = self.preconditioning
         sigmas = p.round_sigma(sigmas)
+        num_inference_steps = len(sigmas)
         final = 0.0 if self.config.final_sigmas_type == "zero" else self.sigma_range[0]
         self.sigmas = torch.cat([sigmas, torch.tensor([final], dtype=torch.float64)])
-        self.sigmas_hat = churn_sigma(sigmas, self._churn_gammas(sigmas), p.round_sigma)
+        c = self.config
+        gammas = churn_gamma(sigmas, num_inference_steps, c.s_churn, c.s_tmin, c.s_tmax)  # Algorithm 2 line 4
+        self.sigmas_hat = churn_sigma(sigmas, gammas, p.round_sigma)
         self.num_inference_steps = num_inference_steps
         # python floats: step() reads them without touching a device tensor
         self._sigma_values: List[float] = self.sigmas.tolist()
@@ -182,17 +188,17 @@ class EDMHeunScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
         self._eval_sigma_values: List[float] = self._eval_sigmas.tolist()
         self._eval_c_in: List[float] = p.c_in(self._eval_sigmas).tolist()
         self.timesteps = p.c_noise(self._eval_sigmas).to(device=device, dtype=torch.float32)
-        self._reset_step_index()
         self._heun_state = None
         self.is_scale_input_called = False
         self._warned_unscaled = False
 
     @property
     def init_noise_sigma(self) -> float:
-        """Standard deviation of the initial latents: σ_0 (EDM Algorithm 1 line 2)."""
+        """√(σ_0² + S_noise²·(σ̂_0² − σ_0²)): σ_0 (Algorithm 1 line 2) with step 0's churn folded in."""
         if self.num_inference_steps is None:
             return float(self.config.sigma_max)
-        return self._sigma_values[0]
+        s0, s0_hat = self._sigma_values[0], self._sigma_hat_values[0]
+        return math.sqrt(s0**2 + self.config.s_noise**2 * max(s0_hat**2 - s0**2, 0.0))
 
     # ----------------------------------------------------------------------------------------------------------
     # Which evaluation comes next
@@ -220,9 +226,6 @@ class EDMHeunScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep {timestep.tolist()} is not one of scheduler.timesteps")
         return self._eval_sigma_values[matches[0]]
 
-    def __len__(self):
-        return self.config.num_train_timesteps
-
     # ----------------------------------------------------------------------------------------------------------
     # The sampler
 
@@ -239,38 +242,21 @@ class EDMHeunScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
         return self.preconditioning.denoise(sample, model_output, sigma)
 
     def _churn(self, sample: torch.Tensor, i: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """x̂_i from x_i (EDM Algorithm 2 lines 5–6); the identity for Algorithm 1."""
-        return sample
+        """x̂_i = x_i + √(σ̂_i² − σ_i²)·S_noise·z, z ~ N(0, I) (Algorithm 2 lines 5–6); x_i itself when γ_i = 0."""
+        sigma, sigma_hat = self._sigma_values[i], self._sigma_hat_values[i]
+        if sigma_hat <= sigma:
+            return sample
+        z = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        return churn(sample, sigma, sigma_hat, self.config.s_noise, z)
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: Union[float, torch.Tensor],
-        sample: torch.Tensor,
-        generator: Optional[torch.Generator] = None,
-        return_dict: bool = True,
-        denoised_correction: Optional[torch.Tensor] = None,
-    ) -> Union[EDMSchedulerOutput, Tuple]:
-        """One model evaluation's worth of EDM Algorithm 1 (lines 4–8), or Algorithm 2 (lines 7–11) for the
-        stochastic subclass.
+    def _step(self, index: int, x: torch.Tensor, model_output: torch.Tensor, generator) -> Dict[str, torch.Tensor]:
+        """One model evaluation's worth of EDM Algorithm 2 (lines 7–11; Algorithm 1 lines 4–8 without churn).
 
         First-order call (the model ran at (x̂_i, σ̂_i)): d_i = (x̂_i − D)/σ̂_i, x' = x̂_i + (σ_{i+1} − σ̂_i)·d_i.
         If σ_{i+1} > 0, ``prev_sample`` is the predictor x' and the next call applies the correction
-        x_{i+1} = x̂_i + (σ_{i+1} − σ̂_i)·(½d_i + ½d'_i) with d'_i = (x' − D(x'; σ_{i+1}))/σ_{i+1}.
-
-        Nothing here waits for the device: NaN in the result is for the caller to check once, after sampling.
-
-        Args:
-            model_output: the raw network output F at ``scale_model_input(sample, timestep)`` and ``timestep``.
-            timestep: the current entry of ``timesteps``.
-            sample: the current state (what the previous ``step`` returned, or the initial latents).
-            generator: random generator for the churn noise (stochastic sampler only).
-            return_dict: return an :class:`EDMSchedulerOutput` rather than a tuple.
-            denoised_correction: an optional term added to D(x; σ) before the slope is taken, e.g. Discriminator
-                Guidance's w·σ²·∇ₓ log(d/(1 − d)) (DG eq. 9 in denoiser form).
+        x_{i+1} = x̂_i + (σ_{i+1} − σ̂_i)·(½d_i + ½d'_i) with d'_i = (x' − D(x'; σ_{i+1}))/σ_{i+1}; then the churn of
+        step i+1.
         """
-        index = self._entry_for_step(timestep, sample)
-        check_float_tensor("model_output", model_output)
         if not self.is_scale_input_called and not self._warned_unscaled:
             logger.warning(
                 "The `scale_model_input` function should be called before `step` to ensure correct denoising: "
@@ -280,10 +266,7 @@ class EDMHeunScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
             )
             self._warned_unscaled = True
         i = self._eval_step[index]
-        x = sample.to(torch.float64)
-        denoised = self.preconditioning.denoise(x, model_output.to(torch.float64), self._eval_sigma_values[index])
-        if denoised_correction is not None:
-            denoised = denoised + denoised_correction.to(torch.float64)
+        denoised = self.preconditioning.denoise(x, model_output, self._eval_sigma_values[index])
         sigma_hat, sigma_next = self._sigma_hat_values[i], self._sigma_values[i + 1]
         if not self._eval_is_correction[index]:
             d = slope(x, denoised, sigma_hat)
@@ -296,11 +279,7 @@ class EDMHeunScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
             self._heun_state = None
         if self._heun_state is None and i + 1 < self.num_inference_steps:
             prev = self._churn(prev, i + 1, generator)
-        self._step_index += 1
-        prev, denoised = prev.to(sample.dtype), denoised.to(sample.dtype)
-        if not return_dict:
-            return (prev, denoised)
-        return EDMSchedulerOutput(prev_sample=prev, pred_original_sample=denoised)
+        return {"prev_sample": prev, "pred_original_sample": denoised}
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..preconditioning import SCORE_PREDICTION_TYPES, SCORE_SDE_TIMESTEP_TYPES, make_preconditioning
 from .input_checks import check_choices, check_sigma_range, check_step_count
-from .step_index import StepIndexMixin
+from .scheduling_base import PreconditionedScheduler
 
 SDE_TYPES = ("ve", "vp")
 PREDICTORS = ("reverse_diffusion", "euler_maruyama", "none")
@@ -39,7 +38,7 @@ class PredictorCorrectorSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.Tensor] = None
 
 
-class PredictorCorrectorScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
+class PredictorCorrectorScheduler(PreconditionedScheduler):
     """PC sampling (Song et al. 2021, Algorithms 2–5) of the VE or VP SDE with a score network s_θ(x, t).
 
     SDEs, t from 1 down to ε = ``sampling_eps``:
@@ -99,8 +98,8 @@ class PredictorCorrectorScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
         discretization: ``score_sde`` (score_sde's tables and Δt = 1/N) or ``marginal`` (the continuous marginals).
     """
 
-    order = 1
     _compatibles = ["ScoreSdeVeScheduler"]
+    output_class = PredictorCorrectorSchedulerOutput
 
     @register_to_config
     def __init__(
@@ -248,13 +247,6 @@ class PredictorCorrectorScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
     def _is_step_start(self, index: int) -> bool:
         return index == 0 or self._entry_step[index] != self._entry_step[index - 1]
 
-    def __len__(self):
-        return self.config.num_train_timesteps
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """The identity: the network receives the SDE's state x_t (c_in·x = m·x = x_t)."""
-        return sample
-
     # ----------------------------------------------------------------------------------------------------------
     # the sampler
 
@@ -281,42 +273,22 @@ class PredictorCorrectorScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
             return mean, mean
         return mean, mean + math.sqrt(h) * z
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: Union[float, torch.Tensor],
-        sample: torch.Tensor,
-        generator: Optional[torch.Generator] = None,
-        return_dict: bool = True,
-    ) -> Union[PredictorCorrectorSchedulerOutput, Tuple]:
-        """One corrector or predictor step, as the entry of ``timesteps`` says.
-
-        Args:
-            model_output: the network output at (``sample``, ``timestep``), turned into s_θ by the preconditioning.
-            timestep: the current entry of ``timesteps``; the first call finds its position there.
-            sample: the current state x_t (a floating-point tensor).
-            generator: random generator for z.
-            return_dict: return a :class:`PredictorCorrectorSchedulerOutput` rather than a tuple.
-        """
-        k = self._entry_for_step(timestep, sample)
+    def _step(self, k: int, x: torch.Tensor, output: torch.Tensor, generator) -> Dict[str, torch.Tensor]:
+        """One corrector or predictor step, as entry ``k`` of ``timesteps`` says; the network input is the SDE's
+        state x_t itself (c_in·x = m·x = x_t)."""
         i, is_corrector = self._entry_step[k], self._entry_is_corrector[k]
         c = self.config
-        x, output = sample.to(torch.float64), model_output.to(torch.float64)
         sigma, m = float(self._noise_levels[i]), float(self._mean_coeff[i])  # host numbers: no device copy
         denoised = self.preconditioning.denoise(x / m, output, sigma)
         score = self.preconditioning.score(x, output, sigma)
         z = None
         if is_corrector or not c.probability_flow or c.discretization == "score_sde":
-            z = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32).double()
+            z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32).double()
         mean, prev = (self._corrector if is_corrector else self._predictor)(x, score, i, z)
         corrector_only = c.predictor == "none" and c.discretization == "score_sde"
         if k == len(self._entry_step) - 1 and c.denoise_final and not corrector_only:
             prev = mean
-        self._step_index += 1
-        prev, mean, denoised = prev.to(sample.dtype), mean.to(sample.dtype), denoised.to(sample.dtype)
-        if not return_dict:
-            return (prev, mean, denoised)
-        return PredictorCorrectorSchedulerOutput(prev_sample=prev, prev_sample_mean=mean, pred_original_sample=denoised)
+        return {"prev_sample": prev, "prev_sample_mean": mean, "pred_original_sample": denoised}
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ(t)·x_0 + std(t)·z for timesteps of type ``timestep_type`` (not ``none``)."""

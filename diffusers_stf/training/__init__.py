@@ -11,14 +11,17 @@ from .args import (
     add_checkpoint_args,
     add_data_args,
     add_ema_args,
+    add_encoder_args,
     add_hub_args,
     add_logging_args,
     add_optimization_args,
     add_training_args,
     add_unet_args,
+    encoder_config,
     float_list,
     int_list,
     parse_training_args,
+    training_parser,
 )
 from .checkpoints import (
     checkpoint_problem,
@@ -29,7 +32,7 @@ from .checkpoints import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .config import TrainingConfig, UNetConfig, check_finite, from_namespace
+from .config import EncoderConfig, TrainingConfig, UNetConfig, check_finite, from_namespace
 from .ema import HalfLifeEMA, MovingAverage, WarmupEMA, ema_beta, warmup_ema_beta
 from .hub import push_folder_to_hub
 from .metrics_log import MetricsLogger, bucket_names, read_metrics

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from ..data import DataConfig
-from .config import LR_SCHEDULERS, TRACKERS, TrainingConfig, UNetConfig, from_namespace
+from .config import ENCODER_MID_BLOCKS, LR_SCHEDULERS, TRACKERS, EncoderConfig, TrainingConfig, UNetConfig, from_namespace
 from .hub import check_hub_settings
 
 
@@ -71,6 +71,23 @@ def add_unet_args(parser: argparse.ArgumentParser):
     g.add_argument("--norm_num_groups", type=int, default=None, help="default: min(32, first block's channels)")
     g.add_argument("--dropout", type=float, default=0.0)
     return g
+
+
+def add_encoder_args(group, prefix: str, preconditioning_help: str):
+    """The flags of a noise-conditional encoder's architecture, ``--{prefix}_block_out_channels`` and so on (read
+    back by :func:`encoder_config`)."""
+    group.add_argument(f"--{prefix}_block_out_channels", type=int_list, default=(32, 64), help="widths, e.g. 32,64")
+    group.add_argument(f"--{prefix}_layers_per_block", type=int, default=1)
+    group.add_argument(f"--{prefix}_attention_levels", type=int_list, default=(), help="levels with attention blocks")
+    group.add_argument(f"--{prefix}_mid_block", type=str, default="none", choices=tuple(ENCODER_MID_BLOCKS))
+    group.add_argument(f"--{prefix}_norm_num_groups", type=int, default=8)
+    group.add_argument(f"--{prefix}_preconditioning", type=str, default="vp", choices=("vp", "edm"),
+                       help=preconditioning_help)
+
+
+def encoder_config(args: argparse.Namespace, prefix: str) -> EncoderConfig:
+    """The :class:`EncoderConfig` of the flags :func:`add_encoder_args` added with ``prefix``."""
+    return from_namespace(EncoderConfig, args, prefix=prefix, flag_prefix=prefix)
 
 
 def add_optimization_args(parser: argparse.ArgumentParser):
@@ -195,6 +212,13 @@ def add_hub_args(parser: argparse.ArgumentParser):
     g.add_argument("--hub_token", type=str, default=None, help="default: the token of `huggingface-cli login`")
     g.add_argument("--hub_private_repo", action="store_true")
     return g
+
+
+def training_parser(script_doc: str) -> argparse.ArgumentParser:
+    """The parser of a training script: its description is the first paragraph of ``script_doc`` (the script's
+    docstring) and ``--help`` shows every default."""
+    return argparse.ArgumentParser(description=script_doc.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def add_training_args(parser: argparse.ArgumentParser, unet: bool = True, default_num_epochs: int = 100,

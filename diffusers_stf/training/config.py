@@ -36,12 +36,14 @@ def check_count(name: str, value: Optional[int], minimum: int = 1):
         raise ValueError(f"--{name} must be >= {minimum}, got {value}")
 
 
-def from_namespace(cls, namespace, **overrides):
-    """An instance of the dataclass ``cls`` from the same-named attributes of an argparse ``namespace``.
+def from_namespace(cls, namespace, prefix: str = "", **overrides):
+    """An instance of the dataclass ``cls`` from the same-named attributes of an argparse ``namespace`` (named
+    ``{prefix}_{field}`` when a ``prefix`` is given).
 
     A field missing from the namespace raises ``AttributeError``: every option must be declared by the parser.
     """
-    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.name not in overrides}
+    flag = (lambda name: f"{prefix}_{name}") if prefix else (lambda name: name)
+    values = {f.name: getattr(namespace, flag(f.name)) for f in dataclasses.fields(cls) if f.name not in overrides}
     return cls(**values, **overrides)
 
 
@@ -89,6 +91,55 @@ class UNetConfig:
         check_count("attention_head_dim", self.attention_head_dim)
         check_count("norm_num_groups", self.norm_num_groups)
         check_finite("dropout", self.dropout, 0.0, True, 1.0, False)
+
+
+ENCODER_MID_BLOCKS = {"none": None, "resnet": "UNetMidBlock2DNoAttention", "attention": "UNetMidBlock2D"}
+
+
+@dataclass
+class EncoderConfig:
+    """The architecture of a noise-conditional encoder (:class:`~diffusers_stf.models.NoiseConditionalClassifier`,
+    or the head of a :class:`~diffusers_stf.models.Discriminator`), from the flags ``--{prefix}_{field}``.
+
+    Args:
+        flag_prefix: the flags' prefix (``clf``, ``disc``), for the messages.
+        block_out_channels: widths of the down blocks.
+        layers_per_block: ResNet layers per down block.
+        attention_levels: levels (0 = highest resolution) with attention blocks.
+        mid_block: ``none``, ``resnet`` or ``attention``.
+        norm_num_groups: GroupNorm groups.
+        preconditioning: how (x, σ) enter the network (``vp`` or ``edm``).
+    """
+
+    flag_prefix: str
+    block_out_channels: Tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_levels: Tuple[int, ...] = ()
+    mid_block: str = "none"
+    norm_num_groups: int = 8
+    preconditioning: str = "vp"
+
+    def __post_init__(self):
+        if len(self.block_out_channels) == 0:
+            raise ValueError(f"--{self.flag_prefix}_block_out_channels needs at least one level")
+        for level in self.attention_levels:
+            if not 0 <= level < len(self.block_out_channels):
+                raise ValueError(f"--{self.flag_prefix}_attention_levels must be in "
+                                 f"[0, {len(self.block_out_channels) - 1}], got {level}")
+        check_count(f"{self.flag_prefix}_layers_per_block", self.layers_per_block)
+        check_count(f"{self.flag_prefix}_norm_num_groups", self.norm_num_groups)
+
+    def model_kwargs(self) -> dict:
+        """The encoder's model arguments: widths, down block types, layers, groups, mid block and preconditioning."""
+        return dict(
+            block_out_channels=tuple(self.block_out_channels),
+            down_block_types=tuple("AttnDownBlock2D" if i in self.attention_levels else "DownBlock2D"
+                                   for i in range(len(self.block_out_channels))),
+            layers_per_block=self.layers_per_block,
+            norm_num_groups=self.norm_num_groups,
+            mid_block_type=ENCODER_MID_BLOCKS[self.mid_block],
+            preconditioning=self.preconditioning,
+        )
 
 
 @dataclass
