@@ -49,4 +49,4 @@ from .schedulers import (
     PredictorCorrectorSchedulerOutput,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
