@@ -759,5 +759,5 @@ def test_encoder_flags_become_the_models_arguments(prefix):
         block_out_channels=(8, 16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         layers_per_block=2, norm_num_groups=4, mid_block_type="UNetMidBlock2D", preconditioning="edm")
     args = parser.parse_args([f"--{prefix}_attention_levels", "2"])  # two default levels: 0 and 1
-    with pytest.raises(ValueError, match=f"--{prefix}_attention_levels must be in \\[0, 1\\], got 2"):
+    with pytest.raises(ValueError, match=f"--{prefix}_attention_levels entries must be in \\[0, 1\\], got 2"):
         encoder_config(args, prefix)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from ..data import DataConfig
-from .config import ENCODER_MID_BLOCKS, LR_SCHEDULERS, TRACKERS, EncoderConfig, TrainingConfig, UNetConfig, from_namespace
+from .config import ENCODER_MID_BLOCKS, LR_SCHEDULERS, TRACKERS, EncoderConfig, TrainingConfig, UNetConfig
+from .config import from_namespace
 from .hub import check_hub_settings
 
 

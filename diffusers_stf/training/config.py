@@ -36,14 +36,25 @@ def check_count(name: str, value: Optional[int], minimum: int = 1):
         raise ValueError(f"--{name} must be >= {minimum}, got {value}")
 
 
+def check_levels(flag_prefix: str, block_out_channels: Sequence[int], attention_levels: Sequence[int]):
+    """Raise a ``ValueError`` naming ``--{flag_prefix}block_out_channels`` / ``--{flag_prefix}attention_levels``
+    unless there is at least one level and every attention level is one of them."""
+    if len(block_out_channels) == 0:
+        raise ValueError(f"--{flag_prefix}block_out_channels needs at least one level")
+    for level in attention_levels:
+        if not 0 <= level < len(block_out_channels):
+            raise ValueError(f"--{flag_prefix}attention_levels entries must be in [0, {len(block_out_channels) - 1}], "
+                             f"got {level}")
+
+
 def from_namespace(cls, namespace, prefix: str = "", **overrides):
     """An instance of the dataclass ``cls`` from the same-named attributes of an argparse ``namespace`` (named
     ``{prefix}_{field}`` when a ``prefix`` is given).
 
     A field missing from the namespace raises ``AttributeError``: every option must be declared by the parser.
     """
-    flag = (lambda name: f"{prefix}_{name}") if prefix else (lambda name: name)
-    values = {f.name: getattr(namespace, flag(f.name)) for f in dataclasses.fields(cls) if f.name not in overrides}
+    values = {f.name: getattr(namespace, f"{prefix}_{f.name}" if prefix else f.name)
+              for f in dataclasses.fields(cls) if f.name not in overrides}
     return cls(**values, **overrides)
 
 
@@ -81,12 +92,7 @@ class UNetConfig:
                              "a folder holding one, or a Hub model id)")
         if path is not None and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"--model_config_name_or_path {path!r} is a folder without a config.json")
-        if len(self.block_out_channels) == 0:
-            raise ValueError("--block_out_channels needs at least one level")
-        for level in self.attention_levels:
-            if not 0 <= level < len(self.block_out_channels):
-                raise ValueError(f"--attention_levels entries must be in [0, {len(self.block_out_channels) - 1}], "
-                                 f"got {level}")
+        check_levels("", self.block_out_channels, self.attention_levels)
         check_count("layers_per_block", self.layers_per_block)
         check_count("attention_head_dim", self.attention_head_dim)
         check_count("norm_num_groups", self.norm_num_groups)
@@ -120,12 +126,7 @@ class EncoderConfig:
     preconditioning: str = "vp"
 
     def __post_init__(self):
-        if len(self.block_out_channels) == 0:
-            raise ValueError(f"--{self.flag_prefix}_block_out_channels needs at least one level")
-        for level in self.attention_levels:
-            if not 0 <= level < len(self.block_out_channels):
-                raise ValueError(f"--{self.flag_prefix}_attention_levels must be in "
-                                 f"[0, {len(self.block_out_channels) - 1}], got {level}")
+        check_levels(f"{self.flag_prefix}_", self.block_out_channels, self.attention_levels)
         check_count(f"{self.flag_prefix}_layers_per_block", self.layers_per_block)
         check_count(f"{self.flag_prefix}_norm_num_groups", self.norm_num_groups)
 
