@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from diffusers_stf.data import digits_tensor  # noqa: E402
 from diffusers_stf.losses.sequence_aware import SequenceAwareLoss  # noqa: E402
-from diffusers_stf.preconditioning import betas_for_schedule  # noqa: E402
+from diffusers_stf.noise_schedules import betas_for_schedule  # noqa: E402
 
 SA_LAMBDAS = {2: 1.0, 3: 0.3, 4: 0.2}  # the paper's SA-2, SA-3, SA-4
 

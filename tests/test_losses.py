@@ -26,8 +26,8 @@ from diffusers_stf.preconditioning import (
     EDMPreconditioning,
     VEPreconditioning,
     VPPreconditioning,
-    betas_for_schedule,
 )
+from diffusers_stf.noise_schedules import betas_for_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

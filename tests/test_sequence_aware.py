@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler
 
 from diffusers_stf.estimation_gap import estimation_gap
 from diffusers_stf.losses.sequence_aware import SequenceAwareLoss, sequence_aware_weights
-from diffusers_stf.preconditioning import betas_for_schedule
+from diffusers_stf.noise_schedules import betas_for_schedule
 
 
 # --------------------------------------------------------------------------------------------------------------

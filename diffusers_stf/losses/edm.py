@@ -33,8 +33,8 @@ from ..preconditioning import (
     Preconditioning,
     VEPreconditioning,
     VPPreconditioning,
-    betas_for_schedule,
 )
+from ..noise_schedules import betas_for_schedule
 
 Target = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 DENOISING_LOSSES = ("edm", "vp", "ve")
