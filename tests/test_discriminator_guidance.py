@@ -27,7 +27,7 @@ from diffusers_stf.losses import (
     DiscriminatorUKLLoss,
     sample_sigma_log_uniform,
 )
-from diffusers_stf.pipelines.pipeline_discriminator_guided import discriminator_correction
+from diffusers_stf.guidance import DiscriminatorGuidance, discriminator_correction
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -690,7 +690,8 @@ def test_ddpm_states_reach_the_discriminator_in_the_edm_convention():
     (grad_xt,) = torch.autograd.grad(lr.sum(), xt)
     eps = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(2))
     pipe.scheduler.set_timesteps(5)
-    guided = pipe.guided_model_output(eps, x_t.float(), torch.tensor(t), 1.0, 0.0, (0.0, math.inf))
+    term = DiscriminatorGuidance(pipe.discriminator, 1.0, 0.0, 0.0, math.inf)
+    guided = pipe.guided_output(eps, x_t.float(), torch.tensor(t), [term])
     expected = eps.double() - math.sqrt(1 - alpha_bar) * grad_xt
     assert torch.allclose(guided.double(), expected, rtol=1e-5, atol=1e-5)
 

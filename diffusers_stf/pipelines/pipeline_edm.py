@@ -1,16 +1,21 @@
-"""Unconditional sampling of a preconditioned ``UNet2DModel`` with the EDM schedulers."""
+"""Sampling of a preconditioned network under any scheduler, with guidance terms."""
 
 from __future__ import annotations
 
+import inspect
 import numbers
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..guidance import GuidanceTerm, GuidedEvaluation
+from ..preconditioning import EvaluationFrame, Preconditioning
 from ..remote_code import RemoteCodeMixin
 from ..schedulers import EDMHeunScheduler
+
+OUTPUT_TYPES = ("pil", "np", "pt")
 
 
 def _as_int(value, name: str) -> int:
@@ -22,17 +27,29 @@ def _as_int(value, name: str) -> int:
     return int(value)
 
 
+def add_output_change(model_output: torch.Tensor, sample: torch.Tensor, denoised_change: torch.Tensor,
+                      preconditioning: Preconditioning, sigma) -> torch.Tensor:
+    """The model output with ΔF = ΔD/c_out(σ) added to its first C channels (a learned-variance network's extra
+    channels are left alone), in the wider of the output's and the sample's dtypes."""
+    guided = model_output.to(torch.promote_types(model_output.dtype, sample.dtype)).clone()
+    channels = sample.shape[1]
+    guided[:, :channels] += preconditioning.output_change(denoised_change, sigma).to(guided.dtype)
+    return guided
+
+
 class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
-    """Sample a ``UNet2DModel`` with :class:`EDMHeunScheduler` or :class:`EDMStochasticScheduler` (EDM Algorithms 1
-    and 2). The latents are kept in float64 as in EDM; the network runs in its own dtype. The loop is the standard
-    diffusers one, so the score-based schedulers (``AnnealedLangevinScheduler``, ``PredictorCorrectorScheduler``) work too.
-    ``save_pretrained`` writes the code files that let ``DiffusionPipeline.from_pretrained(folder,
-    trust_remote_code=True)`` load the folder without this package (see
-    :class:`~diffusers_stf.remote_code.RemoteCodeMixin`).
+    """Sample a preconditioned network with :class:`EDMHeunScheduler` (EDM Algorithms 1 and 2) or any other
+    scheduler of this package or of diffusers, optionally guided. The latents are kept in float64 with this package's
+    schedulers, as in EDM; the network runs in its own dtype. ``save_pretrained`` writes the code files that let
+    ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` load the folder without this package.
+
+    Guidance enters as terms (:mod:`diffusers_stf.guidance`): at each network evaluation the active terms' ΔD(x, σ)
+    are summed in EDM coordinates and written into the scheduler's own model output
+    (:class:`~diffusers_stf.preconditioning.EvaluationFrame`), so the same term guides every scheduler.
 
     Args:
         unet: the raw network F of the scheduler's preconditioning (EDM's F for ``edm``, ε for ``ddpm``/``vp``).
-        scheduler: an EDM scheduler.
+        scheduler: a scheduler.
     """
 
     model_cpu_offload_seq = "unet"
@@ -45,8 +62,8 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
         """Validated ``(batch_size, num_inference_steps)`` as python ints (numpy and 0-d tensor integers accepted)."""
         batch_size = _as_int(batch_size, "batch_size")
         num_inference_steps = _as_int(num_inference_steps, "num_inference_steps")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"generator is a list of {len(generator)} generators but the batch has {batch_size} images; "
@@ -73,17 +90,92 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         return latents.to(device=self.device, dtype=dtype) * self.scheduler.init_noise_sigma
 
-    def model_output(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels=None) -> torch.Tensor:
-        """The raw network output (F, ε, x₀ or v) at the scheduler's current evaluation. ``class_labels`` reach the
-        UNet only when it is class-conditional."""
-        model_input = self.scheduler.scale_model_input(sample, timestep).to(self.unet.dtype)
-        t = timestep.to(device=self.device, dtype=torch.float32).expand(sample.shape[0])
-        return self.unet(model_input, t, class_labels=class_labels if self.unet_is_conditional else None).sample
-
     @property
     def unet_is_conditional(self) -> bool:
         config = self.unet.config
         return config.get("num_class_embeds") is not None or config.get("class_embed_type") is not None
+
+    def network_output(self, model_input: torch.Tensor, timestep: torch.Tensor, class_labels=None,
+                       extra_labels: Sequence[Tuple[GuidanceTerm, torch.Tensor]] = ()) -> Tuple[torch.Tensor, Dict]:
+        """The raw network output (F, ε, x₀ or v) at ``model_input``, and the outputs for the extra label rows that
+        guidance terms asked for, run as one batched forward pass. ``class_labels`` reach the network only when it is
+        class-conditional."""
+        labels = class_labels if self.unet_is_conditional else None
+        batch = model_input.shape[0]
+        t = timestep.to(device=self.device, dtype=torch.float32)
+        if not extra_labels:
+            return self.unet(model_input, t.expand(batch), class_labels=labels).sample, {}
+        inputs = torch.cat([model_input] * (1 + len(extra_labels)))
+        all_labels = torch.cat([labels] + [rows for _, rows in extra_labels])
+        outputs = self.unet(inputs, t.expand(len(inputs)), class_labels=all_labels).sample.split(batch)
+        return outputs[0], {id(term): out for (term, _), out in zip(extra_labels, outputs[1:])}
+
+    def evaluation_frame(self, guidance_terms: Sequence[GuidanceTerm]) -> Optional[EvaluationFrame]:
+        """The scheduler's :class:`~diffusers_stf.preconditioning.EvaluationFrame` when anything guides (a scheduler
+        it cannot read is refused here, before sampling starts), None otherwise."""
+        return EvaluationFrame(self.scheduler) if guidance_terms else None
+
+    def denoising_loop(self, sample: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
+                       guidance_terms: Sequence[GuidanceTerm] = (), generator=None, begin: int = 0,
+                       step_kwargs: Optional[Dict] = None, frame: Optional[EvaluationFrame] = None) -> torch.Tensor:
+        """The scheduler's own loop from entry ``begin`` of ``timesteps``, each model output guided by the terms
+        active at that evaluation before ``scheduler.step``.
+
+        Args:
+            sample: the initial state.
+            class_labels: labels of a class-conditional network (and of the terms that read them).
+            guidance_terms: :class:`~diffusers_stf.guidance.GuidanceTerm` s; none: plain sampling.
+            generator: for the scheduler's noise.
+            begin: the first entry of ``timesteps`` (img2img).
+            step_kwargs: extra arguments of ``scheduler.step`` it takes (e.g. DDIM's ``eta``).
+            frame: the scheduler's :meth:`evaluation_frame` when it was made already.
+        """
+        scheduler = self.scheduler
+        timesteps = scheduler.timesteps
+        if begin > 0:
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(begin)
+            timesteps = timesteps[begin:]
+        parameters = inspect.signature(scheduler.step).parameters
+        kwargs = {"generator": generator} if "generator" in parameters else {}
+        kwargs.update({k: v for k, v in (step_kwargs or {}).items() if k in parameters})
+        terms = list(guidance_terms)
+        frame = frame or self.evaluation_frame(terms)
+        timesteps_cpu = timesteps.cpu() if terms else None  # the frame reads timesteps on the host, never the device
+        unet_labels = class_labels if self.unet_is_conditional else None
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_input = scheduler.scale_model_input(sample, t).to(self.unet.dtype)
+            active = []
+            if frame is not None:
+                x, sigma = frame.point(sample, timesteps_cpu[i])
+                first_order = bool(getattr(scheduler, "state_in_first_order", True))
+                active = [term for term in terms if term.is_active(sigma, first_order)]
+            extra = [(term, term.network_labels(unet_labels)) for term in active]
+            out, extra_outputs = self.network_output(model_input, t, class_labels,
+                                                     [(term, rows) for term, rows in extra if rows is not None])
+            if active:
+                evaluation = GuidedEvaluation(x, sigma, out, frame.preconditioning, first_order, extra_outputs)
+                out = self._add_corrections(evaluation, active, sample)
+            sample = scheduler.step(out, t, sample, **kwargs).prev_sample
+        return sample
+
+    @staticmethod
+    def _add_corrections(evaluation: GuidedEvaluation, terms: Sequence[GuidanceTerm], sample: torch.Tensor):
+        delta = sum(term.correction(evaluation) for term in terms)
+        return add_output_change(evaluation.model_output, sample, delta, evaluation.preconditioning, evaluation.sigma)
+
+    def guided_output(self, model_output: torch.Tensor, sample: torch.Tensor, timestep,
+                      guidance_terms: Sequence[GuidanceTerm]) -> torch.Tensor:
+        """The scheduler's model output at ``sample`` and ``timestep`` with the active terms' ΔD written into it, as
+        :meth:`denoising_loop` does at each evaluation (terms that need extra network rows are not served here)."""
+        frame = EvaluationFrame(self.scheduler)
+        x, sigma = frame.point(sample, torch.as_tensor(timestep).cpu())
+        first_order = bool(getattr(self.scheduler, "state_in_first_order", True))
+        active = [term for term in guidance_terms if term.is_active(sigma, first_order)]
+        if not active:
+            return model_output
+        evaluation = GuidedEvaluation(x, sigma, model_output, frame.preconditioning, first_order)
+        return self._add_corrections(evaluation, active, sample)
 
     @staticmethod
     def check_finite(sample: torch.Tensor) -> torch.Tensor:
@@ -111,6 +203,7 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         latents: Optional[torch.Tensor] = None,
         class_labels: Optional[torch.Tensor] = None,
+        guidance_terms: Optional[Sequence[GuidanceTerm]] = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> Union[ImagePipelineOutput, tuple]:
@@ -119,9 +212,10 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
         Args:
             batch_size: number of images.
             num_inference_steps: sampler steps N (EDM Heun: 2N − 1 network evaluations; 18 steps = 35 NFE).
-            generator: ``torch.Generator`` (or a list, one per image) for the latents and the churn noise.
+            generator: ``torch.Generator`` (or a list, one per image) for the latents and the sampler's noise.
             latents: standard-normal latents of shape (batch, C, H, W) to start from, instead of drawing them.
             class_labels: passed to the UNet (class-conditional models).
+            guidance_terms: guidance terms (:mod:`diffusers_stf.guidance`) added at every evaluation where active.
             output_type: ``pil``, ``np`` or ``pt``.
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
         """
@@ -129,10 +223,10 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
         if class_labels is not None and not self.unet_is_conditional:
             raise ValueError("class_labels were given but the unet is not class-conditional (num_class_embeds is None)")
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        terms = list(guidance_terms or ())
+        frame = self.evaluation_frame(terms)
         sample = self.prepare_latents(batch_size, generator, latents)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            out = self.model_output(sample, t, class_labels)
-            sample = self.scheduler.step(out, t, sample, generator=generator).prev_sample
+        sample = self.denoising_loop(sample, class_labels, terms, generator, frame=frame)
         image = self.postprocess(self.check_finite(sample), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -99,8 +99,9 @@ class EvaluationFrame:
         name = type(scheduler).__name__
         self.own = hasattr(scheduler, "current_sigma") and hasattr(scheduler, "preconditioning")
         alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
-        self.vp_form = (not self.own and alphas_cumprod is not None
-                        and _host_scalar(scheduler.init_noise_sigma) == 1.0)
+        init_noise_sigma = getattr(scheduler, "init_noise_sigma", None)
+        self.vp_form = (not self.own and alphas_cumprod is not None and init_noise_sigma is not None
+                        and _host_scalar(init_noise_sigma) == 1.0)
         if self.vp_form:
             self._alphas_cumprod = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
         elif not self.own and getattr(scheduler, "sigmas", None) is None:
