@@ -39,8 +39,11 @@ class ExactMixtureNet(ModelMixin, ConfigMixin):
     """The exact network of Gaussian-mixture data, in a scheduler's parametrisation.
 
     ``edm``: the network input is c_in(σ)·x at timestep ln(σ)/4 and it returns EDM's F (``v_prediction``: −F), as our
-    EDM schedulers and diffusers' EDMEulerScheduler call it. ``ddpm``: the input is x_t = x/√(1 + σ²) at a DDPM
-    timestep t (fractional t interpolates σ_t linearly, as EulerDiscreteScheduler does) and it returns ε, x₀ or v.
+    EDM schedulers and diffusers' EDM schedulers call it. ``ddpm``: the input is x_t = x/√(1 + σ²) at a DDPM
+    timestep t (a fractional t interpolates ln σ_t linearly, the inverse of the Euler samplers' σ → t map) and it
+    returns ε, x₀ or v. ``score_ve``: the input is x at timestep ln σ and it returns the score ∇ log p_σ(x) = (D − x)/σ².
+    ``score_vp``: the input is x_t = x/√(1 + σ²) at the VP SDE's time t (β_min = 0.1, β_max = 20) and it returns
+    ∇_{x_t} log p(x_t) = √(1 + σ²)·(D − x)/σ².
     """
 
     @register_to_config
@@ -51,12 +54,17 @@ class ExactMixtureNet(ModelMixin, ConfigMixin):
 
     def sigma(self, timestep):
         t = timestep.double().reshape(-1)
-        if self.config.parametrisation == "edm":
+        kind = self.config.parametrisation
+        if kind == "edm":
             return torch.exp(4 * t)
-        table = ddpm_sigmas()
-        low = t.floor().long().clamp(0, len(table) - 2)
+        if kind == "score_ve":
+            return torch.exp(t)
+        if kind == "score_vp":
+            return (torch.exp(0.5 * 19.9 * t**2 + 0.1 * t) - 1).sqrt()
+        log_table = ddpm_sigmas().log()
+        low = t.floor().long().clamp(0, len(log_table) - 2)
         frac = t - low
-        return (1 - frac) * table[low] + frac * table[low + 1]
+        return torch.exp((1 - frac) * log_table[low] + frac * log_table[low + 1])
 
     def forward(self, sample, timestep, class_labels=None):
         c = self.config
@@ -70,6 +78,12 @@ class ExactMixtureNet(ModelMixin, ConfigMixin):
             D = mixture_denoiser(x, sigma, c.means, c.weights, c.std)
             out = (D - sd**2 / (s**2 + sd**2) * x) / (s * sd / (s**2 + sd**2).sqrt())
             out = -out if c.prediction_type == "v_prediction" else out
+        elif c.parametrisation == "score_ve":
+            x = sample.double()
+            out = (mixture_denoiser(x, sigma, c.means, c.weights, c.std) - x) / s**2
+        elif c.parametrisation == "score_vp":
+            x = sample.double() * (1 + s**2).sqrt()
+            out = (1 + s**2).sqrt() * (mixture_denoiser(x, sigma, c.means, c.weights, c.std) - x) / s**2
         else:
             x = sample.double() * (1 + s**2).sqrt()
             D = mixture_denoiser(x, sigma, c.means, c.weights, c.std)
