@@ -40,7 +40,8 @@ def make(cls, cfg, num_class_embeds=None, augment_dim=0, seed=0, **extra):
 
 @torch.no_grad()
 def randomise_(model, seed=1):
-    """Every parameter drawn anew: matrices N(0, 1/fan_in), GroupNorm scales 1 + N(0, 0.3²), other vectors N(0, 0.5²)."""
+    """Every parameter drawn anew: matrices N(0, 1/fan_in), GroupNorm scales 1 + N(0, 0.3²), other vectors
+    N(0, 0.5²)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
@@ -327,7 +328,8 @@ def norm_keys(name, c):
 
 def block_keys(name, cin, cout, emb, adm, taps, resample=False, attn=False):
     keys = {**norm_keys(f"{name}.norm0", cin), **conv_keys(f"{name}.conv0", cin, cout, 3, taps if resample else None),
-            f"{name}.affine.weight": (cout * (2 if adm else 1), emb), f"{name}.affine.bias": (cout * (2 if adm else 1),),
+            f"{name}.affine.weight": (cout * (2 if adm else 1), emb),
+            f"{name}.affine.bias": (cout * (2 if adm else 1),),
             **norm_keys(f"{name}.norm1", cout), **conv_keys(f"{name}.conv1", cout, cout, 3)}
     if cin != cout or resample:
         kernel = 1 if (not adm or cin != cout) else 0
@@ -434,7 +436,8 @@ def test_state_dict_keys_by_hand():
 
     expected = {
         "map_label.weight": (16, 3), "map_label.bias": (16,), "map_augment.weight": (16, 2),
-        "map_layer0.weight": (64, 16), "map_layer0.bias": (64,), "map_layer1.weight": (64, 64), "map_layer1.bias": (64,),
+        "map_layer0.weight": (64, 16), "map_layer0.bias": (64,),
+        "map_layer1.weight": (64, 64), "map_layer1.bias": (64,),
         "enc.8x8_conv.weight": (16, 3, 3, 3), "enc.8x8_conv.bias": (16,),
         **blk("enc.8x8_block0", 16, 16),
         **blk("enc.4x4_down", 16, 16, skip=True, resample=True),
@@ -491,7 +494,7 @@ def test_initialisation():
 @pytest.mark.parametrize("cls,name,cfg", [ALL_CONFIGS[0], ALL_CONFIGS[-1]], ids=["ddpmpp", "adm"])
 def test_label_dropout(cls, name, cfg):
     batch = 40
-    model = randomise_(make(cls, dict(cfg, dropout=0.0), 5, 0, label_dropout=0.5).double())
+    model = randomise_(make(cls, dict(cfg, dropout=0.0), 5, 0, label_dropout=0.25).double())
     x, t, _, _ = inputs(cfg, 5, 0, batch=1)
     x, t = x.expand(batch, -1, -1, -1), t.expand(batch)
     labels = torch.arange(batch) % 5
@@ -505,7 +508,7 @@ def test_label_dropout(cls, name, cfg):
     dropped = [(trained[i] - unconditional[i]).abs().max() < 1e-12 for i in range(batch)]
     kept = [(trained[i] - conditional[i]).abs().max() < 1e-12 for i in range(batch)]
     assert all(d != k for d, k in zip(dropped, kept))  # each sample is exactly one of the two
-    assert 8 <= sum(dropped) <= 32  # Binomial(40, 0.5)
+    assert 3 <= sum(dropped) <= 18  # Binomial(40, 0.25): mean 10, sd 2.7
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(x, t, class_labels=labels).sample, conditional)  # no dropout at evaluation

@@ -190,7 +190,8 @@ class UNetBlock(nn.Module):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        heads = num_heads if num_heads is not None else out_channels // channels_per_head
+        self.num_heads = heads if attention else 0
         self.dropout = dropout
         self.skip_scale = skip_scale
         self.adaptive_scale = adaptive_scale
