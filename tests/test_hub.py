@@ -81,7 +81,7 @@ def tiny_augment_unet(seed=0):
     return AugmentConditionedUNet2DModel(
         sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        add_attention=False, norm_num_groups=4, num_class_embeds=9)
+        add_attention=False, norm_num_groups=4, augment_dim=9)
 
 
 # name -> (pipeline factory, call kwargs); each exercises a different component class of the package

@@ -169,11 +169,13 @@ def test_augment_conditioned_unet_zero_labels_contribute_exactly_zero():
     unet = AugmentConditionedUNet2DModel(
         sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        add_attention=False, norm_num_groups=8, num_class_embeds=9)
+        add_attention=False, norm_num_groups=8, augment_dim=9)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.1, -0.3])
-    assert torch.equal(unet.class_embedding(torch.zeros(2, 9)), torch.zeros(2, unet.class_embedding.embedding_dim))
-    assert torch.equal(unet(x, t).sample, unet(x, t, class_labels=torch.zeros(2, 9)).sample)
-    assert not torch.allclose(unet(x, t).sample, unet(x, t, class_labels=torch.ones(2, 9)).sample)
+    augment = unet.class_embedding.augment
+    assert torch.equal(augment(torch.zeros(2, 9)), torch.zeros(2, augment.embedding_dim))
+    assert torch.equal(unet(x, t).sample, unet(x, t, augment_labels=torch.zeros(2, 9)).sample)
+    assert not torch.allclose(unet(x, t).sample, unet(x, t, augment_labels=torch.ones(2, 9)).sample)
+    assert unet.config.num_class_embeds is None and unet.config.augment_dim == 9
 
 
 # --- the script, end to end ----------------------------------------------------------------------------------------

@@ -120,13 +120,16 @@ class Denoiser(nn.Module):
         self.model = model
         self.preconditioning = preconditioning
 
-    def forward(self, x: torch.Tensor, sigma: TensorOrFloat, class_labels: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, sigma: TensorOrFloat, class_labels: Optional[torch.Tensor] = None,
+                augment_labels: Optional[torch.Tensor] = None):
         sigma = as_sigma(sigma).to(device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(x.shape[0])
         c_in = self.preconditioning.c_in(sigma).reshape(-1, *([1] * (x.ndim - 1)))
         model_dtype = next(self.model.parameters()).dtype
         c_noise = self.preconditioning.c_noise(sigma).to(torch.float32)
         kwargs = {} if class_labels is None else {"class_labels": class_labels}
+        if augment_labels is not None:  # EDM's augmentation labels, a network input of their own
+            kwargs["augment_labels"] = augment_labels
         out = self.model((c_in * x).to(model_dtype), c_noise, **kwargs)
         out = out.sample if hasattr(out, "sample") else out
         return self.preconditioning.denoise(x, out, sigma)
