@@ -109,6 +109,9 @@ class MPConv(nn.Module):
     ``weight`` has shape (out, in, *kernel), initialised N(0, 1). The effective weight is normalize(weight)·g/√fan_in
     with fan_in = in·∏kernel and ``gain`` g (1, or a learned scalar such as EDM2's ``emb_gain``/``out_gain``), so a
     unit-magnitude input gives a unit-magnitude output for g = 1.
+
+    In training mode the in-place renormalisation happens at every call, as in EDM2, so a layer may be called once per
+    backward pass (a second call would modify a weight autograd saved): batch several evaluations into one call.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int] = ()):
