@@ -14,13 +14,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffusers_stf"
 # bottom → top; a module may import its own layer and the ones below
 LAYERS = [
     {"noise_schedules", "data", "remote_code"},
-    {"preconditioning", "augment"},
+    {"preconditioning", "augment", "mp_layers"},
     {"schedulers"},
     {"losses"},
     {"models"},
     {"pipelines"},
     {"evaluation", "estimation_gap"},
-    {"training"},
+    {"training", "phema"},
     {"push"},
 ]
 
