@@ -18,6 +18,7 @@ LAYERS = [
     {"schedulers"},
     {"losses"},
     {"models"},
+    {"guidance"},
     {"pipelines"},
     {"evaluation", "estimation_gap"},
     {"training", "phema"},
