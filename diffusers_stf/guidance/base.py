@@ -82,6 +82,9 @@ class GuidedEvaluation:
             evaluation of a Heun-like step (DG weighs the two differently).
         extra_outputs: outputs of the main network for the extra label rows a term asked for
             (:meth:`GuidanceTerm.network_labels`), keyed by the term's ``id``.
+        model_input, timestep: what the main network was called with (a network of the same parametrisation can be
+            evaluated at them).
+        class_labels: the labels the main network saw (None for an unconditional one).
     """
 
     x: torch.Tensor
@@ -90,6 +93,9 @@ class GuidedEvaluation:
     preconditioning: Preconditioning
     first_order: bool = True
     extra_outputs: Dict[int, torch.Tensor] = field(default_factory=dict)
+    model_input: Optional[torch.Tensor] = None
+    timestep: Optional[torch.Tensor] = None
+    class_labels: Optional[torch.Tensor] = None
 
     @cached_property
     def denoised(self) -> torch.Tensor:

@@ -22,7 +22,7 @@ For EDM (Algorithm 1) the Euler direction (x − D)/σ gains −w·σ·∇_x log
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -71,10 +71,13 @@ class DiscriminatorGuidedPipeline(EDMPipeline):
         scheduler: a scheduler (see above).
         discriminator: a :class:`~diffusers_stf.Discriminator` trained on real vs. this model's samples (optional).
         classifier: a :class:`~diffusers_stf.NoiseConditionalClassifier` of the data's classes (optional).
+        guide_unet: the autoguidance guide (optional; see :class:`EDMPipeline`).
+        null_class_label: the null label of a class-conditional unet trained with label dropout (see
+            :class:`EDMPipeline`).
     """
 
-    _optional_components = ["discriminator", "classifier"]
-    model_cpu_offload_seq = "unet->discriminator->classifier"
+    _optional_components = ["discriminator", "classifier", "guide_unet"]
+    model_cpu_offload_seq = "unet->guide_unet->discriminator->classifier"
 
     def __init__(
         self,
@@ -82,8 +85,10 @@ class DiscriminatorGuidedPipeline(EDMPipeline):
         scheduler: EDMHeunScheduler,
         discriminator: Optional[Discriminator] = None,
         classifier: Optional[NoiseConditionalClassifier] = None,
+        guide_unet: Optional[UNet2DModel] = None,
+        null_class_label: Optional[int] = None,
     ):
-        super().__init__(unet=unet, scheduler=scheduler)
+        super().__init__(unet=unet, scheduler=scheduler, guide_unet=guide_unet, null_class_label=null_class_label)
         self.register_modules(discriminator=discriminator, classifier=classifier)
         self._check_components()
 
@@ -120,7 +125,8 @@ class DiscriminatorGuidedPipeline(EDMPipeline):
         if conditional_disc:
             limits.append(("discriminator", self.discriminator.config.num_class_embeds))
         if self.unet_is_conditional and self.unet.config.get("num_class_embeds") is not None:
-            limits.append(("unet", self.unet.config.num_class_embeds))
+            null = self.config.get("null_class_label")  # the null label is the last index; never a request
+            limits.append(("unet", self.unet.config.num_class_embeds if null is None else null))
         num_classes = min((k for _, k in limits), default=None)
         if num_classes is None:  # a UNet with another kind of class embedding takes the labels as they are
             return class_labels
@@ -212,6 +218,9 @@ class DiscriminatorGuidedPipeline(EDMPipeline):
         dg_sigma_max: float = DG_GUIDANCE_SIGMA_MAX,
         boosting: bool = False,
         classifier_guidance_scale: float = 0.0,
+        guidance_scale: float = 1.0,
+        autoguidance_scale: float = 1.0,
+        guidance_interval: Optional[Tuple[float, float]] = None,
         guidance_terms: Optional[Sequence[GuidanceTerm]] = None,
         image=None,
         strength: float = 1.0,
@@ -237,6 +246,9 @@ class DiscriminatorGuidedPipeline(EDMPipeline):
                 with S_churn = 4 every 5th step and have their guidance doubled every 2nd step. Needs w₁ > 0 and one
                 of our EDM schedulers.
             classifier_guidance_scale: w_CG, the classifier guidance weight on every evaluation (default 0).
+            guidance_scale: w of classifier-free guidance (1: off; see :class:`EDMPipeline`).
+            autoguidance_scale: w of autoguidance with ``guide_unet`` (1: off).
+            guidance_interval: (σ_lo, σ_hi) of classifier-free guidance and autoguidance (DG keeps its own window).
             guidance_terms: further guidance terms (:mod:`diffusers_stf.guidance`), added to the ones above.
             image: SDEdit image-to-image (DG §5.3): start from this image ([0, 1]; PIL, a list of PIL images, array or
                 tensor) noised to the level of step N − round(strength·N), instead of from pure noise.
@@ -246,6 +258,7 @@ class DiscriminatorGuidedPipeline(EDMPipeline):
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
         """
         self._check_components()
+        self._check_conditioning()
         source = None
         if image is not None:
             source = self._prepare_image(image)
@@ -256,7 +269,9 @@ class DiscriminatorGuidedPipeline(EDMPipeline):
         w1, _, w_cg = self._check_weights(dg_weight_1st_order, dg_weight_2nd_order, classifier_guidance_scale)
         class_labels = self._class_labels(class_labels, batch_size, w_cg > 0)
         terms = self.guidance_terms(class_labels, dg_weight_1st_order, dg_weight_2nd_order, dg_sigma_min,
-                                    dg_sigma_max, classifier_guidance_scale) + list(guidance_terms or ())
+                                    dg_sigma_max, classifier_guidance_scale)
+        terms += self.cfg_and_autoguidance_terms(class_labels, guidance_scale, autoguidance_scale, guidance_interval)
+        terms += list(guidance_terms or ())
         if boosting:
             self._check_boosting(w1, terms)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)

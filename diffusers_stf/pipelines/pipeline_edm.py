@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import inspect
+import json
+import math
 import numbers
+import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..guidance import GuidanceTerm, GuidedEvaluation
-from ..preconditioning import EvaluationFrame, Preconditioning
+from ..guidance import Autoguidance, ClassifierFreeGuidance, GuidanceTerm, GuidedEvaluation, check_interval
+from ..models.classifier import check_class_labels
+from ..preconditioning import EvaluationFrame, Preconditioning, preconditioning_for
 from ..remote_code import RemoteCodeMixin
 from ..schedulers import EDMHeunScheduler
 
@@ -37,6 +41,24 @@ def add_output_change(model_output: torch.Tensor, sample: torch.Tensor, denoised
     return guided
 
 
+def same_scalings(first: Preconditioning, second: Preconditioning) -> bool:
+    """Whether two preconditionings relate the network to D(x; σ) alike: c_skip, c_out, c_in and c_noise agree over
+    σ from 0.002 to 80."""
+    sigma = torch.logspace(math.log10(0.002), math.log10(80.0), 9, dtype=torch.float64)
+    return all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(first.scalings(sigma), second.scalings(sigma)))
+
+
+def _saved_scheduler_config(model) -> Optional[dict]:
+    """The scheduler config saved beside a model loaded from a pipeline folder (``<folder>/scheduler``), if any."""
+    folder = model.config.get("_name_or_path")
+    path = os.path.join(os.fspath(folder), "scheduler", "scheduler_config.json") \
+        if isinstance(folder, (str, os.PathLike)) else None
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
     """Sample a preconditioned network with :class:`EDMHeunScheduler` (EDM Algorithms 1 and 2) or any other
     scheduler of this package or of diffusers, optionally guided. The latents are kept in float64 with this package's
@@ -47,16 +69,94 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
     are summed in EDM coordinates and written into the scheduler's own model output
     (:class:`~diffusers_stf.preconditioning.EvaluationFrame`), so the same term guides every scheduler.
 
+    Classifier-free guidance (``guidance_scale``, Ho & Salimans 2022) needs a class-conditional network trained with
+    label dropout, whose null label is ``null_class_label``; autoguidance (``autoguidance_scale``, Karras et al. 2024)
+    needs a weaker ``guide_unet`` of the same task and parametrisation.
+
     Args:
         unet: the raw network F of the scheduler's preconditioning (EDM's F for ``edm``, ε for ``ddpm``/``vp``).
         scheduler: a scheduler.
+        guide_unet: the autoguidance guide (optional): a smaller or shorter-trained network of the same data, image
+            size, channels and preconditioning.
+        null_class_label: the label index a class-conditional ``unet`` was trained with for "no class" (label
+            dropout; the training scripts use the last index), which classifier-free guidance evaluates; None for a
+            network without one.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->guide_unet"
+    _optional_components = ["guide_unet"]
 
-    def __init__(self, unet: UNet2DModel, scheduler: EDMHeunScheduler):
+    def __init__(self, unet: UNet2DModel, scheduler: EDMHeunScheduler, guide_unet: Optional[UNet2DModel] = None,
+                 null_class_label: Optional[int] = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, guide_unet=guide_unet)
+        self.register_to_config(null_class_label=null_class_label)
+        self._check_conditioning()
+
+    # --------------------------------------------------------------------------------------------------------------
+    # Components and labels
+
+    def _check_conditioning(self):
+        """The null label is one of the network's labels; the guide generates what the unet generates."""
+        null, num_classes = self.config.get("null_class_label"), self.unet.config.get("num_class_embeds")
+        if null is not None and (isinstance(null, bool) or not isinstance(null, int) or num_classes is None
+                                 or not 0 <= null < num_classes):
+            raise ValueError(f"null_class_label must be a label index of the class-conditional unet, in "
+                             f"[0, {num_classes - 1 if num_classes else 'none'}], got {null!r}")
+        guide = getattr(self, "guide_unet", None)
+        if guide is None:
+            return
+        for key in ("sample_size", "in_channels", "out_channels"):
+            if guide.config.get(key) != self.unet.config.get(key):
+                raise ValueError(f"guide_unet has {key}={guide.config.get(key)!r} but the unet has "
+                                 f"{self.unet.config.get(key)!r}; the guide must model the same images")
+        guide_scheduler = _saved_scheduler_config(guide)
+        if guide_scheduler is not None and not same_scalings(preconditioning_for(guide_scheduler),
+                                                             preconditioning_for(self.scheduler)):
+            raise ValueError("guide_unet was trained with another preconditioning (its folder's scheduler config) "
+                             "than the unet's scheduler; autoguidance compares the two denoisers at the same input")
+
+    def check_class_labels(self, class_labels, batch_size: int) -> Optional[torch.Tensor]:
+        """Labels for a class-conditional unet: integer indices in [0, K) (the null label excluded), one per image
+        (or one for all), on the pipeline's device; None for an unconditional one (labels given are an error)."""
+        num_classes = self.unet.config.get("num_class_embeds")
+        if not self.unet_is_conditional:
+            if class_labels is not None:
+                raise ValueError("class_labels were given but the unet is not class-conditional (num_class_embeds is None)")
+            return None
+        if class_labels is None:
+            raise ValueError("the unet is class-conditional: pass class_labels (one class index per image)")
+        if num_classes is None:  # a UNet with another kind of class embedding takes the labels as they are
+            return class_labels
+        null = self.config.get("null_class_label")
+        requested = num_classes if null is None else null  # the null label is the last index; never a request
+        return check_class_labels(class_labels, requested, batch_size).to(self.device)
+
+    def cfg_and_autoguidance_terms(self, class_labels, guidance_scale: float = 1.0, autoguidance_scale: float = 1.0,
+                                   guidance_interval=None) -> List[GuidanceTerm]:
+        """The classifier-free guidance and autoguidance terms of the call arguments (none at scale 1)."""
+        interval = (0.0, math.inf) if guidance_interval is None else check_interval("guidance_interval",
+                                                                                  guidance_interval)
+        terms: List[GuidanceTerm] = []
+        cfg = ClassifierFreeGuidance(guidance_scale, self.config.get("null_class_label") or 0, interval)
+        if cfg.guidance_scale != 1:
+            if not self.unet_is_conditional or class_labels is None:
+                raise ValueError(f"guidance_scale={guidance_scale} (classifier-free guidance) needs a class-conditional "
+                                 "unet and class_labels")
+            if self.config.get("null_class_label") is None:
+                raise ValueError(f"guidance_scale={guidance_scale} needs the unet's null label: pass "
+                                 "null_class_label=... to the pipeline (the index the network was trained with for "
+                                 "dropped labels; the training scripts save it)")
+            terms.append(cfg)
+        guide = getattr(self, "guide_unet", None)
+        autoguidance = Autoguidance(guide, autoguidance_scale, interval,
+                                    conditional=guide is not None and guide.config.get("num_class_embeds") is not None)
+        if autoguidance.guidance_scale != 1:
+            if guide is None:
+                raise ValueError(f"autoguidance_scale={autoguidance_scale} needs a guide_unet; this pipeline has none "
+                                 "(pass guide_unet=...)")
+            terms.append(autoguidance)
+        return terms
 
     def _check_inputs(self, batch_size, num_inference_steps, output_type: str, generator=None) -> Tuple[int, int]:
         """Validated ``(batch_size, num_inference_steps)`` as python ints (numpy and 0-d tensor integers accepted)."""
@@ -154,7 +254,8 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
             out, extra_outputs = self.network_output(model_input, t, class_labels,
                                                      [(term, rows) for term, rows in extra if rows is not None])
             if active:
-                evaluation = GuidedEvaluation(x, sigma, out, frame.preconditioning, first_order, extra_outputs)
+                evaluation = GuidedEvaluation(x, sigma, out, frame.preconditioning, first_order, extra_outputs,
+                                              model_input, t, unet_labels)
                 out = self._add_corrections(evaluation, active, sample)
             sample = scheduler.step(out, t, sample, **kwargs).prev_sample
         return sample
@@ -203,6 +304,9 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         latents: Optional[torch.Tensor] = None,
         class_labels: Optional[torch.Tensor] = None,
+        guidance_scale: float = 1.0,
+        autoguidance_scale: float = 1.0,
+        guidance_interval: Optional[Tuple[float, float]] = None,
         guidance_terms: Optional[Sequence[GuidanceTerm]] = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -214,16 +318,22 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
             num_inference_steps: sampler steps N (EDM Heun: 2N − 1 network evaluations; 18 steps = 35 NFE).
             generator: ``torch.Generator`` (or a list, one per image) for the latents and the sampler's noise.
             latents: standard-normal latents of shape (batch, C, H, W) to start from, instead of drawing them.
-            class_labels: passed to the UNet (class-conditional models).
-            guidance_terms: guidance terms (:mod:`diffusers_stf.guidance`) added at every evaluation where active.
+            class_labels: one class index per image (or one for all), for a class-conditional unet.
+            guidance_scale: w of classifier-free guidance, D_u + w·(D_c − D_u) (1: plain conditional sampling, one
+                network evaluation per step; needs ``null_class_label``).
+            autoguidance_scale: w of autoguidance, D_guide + w·(D − D_guide) (1: off; needs ``guide_unet``).
+            guidance_interval: (σ_lo, σ_hi): classifier-free guidance and autoguidance act only for σ in this interval
+                (Kynkäänniemi et al. 2024); default everywhere.
+            guidance_terms: further guidance terms (:mod:`diffusers_stf.guidance`) added at every evaluation where
+                active.
             output_type: ``pil``, ``np`` or ``pt``.
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
         """
         batch_size, num_inference_steps = self._check_inputs(batch_size, num_inference_steps, output_type, generator)
-        if class_labels is not None and not self.unet_is_conditional:
-            raise ValueError("class_labels were given but the unet is not class-conditional (num_class_embeds is None)")
+        class_labels = self.check_class_labels(class_labels, batch_size)
+        terms = self.cfg_and_autoguidance_terms(class_labels, guidance_scale, autoguidance_scale, guidance_interval)
+        terms += list(guidance_terms or ())
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        terms = list(guidance_terms or ())
         frame = self.evaluation_frame(terms)
         sample = self.prepare_latents(batch_size, generator, latents)
         sample = self.denoising_loop(sample, class_labels, terms, generator, frame=frame)
