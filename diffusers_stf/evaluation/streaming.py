@@ -277,11 +277,11 @@ def stream_features(
         if done > num_images:
             raise ValueError(f"{state_dir!r} already holds {done} images, more than num_images = {num_images}; ask "
                              f"for at least {done} or use another state folder")  # fmt: skip
-        settings_path = os.path.join(state_dir, SETTINGS_FILE)
-        if not os.path.isfile(settings_path):
-            with open(settings_path + ".partial", "w") as f:
+        if done == 0:  # a readable copy of what the checkpoints record
+            tmp = os.path.join(state_dir, f".{SETTINGS_FILE}.{os.getpid()}.partial")
+            with open(tmp, "w") as f:
                 json.dump(settings, f, indent=2, sort_keys=True)
-            os.replace(settings_path + ".partial", settings_path)
+            os.replace(tmp, os.path.join(state_dir, SETTINGS_FILE))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     saved, batches_since_save = done, 0
