@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+import zipfile
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -78,9 +79,12 @@ def reference_images(reference: str) -> torch.Tensor:
 
         return digits_tensor(reference.split(":")[1])[0]
     if os.path.isfile(reference) and reference.lower().endswith(".npz"):
-        with np.load(reference, allow_pickle=False) as archive:
-            files = archive.files
-        if not any(key in files for key in NPZ_KEYS):
+        try:
+            with np.load(reference, allow_pickle=False) as archive:
+                files = archive.files
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            files = None  # unreadable: load_images names the file and the error
+        if files is not None and not any(key in files for key in NPZ_KEYS):
             raise ValueError(
                 f"the .npz reference {reference!r} holds {sorted(files)}: a reference .npz must hold statistics "
                 f"('mu' and 'sigma', NVlabs' fid.py ref / pytorch-fid format) or images ({', '.join(NPZ_KEYS)})"

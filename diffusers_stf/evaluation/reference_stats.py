@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zipfile
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -24,8 +25,11 @@ def is_reference_stats_file(path: str) -> bool:
     """Whether ``path`` is an ``.npz`` holding a ``mu`` or ``sigma`` array (rather than images)."""
     if not (os.path.isfile(path) and path.lower().endswith(".npz")):
         return False
-    with np.load(path, allow_pickle=False) as archive:
-        return any(key in archive.files for key in STATS_KEYS)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return any(key in archive.files for key in STATS_KEYS)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False  # not a readable .npz: the image loader reports it
 
 
 def read_reference_stats(path: str) -> Dict[str, object]:
