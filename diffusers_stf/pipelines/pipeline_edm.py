@@ -9,8 +9,9 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..remote_code import RemoteCodeMixin
+from ..hub import RemoteCodeMixin
 from ..schedulers import EDMHeunScheduler
+from . import components
 
 
 def _as_int(value, name: str) -> int:
@@ -28,7 +29,7 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
     diffusers one, so the score-based schedulers (``AnnealedLangevinScheduler``, ``PredictorCorrectorScheduler``) work too.
     ``save_pretrained`` writes the code files that let ``DiffusionPipeline.from_pretrained(folder,
     trust_remote_code=True)`` load the folder without this package (see
-    :class:`~diffusers_stf.remote_code.RemoteCodeMixin`).
+    :class:`~diffusers_stf.hub.RemoteCodeMixin`).
 
     Args:
         unet: the raw network F of the scheduler's preconditioning (EDM's F for ``edm``, ε for ``ddpm``/``vp``).
@@ -36,6 +37,7 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
+    component_library = components
 
     def __init__(self, unet: UNet2DModel, scheduler: EDMHeunScheduler):
         super().__init__()
