@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffusers_stf"
 
 # bottom → top; a module may import its own layer and the ones below
 LAYERS = [
-    {"noise_schedules", "data", "remote_code"},
+    {"noise_schedules", "data", "hub"},
     {"preconditioning", "augment", "mp_layers"},
     {"schedulers"},
     {"losses"},
@@ -70,7 +70,7 @@ MODULES = list(package_modules())
 
 # Loaders that resolve a saved folder's ``["diffusers_stf", "<Class>"]`` entries by name, exactly as diffusers does
 # (``importlib.import_module("diffusers_stf")``): they import the package root, lazily, to look a class up.
-ROOT_NAME_LOOKUP = {("remote_code",), ("evaluation", "sampling")}
+ROOT_NAME_LOOKUP = {("evaluation", "sampling")}
 
 
 def test_every_module_has_a_layer():

@@ -4,6 +4,7 @@ the Discriminator Guidance discriminator and the noise-conditional classifier, b
 
 from .classifier import NoiseConditionalClassifier, NoiseConditionalClassifierOutput
 from .dhariwal_unet import DhariwalUNet
+from .edm2_unet import EDM2UNet
 from .discriminator import (
     LOG_RATIO_CLIP,
     Discriminator,

@@ -14,10 +14,11 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..guidance import Autoguidance, ClassifierFreeGuidance, GuidanceTerm, GuidedEvaluation, check_interval
+from ..hub import RemoteCodeMixin
 from ..models.classifier import check_class_labels
 from ..preconditioning import EvaluationFrame, Preconditioning, preconditioning_for
-from ..remote_code import RemoteCodeMixin
 from ..schedulers import EDMHeunScheduler
+from . import components
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -63,7 +64,8 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
     """Sample a preconditioned network with :class:`EDMHeunScheduler` (EDM Algorithms 1 and 2) or any other
     scheduler of this package or of diffusers, optionally guided. The latents are kept in float64 with this package's
     schedulers, as in EDM; the network runs in its own dtype. ``save_pretrained`` writes the code files that let
-    ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` load the folder without this package.
+    ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` load the folder without this package
+    (:class:`~diffusers_stf.hub.RemoteCodeMixin`).
 
     Guidance enters as terms (:mod:`diffusers_stf.guidance`): at each network evaluation the active terms' ΔD(x, σ)
     are summed in EDM coordinates and written into the scheduler's own model output
@@ -85,6 +87,7 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
 
     model_cpu_offload_seq = "unet->guide_unet"
     _optional_components = ["guide_unet"]
+    component_library = components
 
     def __init__(self, unet: UNet2DModel, scheduler: EDMHeunScheduler, guide_unet: Optional[UNet2DModel] = None,
                  null_class_label: Optional[int] = None):

@@ -34,7 +34,7 @@ from .checkpoints import (
 )
 from .config import EncoderConfig, TrainingConfig, UNetConfig, check_finite, from_namespace
 from .ema import HalfLifeEMA, MovingAverage, WarmupEMA, ema_beta, warmup_ema_beta
-from .hub import push_folder_to_hub
+from ..hub.push import push_folder_to_hub
 from .metrics_log import MetricsLogger, bucket_names, read_metrics
 from .model_card import ModelCardInfo, write_model_card
 from .score_model import load_score_pipeline

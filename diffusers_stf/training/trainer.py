@@ -22,7 +22,8 @@ from typing import Callable, Dict, Optional, Union
 import torch
 
 from ..data import DIGITS_NAME, ArrowImages, BatchSchedule, ImageData, derived_seed
-from ..remote_code import write_model_remote_code
+from ..hub import write_model_remote_code
+from ..hub.push import DEFAULT_IGNORE, check_hub_settings, create_repo_early, push_or_explain
 from .accelerator import make_accelerator, step_generator, to_device
 from .checkpoints import (
     fingerprint_differences, jsonable, kill_point, load_checkpoint, model_fingerprint, read_run, read_state,
@@ -31,7 +32,6 @@ from .checkpoints import (
 from .config import TrainingConfig
 from .ema import HalfLifeEMA, WarmupEMA
 from .global_batch import BatchShare, global_indices, share_of, take_rows
-from .hub import check_hub_settings, create_repo_early, push_or_explain
 from .metrics_log import MetricsLogger
 from .plots import record_validation, sampler_caption
 from .model_card import ModelCardInfo, hub_dataset_ids, write_model_card
@@ -435,8 +435,6 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
         if config.push_to_hub and acc.is_main_process:  # last: other processes are not left waiting if it fails
-            from .hub import DEFAULT_IGNORE
-
             push_or_explain(self.output_dir, config.hub_model_id, config.hub_token, private=config.hub_private_repo,
                             commit_message=f"Training finished at step {self.step}",
                             ignore_patterns=(*DEFAULT_IGNORE, *self.hub_ignore_patterns))
