@@ -24,11 +24,14 @@ SCHEDULER_ALIASES = {
 
 
 def _find_class(name: str):
+    """A pipeline, scheduler or model class by name: the package's (its pipelines and the classes their components
+    may be) first, then diffusers'."""
     import diffusers
 
-    import diffusers_stf
+    from .. import pipelines
+    from ..pipelines import components
 
-    cls = getattr(diffusers_stf, name, None) or getattr(diffusers, name, None)
+    cls = getattr(pipelines, name, None) or getattr(components, name, None) or getattr(diffusers, name, None)
     if cls is None:
         raise ValueError(f"{name!r} is neither a diffusers_stf nor a diffusers class")
     return cls
