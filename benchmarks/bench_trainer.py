@@ -33,10 +33,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from diffusers_stf.data import ImageData, digits_tensor  # noqa: E402
+from diffusers_stf.digits import digits_tensor  # noqa: E402
 from diffusers_stf.losses import EDMLoss, reduce_per_sample  # noqa: E402
 from diffusers_stf.training import (  # noqa: E402
-    HalfLifeEMA, LossOutput, Trainer, TrainingConfig, UNetConfig, make_unet, step_generator,
+    HalfLifeEMA, ImageData, LossOutput, Trainer, TrainingConfig, UNetConfig, make_unet, step_generator,
 )
 
 

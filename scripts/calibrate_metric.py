@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from diffusers_stf.data import digits_tensor
+from diffusers_stf.digits import digits_tensor
 from diffusers_stf.evaluation import evaluate_images, load_feature_extractor, quantize
 
 MARK_BEGIN, MARK_END = "<!-- calibration table: begin -->", "<!-- calibration table: end -->"

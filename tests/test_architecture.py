@@ -13,13 +13,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffusers_stf"
 
 # bottom → top; a module may import its own layer and the ones below
 LAYERS = [
-    {"noise_schedules", "data", "remote_code"},
+    {"noise_schedules", "digits", "remote_code"},
     {"preconditioning", "augment"},
     {"schedulers"},
     {"losses"},
     {"models"},
     {"pipelines"},
-    {"evaluation", "estimation_gap"},
+    {"evaluation"},
     {"training"},
     {"push"},
 ]

@@ -986,7 +986,7 @@ def test_train_score_model_example_end_to_end(tmp_path):
     from diffusers import UNet2DModel
 
     from diffusers_stf import EDMPipeline
-    from diffusers_stf.data import digits_tensor
+    from diffusers_stf.digits import digits_tensor
     from diffusers_stf.training import read_metrics
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",

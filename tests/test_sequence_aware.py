@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import make_tiny_unet
 from diffusers import DDPMScheduler
 
-from diffusers_stf.estimation_gap import estimation_gap
+from diffusers_stf.evaluation.estimation_gap import estimation_gap
 from diffusers_stf.losses.sequence_aware import SequenceAwareLoss, sequence_aware_weights
 from diffusers_stf.preconditioning import betas_for_schedule
 

@@ -3,6 +3,7 @@ extractors (the shipped digits classifier, FID's Inception-v3 from a local file,
 seeded, resumable sampling of saved pipelines."""
 
 from .classification import class_statistics
+from .estimation_gap import EstimationGapOutput, estimation_gap, plot_estimation_gaps
 from .evaluator import (
     compute_features,
     default_cache_dir,

@@ -4,7 +4,7 @@ model cards, Hub upload, and :class:`Trainer`, the loop that runs a script's los
 ``examples/train_stf.py`` for a script built on it and ``docs/training.md`` for the options.
 """
 
-from ..data import BatchSchedule, DataConfig, ImageData, derived_seed, load_training_images
+from .data import BatchSchedule, DataConfig, ImageData, derived_seed, load_training_images
 from .accelerator import check_world_size, make_accelerator, step_generator, to_device, tracker_name
 from .args import (
     ScriptConfig,

@@ -2,7 +2,7 @@
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``train_batch_size`` images per process. For
 micro-step m, every random draw of the step (crops, flips, σ, noise, references) comes from
-``step_generator(seed, m, process_index)`` and the images from :class:`~diffusers_stf.data.BatchSchedule`, so a run
+``step_generator(seed, m, process_index)`` and the images from :class:`~diffusers_stf.training.data.schedule.BatchSchedule`, so a run
 resumed from a checkpoint repeats an uninterrupted run exactly; accelerate restores the global RNGs (dropout) and the
 optimizer, the trainer the EMA, the lr schedule, the step and the wall time.
 
@@ -21,7 +21,8 @@ from typing import Callable, Dict, Optional, Union
 
 import torch
 
-from ..data import DIGITS_NAME, ArrowImages, BatchSchedule, ImageData, derived_seed
+from ..digits import DIGITS_NAME
+from .data import ArrowImages, BatchSchedule, ImageData, derived_seed
 from ..remote_code import write_model_remote_code
 from .accelerator import make_accelerator, step_generator, to_device
 from .checkpoints import (
@@ -99,7 +100,7 @@ class Trainer:
             :class:`~diffusers_stf.training.global_batch.BatchShare` of the batch (see ``global_draws``) and
             ``"global_index"``, the CPU indices of the whole global batch (``share.total`` of them), already
             randomly cropped/flipped; ``generator`` (on the device) must be the source of every random draw of the loss.
-        data: the training :class:`~diffusers_stf.data.ImageData`.
+        data: the training :class:`~diffusers_stf.training.data.images.ImageData`.
         accelerator: from :func:`make_accelerator` (made here when None).
         make_pipeline: ``make_pipeline(model) -> DiffusionPipeline`` around the EMA weights, for the sample grids and
             the final ``save_pretrained`` folder. Without it the final folder holds the EMA model only.
