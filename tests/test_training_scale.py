@@ -331,18 +331,16 @@ def test_each_validation_writes_a_captioned_grid_loss_png_and_tracker_images(tmp
 
     from diffusers_stf import EDMHeunScheduler, EDMPipeline
     from diffusers_stf.digits import digits_tensor
-    from diffusers_stf.training.data import ImageData
     from diffusers_stf.losses import EDMLoss
-    from diffusers_stf.training import LossOutput, Trainer, TrainingConfig
+    from diffusers_stf.training import Trainer, TrainingConfig
+    from diffusers_stf.training.data import ImageData
 
     tracker = stand_in_tracker()
     accelerator = Accelerator(cpu=True, log_with=[tracker])
     loss = EDMLoss()
 
     def loss_fn(model, batch, generator):
-        sigma = loss.sample_sigma(len(batch["images"]), generator)
-        per_sample = loss(loss.denoiser(model), batch["images"], sigma=sigma, generator=generator).flatten(1).sum(1)
-        return LossOutput(loss=per_sample.mean(), per_sample=per_sample.detach(), sigma=sigma)
+        return loss(loss.denoiser(model), batch["images"], generator=generator)
 
     config = TrainingConfig(output_dir=str(tmp_path / "run"), train_batch_size=8, max_train_steps=4, logging_steps=1,
                             validation_steps=2, checkpointing_steps=0, num_validation_images=4, num_inference_steps=2,
@@ -369,8 +367,8 @@ def test_torch_compile_compiles_the_trained_model_and_checkpoints_stay_plain(tmp
 
     import diffusers_stf.training.accelerator as accelerator_module
     from diffusers_stf.digits import digits_tensor
-    from diffusers_stf.training.data import ImageData
     from diffusers_stf.training import Trainer, TrainingConfig, make_accelerator
+    from diffusers_stf.training.data import ImageData
 
     monkeypatch.setattr(accelerator_module, "TORCH_COMPILE_BACKEND", "eager")  # inductor needs minutes on a CPU
     config = TrainingConfig(output_dir=str(tmp_path / "run"), train_batch_size=8, max_train_steps=2,

@@ -31,8 +31,8 @@ PIXELS = "pixels"
 class ArrowImages:
     """A uint8 image array (N, C, H, W) read from the ``pixels`` column of a memory-mapped ``datasets.Dataset``.
 
-    Supports what :class:`~diffusers_stf.training.data.images.ImageData` uses: ``shape``, ``ndim``, ``dtype``, ``len`` and indexing
-    with an integer tensor (a random-access batch read, returned as a CPU tensor).
+    Supports what :class:`~diffusers_stf.training.data.images.ImageData` uses: ``shape``, ``ndim``, ``dtype``,
+    ``len`` and indexing with an integer tensor (a random-access batch read, returned as a CPU tensor).
 
     Args:
         dataset: a ``datasets.Dataset`` with a ``pixels`` column of feature ``Array3D(shape=(C, H, W), dtype="uint8")``.
@@ -132,8 +132,8 @@ def _resized_size(size: Tuple[int, int], resolution: Optional[int]) -> Tuple[int
 def survey_images(dataset, column: str, resolution: Optional[int], channels: Optional[int],
            preserve_input_precision: bool = False) -> Dict:
     """Read every image's header (mode and size, no pixels) and decide the stored layout as
-    :func:`~diffusers_stf.training.data.decode.decode_images` does: the channels (RGB when grey and colour images mix and
-    ``channels`` is None), and either the common resized (W, H) or, when the resized sizes differ, square
+    :func:`~diffusers_stf.training.data.decode.decode_images` does: the channels (RGB when grey and colour images mix
+    and ``channels`` is None), and either the common resized (W, H) or, when the resized sizes differ, square
     ``resolution`` crops. Returns ``{"channels", "size", "square_crops", "num_images"}``."""
     import datasets
 

@@ -119,7 +119,8 @@ def load_training_images(config: DataConfig, seed: int = 0, accelerator=None) ->
                                           config.center_crop, seed, config.preserve_input_precision)
         (accelerator.print if accelerator is not None else logger.warning)(
             f"{len(ds)} images need about {estimate / 1e9:.1f} GB decoded, over the in-memory cap of "
-            f"{decode.MAX_IN_MEMORY_BYTES / 1e9:.1f} GB: serving them from the memory-mapped file {images.cache_files()[0]}")
+            f"{decode.MAX_IN_MEMORY_BYTES / 1e9:.1f} GB: serving them from the memory-mapped file "
+            f"{images.cache_files()[0]}")
         return ImageData(images, labels, config.resolution, config.center_crop, config.random_flip, name=name,
                          source=source)
     if isinstance(ds.features[column], datasets.Image):
