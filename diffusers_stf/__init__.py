@@ -8,7 +8,7 @@ from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin, SchedulerMixin
 
 from . import noise_schedules
 from .augment import AugmentPipe
-from .estimation_gap import EstimationGapOutput, estimation_gap, plot_estimation_gaps
+from .evaluation.estimation_gap import EstimationGapOutput, estimation_gap, plot_estimation_gaps
 from .losses import (
     DDPMEpsilonLoss,
     DDPMStableTargetFieldLoss,

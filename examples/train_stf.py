@@ -24,9 +24,9 @@ import sys
 import torch
 
 from diffusers_stf import AugmentConditionedUNet2DModel, AugmentPipe, EDMHeunScheduler, EDMPipeline
-from diffusers_stf.losses import StableTargetFieldLoss, make_denoising_loss, reduce_per_sample
-from diffusers_stf.losses.edm import randn
-from diffusers_stf.training import LossOutput, ModelCardInfo, Trainer, add_training_args, load_training_images
+from diffusers_stf.losses import StableTargetFieldLoss, make_denoising_loss
+from diffusers_stf.losses.draws import randn
+from diffusers_stf.training import ModelCardInfo, Trainer, add_training_args, load_training_images
 from diffusers_stf.training import make_accelerator, make_unet, parse_training_args, to_device, training_parser
 
 logger = logging.getLogger("train_stf")
@@ -87,7 +87,8 @@ def main(argv=None):
     accelerator = make_accelerator(config.training)
     data = load_training_images(config.data, config.training.seed, accelerator)
 
-    base_loss = make_denoising_loss(args.precond, P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data)
+    base_loss = make_denoising_loss(args.precond, P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data,
+                                    reduction=args.loss_reduction)  # EDM: sum over C·H·W
     stf = args.loss == "stf"
     batch_size = config.training.train_batch_size
     global_draws = not args.augment_p > 0
@@ -134,11 +135,8 @@ def main(argv=None):
                 refs, _ = augment(refs, generator)
         noise = share.draw(randn, images.shape, generator, images.device, images.dtype)
         if stf:
-            per_element = loss(denoiser, images, refs, sigma=sigma, noise=noise, generator=generator)
-        else:
-            per_element = loss(denoiser, images, sigma=sigma, noise=noise, generator=generator)
-        per_sample = reduce_per_sample(per_element, args.loss_reduction)  # EDM: sum over C·H·W
-        return LossOutput(loss=per_sample.mean(), per_sample=per_sample.detach(), sigma=sigma)
+            return loss(denoiser, images, refs, sigma=sigma, noise=noise, generator=generator)
+        return loss(denoiser, images, sigma=sigma, noise=noise, generator=generator)
 
     def make_pipeline(model):
         return EDMPipeline(unet=model, scheduler=EDMHeunScheduler(sigma_data=args.sigma_data,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from diffusers_stf.data import digits_tensor
+from diffusers_stf.digits import digits_tensor
 from diffusers_stf.evaluation import (
     compute_features,
     evaluate_images,

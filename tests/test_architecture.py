@@ -13,14 +13,14 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffusers_stf"
 
 # bottom → top; a module may import its own layer and the ones below
 LAYERS = [
-    {"noise_schedules", "data", "hub"},
+    {"noise_schedules", "digits", "hub"},
     {"preconditioning", "augment", "mp_layers"},
     {"schedulers"},
     {"losses"},
     {"models"},
     {"guidance"},
     {"pipelines"},
-    {"evaluation", "estimation_gap"},
+    {"evaluation"},
     {"training", "phema"},
     {"push"},
 ]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from diffusers_stf.data import digits_tensor
+from diffusers_stf.digits import digits_tensor
 from diffusers_stf.evaluation import (
     DIGITS_CLASSIFIER_PATH,
     DigitsClassifier,

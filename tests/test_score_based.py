@@ -640,7 +640,7 @@ def test_dsm_minimiser_is_the_true_score():
     g = torch.Generator().manual_seed(1)
     for _ in range(300):
         opt.zero_grad()
-        loss_fn(denoiser, data, sigma=sigma, generator=g).backward()
+        loss_fn(denoiser, data, sigma=sigma, generator=g).loss.mean().backward()
         opt.step()
     var = s0**2 + sigma**2  # true score −(x − μ)/var
     assert model.a.item() == pytest.approx(-1 / var, rel=0.03)
@@ -659,6 +659,7 @@ def test_dsm_loss_value_at_the_exact_score():
 
     loss = DenoisingScoreMatchingLoss(sigma_sampling="log_uniform")(exact_denoiser, data, sigma=sigma,
                                                                     generator=torch.Generator().manual_seed(1))
+    loss = loss.loss.mean()
     target = 0.5 * 2 * s0**2 / (s0**2 + sigma**2)
     assert float(loss) == pytest.approx(target, rel=0.01)
 
@@ -682,7 +683,7 @@ def test_dsm_discrete_sigma_sampling_and_epsilon_form():
     x = torch.randn(16, 3)
     z, sig = torch.randn(16, 3), torch.rand(16) + 0.1
     denoiser = Denoiser(Eps(), NCSNPreconditioning(prediction_type="epsilon", timestep_type="log_sigma"))
-    loss = loss_fn(denoiser, x, sigma=sig, noise=z)
+    loss = loss_fn(denoiser, x, sigma=sig, noise=z).loss.mean()
     x_noisy = x + sig[:, None] * z
     assert float(loss) == pytest.approx(float(0.5 * ((x_noisy - z) ** 2).sum(1).mean()), rel=1e-5)  # ½‖F − z‖²
 
@@ -697,7 +698,7 @@ def test_dsm_draws_sigma_then_noise_from_the_generator():
     sigma = 0.1 * 20.0**u
     z = torch.randn(64, 2, generator=g, dtype=torch.float64)
     expected = 0.5 * (((0.5 * (data + sigma[:, None] * z) - data) / sigma[:, None]) ** 2).sum(1).mean()
-    loss = loss_fn(denoiser, data, generator=torch.Generator().manual_seed(3))
+    loss = loss_fn(denoiser, data, generator=torch.Generator().manual_seed(3)).loss.mean()
     assert float(loss) == pytest.approx(float(expected), rel=1e-12)
 
 
@@ -981,7 +982,7 @@ def test_train_score_model_example_end_to_end(tmp_path):
     from diffusers import UNet2DModel
 
     from diffusers_stf import EDMPipeline
-    from diffusers_stf.data import digits_tensor
+    from diffusers_stf.digits import digits_tensor
     from diffusers_stf.training import read_metrics
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",

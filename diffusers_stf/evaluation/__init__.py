@@ -4,6 +4,7 @@ statistics in NVlabs' / pytorch-fid's .npz format; seeded, resumable sampling of
 resumable evaluation of a pipeline without writing images."""
 
 from .classification import class_statistics
+from .estimation_gap import EstimationGapOutput, estimation_gap, plot_estimation_gaps
 from .evaluator import (
     compute_features,
     default_cache_dir,

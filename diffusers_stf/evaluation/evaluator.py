@@ -75,7 +75,7 @@ def reference_images(reference: str) -> torch.Tensor:
     """The images of a reference set: ``digits:train`` (797), ``digits:heldout`` (1000), ``digits:all`` (1797), or a
     folder / ``.npz`` of images."""
     if reference in DIGITS_REFERENCES:
-        from ..data import digits_tensor
+        from ..digits import digits_tensor
 
         return digits_tensor(reference.split(":")[1])[0]
     if os.path.isfile(reference) and reference.lower().endswith(".npz"):
