@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from diffusers_stf.data import digits_tensor
+from diffusers_stf.digits import digits_tensor
 from diffusers_stf.evaluation import (
     frechet_distance,
     kernel_inception_distance,

@@ -30,6 +30,7 @@ from ..preconditioning import (
     VEPreconditioning,
     VPPreconditioning,
 )
+from ..noise_schedules import betas_for_schedule
 from .base import LossOutput, add_noise, check_finite, check_on_host, check_reduction, per_sample, reduce_per_sample
 from .draws import rand, randint, randn
 
