@@ -19,6 +19,7 @@ LAYERS = [
     {"losses"},
     {"models"},
     {"pipelines"},
+    {"conversion", "convert"},
     {"evaluation", "estimation_gap"},
     {"training"},
     {"push"},

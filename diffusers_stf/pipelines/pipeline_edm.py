@@ -45,8 +45,8 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
         """Validated ``(batch_size, num_inference_steps)`` as python ints (numpy and 0-d tensor integers accepted)."""
         batch_size = _as_int(batch_size, "batch_size")
         num_inference_steps = _as_int(num_inference_steps, "num_inference_steps")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"generator is a list of {len(generator)} generators but the batch has {batch_size} images; "
@@ -96,7 +96,10 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
         return sample
 
     def postprocess(self, sample: torch.Tensor, output_type: str):
-        """[-1, 1] float64 samples to ``pt`` ([0,1] NCHW float32), ``np`` ([0,1] NHWC) or ``pil``."""
+        """[-1, 1] float64 samples to ``pt`` ([0,1] NCHW float32), ``np`` ([0,1] NHWC) or ``pil``; ``latent`` is the
+        final sample itself, unclamped, as diffusers pipelines return it."""
+        if output_type == "latent":
+            return sample
         image = (sample / 2 + 0.5).clamp(0, 1).to(torch.float32)
         if output_type == "pt":
             return image
@@ -122,7 +125,7 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
             generator: ``torch.Generator`` (or a list, one per image) for the latents and the churn noise.
             latents: standard-normal latents of shape (batch, C, H, W) to start from, instead of drawing them.
             class_labels: passed to the UNet (class-conditional models).
-            output_type: ``pil``, ``np`` or ``pt``.
+            output_type: ``pil``, ``np``, ``pt`` or ``latent`` (the final sample, unclamped, in the sampling dtype).
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
         """
         batch_size, num_inference_steps = self._check_inputs(batch_size, num_inference_steps, output_type, generator)

@@ -1,0 +1,5 @@
+"""``python -m diffusers_stf.conversion``, the same as ``python -m diffusers_stf.convert``."""
+
+from .cli import main
+
+main()
