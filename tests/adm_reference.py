@@ -49,7 +49,7 @@ def init_params(cfg: dict, seed: int = 0, dtype=torch.float64) -> Dict[str, torc
 
     def rand(name, *shape, fan_in=None, around=0.0):
         scale = 1 / math.sqrt(fan_in) if fan_in else 0.1
-        params[name] = (around + scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+        params[name] = around + scale * torch.randn(*shape, generator=g, dtype=dtype)
 
     def norm(prefix, c):
         rand(f"{prefix}.weight", c, around=1.0)
@@ -166,15 +166,17 @@ def dg_vpsde(sigma: torch.Tensor, beta_0: float = 0.1, beta_1: float = 20.0):
 
 
 def dg_log_ratio_and_gradient(classifier: Tuple[dict, dict], head: Tuple[dict, dict], x: torch.Tensor,
-                              sigma: torch.Tensor, labels=None):
+                              sigma: torch.Tensor, labels=None, gradient: bool = True):
     """DG's ``get_log_ratio`` at the VP input mean_vp·x and time τ, and its gradient w.r.t. the EDM-scale x
-    (``get_grad_log_ratio`` without its −σ² factor: mean_vp·∇_{x_vp})."""
+    (``get_grad_log_ratio`` without its −σ² factor: mean_vp·∇_{x_vp}); None for the gradient without ``gradient``."""
     mean, tau = dg_vpsde(sigma)
-    x_vp = (mean[:, None, None, None] * x).detach().requires_grad_(True)
-    with torch.enable_grad():
+    x_vp = (mean[:, None, None, None] * x).detach().requires_grad_(gradient)
+    with torch.set_grad_enabled(gradient):
         feats = encoder_forward(*classifier, x_vp, tau, features=True)
         prediction = torch.sigmoid(encoder_forward(*head, feats, tau, labels)).view(-1)
         prediction = torch.clip(prediction, 1e-5, 1.0 - 1e-5)
         log_ratio = torch.log(prediction / (1.0 - prediction))
+        if not gradient:
+            return log_ratio, None
         (grad,) = torch.autograd.grad(log_ratio.sum(), x_vp)
     return log_ratio.detach(), grad * mean[:, None, None, None]

@@ -350,6 +350,7 @@ def test_foreign_globals_and_persistent_ids_are_refused_before_anything_runs(tmp
         load_nvlabs_edm(tmp_path / "pid.pkl")
 
 
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
 def test_the_stand_ins_cannot_be_rebuilt_or_read_out_of_bounds(tmp_path):
     builds = {  # BUILD on an allowed callable, and on a stand-in class (which must stay unchanged)
         "callable": b"\x80\x04ctorch.storage\n_load_from_bytes\n}b.",
@@ -405,3 +406,255 @@ def test_weights_that_do_not_match_the_architecture_name_the_first_keys(tmp_path
     standin.write(tmp_path / "shapes.pkl", standin.edm_snapshot(standin.preconditioning("EDMPrecond", wider, 8, 1)))
     with pytest.raises(ValueError, match=r"shape mismatches \(\d+\): down_blocks"):
         load_nvlabs_edm(tmp_path / "shapes.pkl")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DG's discriminator: guided-diffusion's EncoderUNetModel and DG's get_log_ratio
+
+
+def tiny_encoder(**overrides):
+    """A small ADM encoder: two levels (8 and 4 px), attention at both, two heads of 16 channels."""
+    return dict(dict(sample_size=8, in_channels=3, model_channels=32, out_channels=5, num_res_blocks=1,
+                     attention_resolutions=[8, 4], channel_mult=[1, 2], num_head_channels=16,
+                     use_scale_shift_norm=True, num_class_embeds=None, time_scale=999.0), **overrides)
+
+
+def tiny_head(num_class_embeds=None):
+    return tiny_encoder(sample_size=4, in_channels=64, out_channels=1, num_res_blocks=2, attention_resolutions=[4],
+                        channel_mult=[1], num_class_embeds=num_class_embeds)
+
+
+def loaded(model, params):
+    model.load_state_dict(params, strict=True)  # guided-diffusion's names, every one
+    return model
+
+
+@pytest.mark.parametrize("cfg", [tiny_encoder(), tiny_encoder(use_scale_shift_norm=False, time_scale=1.0),
+                                 tiny_head(num_class_embeds=7)], ids=["classifier", "additive_emb", "cond_head"])
+def test_adm_encoder_is_guided_diffusions_encoder_unet(cfg):
+    from adm_reference import encoder_forward, init_params
+
+    from diffusers_stf.models.adm_encoder import EncoderUNetModel
+
+    params = init_params(cfg, seed=1)
+    model = loaded(EncoderUNetModel(**cfg).double(), params)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"], generator=g, dtype=torch.float64)
+    t = torch.tensor([0.01, 0.4, 1.0], dtype=torch.float64)
+    labels = torch.tensor([0, 6, 3]) if cfg["num_class_embeds"] else None
+    with torch.no_grad():
+        logits = model(x, t, labels).logits
+        features = model.features(x, t, labels)
+    assert torch.allclose(logits, encoder_forward(params, cfg, x, t, labels), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(features, encoder_forward(params, cfg, x, t, labels, features=True), rtol=1e-10, atol=1e-12)
+
+
+def tiny_dg(num_class_embeds=None, seed=3, dtype=torch.float64):
+    from adm_reference import init_params
+
+    from diffusers_stf.models.dg_discriminator import DGDiscriminator
+
+    classifier, head = tiny_encoder(), tiny_head(num_class_embeds)
+    params = init_params(classifier, seed), init_params(head, seed + 1)
+    disc = DGDiscriminator(sample_size=8, in_channels=3, num_class_embeds=num_class_embeds,
+                           classifier_config=classifier, head_config=head).to(dtype)
+    loaded(disc.classifier, params[0]), loaded(disc.head, params[1])
+    return disc, (params[0], classifier), (params[1], head)
+
+
+@pytest.mark.parametrize("num_class_embeds", [None, 10])
+def test_dg_log_ratio_and_gradient_are_dgs_get_log_ratio(num_class_embeds):
+    from adm_reference import dg_log_ratio_and_gradient
+
+    disc, classifier, head = tiny_dg(num_class_embeds)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64) * 3
+    sigma = torch.tensor([0.01, 0.5, 3.0, 40.0], dtype=torch.float64)
+    labels = torch.tensor([1, 9, 0, 4]) if num_class_embeds else None
+    one_hot = torch.eye(10, dtype=torch.float64)[labels] if num_class_embeds else None  # DG passes one-hot rows
+    for scale in (1.0, 1e4):  # as trained, and saturated: d clipped to [1e-5, 1 − 1e-5]
+        with torch.no_grad():
+            disc.head.out[2].c_proj.weight.mul_(scale)
+        head[0]["out.2.c_proj.weight"] = disc.head.out[2].c_proj.weight.detach().clone()
+        x_ = x.clone().requires_grad_(True)
+        ours = disc.log_ratio(x_, sigma, labels)
+        (grad,) = torch.autograd.grad(ours.sum(), x_)
+        ref, ref_grad = dg_log_ratio_and_gradient(classifier, head, x, sigma, one_hot)
+        assert torch.allclose(ours, ref, rtol=1e-9, atol=1e-9), (scale, ours, ref)
+        assert torch.allclose(grad, ref_grad, rtol=1e-8, atol=1e-10), scale
+    assert (ref.abs() > 11.5).all() and (ref_grad == 0).all()  # the clipped case has zero gradient, as in DG
+
+
+def test_dg_discriminator_guides_the_pipeline_with_dgs_gradient():
+    """The guided pipeline's correction is σ²·∇ₓ log(d/(1 − d)) with DG's gradient (its −σ²·mean_vp·∇_{x_vp})."""
+    from adm_reference import dg_log_ratio_and_gradient
+
+    from diffusers_stf import DiscriminatorGuidedPipeline, EDMHeunScheduler
+    from diffusers_stf.pipelines.pipeline_discriminator_guided import discriminator_correction
+
+    disc, classifier, head = tiny_dg(dtype=torch.float32)
+    pipe = DiscriminatorGuidedPipeline(tiny_network(7, channels=3), EDMHeunScheduler(preconditioning="vp"), disc)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    correction, log_ratio = discriminator_correction(pipe.discriminator, x, 2.5)
+    params = lambda p: {k: v.double() for k, v in p.items()}  # noqa: E731
+    ref, ref_grad = dg_log_ratio_and_gradient((params(classifier[0]), classifier[1]), (params(head[0]), head[1]),
+                                              x, torch.full((2,), 2.5, dtype=torch.float64))
+    assert torch.allclose(log_ratio.double(), ref, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(correction, 2.5**2 * ref_grad, rtol=1e-3, atol=1e-6)
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    guided = pipe(batch_size=2, num_inference_steps=3, latents=latents, output_type="latent").images
+    plain = pipe(batch_size=2, num_inference_steps=3, latents=latents, output_type="latent", dg_weight_1st_order=0).images
+    assert not torch.allclose(guided, plain)
+
+
+def dg_encoder(image_size, depth, channel_mult, in_channels=3, out_channels=1000, condition=False):
+    """DG classifier_lib's load_classifier / load_discriminator through guided-diffusion's create_classifier:
+    width 128, attention at "32,16,8", heads of 64 channels, scale-shift norm, residual downsampling, attention
+    pooling; DG's copy multiplies the time by 999 and embeds 1000 classes when conditional."""
+    return dict(sample_size=image_size, in_channels=in_channels, model_channels=128, out_channels=out_channels,
+                num_res_blocks=depth, attention_resolutions=[32, 16, 8], channel_mult=list(channel_mult),
+                num_head_channels=64, use_scale_shift_norm=True, num_class_embeds=1000 if condition else None,
+                time_scale=999.0)
+
+
+@pytest.fixture(scope="module")
+def dg_files(tmp_path_factory):
+    """DG's files at their real architecture, with random weights from the reference layout (float32); and files
+    of a 16 px setup."""
+    from adm_reference import init_params
+
+    root = tmp_path_factory.mktemp("dg")
+    configs = {"32x32_classifier.pt": dg_encoder(32, 4, (1, 2, 4)),
+               "discriminator_60.pt": dg_encoder(8, 2, (1,), in_channels=512, out_channels=1),
+               "discriminator_250.pt": dg_encoder(8, 2, (1,), in_channels=512, out_channels=1, condition=True),
+               "16x16_classifier.pt": dg_encoder(16, 2, (1, 2)),
+               "discriminator_16px.pt": dg_encoder(8, 2, (1,), in_channels=256, out_channels=1)}
+    out = {}
+    for seed, (name, cfg) in enumerate(configs.items()):
+        params = init_params(cfg, seed, dtype=torch.float32)
+        torch.save(params, root / name)
+        out[name] = (root / name, params, cfg)
+    return out
+
+
+def test_dg_files_load_into_dgs_architecture(dg_files):
+    from adm_reference import dg_log_ratio_and_gradient
+
+    from diffusers_stf.conversion import load_dg_discriminator
+
+    classifier = dg_files["32x32_classifier.pt"]
+    for head_name, conditional in (("discriminator_60.pt", False), ("discriminator_250.pt", True)):
+        head = dg_files[head_name]
+        disc = load_dg_discriminator(classifier[0], head[0], img_resolution=32, conditional=conditional)
+        assert disc.config.num_class_embeds == (1000 if conditional else None)
+        for part, (_, params, _) in ((disc.classifier, classifier), (disc.head, head)):
+            assert all(torch.equal(part.state_dict()[k], v) for k, v in params.items())
+    # the full-size forward (heads of 64 channels, time ×999) against DG's, for the conditional head, in float32
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(10))
+    sigma, labels = torch.tensor([1.7]), torch.tensor([3])
+    ref, _ = dg_log_ratio_and_gradient(classifier[1:], head[1:], x, sigma, labels, gradient=False)
+    with torch.no_grad():
+        ours = disc.log_ratio(x, sigma, labels)
+    assert torch.allclose(ours, ref.float(), rtol=1e-4, atol=1e-4), (ours, ref)
+
+
+def test_dg_files_that_do_not_fit_are_refused(dg_files, tmp_path):
+    from diffusers_stf.conversion import load_dg_discriminator
+
+    c32, c16 = dg_files["32x32_classifier.pt"][0], dg_files["16x16_classifier.pt"][0]
+    d60, d16 = dg_files["discriminator_60.pt"][0], dg_files["discriminator_16px.pt"][0]
+    with pytest.raises(ValueError, match=r"img_resolution must be one of \(32,\)"):
+        load_dg_discriminator(c32, d60, img_resolution=64)
+    with pytest.raises(ValueError, match="16x16_classifier.pt is the 16 px ADM classifier, but img_resolution=32"):
+        load_dg_discriminator(c16, d60)
+    with pytest.raises(ValueError, match="judges 256x8x8 features, but the classifier at img_resolution=32 gives "
+                                         "512x8x8: the head belongs to another image size"):
+        load_dg_discriminator(c32, d16)
+    with pytest.raises(ValueError, match="discriminator_60.pt is unconditional, but conditional=True"):
+        load_dg_discriminator(c32, d60, conditional=True)
+    state = dict(torch.load(d60, weights_only=True))
+    del state["input_blocks.1.0.emb_layers.1.weight"]
+    torch.save(state, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match=r"missing.pt does not match DG's architecture: missing in the file \(1\): "
+                                         r"input_blocks.1.0.emb_layers.1.weight"):
+        load_dg_discriminator(c32, tmp_path / "missing.pt")
+    marker = tmp_path / "pwned"
+    torch.save({"x": Reduce(os.system, f"touch {marker}")}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a torch state dict readable with weights_only=True"):
+        load_dg_discriminator(c32, tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line: folders with model cards that plain diffusers loads and samples
+
+
+def sample_latents(pipe, labels=None, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(batch_size=2 if labels is None else len(labels), num_inference_steps=3,
+                generator=torch.Generator().manual_seed(7), output_type="latent", class_labels=labels,
+                **kwargs).images.contiguous()
+
+
+def test_command_line_folders_load_with_plain_diffusers_and_sample_the_same(tmp_path, dg_files, converted):
+    import json
+
+    from safetensors.torch import load_file
+    from test_hub import run_blocked
+
+    from diffusers_stf.conversion.cli import main
+
+    edm_pkl = converted["edm"][1]
+    vp32 = tmp_path / "vp32.pkl"
+    net32 = tiny_network(11, size=32, channels=3)
+    standin.write(vp32, standin.edm_snapshot(standin.preconditioning("VPPrecond", network_record(net32), 32, 3)))
+    classifier, head = dg_files["32x32_classifier.pt"][0], dg_files["discriminator_60.pt"][0]
+    argv = {"edm": ["edm", str(edm_pkl), str(tmp_path / "edm")],
+            "vp32": ["edm", str(vp32), str(tmp_path / "vp32")],
+            "dg": ["dg", "--classifier", str(classifier), "--discriminator", str(head), "--score_model",
+                   str(tmp_path / "vp32"), str(tmp_path / "dg")]}
+    pipes = {name: main(args) for name, args in argv.items()}
+    with pytest.raises(SystemExit, match="exists and is not an empty folder"):
+        main(argv["edm"])  # nothing is overwritten
+
+    for name, args in argv.items():
+        card = (tmp_path / name / "README.md").read_text()
+        assert f"python -m diffusers_stf.convert {' '.join(args)}" in card, name
+        assert "CC BY-NC-SA 4.0" in card and "license:" in card
+    assert "states no licence" in (tmp_path / "dg" / "README.md").read_text()
+
+    calls = {"edm": {"labels": [0, 2]}, "vp32": {}, "dg": {"dg_weight_1st_order": 2.0}}
+    ours = {}
+    for name, kwargs in calls.items():
+        labels = torch.tensor(kwargs["labels"]) if "labels" in kwargs else None
+        extra = {k: v for k, v in kwargs.items() if k != "labels"}
+        ours[name] = sample_latents(pipes[name], labels, **extra)
+    assert not torch.equal(ours["vp32"], ours["dg"])  # the guidance acts
+    folders = {name: str(tmp_path / name) for name in calls}
+    out_file = tmp_path / "plain.safetensors"
+    result = run_blocked(tmp_path, f"""
+        import json
+        import torch
+        from diffusers import DiffusionPipeline
+        from safetensors.torch import save_file
+        out, types = {{}}, {{}}
+        calls = json.loads({json.dumps(json.dumps(calls))})
+        for name, folder in json.loads({json.dumps(json.dumps(folders))}).items():
+            pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+            pipe.set_progress_bar_config(disable=True)
+            kwargs = dict(calls[name])
+            labels = torch.tensor(kwargs.pop("labels")) if "labels" in kwargs else None
+            out[name] = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(7),
+                             output_type="latent", class_labels=labels, **kwargs).images.contiguous()
+            types[name] = {{k: type(v).__name__ for k, v in pipe.components.items()}}
+        save_file(out, {str(out_file)!r})
+        print(json.dumps(types))
+    """, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    types = json.loads(result.stdout.strip().splitlines()[-1])
+    assert types["dg"] == {"unet": "UNet2DModel", "scheduler": "EDMHeunScheduler", "discriminator": "DGDiscriminator",
+                           "classifier": "NoneType"}
+    plain = load_file(out_file)
+    for name in calls:
+        assert torch.equal(plain[name], ours[name]), name

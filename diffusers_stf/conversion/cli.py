@@ -168,13 +168,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None):
+    """Run the command line (``argv`` without the program name); returns the converted pipeline."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     _check_output_dir(args.output_dir)
     command = "python -m diffusers_stf.convert " + shlex.join(argv)
     convert = convert_edm if args.command == "edm" else convert_dg
     try:
-        convert(args, command)
+        pipeline = convert(args, command)
     except ValueError as err:  # a refused input: the message says why; no traceback
         raise SystemExit(f"error: {err}") from None
     print(f"wrote {args.output_dir}")
+    return pipeline

@@ -25,9 +25,6 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
 
-ADM_POOLS = ("attention", "adaptive")
-
-
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -52,6 +49,7 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, dtype: torch.dtype, ma
 
 
 def zero_module(module: nn.Module) -> nn.Module:
+    """guided-diffusion initialises the last layer of each residual and attention branch to zero."""
     for p in module.parameters():
         p.detach().zero_()
     return module
@@ -66,23 +64,6 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-class Downsample(nn.Module):
-    """Halve the resolution: a stride-2 3×3 convolution (``op``), or 2×2 average pooling without ``use_conv``."""
-
-    def __init__(self, channels: int, use_conv: bool, out_channels: Optional[int] = None):
-        super().__init__()
-        out_channels = out_channels or channels
-        if use_conv:
-            self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
-        else:
-            if out_channels != channels:
-                raise ValueError("Downsample without a convolution cannot change the number of channels")
-            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
-
-    def forward(self, x):
-        return self.op(x)
-
-
 class ResBlock(nn.Module):
     """Residual block conditioned on the embedding: GroupNorm–SiLU–conv, then the embedding as a bias or, with
     ``use_scale_shift_norm``, as norm(h)·(1 + scale) + shift, then GroupNorm–SiLU–dropout–conv; ``down`` average-pools
@@ -94,9 +75,9 @@ class ResBlock(nn.Module):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(GroupNorm32(32, channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1))
         self.down = down
-        if down:
-            self.h_upd = Downsample(channels, False)
-            self.x_upd = Downsample(channels, False)
+        if down:  # guided-diffusion's Downsample without a convolution: 2×2 average pooling, parameter-free
+            self.h_upd = nn.AvgPool2d(kernel_size=2, stride=2)
+            self.x_upd = nn.AvgPool2d(kernel_size=2, stride=2)
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
         )
@@ -125,8 +106,9 @@ class ResBlock(nn.Module):
 
 
 def qkv_attention(qkv: torch.Tensor, num_heads: int, heads_first: bool) -> torch.Tensor:
-    """softmax(qᵀk/√c)·v per head of a [N, 3·H·C, T] tensor. ``heads_first`` (guided-diffusion's legacy order, its
-    ``AttentionBlock``) splits the heads before q, k, v; otherwise (``QKVAttention``, the pooling) q, k, v first."""
+    """softmax(qᵀk/√c)·v per head of a [N, 3·H·C, T] tensor. ``heads_first`` (guided-diffusion's legacy order, which
+    its ``AttentionBlock`` uses by default) splits the heads before q, k, v; otherwise (``QKVAttention``, used by the
+    attention pooling) q, k, v first."""
     batch, width, length = qkv.shape
     ch = width // (3 * num_heads)
     if heads_first:
@@ -142,12 +124,11 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, heads_first: bool) -> torch
 class AttentionBlock(nn.Module):
     """Self-attention over the spatial positions, with a residual connection."""
 
-    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1, use_new_attention_order=False):
+    def __init__(self, channels: int, num_head_channels: int):
         super().__init__()
-        if num_head_channels != -1 and channels % num_head_channels:
+        if channels % num_head_channels:
             raise ValueError(f"{channels} channels do not split into heads of {num_head_channels}")
-        self.num_heads = num_heads if num_head_channels == -1 else channels // num_head_channels
-        self.heads_first = not use_new_attention_order
+        self.num_heads = channels // num_head_channels
         self.norm = GroupNorm32(32, channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
@@ -155,7 +136,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
-        h = qkv_attention(self.qkv(self.norm(x)), self.num_heads, self.heads_first)
+        h = qkv_attention(self.qkv(self.norm(x)), self.num_heads, heads_first=True)
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
 
 
@@ -191,8 +172,9 @@ class EncoderUNetOutput(BaseOutput):
 
 
 class EncoderUNetModel(ModelMixin, ConfigMixin):
-    """guided-diffusion's ``EncoderUNetModel``: the ADM encoder with a time embedding (and optionally a class
-    embedding), then GroupNorm–SiLU–pooling to ``out_channels`` logits.
+    """guided-diffusion's ``EncoderUNetModel`` as its classifiers use it: the ADM encoder with residual downsampling
+    and a time embedding (optionally plus a class embedding), then GroupNorm–SiLU–attention pooling to
+    ``out_channels`` logits.
 
     Args:
         sample_size: side of the input images.
@@ -203,14 +185,9 @@ class EncoderUNetModel(ModelMixin, ConfigMixin):
         attention_resolutions: feature-map sides (in pixels) with self-attention after each residual block;
             guided-diffusion's script converts "32,16,8" to downsampling rates, here the sides are kept.
         dropout: dropout of the residual blocks.
-        channel_mult: width multipliers per resolution; one downsampling between consecutive ones.
-        conv_resample: a stride-2 convolution to downsample (else average pooling), without ``resblock_updown``.
-        num_heads: attention heads, when ``num_head_channels`` is −1.
-        num_head_channels: channels per attention head (−1: use ``num_heads``); the attention pooling needs it.
+        channel_mult: width multipliers per resolution, with a residual downsampling block between consecutive ones.
+        num_head_channels: channels per attention head (guided-diffusion's classifiers: 64).
         use_scale_shift_norm: the embedding scales and shifts the normalised features (else it is added).
-        resblock_updown: downsample with residual blocks (else ``Downsample``).
-        use_new_attention_order: split q, k, v before the heads in the attention blocks.
-        pool: ``attention`` (CLIP-style attention pooling) or ``adaptive`` (mean, then a 1×1 convolution).
         num_class_embeds: rows of a class embedding added to the time embedding (DG's conditional head: 1000);
             None for none.
         time_scale: the timesteps are multiplied by this before the sinusoidal embedding (DG: 999, as its VP time
@@ -228,21 +205,12 @@ class EncoderUNetModel(ModelMixin, ConfigMixin):
         attention_resolutions: Sequence[int] = (32, 16, 8),
         dropout: float = 0.0,
         channel_mult: Sequence[float] = (1, 2, 4),
-        conv_resample: bool = True,
-        num_heads: int = 1,
         num_head_channels: int = 64,
         use_scale_shift_norm: bool = True,
-        resblock_updown: bool = True,
-        use_new_attention_order: bool = False,
-        pool: str = "attention",
         num_class_embeds: Optional[int] = None,
         time_scale: float = 1.0,
     ):
         super().__init__()
-        if pool not in ADM_POOLS:
-            raise ValueError(f"pool must be one of {ADM_POOLS}, got {pool!r}")
-        if pool == "attention" and num_head_channels == -1:
-            raise ValueError("pool='attention' needs num_head_channels (channels per head), got -1")
         if sample_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"sample_size {sample_size} is not divisible by 2^{len(channel_mult) - 1} "
                              f"(channel_mult {tuple(channel_mult)})")
@@ -250,8 +218,6 @@ class EncoderUNetModel(ModelMixin, ConfigMixin):
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if num_class_embeds is not None:
             self.label_emb = nn.Embedding(num_class_embeds, emb_dim)
-        attention = dict(num_heads=num_heads, num_head_channels=num_head_channels,
-                         use_new_attention_order=use_new_attention_order)
         res = dict(emb_channels=emb_dim, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm)
 
         ch = int(channel_mult[0] * model_channels)
@@ -262,19 +228,15 @@ class EncoderUNetModel(ModelMixin, ConfigMixin):
                 layers = [ResBlock(ch, out_channels=int(mult * model_channels), **res)]
                 ch = int(mult * model_channels)
                 if side in attention_resolutions:
-                    layers.append(AttentionBlock(ch, **attention))
+                    layers.append(AttentionBlock(ch, num_head_channels))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
             if level != len(channel_mult) - 1:
-                down = ResBlock(ch, out_channels=ch, down=True, **res) if resblock_updown else \
-                    Downsample(ch, conv_resample, out_channels=ch)
-                self.input_blocks.append(TimestepEmbedSequential(down))
+                self.input_blocks.append(TimestepEmbedSequential(ResBlock(ch, out_channels=ch, down=True, **res)))
                 side //= 2
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, **res), AttentionBlock(ch, **attention), ResBlock(ch, **res))
-        if pool == "attention":
-            self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), AttentionPool2d(side, ch, num_head_channels, out_channels))
-        else:
-            self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.AdaptiveAvgPool2d((1, 1)),
-                                     zero_module(nn.Conv2d(ch, out_channels, 1)), nn.Flatten())
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, **res), AttentionBlock(ch, num_head_channels), ResBlock(ch, **res)
+        )
+        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), AttentionPool2d(side, ch, num_head_channels, out_channels))
         self.feature_channels, self.feature_size = ch, side
 
     def embedding(self, timesteps: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -40,7 +40,7 @@ def dg_classifier_config(img_resolution: int = 32) -> dict:
     return dict(sample_size=img_resolution, in_channels=3, model_channels=128, out_channels=1000,
                 num_res_blocks=4 if img_resolution in (32, 64) else 2, attention_resolutions=[32, 16, 8],
                 channel_mult=list(ADM_CHANNEL_MULT[img_resolution]), num_head_channels=64,
-                use_scale_shift_norm=True, resblock_updown=True, pool="attention", time_scale=DG_TIME_SCALE)
+                use_scale_shift_norm=True, time_scale=DG_TIME_SCALE)
 
 
 def dg_head_config(feature_channels: int = 512, feature_size: int = 8, num_class_embeds: Optional[int] = None) -> dict:
@@ -48,8 +48,7 @@ def dg_head_config(feature_channels: int = 512, feature_size: int = 8, num_class
     output; class-conditional heads embed 1000 classes (guided-diffusion's ``NUM_CLASSES``)."""
     return dict(sample_size=feature_size, in_channels=feature_channels, model_channels=128, out_channels=1,
                 num_res_blocks=2, attention_resolutions=[32, 16, 8], channel_mult=[1], num_head_channels=64,
-                use_scale_shift_norm=True, resblock_updown=True, pool="attention", num_class_embeds=num_class_embeds,
-                time_scale=DG_TIME_SCALE)
+                use_scale_shift_norm=True, num_class_embeds=num_class_embeds, time_scale=DG_TIME_SCALE)
 
 
 def vp_time(sigma: torch.Tensor, beta_0: float = DG_BETA_0, beta_1: float = DG_BETA_1) -> torch.Tensor:
