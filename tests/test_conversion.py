@@ -18,6 +18,8 @@ import torch
 from diffusers import UNet2DModel
 
 import nvlabs_standin as standin
+from diffusers_stf.models.dhariwal_unet import DhariwalUNet
+from diffusers_stf.models.song_unet import SongUNet
 from diffusers_stf.conversion import (
     NETWORK_CONVERTERS,
     NVlabsPickleError,
@@ -67,19 +69,55 @@ def tiny_unet_converter():
     NETWORK_CONVERTERS.pop("TinyUNet")
 
 
-# name -> (preconditioning class, its non-default constants, label_dim, output channels per image channel)
+# NVlabs' EDM networks, small, with the arguments a snapshot records (some left to NVlabs' defaults)
+ARCHITECTURES = {
+    "ddpmpp": (SongUNet, dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                              dropout=0.13, embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
+                              decoder_type="standard", resample_filter=[1, 1])),
+    "ncsnpp": (SongUNet, dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                              embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
+                              resample_filter=[1, 3, 3, 1])),
+    "adm": (DhariwalUNet, dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])),
+}
+ARCHITECTURE_DEFAULTS = {SongUNet: dict(channel_mult_emb=4, label_dropout=0.0, dropout=0.1),
+                         DhariwalUNet: dict(channel_mult_emb=4, label_dropout=0.0, dropout=0.1)}
+
+# name -> (preconditioning class, its non-default constants, network, label_dim, augment_dim)
 CASES = {
-    "edm": ("EDMPrecond", dict(sigma_data=0.6), 3, 1),
-    "vp": ("VPPrecond", dict(beta_d=18.0, beta_min=0.2, M=500, epsilon_t=1e-3), 0, 1),
-    "ve": ("VEPrecond", dict(sigma_min=0.05, sigma_max=50.0), 0, 1),
-    "iddpm": ("iDDPMPrecond", dict(), 0, 2),
+    "vp": ("VPPrecond", dict(beta_d=18.0, beta_min=0.2, M=500, epsilon_t=1e-3), "ddpmpp", 4, 9),
+    "ve": ("VEPrecond", dict(sigma_min=0.05, sigma_max=50.0), "ncsnpp", 0, 0),
+    "iddpm": ("iDDPMPrecond", dict(), "adm", 3, 0),
+    "edm": ("EDMPrecond", dict(sigma_data=0.6), "adm", 0, 9),
+    "edm-tiny": ("EDMPrecond", dict(sigma_data=0.6), "tiny", 3, 0),  # a network registered by the tests
 }
 
 
+def edm_network(arch, seed, size=8, channels=1, out_channels=None, label_dim=0, augment_dim=0):
+    """(a random network of ``arch`` with every weight non-zero, the arguments its snapshot records)."""
+    torch.manual_seed(seed)
+    cls, kwargs = ARCHITECTURES[arch]
+    out_channels = out_channels or channels
+    net = cls(sample_size=size, in_channels=channels, out_channels=out_channels, num_class_embeds=label_dim or None,
+              augment_dim=augment_dim, **{**ARCHITECTURE_DEFAULTS[cls], **kwargs})
+    for p in net.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    recorded = dict(img_resolution=size, in_channels=channels, out_channels=out_channels, label_dim=label_dim,
+                    augment_dim=augment_dim, **kwargs)
+    return net, recorded
+
+
 def make_case(name, seed=0, size=8, channels=1):
-    kind, constants, label_dim, mult = CASES[name]
-    net = tiny_network(seed, size=size, channels=channels, out_channels=mult * channels, label_dim=label_dim)
-    ema = standin.preconditioning(kind, network_record(net), size, channels, label_dim=label_dim, **constants)
+    kind, constants, arch, label_dim, augment_dim = CASES[name]
+    out_channels = (2 if kind == "iDDPMPrecond" else 1) * channels
+    if arch == "tiny":
+        net = tiny_network(seed, size=size, channels=channels, out_channels=out_channels, label_dim=label_dim)
+        record = network_record(net)
+    else:
+        net, kwargs = edm_network(arch, seed, size, channels, out_channels, label_dim, augment_dim)
+        record = standin.persistent_tree(net, ARCHITECTURES[arch][0].__name__, kwargs)
+    ema = standin.preconditioning(kind, record, size, channels, label_dim=label_dim,
+                                  model_type=ARCHITECTURES[arch][0].__name__ if arch != "tiny" else "TinyUNet",
+                                  **constants)
     return net, standin.edm_snapshot(ema)
 
 
@@ -172,23 +210,24 @@ def test_converted_networks_hold_the_pickled_weights_and_config(converted):
         ours = pipe.unet.state_dict()
         assert set(ours) == set(net.state_dict())
         assert all(torch.equal(ours[k], v) for k, v in net.state_dict().items()), name
-        assert pipe.unet.config.num_class_embeds == net.config.num_class_embeds
-        assert pipe.scheduler.config.preconditioning == name
+        public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+        assert type(pipe.unet) is type(net) and public(pipe.unet.config) == public(net.config), name
+        assert pipe.scheduler.config.preconditioning == CASES[name][0][:-len("Precond")].lower()
 
 
 def table1(name, sigma):
-    """(c_skip, c_out, c_in, c_noise) of EDM Table 1 with the constants of CASES, written out; and round_sigma."""
-    constants = CASES[name][1]
+    """(c_skip, c_out, c_in, c_noise) of EDM Table 1 with the constants of CASES[name], written out; and round_sigma."""
+    kind, constants = CASES[name][:2]
     one = torch.ones_like(sigma)
-    if name == "edm":
+    if kind == "EDMPrecond":
         sd = constants["sigma_data"]
         return sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt(), 1 / (sigma**2 + sd**2).sqrt(), \
             sigma.log() / 4, sigma
-    if name == "vp":
+    if kind == "VPPrecond":
         bd, bm, M = constants["beta_d"], constants["beta_min"], constants["M"]
         t = ((bm**2 + 2 * bd * (1 + sigma**2).log()).sqrt() - bm) / bd
         return one, -sigma, 1 / (1 + sigma**2).sqrt(), (M - 1) * t, sigma
-    if name == "ve":
+    if kind == "VEPrecond":
         return one, sigma, one, (sigma / 2).log(), sigma
     u = iddpm_u(1000, 0.001, 0.008)[:-1]  # u_0 > … > u_{M−1}
     j = (sigma[:, None] - u[None]).abs().argmin(dim=1)
@@ -218,12 +257,12 @@ def test_converted_preconditioning_is_edm_table1(converted):
 
 def net_range(name):
     """(σ_min, σ_max) of the pickled network, from the constants of CASES (NVlabs computes VP's in float32)."""
-    c = CASES[name][1]
-    if name == "edm":
+    kind, c = CASES[name][:2]
+    if kind == "EDMPrecond":
         return 0.0, math.inf
-    if name == "vp":
+    if kind == "VPPrecond":
         return standin.vp_sigma(c["beta_d"], c["beta_min"], c["epsilon_t"]), standin.vp_sigma(c["beta_d"], c["beta_min"], 1)
-    if name == "ve":
+    if kind == "VEPrecond":
         return c["sigma_min"], c["sigma_max"]
     u = iddpm_u(1000, 0.001, 0.008)
     return float(u[999]), float(u[0])
@@ -238,14 +277,14 @@ def edm_sampler_reference(name, net, latents, labels=None, num_steps=18):
     i = torch.arange(num_steps, dtype=torch.float64)
     t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     t = torch.cat([round_sigma(t), torch.zeros(1, dtype=torch.float64)])
-    f64 = copy.deepcopy(net).double()
+    f64 = copy.deepcopy(net).double().eval()
 
     def denoise(x, sigma):
         c_skip, c_out, c_in, c_noise, _ = table1(name, sigma.reshape(1))
         # the network's noise label is float32, in NVlabs (σ is cast to float32) as in a diffusers loop
         noise_label = c_noise.float().expand(x.shape[0])
         with torch.no_grad():
-            F = f64(c_in * x, noise_label, class_labels=labels).sample[:, : x.shape[1]]
+            F = f64(c_in * x, noise_label, class_labels=labels).sample[:, : x.shape[1]]  # NVlabs: one-hot labels
         return c_skip * x + c_out * F
 
     x = latents.double() * t[0]
@@ -266,9 +305,11 @@ def test_default_sampling_is_nvlabs_edm_sampler_with_the_network_sigma_range(con
         pipe.unet.double()
         pipe.set_progress_bar_config(disable=True)
         latents = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
-        labels = torch.tensor([0, 2]) if CASES[name][2] else None
+        label_dim = CASES[name][3]
+        labels = torch.tensor([0, 2]) if label_dim else None
         ours = pipe(batch_size=2, latents=latents, class_labels=labels, output_type="latent").images
-        reference = edm_sampler_reference(name, net, latents, labels)
+        one_hot = torch.eye(label_dim, dtype=torch.float64)[labels] if label_dim and CASES[name][2] != "tiny" else labels
+        reference = edm_sampler_reference(name, net, latents, one_hot)
         assert ours.dtype == torch.float64 and ours.abs().max() > 1  # unclamped
         assert torch.allclose(ours, reference, rtol=1e-9, atol=1e-9), (name, (ours - reference).abs().max())
         sigmas = pipe.scheduler.sigmas
@@ -605,12 +646,12 @@ def test_command_line_folders_load_with_plain_diffusers_and_sample_the_same(tmp_
 
     from diffusers_stf.conversion.cli import main
 
-    edm_pkl = converted["edm"][1]
     vp32 = tmp_path / "vp32.pkl"
     net32 = tiny_network(11, size=32, channels=3)
     standin.write(vp32, standin.edm_snapshot(standin.preconditioning("VPPrecond", network_record(net32), 32, 3)))
     classifier, head = dg_files["32x32_classifier.pt"][0], dg_files["discriminator_60.pt"][0]
-    argv = {"edm": ["edm", str(edm_pkl), str(tmp_path / "edm")],
+    argv = {"vp": ["edm", str(converted["vp"][1]), str(tmp_path / "vp")],  # SongUNet, class-conditional
+            "edm": ["edm", str(converted["edm"][1]), str(tmp_path / "edm")],  # DhariwalUNet
             "vp32": ["edm", str(vp32), str(tmp_path / "vp32")],
             "dg": ["dg", "--classifier", str(classifier), "--discriminator", str(head), "--score_model",
                    str(tmp_path / "vp32"), str(tmp_path / "dg")]}
@@ -624,7 +665,7 @@ def test_command_line_folders_load_with_plain_diffusers_and_sample_the_same(tmp_
         assert "CC BY-NC-SA 4.0" in card and "license:" in card
     assert "states no licence" in (tmp_path / "dg" / "README.md").read_text()
 
-    calls = {"edm": {"labels": [0, 2]}, "vp32": {}, "dg": {"dg_weight_1st_order": 2.0}}
+    calls = {"vp": {"labels": [0, 3]}, "edm": {}, "vp32": {}, "dg": {"dg_weight_1st_order": 2.0}}
     ours = {}
     for name, kwargs in calls.items():
         labels = torch.tensor(kwargs["labels"]) if "labels" in kwargs else None

@@ -27,6 +27,8 @@ from typing import Callable, Dict, Mapping, Optional
 
 import torch
 
+from ..models.dhariwal_unet import DhariwalUNet
+from ..models.song_unet import SongUNet
 from ..pipelines.pipeline_edm import EDMPipeline
 from ..schedulers import EDMHeunScheduler
 from .unpickler import EasyDictRecord, ModuleRecord, NVlabsPickleError, read_nvlabs_pickle
@@ -105,6 +107,18 @@ def nvlabs_unet_config(record: ModuleRecord, defaults: Mapping[str, object]) -> 
         if isinstance(value, tuple):
             config[key] = list(value)
     return config
+
+
+@register_network_converter("SongUNet")
+def _song_unet(record: ModuleRecord, source: str) -> SongUNet:
+    """EDM's DDPM++/NCSN++ network → :class:`~diffusers_stf.models.song_unet.SongUNet` (NVlabs' parameter names)."""
+    return load_weights(SongUNet(**nvlabs_unet_config(record, SONG_UNET_DEFAULTS)), record, source)
+
+
+@register_network_converter("DhariwalUNet")
+def _dhariwal_unet(record: ModuleRecord, source: str) -> DhariwalUNet:
+    """EDM's ADM network → :class:`~diffusers_stf.models.dhariwal_unet.DhariwalUNet` (NVlabs' parameter names)."""
+    return load_weights(DhariwalUNet(**nvlabs_unet_config(record, DHARIWAL_UNET_DEFAULTS)), record, source)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
