@@ -699,3 +699,14 @@ def test_command_line_folders_load_with_plain_diffusers_and_sample_the_same(tmp_
     plain = load_file(out_file)
     for name in calls:
         assert torch.equal(plain[name], ours[name]), name
+
+
+def test_a_module_tree_that_contains_itself_is_refused(tmp_path):
+    net = tiny_network(12)
+    tree = network_record(net)
+    blocks = torch.nn.ModuleDict()  # built before its state (NEWOBJ, then BUILD), so its state can hold it
+    blocks.__dict__["_modules"]["again"] = blocks
+    tree.meta["state"]["_modules"]["enc"] = blocks
+    standin.write(tmp_path / "loop.pkl", standin.edm_snapshot(standin.preconditioning("EDMPrecond", tree, 8, 1)))
+    with pytest.raises(NVlabsPickleError, match="contains itself at 'enc.again'"):
+        load_nvlabs_edm(tmp_path / "loop.pkl")

@@ -95,12 +95,14 @@ class ModuleRecord:
     modules: Dict[str, Optional["ModuleRecord"]] = field(default_factory=collections.OrderedDict, repr=False)
     non_persistent_buffers: frozenset = frozenset()
 
-    def named_records(self, prefix: str = "") -> Iterator[Tuple[str, "ModuleRecord"]]:
-        """This record and every descendant, with dotted names (``''`` for this one)."""
+    def named_records(self, prefix: str = "", _path: Tuple[int, ...] = ()) -> Iterator[Tuple[str, "ModuleRecord"]]:
+        """This record and every descendant, with dotted names (``''`` for this one). A module that contains itself
+        (a pickle can build one) is refused."""
+        _check(id(self) not in _path, f"the module tree contains itself at {prefix[:-1]!r}")
         yield prefix, self
         for name, child in self.modules.items():
             if child is not None:
-                yield from child.named_records(f"{prefix}{name}.")
+                yield from child.named_records(f"{prefix}{name}.", (*_path, id(self)))
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Parameters and persistent buffers of the whole tree by dotted name, as ``torch.nn.Module.state_dict``."""
@@ -121,9 +123,6 @@ class ModuleRecord:
 
     def __setstate__(self, state):
         raise NVlabsPickleError("the pickle tried to BUILD a persistent object after its construction; refused")
-
-
-_TORCH_STATE_KEYS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_init_args", "_init_kwargs")
 
 
 def _record_from_state(class_name: str, state, persistent: bool, module_src=None, version=None) -> ModuleRecord:
