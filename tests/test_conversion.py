@@ -235,7 +235,8 @@ def table1(name, sigma):
 
 
 def iddpm_u(M, C1, C2):
-    """EDM eq. 99: u_M = 0, u_{j−1} = √((u_j² + 1)/max(ᾱ(j−1)/ᾱ(j), C1) − 1), ᾱ(j) = sin²(π/2 · j/(M(C2 + 1))), in float64."""
+    """EDM eq. 99 in float64: u_M = 0, u_{j−1} = √((u_j² + 1)/max(ᾱ(j−1)/ᾱ(j), C1) − 1),
+    ᾱ(j) = sin²(π/2 · j/(M(C2 + 1)))."""
     alpha_bar = lambda j: math.sin(math.pi / 2 * j / (M * (C2 + 1))) ** 2  # noqa: E731
     u = [0.0] * (M + 1)
     for j in range(M, 0, -1):
@@ -413,7 +414,8 @@ def test_the_stand_ins_cannot_be_rebuilt_or_read_out_of_bounds(tmp_path):
 
 def test_truncated_and_foreign_snapshots_are_named(tmp_path):
     net = tiny_network(3)
-    data = standin.write(tmp_path / "s.pkl", standin.edm_snapshot(standin.preconditioning("EDMPrecond", network_record(net), 8, 1)))
+    snapshot = standin.edm_snapshot(standin.preconditioning("EDMPrecond", network_record(net), 8, 1))
+    data = standin.write(tmp_path / "s.pkl", snapshot)
     for cut in (0, 100, len(data) // 2, len(data) - 1):
         (tmp_path / "cut.pkl").write_bytes(data[:cut])
         with pytest.raises(NVlabsPickleError, match="truncated or not a pickle"):

@@ -159,7 +159,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     edm.add_argument("output_dir", help="a new folder")
     dg = commands.add_parser("dg", help="DG's discriminator + a converted EDM folder → a DiscriminatorGuidedPipeline")
     dg.add_argument("--classifier", required=True, help="DG's 32x32_classifier.pt")
-    dg.add_argument("--discriminator", required=True, help="DG's discriminator_60.pt (or discriminator_250.pt, --conditional)")
+    dg.add_argument("--discriminator", required=True,
+                    help="DG's discriminator_60.pt (or discriminator_250.pt, with --conditional)")
     dg.add_argument("--score_model", required=True, help="a folder written by `convert edm`")
     dg.add_argument("--conditional", action="store_true", help="the discriminator is class-conditional")
     dg.add_argument("--img_resolution", type=int, default=32)

@@ -65,7 +65,8 @@ def load_dg_discriminator(
             size, a head that does not fit the classifier's features or ``conditional``, or any key/shape mismatch.
     """
     if img_resolution not in DG_RESOLUTIONS:
-        raise ValueError(f"img_resolution must be one of {DG_RESOLUTIONS} (DG's CIFAR-10 setup), got {img_resolution!r}")
+        raise ValueError(f"img_resolution must be one of {DG_RESOLUTIONS} (DG's CIFAR-10 setup), "
+                         f"got {img_resolution!r}")
     classifier_state = _read_state_dict(classifier_path, "classifier")
     head_state = _read_state_dict(discriminator_path, "discriminator")
     found = _classifier_resolution(classifier_state)
@@ -88,8 +89,8 @@ def load_dg_discriminator(
             f"{feature_channels}x{feature_size}x{feature_size}: the head belongs to another image size")
     labels = head_state.get("label_emb.weight")
     if (labels is not None) != conditional:
-        raise ValueError(f"{os.path.basename(discriminator_path)} is "
-                         f"{'class-conditional' if labels is not None else 'unconditional'}, but conditional={conditional}")
+        kind = "class-conditional" if labels is not None else "unconditional"
+        raise ValueError(f"{os.path.basename(discriminator_path)} is {kind}, but conditional={conditional}")
     num_class_embeds = int(labels.shape[0]) if labels is not None else None
     model = DGDiscriminator(
         sample_size=img_resolution, in_channels=3, num_class_embeds=num_class_embeds,

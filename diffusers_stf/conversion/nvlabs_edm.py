@@ -185,8 +185,10 @@ def scheduler_from_record(record: ModuleRecord) -> EDMHeunScheduler:
     sigma_min, sigma_max = sampling_range(record)
     scheduler = EDMHeunScheduler(sigma_min=sigma_min, sigma_max=sigma_max,
                                  **PRECONDITIONING_CONVERTERS[record.class_name](record))
-    # compared after round_sigma, which is what sampling uses (iDDPM's levels: NVlabs' float32 table, ours float64)
-    snap = lambda values: scheduler.preconditioning.round_sigma(torch.tensor(values, dtype=torch.float64)).tolist()  # noqa: E731
+
+    def snap(values):  # compared after round_sigma, as sampling uses them (iDDPM: NVlabs' float32 levels, ours float64)
+        return scheduler.preconditioning.round_sigma(torch.tensor(values, dtype=torch.float64)).tolist()
+
     got = scheduler.sigma_range
     if not all(math.isclose(a, b, rel_tol=RANGE_RTOL) for a, b in zip(snap(got), snap((sigma_min, sigma_max)))):
         raise ValueError(

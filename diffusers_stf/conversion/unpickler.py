@@ -181,11 +181,12 @@ class _Callable:
 
 
 def _reconstruct_persistent_obj(meta) -> ModuleRecord:
-    """``torch_utils.persistence._reconstruct_persistent_obj``: the record of ``meta``; ``module_src`` stays a string."""
+    """``torch_utils.persistence._reconstruct_persistent_obj``: the record of ``meta``, ``module_src`` kept as text."""
     _check(isinstance(meta, dict), f"{PERSISTENT_GLOBAL} got a {type(meta).__name__}, expected the meta dict")
     _check(meta.get("type") == "class", f"persistent object of type {meta.get('type')!r}; only 'class' is known")
     class_name, module_src = meta.get("class_name"), meta.get("module_src")
-    _check(isinstance(class_name, str) and isinstance(module_src, str), "persistent object without class_name/module_src")
+    _check(isinstance(class_name, str) and isinstance(module_src, str),
+           "persistent object without class_name/module_src")
     version = meta.get("version")
     _check(version is None or isinstance(version, int), f"persistent object version {version!r} is not an int")
     return _record_from_state(class_name, meta.get("state"), True, module_src, version)
@@ -296,11 +297,13 @@ class RestrictedUnpickler(pickle.Unpickler):
     def _rebuild_tensor(self, storage, offset, size, stride, requires_grad, backward_hooks, metadata=None):
         """A tensor of ``size``/``stride`` at ``offset`` in ``storage``, which must be one read by this unpickler
         and must hold every element the view reaches."""
-        _check(self._storages.get(id(storage)) is storage, "a tensor refers to a storage that was not read from the file")
+        _check(self._storages.get(id(storage)) is storage,
+               "a tensor refers to a storage that was not read from the file")
         ints = (offset, *size, *stride)
         _check(all(type(v) is int and v >= 0 for v in ints) and len(size) == len(stride),
                f"malformed tensor geometry (offset {offset!r}, size {size!r}, stride {stride!r})")
-        _check(not backward_hooks and not metadata and isinstance(requires_grad, bool), "a tensor carries hooks or metadata")
+        _check(not backward_hooks and not metadata and isinstance(requires_grad, bool),
+               "a tensor carries hooks or metadata")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dtype = storage.dtype
@@ -314,7 +317,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         return tensor
 
     def _rebuild_parameter(self, data, requires_grad, backward_hooks, state=None):
-        _check(self._tensors.get(id(data)) is data, "a parameter wraps something that is not a tensor read from the file")
+        _check(self._tensors.get(id(data)) is data,
+               "a parameter wraps something that is not a tensor read from the file")
         _check(not backward_hooks and not state, "a parameter carries hooks or extra state; refused")
         return data
 

@@ -1,9 +1,9 @@
 """The ADM noise-conditional classifier (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis"):
 guided-diffusion's ``EncoderUNetModel``, the encoder half of the ADM U-Net followed by a pooling head.
 
-Written after openai/guided-diffusion ``guided_diffusion/unet.py`` and ``nn.py`` (MIT License, Copyright (c) 2021
-OpenAI; the licence's permission notice applies to this module), with its parameter names, so that its
-``state_dict`` files load directly: the classifiers of Dhariwal & Nichol and the discriminator of Discriminator Guidance
+Written after openai/guided-diffusion ``guided_diffusion/unet.py`` and ``nn.py`` (MIT; the notice is above the first
+definition, so that code generated from this module carries it), with its parameter names, so that its ``state_dict``
+files load directly: the classifiers of Dhariwal & Nichol and the discriminator of Discriminator Guidance
 (Kim et al. 2023), whose copy of the class (alsdudrla10/DG) adds a class embedding to the time embedding and
 multiplies the time by 999 (``time_scale``).
 
@@ -25,6 +25,24 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
 
+# Parts of this module follow openai/guided-diffusion (guided_diffusion/unet.py, nn.py), under this licence:
+#
+# MIT License
+#
+# Copyright (c) 2021 OpenAI
+#
+# Permission is hereby granted, free of charge, to any person obtaining a copy of this software and associated
+# documentation files (the "Software"), to deal in the Software without restriction, including without limitation the
+# rights to use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies of the Software, and to permit
+# persons to whom the Software is furnished to do so, subject to the following conditions:
+#
+# The above copyright notice and this permission notice shall be included in all copies or substantial portions of the
+# Software.
+#
+# THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING BUT NOT LIMITED TO THE
+# WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR
+# COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR
+# OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -73,7 +91,9 @@ class ResBlock(nn.Module):
         super().__init__()
         self.out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_layers = nn.Sequential(GroupNorm32(32, channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            GroupNorm32(32, channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
+        )
         self.down = down
         if down:  # guided-diffusion's Downsample without a convolution: 2×2 average pooling, parameter-free
             self.h_upd = nn.AvgPool2d(kernel_size=2, stride=2)
@@ -236,7 +256,9 @@ class EncoderUNetModel(ModelMixin, ConfigMixin):
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, **res), AttentionBlock(ch, num_head_channels), ResBlock(ch, **res)
         )
-        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), AttentionPool2d(side, ch, num_head_channels, out_channels))
+        self.out = nn.Sequential(
+            GroupNorm32(32, ch), nn.SiLU(), AttentionPool2d(side, ch, num_head_channels, out_channels)
+        )
         self.feature_channels, self.feature_size = ch, side
 
     def embedding(self, timesteps: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -252,7 +274,8 @@ class EncoderUNetModel(ModelMixin, ConfigMixin):
             labels = class_labels.argmax(dim=1) if class_labels.ndim == 2 else class_labels.long()
             emb = emb + self.label_emb(labels.to(emb.device))
         elif class_labels is not None:
-            raise ValueError("class_labels were given but the model is not class-conditional (num_class_embeds is None)")
+            raise ValueError("class_labels were given but the model is not class-conditional "
+                             "(num_class_embeds is None)")
         return emb
 
     def features(self, sample: torch.Tensor, timesteps: torch.Tensor, class_labels=None) -> torch.Tensor:
