@@ -57,7 +57,9 @@ def register_network_converter(class_name: str, converter: Optional[NetworkConve
 
 def register_preconditioning_converter(class_name: str, converter: Optional[PreconditioningConverter] = None):
     """Register ``converter(record) -> EDMHeunScheduler config entries`` for NVlabs preconditioning class
-    ``class_name`` (usable as a decorator)."""
+    ``class_name`` (usable as a decorator). Without ``sigma_min``/``sigma_max`` entries the sampling range is
+    ``edm_sampler``'s, clamped to the record's ``sigma_min``/``sigma_max`` attributes; a converter for a sampler
+    that does not clamp (EDM2's: 0.002 to 80) sets them."""
     if converter is None:
         return lambda function: register_preconditioning_converter(class_name, function)
     PRECONDITIONING_CONVERTERS[class_name] = converter
@@ -182,9 +184,11 @@ def scheduler_from_record(record: ModuleRecord) -> EDMHeunScheduler:
     if record.class_name not in PRECONDITIONING_CONVERTERS:
         raise ValueError(f"no converter for the preconditioning {record.class_name!r}; "
                          f"known: {sorted(PRECONDITIONING_CONVERTERS)}")
-    sigma_min, sigma_max = sampling_range(record)
-    scheduler = EDMHeunScheduler(sigma_min=sigma_min, sigma_max=sigma_max,
-                                 **PRECONDITIONING_CONVERTERS[record.class_name](record))
+    config = PRECONDITIONING_CONVERTERS[record.class_name](record)
+    if "sigma_min" not in config or "sigma_max" not in config:
+        config.update(zip(("sigma_min", "sigma_max"), sampling_range(record)))
+    sigma_min, sigma_max = config["sigma_min"], config["sigma_max"]
+    scheduler = EDMHeunScheduler(**config)
 
     def snap(values):  # compared after round_sigma, as sampling uses them (iDDPM: NVlabs' float32 levels, ours float64)
         return scheduler.preconditioning.round_sigma(torch.tensor(values, dtype=torch.float64)).tolist()
@@ -192,8 +196,8 @@ def scheduler_from_record(record: ModuleRecord) -> EDMHeunScheduler:
     got = scheduler.sigma_range
     if not all(math.isclose(a, b, rel_tol=RANGE_RTOL) for a, b in zip(snap(got), snap((sigma_min, sigma_max)))):
         raise ValueError(
-            f"{record.class_name} supports σ ∈ [{_attribute(record, 'sigma_min'):.6g}, "
-            f"{_attribute(record, 'sigma_max'):.6g}], so edm_sampler samples σ ∈ [{sigma_min:.6g}, {sigma_max:.6g}]; "
+            f"{record.class_name} supports σ ∈ [{record.attributes.get('sigma_min')}, "
+            f"{record.attributes.get('sigma_max')}], so edm_sampler samples σ ∈ [{sigma_min:.6g}, {sigma_max:.6g}]; "
             f"EDMHeunScheduler's {scheduler.config.preconditioning!r} preconditioning limits the range to "
             f"[{got[0]:.6g}, {got[1]:.6g}] and cannot express it"
         )
