@@ -38,7 +38,7 @@ from results_tools import (  # noqa: E402
 )
 
 from diffusers_stf import EDMHeunScheduler, EDMPipeline  # noqa: E402
-from diffusers_stf.data import digits_tensor  # noqa: E402
+from diffusers_stf.digits import digits_tensor  # noqa: E402
 from diffusers_stf.evaluation import load_pipeline, make_scheduler  # noqa: E402
 from diffusers_stf.preconditioning import Denoiser, EDMPreconditioning  # noqa: E402
 

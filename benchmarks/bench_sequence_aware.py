@@ -30,9 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from diffusers_stf.data import digits_tensor  # noqa: E402
+from diffusers_stf.digits import digits_tensor  # noqa: E402
 from diffusers_stf.losses.sequence_aware import SequenceAwareLoss  # noqa: E402
-from diffusers_stf.preconditioning import betas_for_schedule  # noqa: E402
+from diffusers_stf.noise_schedules import betas_for_schedule  # noqa: E402
 
 SA_LAMBDAS = {2: 1.0, 3: 0.3, 4: 0.2}  # the paper's SA-2, SA-3, SA-4
 
@@ -128,7 +128,7 @@ def part_fd(args):
 
     from diffusers import DiffusionPipeline
 
-    from diffusers_stf.estimation_gap import estimation_gap, plot_estimation_gaps
+    from diffusers_stf.evaluation.estimation_gap import estimation_gap, plot_estimation_gaps
 
     torch.set_num_threads(args.threads)
     runs = {"DDPM baseline": ["--sa_lambda", "0"], "SA-2 (λ=1)": ["--sa_k", "2", "--sa_lambda", "1"]}

@@ -70,10 +70,10 @@ def step_times(references=(256, 1024, 4096), rounds=30, warmup=3, batch_size=64)
         images = batch["images"]
         sigma = edm.sample_sigma(len(images), g)
         if loss is None:
-            value = edm(edm.denoiser(unet), images, sigma=sigma, generator=g).mean()
+            value = edm(edm.denoiser(unet), images, sigma=sigma, generator=g).loss.mean()
         else:
             refs = data.random_batch(loss.num_extra_references(len(images)), g, exclude=batch["index"])["images"]
-            value = loss(edm.denoiser(unet), images, refs, sigma=sigma, generator=g).mean()
+            value = loss(edm.denoiser(unet), images, refs, sigma=sigma, generator=g).loss.mean()
         value.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()

@@ -33,10 +33,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from diffusers_stf.data import ImageData, digits_tensor  # noqa: E402
-from diffusers_stf.losses import EDMLoss, reduce_per_sample  # noqa: E402
+from diffusers_stf.digits import digits_tensor  # noqa: E402
+from diffusers_stf.losses import EDMLoss  # noqa: E402
 from diffusers_stf.training import (  # noqa: E402
-    HalfLifeEMA, LossOutput, Trainer, TrainingConfig, UNetConfig, make_unet, step_generator,
+    HalfLifeEMA, ImageData, Trainer, TrainingConfig, UNetConfig, make_unet, step_generator,
 )
 
 
@@ -48,9 +48,7 @@ def edm_loss_fn(loss, timestamps, clock, on_step=None):
         if on_step is not None:
             on_step(len(timestamps))
         images = batch["images"]
-        sigma = loss.sample_sigma(images.shape[0], generator, images.device)
-        per_sample = reduce_per_sample(loss(loss.denoiser(model), images, sigma=sigma, generator=generator), "sum")
-        return LossOutput(loss=per_sample.mean(), per_sample=per_sample.detach(), sigma=sigma)
+        return loss(loss.denoiser(model), images, generator=generator)  # EDM: per-sample sums over C·H·W
 
     return loss_fn
 
@@ -68,9 +66,7 @@ def bare_loop(model, data, loss, steps, batch_size, lr, clock, device="cpu", see
         generator = step_generator(seed, step, 0, device)
         start = (step * batch_size) % (len(order) - batch_size + 1)
         images = data.batch(order[start:start + batch_size], generator)["images"].to(device)
-        sigma = loss.sample_sigma(batch_size, generator, device)
-        per_sample = reduce_per_sample(loss(loss.denoiser(model), images, sigma=sigma, generator=generator), "sum")
-        per_sample.mean().backward()
+        loss(loss.denoiser(model), images, generator=generator).loss.mean().backward()
         for p in model.parameters():  # EDM's training loop: NaN → 0, ±inf → ±1e5
             if p.grad is not None:
                 torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)

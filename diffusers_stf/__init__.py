@@ -7,8 +7,8 @@ The base classes are re-exported because a folder written by release 0.1.0 names
 from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: F401  (see docstring)
 
 from . import noise_schedules
-from .augment import AugmentConditionedUNet2DModel, AugmentPipe
-from .estimation_gap import EstimationGapOutput, estimation_gap, plot_estimation_gaps
+from .augment import AugmentPipe
+from .evaluation.estimation_gap import EstimationGapOutput, estimation_gap, plot_estimation_gaps
 from .losses import (
     DDPMEpsilonLoss,
     DDPMStableTargetFieldLoss,
@@ -24,7 +24,7 @@ from .losses import (
     stable_target_epsilon,
     stable_target_field,
 )
-from .models import Discriminator, NoiseConditionalClassifier
+from .models import AugmentConditionedUNet2DModel, DhariwalUNet, Discriminator, NoiseConditionalClassifier, SongUNet
 from .pipelines import DiscriminatorGuidedPipeline, EDMPipeline
 from .preconditioning import (
     DDPMPreconditioning,
@@ -38,7 +38,9 @@ from .preconditioning import (
     VEPreconditioning,
     VPPreconditioning,
     make_preconditioning,
+    preconditioning_for,
 )
+from .guidance import ClassifierGuidance, DiscriminatorGuidance, GuidanceTerm
 from .schedulers import (
     AnnealedLangevinScheduler,
     AnnealedLangevinSchedulerOutput,

@@ -22,15 +22,12 @@ append theirs at the end. An image whose labels are all zero is returned exactly
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from diffusers import ModelMixin, UNet2DModel  # noqa: F401  (ModelMixin by name: see ecosystem notes §3.3)
-from torch import nn
 
 AUGMENT_DIM = 9  # the label dimension of EDM's CIFAR-10 setting (AugmentPipe's defaults)
 
@@ -404,42 +401,3 @@ def _color(images: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     else:
         raise ValueError(f"colour augmentation needs RGB (3 channels) or greyscale (1 channel) images, got {c}")
     return out.reshape(n, c, h, w)
-
-
-class AugmentLabelMap(nn.Embedding):
-    """A bias-free linear map of augmentation labels (B, augment_dim) into the time embedding (EDM's
-    ``map_augment``). It subclasses ``nn.Embedding`` only to keep the weight's name and shape, so the state dict
-    is the one of a ``UNet2DModel`` with ``num_class_embeds = augment_dim``; zero labels give exactly zero."""
-
-    def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        return labels.to(self.weight.dtype) @ self.weight
-
-
-class AugmentConditionedUNet2DModel(UNet2DModel):
-    """A ``UNet2DModel`` conditioned on EDM's augmentation labels through ``class_labels``.
-
-    Build it with ``num_class_embeds=<label dim>`` (9 for EDM's CIFAR-10 setting) and no ``class_embed_type``: the
-    class embedding becomes a bias-free linear map of the labels (:class:`AugmentLabelMap`) added to the time
-    embedding. Without ``class_labels`` the labels are zero, i.e. no augmentation, so ``EDMPipeline`` samples
-    un-augmented images with no change, and a saved folder loads with ``EDMPipeline.from_pretrained``.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.config.class_embed_type is not None or not self.config.num_class_embeds:
-            raise ValueError("AugmentConditionedUNet2DModel needs num_class_embeds=<label dim> "
-                             "and class_embed_type=None")
-        dim = self.class_embedding.embedding_dim
-        self.class_embedding = AugmentLabelMap(self.config.num_class_embeds, dim)
-        nn.init.normal_(self.class_embedding.weight, std=self.config.num_class_embeds**-0.5)
-
-    def forward(self, sample: torch.Tensor, timestep, class_labels: Optional[torch.Tensor] = None,
-                return_dict: bool = True):
-        """``UNet2DModel.forward`` with ``class_labels`` = augmentation labels (B, augment_dim), zeros when None."""
-        if class_labels is None:
-            class_labels = sample.new_zeros(sample.shape[0], self.config.num_class_embeds)
-        return super().forward(sample, timestep, class_labels=class_labels, return_dict=return_dict)
-
-
-# diffusers reads the config keys from the __init__ signature: expose UNet2DModel's.
-AugmentConditionedUNet2DModel.__init__.__signature__ = inspect.signature(UNet2DModel.__init__)

@@ -1,12 +1,12 @@
-"""Noise schedules: DDPM β/ᾱ schedules, the VE and VP SDE marginals, simple diffusion's resolution shift, and the
-noise-level techniques of NCSNv2.
+"""Noise schedules: DDPM β/ᾱ, the VP and VE SDEs' σ(t), and the noise-level techniques of NCSNv2. One formula of each:
 
-* DDPM-style (discrete or continuous t ∈ [0, 1]): linear (Ho et al. 2020; its continuous limit is the VP SDE of
-  Song et al. 2021) and cosine (Nichol & Dhariwal 2021, eq. 17) ᾱ(t); SNR(t) = ᾱ/(1 − ᾱ); the resolution-shifted
-  SNR of simple diffusion (Hoogeboom et al. 2023, §3.1): SNR_d(t) = SNR_r(t)·(r/d)² for images of side d trained
-  with a schedule designed at side r. The discrete β of diffusers' schedulers come from :func:`betas_for_schedule`,
-  the one linear/cosine β formula of the package (the preconditionings and losses import it from here).
-* VE SDE: σ(t) = σ_min·(σ_max/σ_min)^t (Song et al. 2021, eq. 30).
+* DDPM (Ho et al. 2020) linear and cosine (Nichol & Dhariwal 2021, eq. 17) β schedules as diffusers builds them
+  (:func:`betas_for_schedule`), and ᾱ_t = ∏(1 − β_s).
+* VP SDE (Song et al. 2021; EDM Table 1): σ(t) = √(exp(½β_d t² + β_min t) − 1), i.e. ᾱ(t) = 1/(1 + σ(t)²)
+  (:func:`vp_sigma`, inverse :func:`vp_time`).
+* VE SDE (Song et al. 2021, eq. 30): σ(t) = σ_min·(σ_max/σ_min)^t (:func:`ve_sigma`, inverse :func:`ve_time`).
+* The cosine ᾱ(t) = cos²((t + s)/(1 + s)·π/2) (:func:`cosine_alpha_bar`), behind diffusers' ``squaredcos_cap_v2``
+  and EDM's iDDPM table.
 * NCSN / NCSNv2 (Song & Ermon 2019, 2020): the geometric σ schedule, and NCSNv2's
 
   - Technique 1 (initial noise scale): σ_1 = the maximum pairwise Euclidean distance of the training data
@@ -62,14 +62,10 @@ def betas_for_schedule(
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
     elif beta_schedule == "scaled_linear":
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-    elif beta_schedule == "squaredcos_cap_v2":
-        def alpha_bar(t):
-            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-        T = num_train_timesteps
-        betas = torch.tensor(
-            [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)], dtype=torch.float64
-        )
+    elif beta_schedule == "squaredcos_cap_v2":  # β_t = min(1 − ᾱ((t + 1)/T)/ᾱ(t/T), 0.999)
+        t = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+        alpha_bar = cosine_alpha_bar(t)
+        betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
     else:
         raise ValueError(
             f"beta_schedule must be one of 'linear', 'scaled_linear', 'squaredcos_cap_v2', got {beta_schedule!r}"
@@ -90,100 +86,27 @@ def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1 - torch.as_tensor(betas, dtype=torch.float64), dim=0)
 
 
-def betas_from_alphas_cumprod(alphas_cumprod: torch.Tensor, max_beta: float = 0.999) -> torch.Tensor:
-    """β_t = 1 − ᾱ_t/ᾱ_{t−1} (with ᾱ_{−1} = 1), clipped at ``max_beta`` as Nichol & Dhariwal clip the cosine
-    schedule."""
-    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-    prev = torch.cat([ac.new_ones(1), ac[:-1]])
-    return (1 - ac / prev).clamp(max=max_beta)
-
-
-def linear_alpha_bar(t: TensorOrFloat, beta_min: float = 0.1, beta_max: float = 20.0) -> torch.Tensor:
-    """ᾱ(t) = exp(−½t²(β_max − β_min) − t·β_min), t ∈ [0, 1]: the VP SDE (Song et al. 2021, eq. 33), the continuous
-    limit of DDPM's linear β from β_min/T to β_max/T (T = 1000: 1e-4 to 2e-2)."""
-    t = _t(t)
-    return torch.exp(-0.5 * t**2 * (beta_max - beta_min) - t * beta_min)
-
-
-def vp_beta(t: TensorOrFloat, beta_min: float = 0.1, beta_max: float = 20.0) -> torch.Tensor:
-    """β(t) = β_min + t(β_max − β_min), the VP SDE's drift/diffusion rate: dx = −½β(t)x dt + √β(t) dw."""
-    return beta_min + _t(t) * (beta_max - beta_min)
-
-
 def cosine_alpha_bar(t: TensorOrFloat, s: float = 0.008) -> torch.Tensor:
-    """ᾱ(t) = f(t)/f(0), f(t) = cos²((t + s)/(1 + s)·π/2) (Nichol & Dhariwal 2021, eq. 17); s = 0 is simple
-    diffusion's cosine schedule, log SNR = −2 log tan(πt/2)."""
+    """ᾱ(t) ∝ cos²((t + s)/(1 + s)·π/2), t ∈ [0, 1] (Nichol & Dhariwal 2021, eq. 17, before the division by ᾱ(0);
+    the schedules built on it use ratios ᾱ(t)/ᾱ(t′), where the normalisation cancels)."""
+    return torch.cos((_t(t) + s) / (1 + s) * math.pi / 2) ** 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# VP SDE
+
+
+def vp_sigma(t: TensorOrFloat, beta_d: float = 19.9, beta_min: float = 0.1) -> torch.Tensor:
+    """σ(t) = √(exp(½β_d t² + β_min t) − 1) of the VP SDE (EDM Table 1; ᾱ(t) = 1/(1 + σ²) is Song et al. 2021's
+    exp(−½t²(β_max − β_min) − t·β_min) with β_d = β_max − β_min)."""
     t = _t(t)
-    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
-    return (f / math.cos(s / (1 + s) * math.pi / 2) ** 2).clamp(0.0, 1.0)
+    return (torch.exp(0.5 * beta_d * t**2 + beta_min * t) - 1).sqrt()
 
 
-def alpha_bar(t: TensorOrFloat, schedule: str = "cosine", **kwargs) -> torch.Tensor:
-    """ᾱ(t) of a named continuous-time schedule: ``linear`` (kwargs beta_min, beta_max) or ``cosine`` (kwarg s)."""
-    if schedule == "linear":
-        return linear_alpha_bar(t, **kwargs)
-    if schedule == "cosine":
-        return cosine_alpha_bar(t, **kwargs)
-    raise ValueError(f"schedule must be 'linear' or 'cosine', got {schedule!r}")
-
-
-def snr(alphas_cumprod: TensorOrFloat) -> torch.Tensor:
-    """SNR = ᾱ/(1 − ᾱ) (Kingma et al. 2021)."""
-    ac = _t(alphas_cumprod)
-    return ac / (1 - ac)
-
-
-def log_snr(alphas_cumprod: TensorOrFloat) -> torch.Tensor:
-    """log SNR = log ᾱ − log(1 − ᾱ)."""
-    ac = _t(alphas_cumprod)
-    return torch.log(ac) - torch.log1p(-ac)
-
-
-def alphas_cumprod_from_log_snr(log_snr_value: TensorOrFloat) -> torch.Tensor:
-    """ᾱ = sigmoid(log SNR), the inverse of :func:`log_snr`."""
-    return torch.sigmoid(_t(log_snr_value))
-
-
-def shifted_log_snr(log_snr_value: TensorOrFloat, resolution: int, base_resolution: int = 64) -> torch.Tensor:
-    """log SNR_d(t) = log SNR_r(t) + 2·log(r/d), i.e. SNR_d = SNR_r·(r/d)² (simple diffusion, §3.1).
-
-    Args:
-        log_snr_value: log SNR_r(t) of the schedule designed for images of side ``base_resolution`` (r).
-        resolution: d, the side of the images the shifted schedule is for.
-        base_resolution: r (simple diffusion uses 64).
-    """
-    if resolution < 1 or base_resolution < 1:
-        raise ValueError(f"resolution and base_resolution must be >= 1, got {resolution} and {base_resolution}")
-    return _t(log_snr_value) + 2 * math.log(base_resolution / resolution)
-
-
-def shifted_alphas_cumprod(alphas_cumprod: TensorOrFloat, resolution: int, base_resolution: int = 64) -> torch.Tensor:
-    """ᾱ of the resolution-shifted schedule, sigmoid(log SNR_r + 2 log(r/d)); works for discrete ᾱ_t or ᾱ(t).
-    ᾱ = 0 and ᾱ = 1 (log SNR = ∓∞) stay where they are."""
-    return alphas_cumprod_from_log_snr(shifted_log_snr(log_snr(alphas_cumprod), resolution, base_resolution))
-
-
-def ddpm_betas(
-    num_train_timesteps: int = 1000,
-    schedule: str = "linear",
-    resolution: Optional[int] = None,
-    base_resolution: int = 64,
-    beta_start: float = 1e-4,
-    beta_end: float = 2e-2,
-    max_beta: float = 0.999,
-) -> torch.Tensor:
-    """Discrete DDPM β_0..β_{T−1} for training: ``linear``, ``scaled_linear`` or ``cosine`` (= diffusers'
-    ``squaredcos_cap_v2``), optionally shifted for resolution d = ``resolution`` (simple diffusion).
-
-    Without a shift this is exactly :func:`betas_for_schedule`. With one, ᾱ_t of that schedule is shifted by
-    :func:`shifted_alphas_cumprod` and turned back into β by :func:`betas_from_alphas_cumprod`.
-    """
-    name = {"cosine": "squaredcos_cap_v2"}.get(schedule, schedule)
-    betas = betas_for_schedule(num_train_timesteps, beta_start, beta_end, name)
-    if resolution is None or resolution == base_resolution:
-        return betas
-    ac = shifted_alphas_cumprod(alphas_cumprod_from_betas(betas), resolution, base_resolution)
-    return betas_from_alphas_cumprod(ac, max_beta=max_beta)
+def vp_time(sigma: TensorOrFloat, beta_d: float = 19.9, beta_min: float = 0.1) -> torch.Tensor:
+    """t(σ), the inverse of :func:`vp_sigma`: (√(β_min² + 2β_d·ln(1 + σ²)) − β_min)/β_d."""
+    sigma = _t(sigma) if not torch.is_tensor(sigma) else sigma
+    return ((beta_min**2 + 2 * beta_d * (1 + sigma**2).log()).sqrt() - beta_min) / beta_d
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -193,6 +116,11 @@ def ddpm_betas(
 def ve_sigma(t: TensorOrFloat, sigma_min: float = 0.01, sigma_max: float = 50.0) -> torch.Tensor:
     """σ(t) = σ_min·(σ_max/σ_min)^t, the noise scale of the VE SDE (Song et al. 2021, eq. 30)."""
     return sigma_min * (sigma_max / sigma_min) ** _t(t)
+
+
+def ve_time(sigma: torch.Tensor, sigma_min: float = 0.01, sigma_max: float = 50.0) -> torch.Tensor:
+    """t(σ), the inverse of :func:`ve_sigma`."""
+    return (sigma / sigma_min).log() / math.log(sigma_max / sigma_min)
 
 
 def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> torch.Tensor:

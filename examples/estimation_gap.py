@@ -25,7 +25,7 @@ import os
 import torch
 from diffusers import DiffusionPipeline
 
-from diffusers_stf.estimation_gap import estimation_gap, plot_estimation_gaps
+from diffusers_stf.evaluation.estimation_gap import estimation_gap, plot_estimation_gaps
 
 
 def parse_args(argv=None) -> argparse.Namespace:

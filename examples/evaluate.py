@@ -1,5 +1,6 @@
-"""Score generated images against reference images: Fréchet distance, improved precision/recall (k = 3) and, for a
-classifier, its mean confidence and the entropy of the predicted classes. Writes the numbers to a JSON file.
+"""Score generated images against reference images: Fréchet distance, KID (with its standard error over the subsets),
+improved precision/recall (k = 3) and, for a classifier, its mean confidence and the entropy of the predicted
+classes. Writes the numbers to a JSON file.
 
     # the embedded digits, with the shipped classifier (offline, the package's default metric):
     python examples/evaluate.py outputs/samples/heun18
@@ -9,80 +10,225 @@ classifier, its mean confidence and the entropy of the predicted classes. Writes
     # FD_DINOv2 with a local DINOv2 checkpoint (saved with save_pretrained):
     python examples/evaluate.py samples/ --feature_extractor transformers --weights models/dinov2-base --reference real/
 
+    # reference statistics in NVlabs' fid.py / pytorch-fid format (mu, sigma; plus the features, for KID):
+    python examples/evaluate.py --feature_extractor inception --weights pt_inception-2015-12-05-6726825d.pth \\
+        --reference data/cifar10-train --save_reference cifar10-train.npz
+    # ... and used (an NVlabs file with only mu/sigma gives FD; KID and precision/recall need the features):
+    python examples/evaluate.py samples/ --feature_extractor inception --weights ... --reference cifar10-train.npz
+
+    # streaming: generate and score 50k images without writing them; a killed run resumes where it stopped
+    python examples/evaluate.py --pipeline outputs/edm-cifar10 --num_images 50000 --num_inference_steps 18 \\
+        --feature_extractor inception --weights pt_inception-2015-12-05-6726825d.pth --reference cifar10-train.npz
+
+Streaming (``--pipeline``) draws image i with seed ``--seed + i``, quantises it to 8 bits as a saved file would be,
+and embeds each batch at once; the features stay on the device. Every ``--checkpoint_every`` batches the features and
+the float64 sums go to ``--state_dir`` (default ``<pipeline>/eval_state/<hash of the settings>``); a rerun with the
+same settings resumes there, and a larger ``--num_images`` adds only the missing images.
+
 The statistics of each reference set are computed once per feature extractor and cached as an .npz
 (``--cache_dir``, default ``~/.cache/diffusers_stf/reference_stats``). FD depends on the number of images: compare
-numbers only at equal ``--num_images`` (the docs' calibration table uses 1000).
+numbers only at equal ``--num_images`` (the docs' calibration table uses 1000); KID does not, and is the metric to
+read at small n. With ``--num_images`` <= the feature dimension the FD is undefined: it is reported as null with the
+reason, and KID is still computed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import sys
+import warnings
 from typing import Dict, List, Optional
 
-from diffusers_stf.evaluation import evaluate_images, load_feature_extractor, load_images
+from diffusers_stf.evaluation import (
+    compute_features,
+    fd_undefined_reason,
+    load_feature_extractor,
+    load_images,
+    reference_statistics,
+    save_reference_stats,
+    score_features,
+)
+from diffusers_stf.evaluation.classification import class_statistics
+
+DEFAULT_REFERENCES = ["digits:train", "digits:heldout"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("samples", help="a folder of images or an .npz (e.g. written by examples/generate.py)")
+    parser.add_argument("samples", nargs="?", default=None,
+                        help="a folder of images or an .npz (e.g. written by examples/generate.py)")  # fmt: skip
     parser.add_argument(
         "--reference",
         action="append",
         default=None,
-        help="digits:train | digits:heldout | digits:all | a folder | an .npz; repeat for several "
-        "(default: digits:train and digits:heldout)",
+        help="digits:train | digits:heldout | digits:all | a folder | an .npz of images | an .npz of statistics "
+        "(mu, sigma); repeat for several (default: digits:train and digits:heldout)",
     )
+    parser.add_argument("--save_reference", default=None,
+                        help="write the statistics (mu, sigma, features) of the one --reference to this .npz")  # fmt: skip
     parser.add_argument("--feature_extractor", choices=("digits", "inception", "transformers"), default="digits")
     parser.add_argument("--weights", default=None, help="inception: the weight file; transformers: the model folder")
-    parser.add_argument("--num_images", type=int, default=None, help="use the first N samples (default: all)")
+    parser.add_argument("--num_images", type=int, default=None,
+                        help="samples: use the first N (default: all); --pipeline: generate N (default 1000)")  # fmt: skip
     parser.add_argument("--k", type=int, default=3, help="neighbourhood size of precision/recall")
+    parser.add_argument("--kid_subsets", type=int, default=100, help="KID: number of random subsets")
+    parser.add_argument("--kid_subset_size", type=int, default=1000, help="KID: largest subset size")
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--cache_dir", default=None, help="where reference statistics are cached")
     parser.add_argument("--no_cache", action="store_true", help="recompute the reference statistics")
-    parser.add_argument("--output_json", default=None, help="default: <samples>/metrics.json or <samples>.metrics.json")
+    parser.add_argument("--output_json", default=None,
+                        help="default: <samples>/metrics.json, <samples>.metrics.json or <state_dir>/metrics.json")  # fmt: skip
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    return parser.parse_args(argv)
+    stream = parser.add_argument_group("streaming evaluation of a pipeline (instead of samples)")
+    stream.add_argument("--pipeline", default=None, help="folder saved with pipeline.save_pretrained")
+    stream.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    stream.add_argument("--num_inference_steps", type=int, default=18, help="sampler steps (Heun: 2N-1 NFE)")
+    stream.add_argument("--scheduler", default=None, help="heun | stochastic | euler | a scheduler class name")
+    stream.add_argument("--s_churn", type=float, default=None, help="EDM S_churn (stochastic scheduler)")
+    stream.add_argument("--s_tmin", type=float, default=None)
+    stream.add_argument("--s_tmax", type=float, default=None)
+    stream.add_argument("--s_noise", type=float, default=None)
+    stream.add_argument("--scheduler_kwargs", default="{}", help="JSON of other scheduler config overrides")
+    stream.add_argument("--pipeline_kwargs", default="{}", help="JSON of extra pipeline call options (guidance)")
+    stream.add_argument("--state_dir", default=None, help="checkpoints of the run (default <pipeline>/eval_state/...)")
+    stream.add_argument("--checkpoint_every", type=int, default=10, help="batches between checkpoints")
+    args = parser.parse_args(argv)
+    if args.samples is not None and args.pipeline is not None:
+        parser.error("give either samples or --pipeline, not both")
+    if args.samples is None and args.pipeline is None and args.save_reference is None:
+        parser.error("give samples (a folder or an .npz), --pipeline FOLDER, or --save_reference PATH")
+    if args.save_reference is not None and (not args.reference or len(args.reference) != 1):
+        parser.error("--save_reference writes the statistics of exactly one --reference; name it")
+    if args.num_images is not None and args.num_images < 1:
+        parser.error("--num_images must be >= 1")
+    if args.batch_size < 1 or args.num_inference_steps < 1 or args.checkpoint_every < 1 or args.seed < 0:
+        parser.error("--batch_size, --num_inference_steps and --checkpoint_every must be >= 1, --seed >= 0")
+    for name in ("scheduler_kwargs", "pipeline_kwargs"):
+        try:
+            value = json.loads(getattr(args, name))
+        except json.JSONDecodeError as err:
+            parser.error(f"--{name} must be a JSON object: {err}")
+        if not isinstance(value, dict):
+            parser.error(f"--{name} must be a JSON object, got {getattr(args, name)!r}")
+        setattr(args, name, value)
+    return args
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def format_report(result: Dict[str, object]) -> str:
     lines = [f"{result['num_images']} images, features: {result['feature_extractor']}"]
     for reference, fd in result["fd"].items():
-        lines.append(
-            f"  vs {reference} ({result['num_reference_images'][reference]} images): FD {fd:.3f}  "
-            f"precision {result['precision'][reference]:.3f}  recall {result['recall'][reference]:.3f}"
+        count = result["num_reference_images"][reference]
+        line = (
+            f"  vs {reference} ({'statistics' if count is None else f'{count} images'}): "
+            f"FD {'undefined' if fd is None else f'{fd:.3f}'}  precision {_fmt(result['precision'][reference], '.3f')}  "
+            f"recall {_fmt(result['recall'][reference], '.3f')}  KID {_fmt(result['kid'][reference], '.4g')}"
         )
+        if result["kid"][reference] is not None:
+            line += f" ± {result['kid_se'][reference]:.2g} (standard error over {result['kid_subsets']} subsets)"
+        lines.append(line)
     if "confidence" in result:
         lines.append(
             f"  classifier: mean confidence {result['confidence']:.3f}, class entropy {result['class_entropy']:.3f} "
             f"nats (max {result['max_class_entropy']:.3f})"
         )
+    lines += [f"  note: {note}" for note in result.get("notes", [])]
     return "\n".join(lines)
+
+
+def _streaming_pipeline(args):
+    """The pipeline of ``--pipeline`` with the scheduler options applied, and the settings that determine its images."""
+    from diffusers_stf.evaluation.sampling import load_pipeline, make_scheduler, pipeline_with_scheduler
+    from diffusers_stf.evaluation.streaming import pipeline_folder_fingerprint
+
+    pipe = load_pipeline(args.pipeline, device=args.device)
+    overrides = {k: getattr(args, k) for k in ("s_churn", "s_tmin", "s_tmax", "s_noise") if getattr(args, k) is not None}
+    overrides.update(args.scheduler_kwargs)
+    if args.scheduler is not None or overrides:
+        name = args.scheduler or type(pipe.scheduler).__name__
+        pipe = pipeline_with_scheduler(pipe, make_scheduler(pipe.scheduler, name, **overrides))
+    settings = {
+        "pipeline_files": pipeline_folder_fingerprint(args.pipeline),
+        "pipeline_class": type(pipe).__name__,
+        "scheduler_class": type(pipe.scheduler).__name__,
+        "scheduler_config": json.loads(json.dumps(dict(pipe.scheduler.config), default=str)),
+        "num_inference_steps": args.num_inference_steps,
+        "pipeline_kwargs": args.pipeline_kwargs,
+        "images": "8-bit (round((x + 1) * 127.5))",
+    }
+    return pipe, settings
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     import torch
 
     args = parse_args(argv)
-    references = args.reference or ["digits:train", "digits:heldout"]
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    references = args.reference or DEFAULT_REFERENCES
     extractor = load_feature_extractor(args.feature_extractor, args.weights)
-    extractor.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    images = load_images(args.samples, num_images=args.num_images)
-    result = evaluate_images(
-        images,
-        extractor,
-        references=references,
-        k=args.k,
-        cache_dir=args.cache_dir,
-        batch_size=args.batch_size,
-        use_cache=not args.no_cache,
-    )
-    result["samples"] = os.path.abspath(args.samples)
+    extractor.to(args.device)
+    # every reference is loaded (and checked against the extractor) before any image is generated or embedded
+    stats = {ref: reference_statistics(extractor, ref, args.cache_dir, args.batch_size, not args.no_cache)
+             for ref in references}  # fmt: skip
+    if args.save_reference is not None:
+        ref = stats[references[0]]
+        count = len(ref["features"]) if ref.get("features") is not None else ref.get("num_images")
+        save_reference_stats(args.save_reference, ref["mu"], ref["sigma"], feature_network=extractor.name,
+                             num_images=count, features=ref.get("features"))  # fmt: skip
+        print(f"wrote the statistics of {references[0]} ({count} images, {extractor.name}) to {args.save_reference}")
+        if args.samples is None and args.pipeline is None:
+            return {"saved_reference": os.path.abspath(args.save_reference)}
+
+    result: Dict[str, object] = {"feature_extractor": extractor.name}
+    scoring = dict(k=args.k, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size)
+    if args.pipeline is None:
+        images = load_images(args.samples, num_images=args.num_images)
+        features, logits = compute_features(extractor, images, args.batch_size)
+        result["num_images"] = len(features)
+        with warnings.catch_warnings():  # an undefined FD is reported below, as an error
+            warnings.filterwarnings("ignore", message="FD is undefined")
+            result.update(score_features(features, stats, **scoring))
+        if logits is not None:
+            result.update(class_statistics(logits))
+        result["samples"] = os.path.abspath(args.samples)
+        output = args.output_json or (
+            os.path.join(args.samples, "metrics.json") if os.path.isdir(args.samples)
+            else os.path.splitext(args.samples)[0] + ".metrics.json"
+        )  # fmt: skip
+    else:
+        from diffusers_stf.evaluation.streaming import stream_features
+
+        num_images = args.num_images or 1000
+        reason = fd_undefined_reason(num_images, extractor.feature_dim)
+        if reason is not None:
+            print(f"error: {reason}", file=sys.stderr)
+        pipe, settings = _streaming_pipeline(args)
+        key = {**settings, "feature_network": extractor.name, "seed": args.seed}
+        state_dir = args.state_dir or os.path.join(
+            args.pipeline, "eval_state", hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+        )
+        accumulator = stream_features(pipe, extractor, num_images, args.num_inference_steps, args.seed,
+                                      args.batch_size, args.pipeline_kwargs, state_dir, args.checkpoint_every,
+                                      settings)  # fmt: skip
+        mu, sigma = accumulator.statistics() if reason is None else (None, None)
+        result["num_images"] = accumulator.num_images
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="FD is undefined")
+            result.update(score_features(accumulator.features(), stats, mu, sigma, **scoring))
+        result.update(accumulator.class_statistics() or {})
+        result.update({"pipeline": os.path.abspath(args.pipeline), "seed": args.seed, "state_dir": state_dir,
+                       "settings": settings})  # fmt: skip
+        output = args.output_json or os.path.join(state_dir, "metrics.json")
+    result["kid_subsets"] = args.kid_subsets
     print(format_report(result))
-    output = args.output_json or (
-        os.path.join(args.samples, "metrics.json") if os.path.isdir(args.samples) else os.path.splitext(args.samples)[0] + ".metrics.json"
-    )
+    if result.get("fd_undefined"):
+        print(f"error: {result['fd_undefined']}", file=sys.stderr)
     with open(output, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {output}")

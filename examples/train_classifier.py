@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from diffusers_stf import DiscriminatorGuidedPipeline, NoiseConditionalClassifier
-from diffusers_stf.losses.discriminator import DG_TRAIN_SIGMA_MAX, DG_TRAIN_SIGMA_MIN, sample_sigma_log_uniform
+from diffusers_stf.losses import NoisyCrossEntropyLoss
+from diffusers_stf.losses.discriminator import DG_TRAIN_SIGMA_MAX, DG_TRAIN_SIGMA_MIN
 from diffusers_stf.evaluation import save_side_by_side
-from diffusers_stf.training import EncoderConfig, ImageData, LossOutput, ModelCardInfo, Trainer, add_encoder_args
+from diffusers_stf.training import EncoderConfig, ImageData, ModelCardInfo, Trainer, add_encoder_args
 from diffusers_stf.training import add_training_args, encoder_config, float_list, load_score_pipeline
 from diffusers_stf.training import load_training_images, make_accelerator, parse_training_args, training_parser
 
@@ -99,20 +100,6 @@ def build_classifier(encoder: EncoderConfig, data: ImageData, num_classes: int,
                                       sigma_data=sigma_data, **encoder.model_kwargs())
 
 
-def noisy_cross_entropy(model, images, labels, sigma_min, sigma_max, generator):
-    """Dhariwal & Nichol's classifier objective on the forward process x = y + σ·n, σ log-uniform (as DG's
-    discriminator): −log p(y | x, σ) per image, with σ and the accuracy."""
-    sigma = sample_sigma_log_uniform(len(images), sigma_min, sigma_max, generator, device=images.device)
-    noise = torch.randn(images.shape, generator=generator, device=generator.device if generator else None)
-    x = images + sigma.to(images.dtype).reshape(-1, *([1] * (images.ndim - 1))) * noise.to(images)
-    logits = model(x, sigma).logits.float()
-    per_sample = F.cross_entropy(logits, labels, reduction="none")
-    correct = (logits.argmax(dim=1) == labels).double()
-    return per_sample, sigma, correct
-
-
-
-
 @torch.no_grad()
 def heldout_accuracy(classifier, data: ImageData, sigmas, device, seed: int = 0) -> dict:
     """Accuracy and mean cross-entropy of held-out images at fixed noise levels and noise."""
@@ -166,11 +153,10 @@ def main(argv=None):
                       f"{num_classes} classes); held out {len(heldout) if heldout else 0}; classifier with "
                       f"{classifier.num_parameters() / 1e6:.3f}M parameters")
 
+    loss = NoisyCrossEntropyLoss(args.sigma_min, args.sigma_max)
+
     def loss_fn(model, batch, generator):
-        per_sample, sigma, correct = noisy_cross_entropy(model, batch["images"], batch["labels"], args.sigma_min,
-                                                         args.sigma_max, generator)
-        return LossOutput(loss=per_sample.mean(), per_sample=per_sample.detach(), sigma=sigma,
-                          logs={"accuracy": correct.mean()}, per_sample_logs={"accuracy": correct})
+        return loss(model, batch["images"], batch["labels"], generator)
 
     validation_log = os.path.join(training.output_dir, training.logging_dir, "validation.jsonl")
 

@@ -38,7 +38,7 @@ from diffusers_stf.losses import make_discriminator_loss
 from diffusers_stf.losses.discriminator import DG_TRAIN_SIGMA_MAX, DG_TRAIN_SIGMA_MIN, DISCRIMINATOR_LOSSES
 from diffusers_stf.losses.discriminator import REDUCTIONS as DISCRIMINATOR_REDUCTIONS
 from diffusers_stf.evaluation import save_side_by_side
-from diffusers_stf.training import DataConfig, EncoderConfig, ImageData, LossOutput, ModelCardInfo, Trainer
+from diffusers_stf.training import DataConfig, EncoderConfig, ImageData, ModelCardInfo, Trainer
 from diffusers_stf.training import add_encoder_args, add_training_args, encoder_config, float_list, load_score_pipeline
 from diffusers_stf.training import load_training_images, make_accelerator, parse_training_args, training_parser
 
@@ -313,13 +313,7 @@ def main(argv=None):
         device = real_images.device
         real_labels = batch.get("labels") if num_classes else None
         fake_labels = fakes["labels"].to(device) if num_classes else None
-        out = loss(model, real_images, fakes["images"].to(device), real_labels, fake_labels, generator=generator)
-        correct = out.correct.detach().double()
-        is_real = out.is_real.detach().double()
-        logs = {"accuracy": correct.mean(), "accuracy_real": (correct * is_real).sum() / is_real.sum(),
-                "accuracy_fake": (correct * (1 - is_real)).sum() / (1 - is_real).sum()}
-        return LossOutput(loss=out.loss, per_sample=out.per_sample, sigma=out.sigma, logs=logs,
-                          per_sample_logs={"accuracy": correct})
+        return loss(model, real_images, fakes["images"].to(device), real_labels, fake_labels, generator=generator)
 
     validation_log = os.path.join(training.output_dir, training.logging_dir, "validation.jsonl")
 

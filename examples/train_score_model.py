@@ -31,11 +31,11 @@ import time
 import torch
 
 from diffusers_stf import AnnealedLangevinScheduler, EDMPipeline, PredictorCorrectorScheduler
-from diffusers_stf.data import DIGITS_NAME
+from diffusers_stf.digits import DIGITS_NAME
 from diffusers_stf.losses.score_matching import DenoisingScoreMatchingLoss
 from diffusers_stf.noise_schedules import max_pairwise_distance, ncsnv2_sigmas, ncsnv2_step_size
 from diffusers_stf.preconditioning import Denoiser
-from diffusers_stf.training import LossOutput, ModelCardInfo, Trainer, add_training_args, image_grid
+from diffusers_stf.training import ModelCardInfo, Trainer, add_training_args, image_grid
 from diffusers_stf.training import load_training_images, make_accelerator, make_unet, parse_training_args
 from diffusers_stf.training import training_parser
 
@@ -255,7 +255,7 @@ def main(argv=None):
     preconditioning = samplers["als"][0].preconditioning  # the samplers' parametrisation, trained as it is sampled
 
     def loss_fn(model, batch, generator):
-        return LossOutput(loss=dsm(Denoiser(model, preconditioning), batch["images"], generator=generator))
+        return dsm(Denoiser(model, preconditioning), batch["images"], generator=generator)
 
     summary = digits_summary(data)
     n = training.num_validation_images

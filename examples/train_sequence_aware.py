@@ -33,7 +33,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 from diffusers_stf.losses import SequenceAwareLoss, check_reference_batch_size
 from diffusers_stf.losses.sequence_aware import NOISE_COUPLINGS, REDUCTIONS, TIMESTEP_SAMPLINGS, WEIGHTINGS, WINDOWS
 from diffusers_stf.noise_schedules import betas_for_schedule
-from diffusers_stf.training import LossOutput, ModelCardInfo, Trainer, add_training_args, load_training_images
+from diffusers_stf.training import ModelCardInfo, Trainer, add_training_args, load_training_images
 from diffusers_stf.training import make_accelerator, make_unet, parse_training_args, save_image_grid, training_parser
 
 logger = logging.getLogger("train_sequence_aware")
@@ -177,11 +177,7 @@ def main(argv=None):
             extra = data.random_batch(args.stf_reference_batch_size - images.shape[0], batch["data_generator"],
                                       exclude=batch["index"].cpu())["images"].to(images.device)
             refs = torch.cat([images, extra])
-        out = loss(model, images, generator=generator, reference_images=refs)
-        logs = {"loss_simple": out.simple.detach().mean()}
-        if args.sa_lambda > 0:
-            logs["loss_sa"] = out.sa.detach().mean()
-        return LossOutput(loss=out.loss.mean(), per_sample=out.loss.detach(), sigma=out.sigma, logs=logs)
+        return loss(model, images, generator=generator, reference_images=refs)
 
     def make_pipeline(model):
         return DDPMPipeline(unet=model, scheduler=DDPMScheduler(**schedule))

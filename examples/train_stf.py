@@ -16,6 +16,7 @@ README.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -23,9 +24,9 @@ import sys
 import torch
 
 from diffusers_stf import AugmentConditionedUNet2DModel, AugmentPipe, EDMHeunScheduler, EDMPipeline
-from diffusers_stf.losses import StableTargetFieldLoss, make_denoising_loss, reduce_per_sample
-from diffusers_stf.losses.edm import randn
-from diffusers_stf.training import LossOutput, ModelCardInfo, Trainer, add_training_args, load_training_images
+from diffusers_stf.losses import StableTargetFieldLoss, make_denoising_loss
+from diffusers_stf.losses.draws import randn
+from diffusers_stf.training import ModelCardInfo, Trainer, add_training_args, load_training_images
 from diffusers_stf.training import make_accelerator, make_unet, parse_training_args, to_device, training_parser
 
 logger = logging.getLogger("train_stf")
@@ -86,7 +87,8 @@ def main(argv=None):
     accelerator = make_accelerator(config.training)
     data = load_training_images(config.data, config.training.seed, accelerator)
 
-    base_loss = make_denoising_loss(args.precond, P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data)
+    base_loss = make_denoising_loss(args.precond, P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data,
+                                    reduction=args.loss_reduction)  # EDM: sum over C·H·W
     stf = args.loss == "stf"
     batch_size = config.training.train_batch_size
     global_draws = not args.augment_p > 0
@@ -107,19 +109,20 @@ def main(argv=None):
             logger.warning("--stf_reference_batch_size %d exceeds the dataset (%d images): references repeat",
                            args.stf_reference_batch_size, len(data))
     augment = AugmentPipe(args.augment_p, xflip=args.augment_xflip) if args.augment_p > 0 else None
-    conditioning = {"cls": AugmentConditionedUNet2DModel, "num_class_embeds": augment.label_dim} if augment else {}
+    conditioning = {"cls": AugmentConditionedUNet2DModel, "augment_dim": augment.label_dim} if augment else {}
     unet = make_unet(config.unet, data.resolution, data.channels, **conditioning)
     accelerator.print(f"{len(data)} training images {data.channels}x{data.resolution}x{data.resolution} ({data.name}); "
                       f"UNet2DModel with {unet.num_parameters() / 1e6:.2f}M parameters; loss {args.loss} "
                       f"({args.precond})" + (f" with R={args.stf_reference_batch_size}" if stf else ""))
 
     def loss_fn(model, batch, generator):
-        images, labels = batch["images"], None
-        if augment is not None:
-            images, labels = augment(images, generator)
+        images = batch["images"]
         share = batch["share"]  # σ and n for the whole global batch, this process's rows (one process: all of them)
-        sigma = share.take(base_loss.sample_sigma(share.total, generator, images.device))
         denoiser = base_loss.denoiser(model)
+        if augment is not None:  # the network sees the augmentation labels through its own input, not as classes
+            images, augment_labels = augment(images, generator)
+            denoiser = functools.partial(denoiser, augment_labels=augment_labels)
+        sigma = share.take(base_loss.sample_sigma(share.total, generator, images.device))
         if stf:
             # R − B extras for the global batch from the shared data generator, so that every process sees the same
             # reference set: the global batch (gathered) and the same extras
@@ -132,12 +135,8 @@ def main(argv=None):
                 refs, _ = augment(refs, generator)
         noise = share.draw(randn, images.shape, generator, images.device, images.dtype)
         if stf:
-            per_element = loss(denoiser, images, refs, sigma=sigma, noise=noise, class_labels=labels,
-                               generator=generator)
-        else:
-            per_element = loss(denoiser, images, sigma=sigma, noise=noise, class_labels=labels, generator=generator)
-        per_sample = reduce_per_sample(per_element, args.loss_reduction)  # EDM: sum over C·H·W
-        return LossOutput(loss=per_sample.mean(), per_sample=per_sample.detach(), sigma=sigma)
+            return loss(denoiser, images, refs, sigma=sigma, noise=noise, generator=generator)
+        return loss(denoiser, images, sigma=sigma, noise=noise, generator=generator)
 
     def make_pipeline(model):
         return EDMPipeline(unet=model, scheduler=EDMHeunScheduler(sigma_data=args.sigma_data,

@@ -1,11 +1,14 @@
 """What the digits metric's numbers mean: score image sets of known quality with the shipped classifier.
 
-Every set has 1000 images (unless its row says otherwise) and is quantised to 8 bits like saved samples. FD,
+Every set has 1000 images (unless its row says otherwise) and is quantised to 8 bits like saved samples. FD, KID,
 precision and recall are measured against the 797 training digits (the reference a model trained on them is
 scored against); FD against the 1000 held-out digits is shown as well.
 
-    python scripts/calibrate_metric.py                                   # print the table
-    python scripts/calibrate_metric.py --update_docs docs/evaluation.md  # rewrite its calibration section
+The second table shows how FD and KID depend on the number of samples n: random subsets of n real held-out digits
+(and of the same digits with noise σ = 0.3), drawn 20 times per n, scored against the training digits.
+
+    python scripts/calibrate_metric.py                                   # print the tables
+    python scripts/calibrate_metric.py --update_docs docs/evaluation.md  # rewrite its calibration sections
 """
 
 from __future__ import annotations
@@ -18,11 +21,21 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from diffusers_stf.data import digits_tensor
-from diffusers_stf.evaluation import evaluate_images, load_feature_extractor, quantize
+from diffusers_stf.digits import digits_tensor
+from diffusers_stf.evaluation import (
+    compute_features,
+    evaluate_images,
+    feature_statistics,
+    frechet_distance,
+    kid_summary,
+    load_feature_extractor,
+    quantize,
+)
 
 MARK_BEGIN, MARK_END = "<!-- calibration table: begin -->", "<!-- calibration table: end -->"
+SMALL_N_BEGIN, SMALL_N_END = "<!-- sample-size table: begin -->", "<!-- sample-size table: end -->"
 N = 1000
+SAMPLE_SIZES = (100, 250, 500, 1000)
 
 
 def blur(images: torch.Tensor, sigma_px: float) -> torch.Tensor:
@@ -72,19 +85,83 @@ def calibration_table(cache_dir=None) -> Tuple[str, List[Dict[str, object]], Lis
     for name, images in sets:
         r = evaluate_images(images, extractor, references=("digits:train", "digits:heldout"), cache_dir=cache_dir)
         rows.append({"set": name, "n": len(images), **{
-            "fd_train": r["fd"]["digits:train"], "fd_heldout": r["fd"]["digits:heldout"],
+            "fd_train": r["fd"]["digits:train"], "fd_heldout": r["fd"]["digits:heldout"], "kid_train": r["kid"]["digits:train"],
             "precision": r["precision"]["digits:train"], "recall": r["recall"]["digits:train"],
             "confidence": r["confidence"], "class_entropy": r["class_entropy"]}})  # fmt: skip
     lines = [
-        "| image set | n | FD vs train | FD vs held-out | precision | recall | conf | H |",
-        "|---|---|---|---|---|---|---|---|",
+        "| image set | n | FD vs train | FD vs held-out | KID vs train | precision | recall | conf | H |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['set']} | {row['n']} | {row['fd_train']:.2f} | {row['fd_heldout']:.2f} | {row['precision']:.3f} "
+            f"| {row['set']} | {row['n']} | {row['fd_train']:.2f} | {row['fd_heldout']:.2f} | {row['kid_train']:.0f} "
+            f"| {row['precision']:.3f} "
             f"| {row['recall']:.3f} | {row['confidence']:.3f} | {row['class_entropy']:.3f} |"
         )
     return "\n".join(lines), rows, sets
+
+
+def sample_size_table(repeats: int = 20, seed: int = 0) -> Tuple[str, List[Dict[str, object]]]:
+    """FD and KID vs the training digits of random n-subsets of the held-out digits (clean, and with noise σ = 0.3),
+    ``repeats`` draws per n: mean ± sd over the draws, and the mean of KID's reported standard error."""
+    extractor = load_feature_extractor("digits")
+    g = torch.Generator().manual_seed(seed)
+    train, _ = digits_tensor("train")
+    held, _ = digits_tensor("heldout")
+    noisy = (held + 0.3 * torch.randn(held.shape, generator=g)).clamp(-1, 1)
+    reference = compute_features(extractor, quantize(train))[0]
+    mu_ref, sigma_ref = feature_statistics(reference)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name, images in (("real held-out digits", held), ("held-out + noise σ = 0.3", noisy)):
+        features = compute_features(extractor, quantize(images))[0]
+        for n in SAMPLE_SIZES:
+            draws = 1 if n == len(features) else repeats
+            fd, kid, kid_se = [], [], []
+            for r in range(draws):
+                subset = features[rng.permutation(len(features))[:n]]
+                fd.append(frechet_distance(*feature_statistics(subset), mu_ref, sigma_ref))
+                summary = kid_summary(subset, reference, seed=r)
+                kid.append(summary["kid"])
+                kid_se.append(summary["kid_se"])
+            rows.append({"set": name, "n": n, "draws": draws, "fd_mean": np.mean(fd), "fd_sd": np.std(fd, ddof=1) if draws > 1 else None,
+                         "kid_mean": np.mean(kid), "kid_sd": np.std(kid, ddof=1) if draws > 1 else None,
+                         "kid_se": np.mean(kid_se)})  # fmt: skip
+    lines = [
+        "| image set | n | draws | FD vs train (mean ± sd) | KID vs train (mean ± sd) | KID's reported s.e. |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        fd = f"{row['fd_mean']:.2f}" + ("" if row["fd_sd"] is None else f" ± {row['fd_sd']:.2f}")
+        kid = f"{row['kid_mean']:.0f}" + ("" if row["kid_sd"] is None else f" ± {row['kid_sd']:.0f}")
+        lines.append(f"| {row['set']} | {row['n']} | {row['draws']} | {fd} | {kid} | {row['kid_se']:.0f} |")
+    return "\n".join(lines), rows
+
+
+def split_check(repeats: int = 20) -> str:
+    """MMD²_u of the full train/held-out feature sets over ``repeats`` stratified and random 797/1000 splits of all
+    1797 digits: why real held-out digits score a negative KID against the (stratified) training split."""
+    from sklearn.model_selection import train_test_split
+
+    from diffusers_stf.evaluation import unbiased_mmd2
+
+    images, labels = digits_tensor("all")
+    features = torch.from_numpy(compute_features(load_feature_extractor("digits"), quantize(images))[0])
+    lines = []
+    for name, stratify in (("stratified", labels.numpy()), ("random", None)):
+        values = []
+        for seed in range(repeats):
+            a, b = train_test_split(np.arange(len(labels)), test_size=1000, random_state=seed, stratify=stratify)
+            values.append(float(unbiased_mmd2(features[a], features[b])))
+        lines.append(f"MMD²_u of {repeats} {name} 797/1000 splits: {np.mean(values):.0f} ± {np.std(values, ddof=1):.0f}")
+    return "\n".join(lines)
+
+
+def _replace_section(text: str, begin: str, end: str, body: str, path: str) -> str:
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{path} has no '{begin}' ... '{end}' section")
+    return pattern.sub(lambda _: f"{begin}\n{body}\n{end}", text)
 
 
 def save_figure(sets, rows, path: str, per_row: int = 12) -> None:
@@ -115,16 +192,17 @@ def main(argv=None):
     torch.set_num_threads(1)
     table, rows, sets = calibration_table()
     print(table)
+    small_n, _ = sample_size_table()
+    print(small_n)
+    print(split_check())
     if args.figure:
         save_figure(sets, rows, args.figure)
         print(f"wrote {args.figure}")
     if args.update_docs:
         with open(args.update_docs) as f:
             text = f.read()
-        pattern = re.compile(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), re.S)
-        if not pattern.search(text):
-            raise ValueError(f"{args.update_docs} has no '{MARK_BEGIN}' ... '{MARK_END}' section")
-        text = pattern.sub(lambda _: f"{MARK_BEGIN}\n{table}\n{MARK_END}", text)
+        text = _replace_section(text, MARK_BEGIN, MARK_END, table, args.update_docs)
+        text = _replace_section(text, SMALL_N_BEGIN, SMALL_N_END, small_n, args.update_docs)
         with open(args.update_docs, "w") as f:
             f.write(text)
         print(f"updated {args.update_docs}")

@@ -14,7 +14,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from diffusers_stf.data import digits_tensor
+from diffusers_stf.digits import digits_tensor
 from diffusers_stf.evaluation.feature_extractors import DIGITS_CLASSIFIER_PATH, DigitsClassifier
 
 

@@ -39,26 +39,50 @@ class ExactMixtureNet(ModelMixin, ConfigMixin):
     """The exact network of Gaussian-mixture data, in a scheduler's parametrisation.
 
     ``edm``: the network input is c_in(σ)·x at timestep ln(σ)/4 and it returns EDM's F (``v_prediction``: −F), as our
-    EDM schedulers and diffusers' EDMEulerScheduler call it. ``ddpm``: the input is x_t = x/√(1 + σ²) at a DDPM
-    timestep t (fractional t interpolates σ_t linearly, as EulerDiscreteScheduler does) and it returns ε, x₀ or v.
+    EDM schedulers and diffusers' EDM schedulers call it. ``ddpm``: the input is x_t = x/√(1 + σ²) at a DDPM
+    timestep t (a fractional t interpolates ln σ_t linearly, the inverse of the Euler samplers' σ → t map) and it
+    returns ε, x₀ or v. ``score_ve``: the input is x at timestep ln σ and it returns the score ∇ log p_σ(x) = (D − x)/σ².
+    ``score_vp``: the input is x_t = x/√(1 + σ²) at the VP SDE's time t (β_min = 0.1, β_max = 20) and it returns
+    ∇_{x_t} log p(x_t) = √(1 + σ²)·(D − x)/σ².
     """
 
     @register_to_config
     def __init__(self, means=(0.0,), weights=(1.0,), std=0.5, sample_size=4, in_channels=1, parametrisation="edm",
-                 prediction_type="epsilon", sigma_data=0.5):
+                 prediction_type="epsilon", sigma_data=0.5, num_class_embeds=None, out_channels=1):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # float32 network
 
+    def mixture(self, label: int):
+        """(means, weights) of label k: component k alone, the whole mixture for the null label K (the last index of
+        a class-conditional network, as classifier-free guidance trains it)."""
+        c = self.config
+        return (c.means, c.weights) if label == len(c.means) else ((c.means[label],), (1.0,))
+
     def sigma(self, timestep):
         t = timestep.double().reshape(-1)
-        if self.config.parametrisation == "edm":
+        kind = self.config.parametrisation
+        if kind == "edm":
             return torch.exp(4 * t)
-        table = ddpm_sigmas()
-        low = t.floor().long().clamp(0, len(table) - 2)
+        if kind == "score_ve":
+            return torch.exp(t)
+        if kind == "score_vp":
+            return (torch.exp(0.5 * 19.9 * t**2 + 0.1 * t) - 1).sqrt()
+        log_table = ddpm_sigmas().log()
+        low = t.floor().long().clamp(0, len(log_table) - 2)
         frac = t - low
-        return (1 - frac) * table[low] + frac * table[low + 1]
+        return torch.exp((1 - frac) * log_table[low] + frac * log_table[low + 1])
 
     def forward(self, sample, timestep, class_labels=None):
+        if self.config.num_class_embeds is not None:  # one class (or the null label) per sample
+            timestep = torch.as_tensor(timestep).expand(len(sample))
+            out = torch.empty(sample.shape, dtype=torch.float64)
+            for label in torch.unique(class_labels).tolist():
+                rows = class_labels == label
+                out[rows] = self.evaluate(sample[rows], timestep[rows], *self.mixture(label))
+            return type("Out", (), {"sample": out.float()})
+        return type("Out", (), {"sample": self.evaluate(sample, timestep, self.config.means, self.config.weights).float()})
+
+    def evaluate(self, sample, timestep, means, weights):
         c = self.config
         timestep = torch.as_tensor(timestep).expand(sample.shape[0])
         sigma = self.sigma(timestep)
@@ -67,12 +91,18 @@ class ExactMixtureNet(ModelMixin, ConfigMixin):
         if c.parametrisation == "edm":
             sd = c.sigma_data
             x = sample.double() * (s**2 + sd**2).sqrt()
-            D = mixture_denoiser(x, sigma, c.means, c.weights, c.std)
+            D = mixture_denoiser(x, sigma, means, weights, c.std)
             out = (D - sd**2 / (s**2 + sd**2) * x) / (s * sd / (s**2 + sd**2).sqrt())
             out = -out if c.prediction_type == "v_prediction" else out
+        elif c.parametrisation == "score_ve":
+            x = sample.double()
+            out = (mixture_denoiser(x, sigma, means, weights, c.std) - x) / s**2
+        elif c.parametrisation == "score_vp":
+            x = sample.double() * (1 + s**2).sqrt()
+            out = (1 + s**2).sqrt() * (mixture_denoiser(x, sigma, means, weights, c.std) - x) / s**2
         else:
             x = sample.double() * (1 + s**2).sqrt()
-            D = mixture_denoiser(x, sigma, c.means, c.weights, c.std)
+            D = mixture_denoiser(x, sigma, means, weights, c.std)
             eps = (x - D) / s
             if c.prediction_type == "epsilon":
                 out = eps
@@ -80,7 +110,7 @@ class ExactMixtureNet(ModelMixin, ConfigMixin):
                 out = D
             else:  # v = √ᾱ·ε − √(1 − ᾱ)·x₀ with √ᾱ = 1/√(1 + σ²)
                 out = (eps - s * D) / (1 + s**2).sqrt()
-        return type("Out", (), {"sample": out.float()})
+        return out
 
 
 class ExactLogRatio(ModelMixin, ConfigMixin):

@@ -16,7 +16,8 @@ from diffusers import (
     DDPMScheduler,
     EDMEulerScheduler,
     EulerDiscreteScheduler,
-    PNDMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
 from guidance_exact import ExactLogRatio, ExactMixtureClassifier, ExactMixtureNet
@@ -24,7 +25,7 @@ from guidance_exact import ExactLogRatio, ExactMixtureClassifier, ExactMixtureNe
 from diffusers_stf import Discriminator, DiscriminatorGuidedPipeline, EDMPipeline, NoiseConditionalClassifier
 from diffusers_stf import EDMHeunScheduler, EDMStochasticScheduler
 from diffusers_stf.models import NoiseConditionalEncoder
-from diffusers_stf.pipelines.pipeline_discriminator_guided import classifier_correction
+from diffusers_stf.guidance import classifier_correction
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -304,8 +305,12 @@ def test_bad_input_raises_clear_errors():
         pipe(classifier_guidance_scale=-1.0, class_labels=[1])
     with pytest.raises(ValueError, match="classifier_guidance_scale must be a finite number >= 0"):
         pipe(classifier_guidance_scale=float("nan"), class_labels=[1])
-    with pytest.raises(ValueError, match="cannot convert .* PNDMScheduler"):
-        DiscriminatorGuidedPipeline(unet, PNDMScheduler(), classifier=make_classifier())(classifier_guidance_scale=1.0, class_labels=[1])
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler: its config has no preconditioning"):
+        DiscriminatorGuidedPipeline(unet, FlowMatchEulerDiscreteScheduler(), classifier=make_classifier())(
+            classifier_guidance_scale=1.0, class_labels=[1])
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler: prediction_type 'flow_prediction'"):
+        DiscriminatorGuidedPipeline(unet, DPMSolverMultistepScheduler(prediction_type="flow_prediction"),
+                                    classifier=make_classifier())(classifier_guidance_scale=1.0, class_labels=[1])
     with pytest.raises(ValueError, match="prediction_type 'flow'"):
         DiscriminatorGuidedPipeline(unet, DDPMScheduler(prediction_type="flow"), classifier=make_classifier())(
             classifier_guidance_scale=1.0, class_labels=[1])

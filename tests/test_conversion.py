@@ -533,7 +533,7 @@ def test_dg_discriminator_guides_the_pipeline_with_dgs_gradient():
     from adm_reference import dg_log_ratio_and_gradient
 
     from diffusers_stf import DiscriminatorGuidedPipeline, EDMHeunScheduler
-    from diffusers_stf.pipelines.pipeline_discriminator_guided import discriminator_correction
+    from diffusers_stf.guidance.discriminator import discriminator_correction
 
     disc, classifier, head = tiny_dg(dtype=torch.float32)
     pipe = DiscriminatorGuidedPipeline(tiny_network(7, channels=3), EDMHeunScheduler(preconditioning="vp"), disc)
@@ -646,11 +646,14 @@ def test_command_line_folders_load_with_plain_diffusers_and_sample_the_same(tmp_
     from safetensors.torch import load_file
     from test_hub import run_blocked
 
+    from diffusers_stf import DiscriminatorGuidedPipeline
     from diffusers_stf.conversion.cli import main
+    from diffusers_stf.models.dg_discriminator import DGDiscriminator
 
-    vp32 = tmp_path / "vp32.pkl"
-    net32 = tiny_network(11, size=32, channels=3)
-    standin.write(vp32, standin.edm_snapshot(standin.preconditioning("VPPrecond", network_record(net32), 32, 3)))
+    vp32 = tmp_path / "vp32.pkl"  # a DDPM++ network of DG's image size
+    net32, kwargs = edm_network("ddpmpp", 11, size=32, channels=3)
+    record = standin.persistent_tree(net32, "SongUNet", kwargs)
+    standin.write(vp32, standin.edm_snapshot(standin.preconditioning("VPPrecond", record, 32, 3, model_type="SongUNet")))
     classifier, head = dg_files["32x32_classifier.pt"][0], dg_files["discriminator_60.pt"][0]
     argv = {"vp": ["edm", str(converted["vp"][1]), str(tmp_path / "vp")],  # SongUNet, class-conditional
             "edm": ["edm", str(converted["edm"][1]), str(tmp_path / "edm")],  # DhariwalUNet
@@ -696,11 +699,15 @@ def test_command_line_folders_load_with_plain_diffusers_and_sample_the_same(tmp_
     """, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     types = json.loads(result.stdout.strip().splitlines()[-1])
-    assert types["dg"] == {"unet": "UNet2DModel", "scheduler": "EDMHeunScheduler", "discriminator": "DGDiscriminator",
-                           "classifier": "NoneType"}
+    assert {k: types["dg"][k] for k in ("unet", "scheduler", "discriminator")} == {
+        "unet": "SongUNet", "scheduler": "EDMHeunScheduler", "discriminator": "DGDiscriminator"}
+    assert types["vp"]["unet"] == "SongUNet" and types["edm"]["unet"] == "DhariwalUNet"
     plain = load_file(out_file)
     for name in calls:
         assert torch.equal(plain[name], ours[name]), name
+    package = DiscriminatorGuidedPipeline.from_pretrained(tmp_path / "dg")  # the package's own classes
+    assert type(package.discriminator) is DGDiscriminator
+    assert torch.equal(sample_latents(package, dg_weight_1st_order=2.0), ours["dg"])
 
 
 def test_a_module_tree_that_contains_itself_is_refused(tmp_path):

@@ -27,7 +27,7 @@ from diffusers_stf.losses import (
     DiscriminatorUKLLoss,
     sample_sigma_log_uniform,
 )
-from diffusers_stf.pipelines.pipeline_discriminator_guided import discriminator_correction
+from diffusers_stf.guidance import DiscriminatorGuidance, discriminator_correction
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -450,7 +450,7 @@ def test_each_loss_is_minimised_by_the_density_ratio(loss_cls):
         fake = torch.randn(8192, 1, 1, 1, generator=g)
         out = loss_fn(model, real, fake, generator=g)
         opt.zero_grad()
-        out.loss.backward()
+        out.loss.mean().backward()
         opt.step()
         sched.step()
     a, b = float(model.a.detach()), float(model.b.detach())
@@ -525,7 +525,7 @@ def test_toy_2d_guidance_moves_samples_towards_the_data():
         batch = fake[torch.randint(len(fake), (256,), generator=g)].float().reshape(-1, 2, 1, 1)
         out = loss_fn(disc, real, batch, generator=g)
         opt.zero_grad()
-        out.loss.backward()
+        out.loss.mean().backward()
         opt.step()
     disc.eval()
     pipe.register_modules(discriminator=disc)
@@ -690,7 +690,8 @@ def test_ddpm_states_reach_the_discriminator_in_the_edm_convention():
     (grad_xt,) = torch.autograd.grad(lr.sum(), xt)
     eps = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(2))
     pipe.scheduler.set_timesteps(5)
-    guided = pipe.guided_model_output(eps, x_t.float(), torch.tensor(t), 1.0, 0.0, (0.0, math.inf))
+    term = DiscriminatorGuidance(pipe.discriminator, 1.0, 0.0, 0.0, math.inf)
+    guided = pipe.guided_output(eps, x_t.float(), torch.tensor(t), [term])
     expected = eps.double() - math.sqrt(1 - alpha_bar) * grad_xt
     assert torch.allclose(guided.double(), expected, rtol=1e-5, atol=1e-5)
 

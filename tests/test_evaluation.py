@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from diffusers_stf.data import digits_tensor
+from diffusers_stf.digits import digits_tensor
 from diffusers_stf.evaluation import (
     DIGITS_CLASSIFIER_PATH,
     DigitsClassifier,
@@ -380,16 +380,23 @@ def test_scheduler_swaps_keep_the_config_and_reject_unknown_options(tiny_pipelin
         make_scheduler(EDMHeunScheduler(preconditioning="vp"), "euler")
 
 
-def test_evaluate_script_writes_json_and_explains_too_few_samples(tmp_path):
+def test_evaluate_script_writes_json_and_explains_too_few_samples(tmp_path, capsys):
     evaluate = _load_example("evaluate")
     held, _ = digits_tensor("heldout")
     _save_pngs(held[:100], str(tmp_path / "s"))
     result = evaluate.main([str(tmp_path / "s"), "--reference", "digits:heldout", "--cache_dir", str(tmp_path / "c")])
     with open(tmp_path / "s" / "metrics.json") as f:
-        assert json.load(f)["fd"]["digits:heldout"] == pytest.approx(result["fd"]["digits:heldout"])
+        written = json.load(f)
+    assert written["fd"]["digits:heldout"] == pytest.approx(result["fd"]["digits:heldout"])
+    assert written["kid"]["digits:heldout"] == pytest.approx(result["kid"]["digits:heldout"])
     assert result["precision"]["digits:heldout"] == 1.0
-    with pytest.raises(ValueError, match="at least 65 samples"):
-        evaluate.main([str(tmp_path / "s"), "--num_images", "50", "--cache_dir", str(tmp_path / "c")])
+    capsys.readouterr()
+    # n <= d: the FD is undefined (an error naming the sample count it needs, suggesting KID), KID is still computed
+    small = evaluate.main([str(tmp_path / "s"), "--num_images", "50", "--cache_dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert "error: FD is undefined" in err and "at least 65 samples" in err and "KID" in err
+    assert small["fd"] == {"digits:train": None, "digits:heldout": None}
+    assert all(math.isfinite(small["kid"][ref]) for ref in ("digits:train", "digits:heldout"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 model cards the Hub parses, and ``--push_to_hub`` that fails early or retries cleanly."""
 
 import ast
+import hashlib
 import json
 import os
 import subprocess
@@ -26,6 +27,9 @@ from diffusers_stf import (
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A child process's limit: a hang fails the test instead of CI's job. Sized for CI's worst case (a loaded 2-core
+# machine) since hitting it tests nothing.
+TIMEOUT = 600
 
 # Put first on PYTHONPATH of a child process: every import of diffusers_stf fails there, as on a machine with only
 # torch and diffusers installed.
@@ -57,11 +61,12 @@ def blocked_env(tmp_path):
     return env
 
 
-def run_blocked(tmp_path, code: str, timeout=120, **extra_env) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter, outside the repository, with diffusers_stf blocked."""
+def run_blocked(tmp_path, code: str, timeout=TIMEOUT, args=(), **extra_env) -> subprocess.CompletedProcess:
+    """Run ``code`` (with ``args`` in ``sys.argv[1:]``) in a fresh interpreter, outside the repository, with
+    diffusers_stf blocked."""
     cwd = tmp_path / "elsewhere"
     cwd.mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=cwd,
                           env={**blocked_env(tmp_path), **extra_env}, capture_output=True, text=True, timeout=timeout)
 
 
@@ -81,7 +86,7 @@ def tiny_augment_unet(seed=0):
     return AugmentConditionedUNet2DModel(
         sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        add_attention=False, norm_num_groups=4, num_class_embeds=9)
+        add_attention=False, norm_num_groups=4, augment_dim=9)
 
 
 # name -> (pipeline factory, call kwargs); each exercises a different component class of the package
@@ -127,29 +132,118 @@ def saved(tmp_path_factory):
     return out
 
 
-def module_imports(tree):
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            yield from (a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "the pipeline's code file must not use relative imports"
-            yield node.module
+# The bundler's import rule (diffusers_stf/hub/bundle.py, rule 2), written out independently of the bundler
+MODULE_LEVEL_IMPORTS = frozenset({"torch", "diffusers", "numpy", "__future__"} | set(sys.stdlib_module_names))
+FUNCTION_LEVEL_IMPORTS = MODULE_LEVEL_IMPORTS | {"PIL", "transformers"}
+BUNDLE_RULE = ("a bundled module may import only torch, diffusers, numpy and the standard library (inside a function "
+               "also PIL and transformers), and nothing relative: see the rules in diffusers_stf/hub/bundle.py")
 
 
-def test_folders_use_the_remote_code_layout_with_self_contained_code(saved):
-    allowed = {"torch", "diffusers", "numpy", "__future__"} | set(sys.stdlib_module_names)
-    lazily_allowed = allowed | {"PIL", "transformers"}
+def imports_breaking_the_rule(source: str):
+    """``(line, imported module, where)`` for every import in ``source`` that a bundle may not make."""
+    found = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                if isinstance(child, ast.ImportFrom) and child.level:
+                    found.append((child.lineno, "." * child.level + (child.module or ""), "relative"))
+                    continue
+                allowed = FUNCTION_LEVEL_IMPORTS if in_function else MODULE_LEVEL_IMPORTS
+                names = [child.module] if isinstance(child, ast.ImportFrom) else [a.name for a in child.names]
+                found.extend((child.lineno, name, "in a function" if in_function else "at module level")
+                             for name in names if name.split(".")[0] not in allowed)
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(ast.parse(source), False)
+    return found
+
+
+def assert_bundle_imports_allowed(source: str, what: str):
+    bad = imports_breaking_the_rule(source)
+    assert not bad, f"{what} imports " + "; ".join(f"{m} ({where}, line {n})" for n, m, where in bad) + \
+        f". Rule: {BUNDLE_RULE}"
+
+
+def saveable_package_classes():
+    """Every class of the package that ``save_pretrained`` writes (pipelines, schedulers, models), by import path."""
+    import importlib
+    import pkgutil
+
+    from diffusers import ConfigMixin
+
+    import diffusers_stf
+
+    classes = {}
+    for info in pkgutil.walk_packages(diffusers_stf.__path__, "diffusers_stf."):
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if isinstance(obj, type) and issubclass(obj, ConfigMixin) and obj.__module__ == module.__name__:
+                classes[f"{module.__name__}.{name}"] = obj
+    return classes
+
+
+def test_every_bundle_imports_only_torch_diffusers_numpy_and_the_standard_library():
+    """The bundle of every class that can be saved, alone (a pipeline's bundle adds its components' bundles)."""
+    from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
+
+    from diffusers_stf.hub import generate_remote_code
+
+    classes = saveable_package_classes()
+    for base in (DiffusionPipeline, SchedulerMixin, ModelMixin):
+        assert any(issubclass(c, base) for c in classes.values()), base  # the walk finds each kind
+    for path, cls in classes.items():
+        assert_bundle_imports_allowed(generate_remote_code(cls), f"the bundle of {path}")
+
+
+def test_the_import_rule_check_names_what_breaks_it():
+    fake = "import os\nimport scipy.stats\nfrom torch import nn\n\n\ndef f():\n    import PIL\n" \
+           "    from sklearn import svm\n    from . import sibling\n"
+    with pytest.raises(AssertionError) as err:
+        assert_bundle_imports_allowed(fake, "the fake module")
+    reported, rule = str(err.value).split("\n")[0].split(" Rule: ")
+    assert reported == ("the fake module imports scipy.stats (at module level, line 2); sklearn (in a function, "
+                        "line 8); . (relative, line 9).")
+    assert rule == BUNDLE_RULE and "diffusers_stf/hub/bundle.py" in rule
+    assert_bundle_imports_allowed(fake.replace("scipy.stats", "math").replace("sklearn", "numpy").replace(
+        "    from . import sibling\n", ""), "the fake module, mended")
+
+
+def test_the_component_library_lists_every_component_class_of_the_package():
+    """Adding a model or scheduler class means adding it to pipelines/components.py (one import line)."""
+    from diffusers import DiffusionPipeline
+
+    from diffusers_stf.hub.layout import library_classes
+
+    not_components = {  # saveable, but never a pipeline component
+        "diffusers_stf.schedulers.scheduling_base.PreconditionedScheduler": "the schedulers' base class",
+        "diffusers_stf.evaluation.feature_extractors.DigitsClassifier": "a feature extractor of the metrics",
+    }
+    library = EDMPipeline.component_library
+    listed = set(library_classes(library).values())
+    for path, cls in saveable_package_classes().items():
+        if issubclass(cls, DiffusionPipeline):
+            assert cls.component_library is library, path
+        elif path not in not_components:
+            assert cls in listed, f"{path} is missing from {library.__name__} (add one import line there)"
+    assert {"ModelMixin", "SchedulerMixin"} <= set(vars(library))  # diffusers picks the load method by them
+
+
+def assert_content_addressed(path, defining_module):
+    """``path`` is ``<defining module>_<first 10 hex digits of the SHA-256 of its bytes>.py``."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    assert path.name == f"{defining_module}_{digest}.py", (path.name, digest)
+
+
+def test_folders_use_the_remote_code_layout_with_self_contained_content_addressed_code(saved):
     for name, (folder, _, _, pipe) in saved.items():
         index = json.loads((folder / "model_index.json").read_text())
         stem, class_name = index["_class_name"]
         assert class_name == type(pipe).__name__
         code = folder / f"{stem}.py"
+        assert_content_addressed(code, type(pipe).__module__.rpartition(".")[2])
+        assert_bundle_imports_allowed(code.read_text(), code.name)
         tree = ast.parse(code.read_text())
-        top_level = {n for stmt in tree.body if isinstance(stmt, (ast.Import, ast.ImportFrom))
-                     for n in module_imports(stmt)}
-        everywhere = set(module_imports(tree))
-        assert {m.split(".")[0] for m in top_level} <= allowed, (code, top_level)
-        assert {m.split(".")[0] for m in everywhere} <= lazily_allowed, (code, everywhere)
         defined = {stmt.name for stmt in tree.body if isinstance(stmt, ast.ClassDef)}
         assert class_name in defined
         components = 0
@@ -159,21 +253,52 @@ def test_folders_use_the_remote_code_layout_with_self_contained_code(saved):
             library, cls = value
             assert cls == type(getattr(pipe, component)).__name__ and cls in defined
             # the component's file takes its class from the pipeline's module: one class object for both
-            shim = ast.parse((folder / component / f"{library}.py").read_text())
+            shim_path = folder / component / f"{library}.py"
+            assert_content_addressed(shim_path, type(getattr(pipe, component)).__module__.rpartition(".")[2])
+            shim = ast.parse(shim_path.read_text())
             imports = [s for s in shim.body if isinstance(s, (ast.Import, ast.ImportFrom))]
             assert len(imports) == 1 and imports[0].level == 1 and imports[0].names[0].name == stem
+            assert [p.name for p in (folder / component).glob("*.py")] == [shim_path.name]
             components += 1
         assert components >= 1, name  # at least the scheduler is a package class
+        assert [p.name for p in folder.glob("*.py")] == [code.name]
         assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pkl"))
+
+
+def test_saving_again_replaces_the_code_files_it_wrote_and_keeps_the_rest(saved, tmp_path):
+    import shutil
+
+    folder = tmp_path / "again"
+    shutil.copytree(saved["guided"][0], folder)
+    old = {p.relative_to(folder) for p in folder.rglob("*.py")}
+    # the user's own files, and code files as version 0.3.0 wrote them (their docstrings)
+    (folder / "notes.py").write_text("# the user's own file\n")
+    (folder / "scheduler" / "mine.py").write_text('"""Generated by me, not by diffusers_stf."""\n')
+    (folder / "pipeline_discriminator_guided.py").write_text(
+        '"""DiscriminatorGuidedPipeline: code for diffusers\' ``trust_remote_code=True`` loading.\n\n'
+        'Generated by diffusers_stf 0.3.0 ``save_pretrained`` from these modules of the package\n"""\n')
+    (folder / "scheduler" / "scheduling_edm_heun.py").write_text(
+        '"""EDMHeunScheduler for diffusers\' ``trust_remote_code=True`` loading, generated by diffusers_stf '
+        '0.3.0.\n"""\n')
+    saved["classifier_guided"][3].save_pretrained(folder)  # other components, so other code
+    new = {str(p.relative_to(folder)) for p in folder.rglob("*.py")}
+    index = json.loads((folder / "model_index.json").read_text())
+    named = {f"{index['_class_name'][0]}.py"} | {f"{c}/{v[0]}.py" for c, v in index.items() if not c.startswith("_")
+                                                 and isinstance(v, list) and v[0] not in ("diffusers", None)}
+    assert new == named | {"notes.py", "scheduler/mine.py"}
+    assert not {str(p) for p in old} & new
 
 
 # A package of known content: what the generator must keep, rename, drop and refuse
 FAKE_PACKAGE = {
     "__init__.py": "from .things import Thing\n",
+    "plumbing.py": "class RemoteCodeMixin:\n    def save_pretrained(self):\n        return 'package save'\n",
     "constants.py": "_SCALE = 2.0\nOFFSET = 1.0\n\n\ndef scaled(x):\n    return _SCALE * x + OFFSET\n\n\n"
                     "def unused():\n    import scipy\n\n    return scipy\n",
-    "things.py": "import math\n\nfrom torch import nn\n\nfrom .constants import OFFSET\nfrom .constants import scaled as "
-                 "scale_it\n\n_SCALE = 10.0\n\n\nclass Thing(nn.Module):\n    factor = _SCALE\n\n"
+    "things.py": "import math\n\nfrom torch import nn\n\nfrom . import constants\nfrom .constants import OFFSET\n"
+                 "from .constants import scaled as scale_it\nfrom .plumbing import RemoteCodeMixin\n\n"
+                 "_SCALE = 10.0\n\n\n"
+                 "class Thing(RemoteCodeMixin, nn.Module):\n    factor = _SCALE\n    component_library = constants\n\n"
                  "    def value(self, x):\n        return scale_it(x) + _SCALE + OFFSET + math.floor(0.5)\n",
     "bad_top.py": "import scipy\n\n\nclass Bad:\n    def f(self):\n        return scipy\n",
     "bad_nested.py": "class Lazy:\n    def f(self):\n        from .constants import OFFSET\n\n        return OFFSET\n",
@@ -186,27 +311,30 @@ FAKE_PACKAGE = {
 def test_generator_keeps_what_is_reached_renames_clashes_and_refuses_what_cannot_travel(tmp_path, monkeypatch):
     import importlib
 
-    import diffusers_stf.remote_code as remote_code
+    from diffusers_stf.hub.bundle import generate_remote_code
 
     package = tmp_path / "h6_fake_package"
     package.mkdir()
     for name, text in FAKE_PACKAGE.items():
         (package / name).write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(remote_code, "PACKAGE", "h6_fake_package")
     things = importlib.import_module("h6_fake_package.things")
-    code = remote_code.generate_remote_code(things.Thing)
+    code = generate_remote_code(things.Thing)  # the package is the classes' own: h6_fake_package
     assert "def unused" not in code and "scipy" not in code  # not reached from Thing
     scope = {}
     exec(compile(code, "bundle", "exec"), scope)
     # scaled(1) = 2·1 + 1 with constants' _SCALE; then + things' _SCALE (10) + OFFSET (1) + floor(0.5)
     assert scope["Thing"]().value(1.0) == 14.0 and scope["Thing"].factor == 10.0
     assert things.Thing().value(1.0) == 14.0
+    # the package's save/load plumbing stays behind: no mixin base, no library attribute, no plumbing module
+    assert scope["Thing"].__bases__ == (torch.nn.Module,) and not hasattr(scope["Thing"], "component_library")
+    assert "plumbing" not in code and "package save" not in code
+    assert things.Thing().save_pretrained() == "package save" and things.Thing.component_library.OFFSET == 1.0
 
     for module, cls, message in [("bad_top", "Bad", "imports scipy"), ("bad_nested", "Lazy", "module level"),
                                  ("bad_module", "ModRef", "is a module"), ("bad_fstring", "Shown", "f-string")]:
         with pytest.raises(ValueError, match=message):
-            remote_code.generate_remote_code(getattr(importlib.import_module(f"h6_fake_package.{module}"), cls))
+            generate_remote_code(getattr(importlib.import_module(f"h6_fake_package.{module}"), cls))
 
 
 def python_blocks(text):
@@ -267,16 +395,20 @@ def model_inputs():
 
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory):
-    """A discriminator and a classifier saved on their own (as the guidance scripts do without a score model)."""
-    from diffusers_stf.remote_code import write_model_remote_code
+    """A discriminator and a classifier saved on their own (as the guidance scripts do without a score model), with
+    the outputs of the package's class loading the folder (weights loaded from a file can take another kernel path
+    than freshly initialised ones: on one thread the last bit differs)."""
+    from diffusers_stf.hub import write_model_remote_code
 
     root = tmp_path_factory.mktemp("models")
     out = {}
     for name, model in {"discriminator": tiny_disc(12), "classifier": tiny_classifier(13)}.items():
         model.save_pretrained(root / name)
         write_model_remote_code(model, str(root / name))
+        loaded = type(model).from_pretrained(root / name)
+        assert type(loaded) is type(model)
         with torch.no_grad():
-            out[name] = (root / name, model(*model_inputs())[0])
+            out[name] = (root / name, loaded(*model_inputs())[0])
     return out
 
 
@@ -294,6 +426,9 @@ def plain_run(saved, saved_models, cards, tmp_path_factory):
     (cache / "refs").mkdir()
     (cache / "refs" / "main").write_text("a" * 40)
     folders["guided_repo_id"] = ("h6user/guided", saved["guided"][1])
+    shutil.copytree(saved["guided"][0], tmp / "guided_0_3_0")
+    to_0_3_0_layout(tmp / "guided_0_3_0")  # a folder of version 0.3.0 beside the content-addressed ones
+    folders["guided_0_3_0"] = (str(tmp / "guided_0_3_0"), saved["guided"][1])
     models = {name: str(folder) for name, (folder, _) in saved_models.items()}
     snippets = {template: python_blocks((folder / "README.md").read_text())[0] for template, folder in cards.items()}
     out_file = tmp / "samples.safetensors"
@@ -345,6 +480,12 @@ def test_plain_diffusers_loads_every_folder_and_samples_the_same_images(saved, s
             if value is not None:
                 assert types[name][component].endswith("." + type(value).__name__)
     assert torch.equal(remote["guided_repo_id"], saved["guided"][2])
+    assert torch.equal(remote["guided_0_3_0"], saved["guided"][2])
+    # each folder's classes come from its own module: the unhashed name of 0.3.0, the hashed one of today
+    local = "diffusers_modules.local"
+    assert types["guided_0_3_0"]["scheduler"] == f"{local}.pipeline_discriminator_guided.EDMHeunScheduler"
+    hashed = json.loads((saved["guided"][0] / "model_index.json").read_text())["_class_name"][0]
+    assert types["guided"]["scheduler"] == f"{local}.{hashed}.EDMHeunScheduler"
     for name, (_, ours) in saved_models.items():  # a model saved alone: diffusers' AutoModel
         assert torch.equal(remote["model_" + name], ours), name
         assert types["model_" + name].startswith("diffusers_modules.")
@@ -352,8 +493,101 @@ def test_plain_diffusers_loads_every_folder_and_samples_the_same_images(saved, s
     assert types["augment_unet"]["unet"].startswith("diffusers_modules.")
 
 
+# Two runs compared in one notebook: each folder keeps its own code in diffusers' module cache
+TWO_RUNS = {  # name -> (pipeline factory, call kwargs)
+    "first": (lambda: DiscriminatorGuidedPipeline(make_tiny_unet(30), EDMHeunScheduler(), tiny_disc(31)),
+              {"num_inference_steps": 4, "dg_weight_1st_order": 2.0}),
+    "same_code": (lambda: DiscriminatorGuidedPipeline(make_tiny_unet(32), EDMHeunScheduler(), tiny_disc(33)),
+                  {"num_inference_steps": 4, "dg_weight_1st_order": 2.0}),
+    "other_code": (lambda: DiscriminatorGuidedPipeline(make_tiny_unet(34), EDMStochasticScheduler(s_churn=40.0),
+                                                       tiny_disc(35), tiny_classifier(36)),
+                   {"num_inference_steps": 4, "dg_weight_1st_order": 1.0, "classifier_guidance_scale": 2.0,
+                    "class_labels": [0, 2]}),
+}
+
+LOAD_AND_SAMPLE = """
+import json, sys
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import save_file
+
+cases, out_file = json.loads(sys.argv[1]), sys.argv[2]
+
+
+def load(name):
+    return DiffusionPipeline.from_pretrained(cases[name][0], trust_remote_code=True)
+
+
+def draw(name, pipe):
+    code = vars(sys.modules[type(pipe).__module__])  # where the pipeline's methods look their names up
+    for component in ("scheduler", "discriminator"):
+        cls = type(getattr(pipe, component))
+        assert code[cls.__name__] is cls, f"{name}: its module binds another {cls.__name__} than its {component}'s"
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {k: torch.tensor(v) if k == "class_labels" else v for k, v in cases[name][1].items()}
+    return pipe(batch_size=2, generator=torch.Generator().manual_seed(7), output_type="pt", **kwargs).images
+
+
+samples, modules = {}, {}
+for name in cases:  # each folder alone: loaded into fresh modules, sampled, and its modules dropped again
+    samples["alone_" + name] = draw(name, load(name)).contiguous()
+    for module in [m for m in sys.modules if m.startswith("diffusers_modules.local.")]:
+        del sys.modules[module]
+pipes = {name: load(name) for name in cases}  # then every folder, before any samples
+for name, pipe in pipes.items():
+    samples["together_" + name] = draw(name, pipe).contiguous()
+    modules[name] = type(pipe).__module__
+save_file(samples, out_file)
+print(json.dumps(modules))
+"""
+
+
+def test_two_guided_folders_in_one_process_each_sample_as_when_loaded_alone(tmp_path):
+    """Issue 20, fault 1: with plain diffusers, loading a second folder made the first pipeline refuse its own
+    scheduler (the module both named was executed again) or run the second folder's code (the file was replaced).
+
+    One process without the package: each folder loaded alone and sampled, then all loaded, then each sampled."""
+    cases, ours = {}, {}
+    for name, (make, kwargs) in TWO_RUNS.items():
+        pipe = make()
+        pipe.save_pretrained(tmp_path / name)
+        cases[name] = (str(tmp_path / name), kwargs)
+        ours[name] = sample(pipe, kwargs)
+    run = run_blocked(tmp_path, LOAD_AND_SAMPLE, args=(json.dumps(cases), str(tmp_path / "out.st")))
+    assert run.returncode == 0, run.stderr[-4000:]
+    modules = json.loads(run.stdout.strip().splitlines()[-1])
+    samples = load_file(tmp_path / "out.st")
+    for name in cases:
+        assert torch.equal(samples["together_" + name], samples["alone_" + name]), name
+        assert torch.equal(samples["alone_" + name], ours[name]), name  # and the package's own classes agree
+    assert not torch.equal(samples["together_first"], samples["together_same_code"])  # each folder's own weights
+    # the same code shares one module; other code has its own
+    assert modules["first"] == modules["same_code"] != modules["other_code"]
+
+
+def to_0_3_0_layout(folder):
+    """Rewrite a folder into the layout version 0.3.0 wrote: each code file named after its module alone
+    (``pipeline_discriminator_guided.py``, ``scheduler/scheduling_edm_heun.py``), the component files importing that
+    name."""
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    hashed = index["_class_name"][0]
+    plain = hashed.rpartition("_")[0]
+    (folder / f"{hashed}.py").rename(folder / f"{plain}.py")
+    index["_class_name"][0] = plain
+    for component, value in index.items():
+        if component.startswith("_") or not isinstance(value, list) or value[0] in ("diffusers", None):
+            continue
+        shim = folder / component / f"{value[0]}.py"
+        component_plain = value[0].rpartition("_")[0]
+        (folder / component / f"{component_plain}.py").write_text(shim.read_text().replace(hashed, plain))
+        shim.unlink()
+        index[component] = [component_plain, value[1]]
+    index_path.write_text(json.dumps(index, indent=2))
+
+
 def to_release_layout(folder):
-    """Rewrite a folder into what the current release wrote: ``["diffusers_stf", Class]`` and no code files."""
+    """Rewrite a folder into what release 0.1.0 wrote: ``["diffusers_stf", Class]`` and no code files."""
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text())
     index["_class_name"] = index["_class_name"][1]
@@ -388,6 +622,13 @@ def test_package_loads_new_and_release_folders_with_its_own_classes(saved, tmp_p
         assert type(again.scheduler) is type(pipe.scheduler)
         assert type(again.unet) is type(pipe.unet)
     assert torch.equal(sample(cls.from_pretrained(release), kwargs), ours)
+
+    layout_0_3_0 = tmp_path / "layout_0_3_0"
+    shutil.copytree(folder, layout_0_3_0)
+    to_0_3_0_layout(layout_0_3_0)
+    again = cls.from_pretrained(layout_0_3_0)
+    assert {k: type(v) for k, v in again.components.items()} == {k: type(v) for k, v in pipe.components.items()}
+    assert torch.equal(sample(again, kwargs), ours)
 
 
 def test_bad_input_messages(saved, tmp_path):
@@ -500,7 +741,7 @@ def offline(monkeypatch):
 
 
 def test_hub_settings_are_checked_before_training(offline):
-    from diffusers_stf.training.hub import check_hub_settings
+    from diffusers_stf.hub.push import check_hub_settings
 
     assert check_hub_settings(False, None, None, "out/run") is None
     with pytest.raises(ValueError, match="token"):
@@ -519,7 +760,7 @@ def test_repo_is_created_early_and_a_failed_upload_keeps_files_and_prints_the_re
                                                                                     monkeypatch, capsys):
     import shutil
 
-    import diffusers_stf.training.hub as hub
+    import diffusers_stf.hub.push as hub
     from diffusers_stf import push
 
     api = RecordingHfApi()
@@ -571,7 +812,7 @@ TINY_STF = ["--block_out_channels", "8,16", "--train_batch_size", "16", "--stf_r
 
 def test_training_script_push_fails_before_training_or_keeps_the_run_and_prints_the_retry(offline, tmp_path,
                                                                                            monkeypatch):
-    import diffusers_stf.training.hub as hub
+    import diffusers_stf.hub.push as hub
 
     train_stf = load_example("train_stf")
     out = tmp_path / "run"
@@ -665,26 +906,27 @@ def test_wheel_installs_outside_the_tree_and_every_script_trains_a_folder_plain_
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     # offline: the build backend of this environment, no isolated download (its setuptools needs no `wheel`)
     build = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--skip-dependency-check",
-                            "--outdir", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+                            "--outdir", str(tmp_path / "dist"), str(src)], capture_output=True, text=True,
+                           timeout=TIMEOUT)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = glob.glob(str(tmp_path / "dist" / "*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for template in os.listdir(os.path.join(REPO_ROOT, "diffusers_stf", "model_cards")):
         assert f"diffusers_stf/model_cards/{template}" in names
-    assert "diffusers_stf/remote_code.py" in names and "diffusers_stf/push.py" in names
+    assert "diffusers_stf/hub/bundle.py" in names and "diffusers_stf/push.py" in names
     assert not any(n.startswith(("examples/", "tests/")) for n in names)
 
     # a fresh virtual environment that reuses the installed dependencies of this one (offline), not its
     # editable diffusers_stf: a plain path entry, so the editable finder's .pth is not processed
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=TIMEOUT)
     venv_python = str(venv / "bin" / "python")
     venv_site = subprocess.run([venv_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip()
     with open(os.path.join(venv_site, "_dependencies.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
     install = subprocess.run([sys.executable, "-m", "pip", "--python", venv_python, "install", "--no-deps",
-                              "--no-index", wheel], capture_output=True, text=True, timeout=300)
+                              "--no-index", wheel], capture_output=True, text=True, timeout=TIMEOUT)
     assert install.returncode == 0, install.stderr[-3000:]
 
     work = tmp_path / "work"
@@ -693,7 +935,7 @@ def test_wheel_installs_outside_the_tree_and_every_script_trains_a_folder_plain_
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     trained = subprocess.run([venv_python, "-c", WHEEL_DRIVER, str(venv), os.path.join(REPO_ROOT, "examples"),
                               json.dumps(TRAINING_RUNS)], cwd=work, env=env, capture_output=True, text=True,
-                             timeout=600)
+                             timeout=2 * TIMEOUT)  # five training runs
     assert trained.returncode == 0, trained.stderr[-4000:]
     outputs = json.loads(trained.stdout.strip().splitlines()[-1])
     assert set(outputs) == {script[:-3] for script in TRAINING_RUNS}
@@ -709,6 +951,6 @@ def test_wheel_installs_outside_the_tree_and_every_script_trains_a_folder_plain_
                          output_type="np").images[0]
             assert image.shape[-1] == 1 and torch.isfinite(torch.as_tensor(image)).all(), script
             print(script, type(pipe).__name__)
-    """, timeout=300)
+    """)
     assert loaded.returncode == 0, loaded.stderr[-4000:]
     assert len(loaded.stdout.strip().splitlines()) == len(TRAINING_RUNS)

@@ -26,8 +26,8 @@ from diffusers_stf.preconditioning import (
     EDMPreconditioning,
     VEPreconditioning,
     VPPreconditioning,
-    betas_for_schedule,
 )
+from diffusers_stf.noise_schedules import betas_for_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,13 +104,13 @@ def test_vp_loss_is_its_equation_for_a_given_sigma():
     loss = VPLoss()
     denoiser, seen = recording_inputs(lambda x, s, class_labels=None: loss.denoiser(net)(x, s))
 
-    per_element = loss(denoiser, y, sigma=sigma, generator=torch.Generator().manual_seed(3))
+    per_sample = loss(denoiser, y, sigma=sigma, generator=torch.Generator().manual_seed(3)).loss
     x = seen["x"]
     # VP preconditioning, EDM Table 1: D = x − σ·F(x/√(σ²+1), 999·t(σ))
     t = ((0.1**2 + 2 * 19.9 * torch.log1p(sigma.double() ** 2)).sqrt() - 0.1) / 19.9
     s = sigma.reshape(-1, 1, 1, 1)
     D = x - s * net(x / (s**2 + 1).sqrt(), (999 * t).float())
-    torch.testing.assert_close(per_element, (D - y) ** 2 / s**2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per_sample, ((D - y) ** 2 / s**2).flatten(1).sum(1), rtol=1e-5, atol=1e-6)
     noise = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(x, y + s * noise)
 
@@ -126,10 +126,10 @@ def test_given_noise_is_the_perturbation_and_draws_nothing():
 
     generator = torch.Generator().manual_seed(0)
     state = generator.get_state()
-    per_element = loss(identity, y, sigma=sigma, noise=noise, generator=generator)
+    per_sample = loss(identity, y, sigma=sigma, noise=noise, generator=generator).loss
     s = sigma.reshape(-1, 1, 1, 1)
     weight = (s**2 + 0.25) / (s * 0.5) ** 2  # EDM Table 1: λ(σ) = (σ² + σ_data²)/(σ·σ_data)²
-    torch.testing.assert_close(per_element, weight * (s * noise) ** 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per_sample, (weight * (s * noise) ** 2).flatten(1).sum(1), rtol=1e-5, atol=1e-6)
     assert torch.equal(generator.get_state(), state)
     stf = StableTargetFieldLoss(loss, reference_batch_size=4)
     recording, seen = recording_inputs(lambda x, s, class_labels=None: x)
@@ -179,12 +179,12 @@ def test_ddpm_epsilon_loss_is_ho_et_al_eq_14():
     net = TinyNet()
     model, seen = recording_inputs(net)
 
-    per_element = loss(model, y, timesteps=t, generator=torch.Generator().manual_seed(4))
+    per_sample = loss(model, y, timesteps=t, generator=torch.Generator().manual_seed(4)).loss
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t].reshape(-1, 1, 1, 1)
     eps = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))  # ε·σ_t is the drawn noise
     x_t = (abar.sqrt() * y + (1 - abar).sqrt() * eps).float()
     torch.testing.assert_close(seen["x"], x_t, rtol=0, atol=1e-6)
-    torch.testing.assert_close(per_element, (net(x_t, t) - eps) ** 2, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(per_sample, ((net(x_t, t) - eps) ** 2).flatten(1).mean(1), rtol=1e-4, atol=2e-5)
     assert isinstance(loss.preconditioning, DDPMPreconditioning)
 
 
@@ -199,8 +199,9 @@ def test_edm_step_matches_edm_training_loop_sum_over_pixels_mean_over_batch():
     loss = EDMLoss()
     denoiser, seen = recording_inputs(lambda x, s, class_labels=None: loss.denoiser(ours)(x, s))
 
-    per_element = loss(denoiser, y, sigma=sigma, generator=torch.Generator().manual_seed(5))
-    after_ours = adam_step(ours, reduce_per_sample(per_element, "sum").mean())
+    per_sample = loss(denoiser, y, sigma=sigma, generator=torch.Generator().manual_seed(5)).loss
+    per_pixel = EDMLoss(reduction="mean")(denoiser, y, sigma=sigma, generator=torch.Generator().manual_seed(5)).loss
+    after_ours = adam_step(ours, per_sample.mean())
 
     sd, s = 0.5, sigma.reshape(-1, 1, 1, 1)  # EDMLoss and EDMPrecond, transcribed
     weight = (s**2 + sd**2) / (s * sd) ** 2
@@ -210,7 +211,7 @@ def test_edm_step_matches_edm_training_loop_sum_over_pixels_mean_over_batch():
     after_ref = adam_step(ref, edm_loss.sum().mul(1.0 / len(y)))
     assert_same_step(after_ours, after_ref)
     # the mean over pixels is 1/(C·H·W) of it
-    torch.testing.assert_close(reduce_per_sample(per_element, "mean") * 50, reduce_per_sample(per_element, "sum"))
+    torch.testing.assert_close(per_pixel * 50, per_sample.detach())
 
 
 def sa_dpm_loss(model, x0, t, e, abar, K, lam):
@@ -279,7 +280,7 @@ def test_discriminator_bce_step_matches_dg_mean_over_the_shuffled_mixed_batch():
     real, fake = batch(n=6, seed=2), batch(n=6, seed=3)
     ours, ref = Disc(), Disc()
     out = DiscriminatorBCELoss()(ours, real, fake, generator=torch.Generator().manual_seed(9))
-    after_ours = adam_step(ours, out.loss)
+    after_ours = adam_step(ours, out.loss.mean())
     x = torch.cat([ours.inputs[0][0], ours.inputs[1][0]])
     sigma = torch.cat([ours.inputs[0][1], ours.inputs[1][1]])
     label = torch.cat([torch.ones(6), torch.zeros(6)])
@@ -322,3 +323,87 @@ def test_train_stf_precond_vp_trains_and_saves_a_vp_sampler(tmp_path):
                  "--no_progress_bar", "--report_to", "none"])
     config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert config["preconditioning"] == "vp"
+
+
+# --- one contract: every loss returns a LossOutput with the per-sample loss and σ -----------------------------------
+
+
+class NoisyModel(torch.nn.Module):
+    """A small network with every call signature the losses use: D(x, σ, class_labels), ε(x_t, t), ℓ(x, σ, labels)."""
+
+    def __init__(self, outputs=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(50, outputs)
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x, t, class_labels=None):
+        if self.lin.out_features != 2:  # a classifier / discriminator: logits
+            logits = self.lin(x.flatten(1)) / (1 + t.float().reshape(-1, 1))
+            return type("Out", (), {"logits": logits.squeeze(1) if logits.shape[1] == 1 else logits})
+        return self.conv(x) * (1 + 0.01 * t.float().reshape(-1, 1, 1, 1))
+
+
+def every_loss():
+    from diffusers_stf.losses import DDPMStableTargetFieldLoss, DenoisingScoreMatchingLoss, NoisyCrossEntropyLoss
+
+    def denoising(loss):
+        return lambda y, g: loss(loss.denoiser(NoisyModel()), y, generator=g)
+
+    stf = StableTargetFieldLoss(EDMLoss(), reference_batch_size=6)
+    ddpm_stf = DDPMStableTargetFieldLoss(reference_batch_size=6)
+    sa = SequenceAwareLoss(betas_for_schedule(100), num_steps=2, sa_lambda=1.0)
+    dsm = DenoisingScoreMatchingLoss(sigma_sampling="log_uniform")
+    disc, clf = DiscriminatorBCELoss(), NoisyCrossEntropyLoss()
+    return {
+        "edm": denoising(EDMLoss()), "vp": denoising(VPLoss()), "ve": denoising(VELoss()),
+        "ddpm": lambda y, g: DDPMEpsilonLoss()(NoisyModel(), y, generator=g),
+        "stf": lambda y, g: stf(EDMLoss().denoiser(NoisyModel()), y, batch(2, seed=5), generator=g),
+        "ddpm_stf": lambda y, g: ddpm_stf(NoisyModel(), y, batch(2, seed=5), generator=g),
+        "sequence_aware": lambda y, g: sa(NoisyModel(), y, generator=g),
+        "score_matching": lambda y, g: dsm(lambda x, s: x * 0.9 + NoisyModel()(x, s), y, generator=g),
+        "discriminator": lambda y, g: disc(NoisyModel(1), y[:1], y[1:], generator=g),
+        "classifier": lambda y, g: clf(NoisyModel(10), y, torch.tensor([0, 3, 9, 1]), generator=g),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(every_loss()))
+def test_every_loss_returns_the_per_sample_loss_and_its_sigma(name):
+    from diffusers_stf.losses import LossOutput
+
+    out = every_loss()[name](batch(4), torch.Generator().manual_seed(0))
+    assert isinstance(out, LossOutput)
+    assert out.loss.shape == (4,) and out.sigma.shape == (4,), (out.loss.shape, out.sigma.shape)
+    assert out.loss.requires_grad and bool(torch.isfinite(out.loss).all()) and bool((out.sigma > 0).all())
+
+
+def test_balanced_discriminator_loss_is_the_sum_of_the_two_means_whatever_the_counts():
+    # mean_real + mean_fake (DG Appendix B's minimiser-preserving form) with 2 real and 5 fake images; the per-image
+    # loss carries each image's share, so its mean over the 7 images is the objective
+    from diffusers_stf.losses import DiscriminatorLSIFLoss
+
+    real, fake = batch(2, seed=2), batch(5, seed=3)
+    loss = DiscriminatorLSIFLoss(reduction="balanced")
+    out = loss(NoisyModel(1), real, fake, generator=torch.Generator().manual_seed(1))
+    r = out.logits.double().exp()  # LSIF: E_fake[r²/2] − E_real[r]
+    expected = -r[:2].mean() + (r[2:] ** 2 / 2).mean()
+    torch.testing.assert_close(out.loss.double().mean(), expected, rtol=1e-6, atol=1e-7)
+    assert out.is_real.tolist() == [1, 1, 0, 0, 0, 0, 0]
+
+
+def test_noisy_cross_entropy_transcribes_the_classifier_objective():
+    # σ log-uniform on [σ_min, σ_max] (drawn first), then n ~ N(0, I); −log softmax(ℓ(y + σ·n, σ))_c per image
+    from diffusers_stf.losses import NoisyCrossEntropyLoss
+
+    y, labels = batch(4), torch.tensor([0, 3, 9, 1])
+    model = NoisyModel(10)
+    out = NoisyCrossEntropyLoss(0.01, 5.0)(model, y, labels, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    u = torch.rand(4, generator=g, dtype=torch.float64)
+    sigma = torch.exp(math.log(0.01) + u * (math.log(5.0) - math.log(0.01)))
+    x = y + sigma.float().reshape(-1, 1, 1, 1) * torch.randn(y.shape, generator=g)
+    log_p = torch.log_softmax(model(x, sigma).logits.double(), dim=1)
+    torch.testing.assert_close(out.loss.double(), -log_p[torch.arange(4), labels], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.sigma, sigma)
+    expected_correct = (log_p.argmax(1) == labels).double()
+    assert torch.equal(out.per_sample_logs["accuracy"], expected_correct)

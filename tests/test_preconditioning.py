@@ -15,7 +15,7 @@ from diffusers_stf import (
     VPPreconditioning,
     make_preconditioning,
 )
-from diffusers_stf.preconditioning import betas_for_schedule
+from diffusers_stf.noise_schedules import betas_for_schedule
 
 SIGMAS = torch.tensor([0.002, 0.05, 0.5, 2.0, 80.0], dtype=torch.float64)
 

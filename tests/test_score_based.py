@@ -19,16 +19,16 @@ from diffusers_stf.noise_schedules import (
     alphas_cumprod_from_betas,
     betas_for_schedule,
     cosine_alpha_bar,
-    ddpm_betas,
     geometric_sigmas,
-    linear_alpha_bar,
     max_pairwise_distance,
     ncsnv2_gamma,
     ncsnv2_sigmas,
     ncsnv2_step_size,
     ncsnv2_variance_ratio,
-    shifted_alphas_cumprod,
-    snr,
+    ve_sigma,
+    ve_time,
+    vp_sigma,
+    vp_time,
 )
 from diffusers_stf.preconditioning import Denoiser, NCSNPreconditioning, ScoreSDEPreconditioning, make_preconditioning
 from diffusers_stf.schedulers import AnnealedLangevinScheduler, PredictorCorrectorScheduler
@@ -640,7 +640,7 @@ def test_dsm_minimiser_is_the_true_score():
     g = torch.Generator().manual_seed(1)
     for _ in range(300):
         opt.zero_grad()
-        loss_fn(denoiser, data, sigma=sigma, generator=g).backward()
+        loss_fn(denoiser, data, sigma=sigma, generator=g).loss.mean().backward()
         opt.step()
     var = s0**2 + sigma**2  # true score −(x − μ)/var
     assert model.a.item() == pytest.approx(-1 / var, rel=0.03)
@@ -659,6 +659,7 @@ def test_dsm_loss_value_at_the_exact_score():
 
     loss = DenoisingScoreMatchingLoss(sigma_sampling="log_uniform")(exact_denoiser, data, sigma=sigma,
                                                                     generator=torch.Generator().manual_seed(1))
+    loss = loss.loss.mean()
     target = 0.5 * 2 * s0**2 / (s0**2 + sigma**2)
     assert float(loss) == pytest.approx(target, rel=0.01)
 
@@ -682,7 +683,7 @@ def test_dsm_discrete_sigma_sampling_and_epsilon_form():
     x = torch.randn(16, 3)
     z, sig = torch.randn(16, 3), torch.rand(16) + 0.1
     denoiser = Denoiser(Eps(), NCSNPreconditioning(prediction_type="epsilon", timestep_type="log_sigma"))
-    loss = loss_fn(denoiser, x, sigma=sig, noise=z)
+    loss = loss_fn(denoiser, x, sigma=sig, noise=z).loss.mean()
     x_noisy = x + sig[:, None] * z
     assert float(loss) == pytest.approx(float(0.5 * ((x_noisy - z) ** 2).sum(1).mean()), rel=1e-5)  # ½‖F − z‖²
 
@@ -697,7 +698,7 @@ def test_dsm_draws_sigma_then_noise_from_the_generator():
     sigma = 0.1 * 20.0**u
     z = torch.randn(64, 2, generator=g, dtype=torch.float64)
     expected = 0.5 * (((0.5 * (data + sigma[:, None] * z) - data) / sigma[:, None]) ** 2).sum(1).mean()
-    loss = loss_fn(denoiser, data, generator=torch.Generator().manual_seed(3))
+    loss = loss_fn(denoiser, data, generator=torch.Generator().manual_seed(3)).loss.mean()
     assert float(loss) == pytest.approx(float(expected), rel=1e-12)
 
 
@@ -779,27 +780,22 @@ def test_cosine_and_linear_schedules_match_the_discrete_betas():
     t = torch.arange(1, T + 1, dtype=torch.float64) / T
     ac_cos = alphas_cumprod_from_betas(betas_for_schedule(T, beta_schedule="squaredcos_cap_v2"))
     f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731  (Nichol & Dhariwal eq. 17)
-    np.testing.assert_allclose(cosine_alpha_bar(t)[:900].numpy(), (f(t.numpy()) / f(0.0))[:900], rtol=1e-12)
+    np.testing.assert_allclose(cosine_alpha_bar(t)[:900].numpy(), f(t.numpy())[:900], rtol=1e-12)
     np.testing.assert_allclose(ac_cos[:900].numpy(), (f(t.numpy()) / f(0.0))[:900], rtol=1e-9)
     ac_lin = alphas_cumprod_from_betas(betas_for_schedule(T))  # DDPM linear 1e-4 → 2e-2
-    # the VP SDE is its continuous limit: log ᾱ agrees to O(1/T)
+    # the VP SDE is its continuous limit, ᾱ(t) = exp(−½t²(β_max − β_min) − t·β_min) = 1/(1 + σ(t)²): log ᾱ agrees
+    # to O(1/T)
     late = slice(99, None)
-    np.testing.assert_allclose(np.log(linear_alpha_bar(t).numpy())[late], np.log(ac_lin.numpy())[late], rtol=1e-2)
+    vp_alpha_bar = np.exp(-0.5 * t.numpy() ** 2 * 19.9 - t.numpy() * 0.1)
+    np.testing.assert_allclose(1 / (1 + vp_sigma(t).numpy() ** 2), vp_alpha_bar, rtol=1e-12)
+    np.testing.assert_allclose(np.log(vp_alpha_bar)[late], np.log(ac_lin.numpy())[late], rtol=1e-2)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_simple_diffusion_shift_scales_snr_by_resolution_ratio(schedule):
-    T, r, d = 1000, 64, 256
-    base = alphas_cumprod_from_betas(ddpm_betas(T, schedule))
-    shifted = alphas_cumprod_from_betas(ddpm_betas(T, schedule, resolution=d, base_resolution=r))
-    ok = (base > 1e-6) & (shifted > 1e-8)  # away from the β clip of the cosine tail
-    ratio = (snr(shifted) / snr(base))[ok]
-    np.testing.assert_allclose(ratio.numpy(), (r / d) ** 2, rtol=1e-6)
-    assert ok.sum() > 900
-    # at the base resolution nothing moves; a continuous ᾱ(t) shifts the same way
-    torch.testing.assert_close(ddpm_betas(T, schedule, resolution=r, base_resolution=r), ddpm_betas(T, schedule))
-    ac = cosine_alpha_bar(torch.tensor([0.25, 0.5, 0.75]))
-    np.testing.assert_allclose((snr(shifted_alphas_cumprod(ac, 32, 64)) / snr(ac)).numpy(), 4.0, rtol=1e-10)
+def test_sde_sigma_and_time_are_inverse():
+    t = torch.linspace(1e-5, 1, 101, dtype=torch.float64)
+    torch.testing.assert_close(vp_time(vp_sigma(t, 19.9, 0.1), 19.9, 0.1), t, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ve_time(ve_sigma(t, 0.02, 100.0), 0.02, 100.0), t, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ve_sigma(t, 0.02, 100.0), 0.02 * (100.0 / 0.02) ** t)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -986,7 +982,7 @@ def test_train_score_model_example_end_to_end(tmp_path):
     from diffusers import UNet2DModel
 
     from diffusers_stf import EDMPipeline
-    from diffusers_stf.data import digits_tensor
+    from diffusers_stf.digits import digits_tensor
     from diffusers_stf.training import read_metrics
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from conftest import make_tiny_unet
 from diffusers import DDPMScheduler
 
-from diffusers_stf.estimation_gap import estimation_gap
+from diffusers_stf.evaluation.estimation_gap import estimation_gap
 from diffusers_stf.losses.sequence_aware import SequenceAwareLoss, sequence_aware_weights
-from diffusers_stf.preconditioning import betas_for_schedule
+from diffusers_stf.noise_schedules import betas_for_schedule
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -465,8 +465,9 @@ def gaussian_setup(T=100):
 @pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
 def test_epsilon_from_prediction_of_an_exact_predictor_is_the_posterior_noise(prediction_type):
     from diffusers_stf.losses.sequence_aware import epsilon_from_prediction
+    from diffusers_stf.preconditioning import DDPMPreconditioning
 
-    _, abar_table = gaussian_setup()
+    betas, abar_table = gaussian_setup()
     g = torch.Generator().manual_seed(0)
     index = torch.tensor([0, 10, 50, 99])
     abar = abar_table[index].reshape(-1, 1, 1, 1)
@@ -474,7 +475,8 @@ def test_epsilon_from_prediction_of_an_exact_predictor_is_the_posterior_noise(pr
            + (1 - abar).sqrt() * torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64)).float()
     eps_true = ExactGaussianPredictor(abar_table, "epsilon")(x_t, index)
     output = ExactGaussianPredictor(abar_table, prediction_type)(x_t, index)
-    eps_hat = epsilon_from_prediction(output, x_t, abar.float(), prediction_type)
+    sigma = ((1 - abar) / abar).sqrt().flatten()  # EDM coordinates: x = x_t/√ᾱ = x_0 + σ·ε
+    eps_hat = epsilon_from_prediction(output, x_t / abar.sqrt(), sigma, DDPMPreconditioning(betas, prediction_type))
     assert torch.allclose(eps_hat, eps_true, rtol=1e-4, atol=1e-4)
 
 

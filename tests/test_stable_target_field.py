@@ -178,8 +178,8 @@ def test_edm_loss_is_one_per_element_for_the_optimal_denoiser_of_gaussian_data()
         s = sigma.reshape(-1, 1, 1, 1).double()
         return 0.25 / (0.25 + s**2) * x
 
-    per_element = loss(ideal, y, generator=g)
-    assert abs(per_element.mean().item() - 1.0) < 0.03
+    per_pixel = EDMLoss(sigma_data=0.5, reduction="mean")(ideal, y, generator=g).loss
+    assert abs(per_pixel.mean().item() - 1.0) < 0.03
     sigma = loss.sample_sigma(20000, torch.Generator().manual_seed(7))
     assert abs(sigma.log().mean().item() + 1.2) < 0.03 and abs(sigma.log().std().item() - 1.2) < 0.03
     torch.testing.assert_close(loss.weight(torch.tensor([0.5])), torch.tensor([8.0]))
@@ -205,10 +205,10 @@ def test_stf_loss_regresses_onto_the_stable_target():
 
     for base in (EDMLoss(), VPLoss(), VELoss()):
         loss = StableTargetFieldLoss(base, reference_batch_size=12)
-        per_element = loss(zero_denoiser, images, extra, generator=g)
+        per_sample = loss(zero_denoiser, images, extra, generator=g).loss
         target = brute_force_target(seen["x"], seen["sigma"], torch.cat([images, extra])).reshape(images.shape)
         weight = base.weight(seen["sigma"].double()).reshape(-1, 1, 1, 1)
-        torch.testing.assert_close(per_element, weight * target**2, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(per_sample, (weight * target**2).flatten(1).sum(1), rtol=1e-6, atol=1e-9)
 
 
 def test_reference_batch_smaller_than_batch_is_refused():
@@ -229,10 +229,10 @@ def test_ddpm_stf_loss_with_self_only_reference_is_the_epsilon_loss():
         seen["x_t"], seen["t"] = x_t, t
         return torch.zeros_like(x_t)
 
-    per_element = loss(zero_model, y, None, generator=g)
+    per_sample = loss(zero_model, y, None, generator=g).loss
     abar = torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float64), 0)[seen["t"]]
     eps = (seen["x_t"] - abar.sqrt() * y) / (1 - abar).sqrt()
-    torch.testing.assert_close(per_element, eps**2, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(per_sample, (eps**2).flatten(1).mean(1), rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(loss.base_loss.sigma(seen["t"]), ((1 - abar) / abar).sqrt())
 
 
@@ -250,9 +250,9 @@ def test_ddpm_stf_loss_regresses_onto_the_vp_kernel_epsilon():
         seen["x_t"], seen["t"] = x_t, t
         return torch.zeros_like(x_t)
 
-    per_element = loss(zero_model, images, extra, timesteps=torch.tensor([5, 300, 900]), generator=g)
+    per_sample = loss(zero_model, images, extra, timesteps=torch.tensor([5, 300, 900]), generator=g).loss
     abar = torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float64), 0)[seen["t"]][:, None]
     x_t = seen["x_t"].flatten(1)
     logits = -((x_t[:, None] - abar.sqrt()[:, :, None] * refs[None]) ** 2).sum(-1) / (2 * (1 - abar))
     eps = (x_t - abar.sqrt() * (torch.softmax(logits, 1) @ refs)) / (1 - abar).sqrt()
-    torch.testing.assert_close(per_element.flatten(1), eps**2, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(per_sample, (eps**2).mean(1), rtol=1e-6, atol=1e-9)

@@ -169,11 +169,13 @@ def test_augment_conditioned_unet_zero_labels_contribute_exactly_zero():
     unet = AugmentConditionedUNet2DModel(
         sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        add_attention=False, norm_num_groups=8, num_class_embeds=9)
+        add_attention=False, norm_num_groups=8, augment_dim=9)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.1, -0.3])
-    assert torch.equal(unet.class_embedding(torch.zeros(2, 9)), torch.zeros(2, unet.class_embedding.embedding_dim))
-    assert torch.equal(unet(x, t).sample, unet(x, t, class_labels=torch.zeros(2, 9)).sample)
-    assert not torch.allclose(unet(x, t).sample, unet(x, t, class_labels=torch.ones(2, 9)).sample)
+    augment = unet.class_embedding.augment
+    assert torch.equal(augment(torch.zeros(2, 9)), torch.zeros(2, augment.embedding_dim))
+    assert torch.equal(unet(x, t).sample, unet(x, t, augment_labels=torch.zeros(2, 9)).sample)
+    assert not torch.allclose(unet(x, t).sample, unet(x, t, augment_labels=torch.ones(2, 9)).sample)
+    assert unet.config.num_class_embeds is None and unet.config.augment_dim == 9
 
 
 # --- the script, end to end ----------------------------------------------------------------------------------------
@@ -347,7 +349,7 @@ def test_sequence_aware_beta_schedule_is_validated(tmp_path):
 def test_trainer_takes_typed_config_and_dead_code_is_gone():
     import inspect
 
-    import diffusers_stf.data as data_module
+    import diffusers_stf.training.data as data_module
     import diffusers_stf.training as training
 
     for name in ("make_image_transform", "EpochBatchSampler", "make_dataloader", "str_list", "count_parameters",
@@ -356,9 +358,10 @@ def test_trainer_takes_typed_config_and_dead_code_is_gone():
     assert "make_validation_pipeline" not in inspect.signature(Trainer.__init__).parameters
     assert next(iter(inspect.signature(Trainer.__init__).parameters.values())).name == "self"
     assert list(inspect.signature(Trainer.__init__).parameters)[1] == "config"
-    plumbing = [os.path.join(ROOT, "diffusers_stf", "training", f) for f in os.listdir(
-        os.path.join(ROOT, "diffusers_stf", "training")) if f.endswith(".py")]
-    for path in plumbing + [os.path.join(ROOT, "diffusers_stf", "data.py")]:
+    plumbing = [os.path.join(folder, f) for folder in (os.path.join(ROOT, "diffusers_stf", "training"),
+                                                       os.path.join(ROOT, "diffusers_stf", "training", "data"))
+                for f in os.listdir(folder) if f.endswith(".py")]
+    for path in plumbing:
         assert "getattr(args" not in open(path).read(), path
 
 
@@ -707,7 +710,7 @@ def test_without_preserve_input_precision_16_bit_pngs_are_reduced_to_8_bits_as_b
 
 
 def decode_keeping_precision(pil_images):
-    from diffusers_stf.data import decode_images
+    from diffusers_stf.training.data import decode_images
 
     return decode_images(pil_images, preserve_input_precision=True)
 
@@ -733,7 +736,7 @@ def test_preserve_input_precision_keeps_16_bits_through_rgb_resizing_and_mixed_8
 
 
 def test_preserve_input_precision_refuses_what_it_cannot_keep(tmp_path, monkeypatch):
-    from diffusers_stf import data as data_module
+    from diffusers_stf.training.data import decode as data_module
 
     with pytest.raises(ValueError, match="--preserve_input_precision.*mode F"):
         data_module.decode_images([Image.fromarray(np.zeros((4, 4), np.float32))], preserve_input_precision=True)

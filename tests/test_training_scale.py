@@ -34,14 +34,14 @@ def synthetic_dataset(sizes, seed=0, mode="RGB"):
 # --- memory-mapped Arrow images ---------------------------------------------------------------------------------------
 
 def load_memory_mapped_images(dataset, config, cache_root):
-    from diffusers_stf.data import ImageData, prepare_arrow_images
+    from diffusers_stf.training.data import ImageData, prepare_arrow_images
 
     images = prepare_arrow_images(dataset, "image", cache_root, config.resolution, config.channels, config.center_crop)
     return ImageData(images, None, config.resolution, config.center_crop, config.random_flip)
 
 
 def test_arrow_images_are_the_pixels_read_back_from_a_memory_mapped_file(tmp_path):
-    from diffusers_stf.data import DataConfig
+    from diffusers_stf.training.data import DataConfig
 
     ds, arrays = synthetic_dataset([(6, 6)] * 20)
     data = load_memory_mapped_images(ds, DataConfig(), str(tmp_path))
@@ -58,7 +58,7 @@ def test_arrow_images_are_the_pixels_read_back_from_a_memory_mapped_file(tmp_pat
 def test_arrow_images_resize_and_crop_like_pil(tmp_path):
     from PIL import Image
 
-    from diffusers_stf.data import DataConfig
+    from diffusers_stf.training.data import DataConfig
 
     ds, arrays = synthetic_dataset([(12, 8), (16, 8), (8, 8)], mode="L")
     data = load_memory_mapped_images(ds, DataConfig(resolution=4, center_crop=True), str(tmp_path))
@@ -72,7 +72,7 @@ def test_arrow_images_resize_and_crop_like_pil(tmp_path):
 def test_arrow_cache_is_reused_and_bad_columns_are_refused(tmp_path):
     import datasets
 
-    from diffusers_stf.data import ArrowImages, DataConfig
+    from diffusers_stf.training.data import ArrowImages, DataConfig
 
     ds, _ = synthetic_dataset([(4, 4)] * 5)
     first = load_memory_mapped_images(ds, DataConfig(), str(tmp_path)).images.cache_files()
@@ -164,7 +164,7 @@ def test_the_grid_reaches_every_tracker_that_takes_images():
 # --- the process count does not change the maths ----------------------------------------------------------------------
 
 def test_a_process_share_of_global_draws_is_the_rows_of_the_one_process_draw():
-    from diffusers_stf.data import BatchSchedule
+    from diffusers_stf.training.data import BatchSchedule
     from diffusers_stf.training.global_batch import BatchShare, global_indices, share_of
 
     def one_process_draws(seed):
@@ -298,7 +298,7 @@ def test_a_set_over_the_in_memory_cap_trains_from_the_arrow_file_with_the_same_s
     import train_stf
     from PIL import Image
 
-    import diffusers_stf.data as data_module
+    import diffusers_stf.training.data.decode as data_module
     from diffusers_stf.training import read_metrics
 
     folder = tmp_path / "images"
@@ -330,18 +330,17 @@ def test_each_validation_writes_a_captioned_grid_loss_png_and_tracker_images(tmp
     from PIL import Image
 
     from diffusers_stf import EDMHeunScheduler, EDMPipeline
-    from diffusers_stf.data import ImageData, digits_tensor
+    from diffusers_stf.digits import digits_tensor
     from diffusers_stf.losses import EDMLoss
-    from diffusers_stf.training import LossOutput, Trainer, TrainingConfig
+    from diffusers_stf.training import Trainer, TrainingConfig
+    from diffusers_stf.training.data import ImageData
 
     tracker = stand_in_tracker()
     accelerator = Accelerator(cpu=True, log_with=[tracker])
     loss = EDMLoss()
 
     def loss_fn(model, batch, generator):
-        sigma = loss.sample_sigma(len(batch["images"]), generator)
-        per_sample = loss(loss.denoiser(model), batch["images"], sigma=sigma, generator=generator).flatten(1).sum(1)
-        return LossOutput(loss=per_sample.mean(), per_sample=per_sample.detach(), sigma=sigma)
+        return loss(loss.denoiser(model), batch["images"], generator=generator)
 
     config = TrainingConfig(output_dir=str(tmp_path / "run"), train_batch_size=8, max_train_steps=4, logging_steps=1,
                             validation_steps=2, checkpointing_steps=0, num_validation_images=4, num_inference_steps=2,
@@ -367,8 +366,9 @@ def test_torch_compile_compiles_the_trained_model_and_checkpoints_stay_plain(tmp
     from safetensors.torch import load_file
 
     import diffusers_stf.training.accelerator as accelerator_module
-    from diffusers_stf.data import ImageData, digits_tensor
+    from diffusers_stf.digits import digits_tensor
     from diffusers_stf.training import Trainer, TrainingConfig, make_accelerator
+    from diffusers_stf.training.data import ImageData
 
     monkeypatch.setattr(accelerator_module, "TORCH_COMPILE_BACKEND", "eager")  # inductor needs minutes on a CPU
     config = TrainingConfig(output_dir=str(tmp_path / "run"), train_batch_size=8, max_train_steps=2,
@@ -407,7 +407,7 @@ def batches_seen_by_the_loss(data, output_dir, num_workers, steps=5):
 
 
 def test_dataloader_workers_read_the_arrow_batches_ahead_with_identical_results(tmp_path, capsys):
-    from diffusers_stf.data import DataConfig
+    from diffusers_stf.training.data import DataConfig
 
     ds, arrays = synthetic_dataset([(6, 6)] * 12)
     data = load_memory_mapped_images(ds, DataConfig(random_flip=True), str(tmp_path / "cache"))
@@ -429,7 +429,7 @@ def test_dataloader_workers_read_the_arrow_batches_ahead_with_identical_results(
 
 
 def test_dataloader_workers_on_a_set_in_memory_say_they_have_no_effect(tmp_path, capsys):
-    from diffusers_stf.data import ImageData
+    from diffusers_stf.training.data import ImageData
 
     data = ImageData.from_tensor(torch.rand(12, 3, 6, 6) * 2 - 1)
     batches_seen_by_the_loss(data, str(tmp_path / "run"), num_workers=3, steps=1)

@@ -1,14 +1,18 @@
-"""Offline evaluation: Fréchet distance, improved precision/recall and class statistics over pluggable feature
-extractors (the shipped digits classifier, FID's Inception-v3 from a local file, any transformers backbone), and
-seeded, resumable sampling of saved pipelines."""
+"""Offline evaluation: Fréchet distance, KID, improved precision/recall and class statistics over pluggable feature
+extractors (the shipped digits classifier, FID's Inception-v3 from a local file, any transformers backbone); reference
+statistics in NVlabs' / pytorch-fid's .npz format; seeded, resumable sampling of saved pipelines and streaming,
+resumable evaluation of a pipeline without writing images."""
 
 from .classification import class_statistics
+from .estimation_gap import EstimationGapOutput, estimation_gap, plot_estimation_gaps
 from .evaluator import (
     compute_features,
     default_cache_dir,
     evaluate_images,
+    fd_undefined_reason,
     reference_images,
     reference_statistics,
+    score_features,
 )
 from .feature_extractors import (
     DIGITS_CLASSIFIER_PATH,
@@ -32,7 +36,9 @@ from .images import (
     to_uint8,
 )
 from .inception import INCEPTION_FID_WEIGHTS_URL, FIDInceptionV3
+from .kid import kernel_inception_distance, kid_subsets, kid_summary, polynomial_kernel, unbiased_mmd2
 from .precision_recall import knn_radii, manifold_membership, precision_recall
+from .reference_stats import load_reference_stats, read_reference_stats, save_reference_stats
 from .sampling import (
     count_calls,
     generate_batch,
@@ -42,3 +48,4 @@ from .sampling import (
     network_parametrisation,
     pipeline_with_scheduler,
 )
+from .streaming import FeatureAccumulator, evaluate_pipeline, stream_features

@@ -14,6 +14,8 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from ..preconditioning import EDMPreconditioning, preconditioning_for
+
 SCHEDULER_ALIASES = {
     "heun": "EDMHeunScheduler",  # EDM Algorithm 1
     "stochastic": "EDMStochasticScheduler",  # EDM Algorithm 2 (churn)
@@ -22,11 +24,14 @@ SCHEDULER_ALIASES = {
 
 
 def _find_class(name: str):
+    """A pipeline, scheduler or model class by name: the package's (its pipelines and the classes their components
+    may be) first, then diffusers'."""
     import diffusers
 
-    import diffusers_stf
+    from .. import pipelines
+    from ..pipelines import components
 
-    cls = getattr(diffusers_stf, name, None) or getattr(diffusers, name, None)
+    cls = getattr(pipelines, name, None) or getattr(components, name, None) or getattr(diffusers, name, None)
     if cls is None:
         raise ValueError(f"{name!r} is neither a diffusers_stf nor a diffusers class")
     return cls
@@ -55,34 +60,32 @@ def _takes(cls, name: str) -> bool:
 
 
 def network_parametrisation(scheduler) -> Dict[str, object]:
-    """What the network of a pipeline predicts, read from its scheduler's config.
+    """What the network of a pipeline predicts, as the config entries an EDM scheduler needs to sample it.
 
-    A scheduler with a ``preconditioning`` entry (ours) says it directly. A discrete-time diffusers scheduler
-    (``DDPMScheduler``, ``DDIMScheduler``, ..., the ones with a β schedule) belongs to a DDPM network: ``ddpm``
-    preconditioning with the folder's β schedule and ``prediction_type`` (epsilon, v_prediction or sample). A config
-    with ``sigma_data`` (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``) is EDM's F-parametrisation.
-    Anything else (e.g. a score-SDE scheduler) is a ValueError rather than a guess.
+    The parametrisation is :func:`~diffusers_stf.preconditioning.preconditioning_for`'s (which refuses, naming the
+    scheduler, what it cannot read): our schedulers' ``preconditioning`` entry; EDM's F for diffusers' EDM schedulers
+    (``sigma_data`` carries over with the config); a DDPM network of the β schedule and ``prediction_type`` for a
+    discrete-time diffusers scheduler.
 
     Returns:
-        the config entries an EDM scheduler needs to sample that network: ``preconditioning`` and, for ``ddpm``,
-        ``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule`` and ``prediction_type``.
+        ``preconditioning`` and, for ``ddpm``, ``num_train_timesteps``, ``beta_start``, ``beta_end``,
+        ``beta_schedule`` and ``prediction_type``.
     """
     config = scheduler.config
     name = type(scheduler).__name__
+    precond = preconditioning_for(scheduler)
     if "preconditioning" in config:
         return {"preconditioning": config["preconditioning"]}
-    if "beta_schedule" not in config:
-        if "sigma_data" in config:  # diffusers' EDM schedulers
-            return {"preconditioning": "edm"}
-        raise ValueError(f"cannot tell from a {name} config what its network predicts; pass preconditioning=... "
-                         "(and prediction_type) as scheduler overrides")
+    if isinstance(precond, EDMPreconditioning):
+        return {"preconditioning": "edm"}
     if config.get("trained_betas") is not None:
         raise ValueError(f"the {name} of this pipeline has explicit trained_betas, which the EDM schedulers do not take")
-    if config.get("rescale_betas_zero_snr"):
-        raise ValueError(f"the {name} of this pipeline rescales β to zero terminal SNR (σ_max = ∞), which the EDM "
-                         "schedulers cannot start from")
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
-    return {"preconditioning": "ddpm", **{k: config[k] for k in keys if k in config}}
+    if config.get("timestep_type") == "continuous":
+        raise ValueError(f"the {name} of this pipeline feeds its network continuous timesteps, not the DDPM indices "
+                         "of the 'ddpm' preconditioning")
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+    return {"preconditioning": "ddpm", **{k: config[k] for k in keys if k in config},
+            "prediction_type": precond.prediction_type}
 
 
 def make_scheduler(base_scheduler, name: str, **overrides):

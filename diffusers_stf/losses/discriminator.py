@@ -13,7 +13,9 @@ between r and the true ratio:
 Reduction (``reduction``): DG's ``train.py`` takes the mean of the per-image terms over its mixed batch of real and
 fake images (``"mean"``, the default). With equally many real and fake images, as the training script draws them,
 this is half of ``"balanced"``, mean_real + mean_fake, which keeps the density ratio as the minimiser whatever the
-proportion of real and fake images in a batch.
+proportion of real and fake images in a batch. Either way the loss returns each image's share of the objective, so
+that, as for every loss of the package, the objective is the mean of the per-sample loss: the term itself
+(``mean``), or the term times N/N_real or N/N_fake (``balanced``, N images in all).
 
 σ is sampled log-uniformly (:func:`sample_sigma_log_uniform`). DG samples the VP time τ by importance sampling with
 density ∝ β(τ)/(1 − e^{−∫β}) on [1e-5, 1]; since σ(τ)² = e^{∫β} − 1, that density makes ln σ² uniform, i.e. σ
@@ -31,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ..preconditioning import VPPreconditioning
-from .edm import add_noise, rand
+from .base import LossOutput, add_noise
+from .draws import rand
 
 _VP = VPPreconditioning()
 DG_TRAIN_TIME_MIN = 1e-5  # DG train.py: t_min of the importance-sampled VP time
@@ -54,23 +57,21 @@ def sample_sigma_log_uniform(
     return torch.exp(math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min)))
 
 
-@dataclass
-class DiscriminatorLossOutput:
-    """Result of a discriminator loss.
+@dataclass(kw_only=True)
+class DiscriminatorLossOutput(LossOutput):
+    """:class:`~diffusers_stf.losses.base.LossOutput` of a discriminator loss, real images first.
 
     Args:
-        loss: the scalar objective: the mean of all terms (``reduction="mean"``) or mean(real terms) + mean(fake
-            terms) (``"balanced"``).
-        per_sample: each image's term of the objective, real images first (detached).
+        loss: each image's share of the objective (N,), whose mean is the objective: the mean of all terms
+            (``reduction="mean"``) or mean(real terms) + mean(fake terms) (``"balanced"``).
+        sigma: the images' noise levels (float64).
         logits: ℓ of the real then the fake images (detached).
-        sigma: their noise levels (float64).
         is_real: 1 for real, 0 for fake.
+        logs: the batch's ``accuracy``, ``accuracy_real`` and ``accuracy_fake``; ``per_sample_logs``: ``accuracy``,
+            whether each image is classified correctly.
     """
 
-    loss: torch.Tensor
-    per_sample: torch.Tensor
     logits: torch.Tensor
-    sigma: torch.Tensor
     is_real: torch.Tensor
 
     @property
@@ -136,17 +137,18 @@ class DiscriminatorLoss(abc.ABC):
         logits_real, sigma_real = self.logits(discriminator, real, real_labels, generator)
         logits_fake, sigma_fake = self.logits(discriminator, fake, fake_labels, generator)
         real_terms, fake_terms = self.real_term(logits_real.float()), self.fake_term(logits_fake.float())
-        if self.reduction == "mean":
-            loss = torch.cat([real_terms, fake_terms]).mean()
-        else:
-            loss = real_terms.mean() + fake_terms.mean()
-        return DiscriminatorLossOutput(
-            loss=loss,
-            per_sample=torch.cat([real_terms, fake_terms]).detach(),
-            logits=torch.cat([logits_real, logits_fake]).detach(),
-            sigma=torch.cat([sigma_real, sigma_fake]),
-            is_real=torch.cat([torch.ones_like(logits_real), torch.zeros_like(logits_fake)]).detach(),
-        )
+        if self.reduction == "balanced":  # mean_real + mean_fake = mean over all of N/N_real·real, N/N_fake·fake
+            total = len(real) + len(fake)
+            real_terms, fake_terms = real_terms * (total / len(real)), fake_terms * (total / len(fake))
+        logits = torch.cat([logits_real, logits_fake]).detach()
+        out = DiscriminatorLossOutput(
+            loss=torch.cat([real_terms, fake_terms]), sigma=torch.cat([sigma_real, sigma_fake]), logits=logits,
+            is_real=torch.cat([torch.ones_like(logits_real), torch.zeros_like(logits_fake)]).detach())
+        correct, real_part = out.correct.double(), out.is_real.double()
+        out.logs = {"accuracy": correct.mean(), "accuracy_real": (correct * real_part).sum() / real_part.sum(),
+                    "accuracy_fake": (correct * (1 - real_part)).sum() / (1 - real_part).sum()}
+        out.per_sample_logs = {"accuracy": correct}
+        return out
 
 
 class DiscriminatorBCELoss(DiscriminatorLoss):

@@ -1,27 +1,23 @@
 """Denoising losses of Karras et al. 2022 ("EDM"), Table 1 "Training" rows and NVlabs/edm ``training/loss.py``,
 and the DDPM ε-prediction loss of Ho et al. 2020 (eq. 14) in the same shape.
 
-Each loss draws σ, perturbs the images once, x̃ = y + σ·n (:func:`add_noise`, the one noising line), and regresses
-the denoiser D(x̃; σ) of :class:`~diffusers_stf.preconditioning.Denoiser` onto a target T:
+Each loss draws σ, perturbs the images once, x̃ = y + σ·n (:func:`~diffusers_stf.losses.base.add_noise`, the one
+perturbation of every loss), and regresses the denoiser D(x̃; σ) of :class:`~diffusers_stf.preconditioning.Denoiser`
+onto a target T:
 
     loss = λ(σ) · (D(x̃; σ) − T)²        (EDM eq. 2 with the weight λ(σ) of Table 1; per element)
 
 T is the clean image y (denoising score matching) unless the caller passes a *target function*
 ``target(noisy, sigma, images) -> T``; :mod:`~diffusers_stf.losses.stable_target_field` passes the stable target.
-The losses return the per-element loss (B, C, H, W), as EDM does; the caller reduces it (EDM: sum over C·H·W,
-mean over the batch).
-
-Random draws happen on the generator's device (as diffusers' ``randn_tensor``) and are then moved to the images'
-device, so a CPU generator gives the same numbers whatever the device of the images.
-
-Validation without host–device syncs: the constructors check their hyperparameters; tensors given to a loss call
-(e.g. an explicit σ) are checked only when they live on the CPU, where the check is free (:func:`check_on_host`).
+Each loss reduces the per-element loss over C·H·W (``reduction``: EDM's ``sum``, or ``mean``) and returns the
+per-sample loss (B,) in a :class:`~diffusers_stf.losses.base.LossOutput`; the training objective is its mean over the
+batch (EDM: ``loss.sum() / batch_size``).
 """
 
 from __future__ import annotations
 
 import abc
-import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -33,77 +29,12 @@ from ..preconditioning import (
     Preconditioning,
     VEPreconditioning,
     VPPreconditioning,
-    betas_for_schedule,
 )
+from .base import LossOutput, add_noise, check_finite, check_on_host, check_reduction, per_sample, reduce_per_sample
+from .draws import rand, randint, randn
 
 Target = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 DENOISING_LOSSES = ("edm", "vp", "ve")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Draws and checks shared by every loss
-
-
-def _device(generator: Optional[torch.Generator], device) -> torch.device:
-    return generator.device if generator is not None else torch.device(device if device is not None else "cpu")
-
-
-def rand(shape, generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32) -> torch.Tensor:
-    """U(0, 1) drawn on the generator's device, returned on ``device``."""
-    return torch.rand(shape, generator=generator, device=_device(generator, device), dtype=dtype).to(device)
-
-
-def randn(shape, generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32) -> torch.Tensor:
-    """N(0, 1) drawn on the generator's device, returned on ``device``."""
-    return torch.randn(shape, generator=generator, device=_device(generator, device), dtype=dtype).to(device)
-
-
-def randint(high: int, shape, generator: Optional[torch.Generator] = None, device=None, low: int = 0) -> torch.Tensor:
-    """Integers uniform in {low, …, high − 1}, drawn on the generator's device, returned on ``device``."""
-    return torch.randint(low, high, shape, generator=generator, device=_device(generator, device)).to(device)
-
-
-def check_on_host(condition: torch.Tensor, message: str) -> None:
-    """Raise ``ValueError(message)`` when ``condition`` is not all true, for a CPU tensor only.
-
-    On an accelerator the check would stall the pipeline on every training step (a host–device sync), so values
-    drawn or computed there are trusted; checking them costs nothing on the CPU.
-    """
-    if condition.device.type == "cpu" and not bool(condition.all()):
-        raise ValueError(message)
-
-
-def check_finite(**values: float) -> None:
-    """ValueError naming the first argument that is not a finite number."""
-    for name, value in values.items():
-        if not math.isfinite(float(value)):
-            raise ValueError(f"{name} must be a finite number, got {value}")
-
-
-def per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(B,) → (B, 1, …, 1) for broadcasting against (B, C, H, W)."""
-    return values.reshape(-1, *([1] * (ndim - 1)))
-
-
-def reduce_per_sample(per_element: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """(B, C, H, W) → (B,): ``sum`` over C·H·W, as EDM's training loop (whose loss is then the mean over the batch,
-    ``loss.sum() / batch_size``), or ``mean`` over C·H·W, as ``F.mse_loss`` (1/(C·H·W) of EDM's scale)."""
-    if reduction == "sum":
-        return per_element.flatten(1).sum(1)
-    if reduction == "mean":
-        return per_element.flatten(1).mean(1)
-    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-
-
-def add_noise(images: torch.Tensor, sigma: torch.Tensor, generator: Optional[torch.Generator] = None,
-              noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x̃ = y + σ·n with n ~ N(0, I) (EDM eq. 2's perturbation; σ per sample), in the dtype of ``images``; n is drawn
-    with ``generator`` unless given as ``noise`` (shaped like ``images``)."""
-    if noise is None:
-        noise = randn(images.shape, generator, images.device, images.dtype)
-    elif noise.shape != images.shape:
-        raise ValueError(f"noise must have the shape of images {tuple(images.shape)}, got {tuple(noise.shape)}")
-    return images + per_sample(sigma.to(images.dtype), images.ndim) * noise.to(images.device, images.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -111,16 +42,18 @@ def add_noise(images: torch.Tensor, sigma: torch.Tensor, generator: Optional[tor
 
 
 class DenoisingLoss(abc.ABC):
-    """λ(σ)·(D(y + σ·n; σ) − T)² per element, with σ from :meth:`sample_sigma` and λ from :meth:`weight`
-    (EDM eq. 2; a subclass is one row of EDM Table 1).
+    """λ(σ)·(D(y + σ·n; σ) − T)² per element, reduced over C·H·W, with σ from :meth:`sample_sigma` and λ from
+    :meth:`weight` (EDM eq. 2; a subclass is one row of EDM Table 1).
 
     Args:
         preconditioning: the :class:`~diffusers_stf.preconditioning.Preconditioning` that turns the raw network into
             D (:meth:`denoiser`); the samplers use the same object to load the trained network.
+        reduction: ``sum`` over C·H·W (EDM's training loop) or ``mean`` (``F.mse_loss``, 1/(C·H·W) of it).
     """
 
-    def __init__(self, preconditioning: Preconditioning):
+    def __init__(self, preconditioning: Preconditioning, reduction: str = "sum"):
         self.preconditioning = preconditioning
+        self.reduction = check_reduction(reduction)
 
     @abc.abstractmethod
     def sample_sigma(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
@@ -136,8 +69,8 @@ class DenoisingLoss(abc.ABC):
 
     def __call__(self, denoiser, images: torch.Tensor, sigma: Optional[torch.Tensor] = None,
                  class_labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                 target: Optional[Target] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The per-element loss λ(σ)·(D(x̃; σ) − T)² of ``images`` (B, C, H, W).
+                 target: Optional[Target] = None, noise: Optional[torch.Tensor] = None) -> LossOutput:
+        """The per-sample loss λ(σ)·(D(x̃; σ) − T)² of ``images`` (B, C, H, W), reduced over C·H·W, and its σ.
 
         Args:
             denoiser: D(x, σ, class_labels=None), e.g. ``loss.denoiser(unet)``.
@@ -157,7 +90,8 @@ class DenoisingLoss(abc.ABC):
         noisy = add_noise(images, sigma, generator, noise)
         goal = images if target is None else target(noisy, sigma, images)
         denoised = denoiser(noisy, sigma, class_labels=class_labels)
-        return per_sample(self.weight(sigma), images.ndim).to(denoised.dtype) * (denoised - goal) ** 2
+        per_element = per_sample(self.weight(sigma), images.ndim).to(denoised.dtype) * (denoised - goal) ** 2
+        return LossOutput(loss=reduce_per_sample(per_element, self.reduction), sigma=sigma)
 
 
 class EDMLoss(DenoisingLoss):
@@ -167,15 +101,16 @@ class EDMLoss(DenoisingLoss):
     Args:
         P_mean, P_std: mean and std of ln σ (EDM: −1.2, 1.2).
         sigma_data: σ_data of the data and of the preconditioning (EDM: 0.5).
+        reduction: ``sum`` (EDM) or ``mean`` over C·H·W.
     """
 
-    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, reduction: str = "sum"):
         check_finite(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
         if not P_std > 0:
             raise ValueError(f"P_std must be > 0, got {P_std}")
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
-        super().__init__(EDMPreconditioning(sigma_data))
+        super().__init__(EDMPreconditioning(sigma_data), reduction)
         self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
 
     def sample_sigma(self, batch_size, generator=None, device=None):
@@ -198,15 +133,17 @@ class VPLoss(DenoisingLoss):
         beta_d, beta_min: the VP schedule (EDM: 19.9, 0.1).
         epsilon_t: the smallest t (EDM: 1e-5).
         M: the VP preconditioning's c_noise scale, c_noise = (M − 1)·t(σ) (EDM: 1000).
+        reduction: ``sum`` (EDM) or ``mean`` over C·H·W.
     """
 
-    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5, M: int = 1000):
+    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5, M: int = 1000,
+                 reduction: str = "sum"):
         check_finite(beta_d=beta_d, beta_min=beta_min, epsilon_t=epsilon_t)
         if not (beta_d > 0 and beta_min >= 0):
             raise ValueError(f"need beta_d > 0 and beta_min >= 0, got beta_d={beta_d}, beta_min={beta_min}")
         if not 0 < epsilon_t < 1:
             raise ValueError(f"epsilon_t must be in (0, 1), got {epsilon_t}")
-        super().__init__(VPPreconditioning(beta_d, beta_min, M, epsilon_t))
+        super().__init__(VPPreconditioning(beta_d, beta_min, M, epsilon_t), reduction)
         self.beta_d, self.beta_min, self.epsilon_t = float(beta_d), float(beta_min), float(epsilon_t)
 
     def sample_sigma(self, batch_size, generator=None, device=None):
@@ -225,13 +162,14 @@ class VELoss(DenoisingLoss):
 
     Args:
         sigma_min, sigma_max: range of σ (EDM: 0.02, 100).
+        reduction: ``sum`` (EDM) or ``mean`` over C·H·W.
     """
 
-    def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100.0):
+    def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100.0, reduction: str = "sum"):
         check_finite(sigma_min=sigma_min, sigma_max=sigma_max)
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-        super().__init__(VEPreconditioning(sigma_min, sigma_max))
+        super().__init__(VEPreconditioning(sigma_min, sigma_max), reduction)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
     def sample_sigma(self, batch_size, generator=None, device=None):
@@ -244,16 +182,16 @@ class VELoss(DenoisingLoss):
 
 
 def make_denoising_loss(precond: str = "edm", P_mean: float = -1.2, P_std: float = 1.2,
-                        sigma_data: float = 0.5) -> DenoisingLoss:
+                        sigma_data: float = 0.5, reduction: str = "sum") -> DenoisingLoss:
     """The loss of one EDM preconditioning, as EDM's ``train.py --precond`` picks them: ``edm`` → :class:`EDMLoss`,
     ``vp`` → :class:`VPLoss`, ``ve`` → :class:`VELoss` (each with EDM's defaults; P_mean, P_std and sigma_data
-    apply to ``edm``)."""
+    apply to ``edm``; ``reduction`` to each)."""
     if precond == "edm":
-        return EDMLoss(P_mean, P_std, sigma_data)
+        return EDMLoss(P_mean, P_std, sigma_data, reduction)
     if precond == "vp":
-        return VPLoss()
+        return VPLoss(reduction=reduction)
     if precond == "ve":
-        return VELoss()
+        return VELoss(reduction=reduction)
     raise ValueError(f"precond must be one of {DENOISING_LOSSES}, got {precond!r}")
 
 
@@ -261,9 +199,17 @@ def make_denoising_loss(precond: str = "edm", P_mean: float = -1.2, P_std: float
 # DDPM (Ho et al. 2020) in the same shape
 
 
+@dataclass(kw_only=True)
+class DDPMLossOutput(LossOutput):
+    """:class:`~diffusers_stf.losses.base.LossOutput` of :class:`DDPMEpsilonLoss`, with each sample's 0-based
+    ``timesteps`` t (B,) beside its σ_t."""
+
+    timesteps: torch.Tensor
+
+
 class DDPMEpsilonLoss:
-    """Ho et al. 2020 eq. 14: (ε_θ(x_t, t) − ε)² per element, t ~ U{0, …, T − 1} (diffusers' 0-based index),
-    x_t = √ᾱ_t·y + √(1 − ᾱ_t)·ε, for a raw ε-prediction network ``model(x_t, t)``.
+    """Ho et al. 2020 eq. 14: (ε_θ(x_t, t) − ε)² per element, reduced over C·H·W, t ~ U{0, …, T − 1} (diffusers'
+    0-based index), x_t = √ᾱ_t·y + √(1 − ᾱ_t)·ε, for a raw ε-prediction network ``model(x_t, t)``.
 
     x_t is built from the same perturbation as the EDM losses: x_t = c_in(σ_t)·x̃ with x̃ = y + σ_t·ε and
     σ_t = √((1 − ᾱ_t)/ᾱ_t). A target function T replaces ε by the noise it implies, (x̃ − T(x̃, σ_t, y))/σ_t
@@ -272,13 +218,16 @@ class DDPMEpsilonLoss:
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the β schedule, as in diffusers'
             ``DDPMScheduler`` (ᾱ_t from :class:`~diffusers_stf.preconditioning.DDPMPreconditioning`).
+        reduction: ``mean`` over C·H·W (``F.mse_loss``, as diffusers' ``train_unconditional.py``) or ``sum``.
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2,
-                 beta_schedule: str = "linear", trained_betas: Optional[Sequence[float]] = None):
+                 beta_schedule: str = "linear", trained_betas: Optional[Sequence[float]] = None,
+                 reduction: str = "mean"):
         betas = betas_for_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)  # checked there
         self.preconditioning = DDPMPreconditioning(betas)
         self.num_train_timesteps = len(betas)
+        self.reduction = check_reduction(reduction)
 
     def sample_timesteps(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None):
         """t ~ U{0, …, T − 1}."""
@@ -286,12 +235,12 @@ class DDPMEpsilonLoss:
 
     def sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
         """σ_t = √((1 − ᾱ_t)/ᾱ_t), float64: the VE noise level equivalent to timestep t."""
-        return self.preconditioning.table.to(timesteps.device)[timesteps]
+        return self.preconditioning.table_on(timesteps.device)[timesteps]
 
     def __call__(self, model, images: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
                  class_labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                 target: Optional[Target] = None) -> torch.Tensor:
-        """The per-element loss (ε_θ(x_t, t) − ε)².
+                 target: Optional[Target] = None, noise: Optional[torch.Tensor] = None) -> DDPMLossOutput:
+        """The per-sample loss (ε_θ(x_t, t) − ε)², reduced over C·H·W, with σ_t and t.
 
         Args:
             model: ε-prediction network ``model(x_t, t, class_labels=...)`` (``.sample`` or a tensor).
@@ -300,6 +249,7 @@ class DDPMEpsilonLoss:
             class_labels: passed to the model.
             generator: source of t and of the noise.
             target: ``target(noisy, sigma, images) -> T`` in the x̃ = y + σ·n coordinates (default: ε itself).
+            noise: ε ~ N(0, I) shaped like ``images``; drawn with ``generator`` when None.
         """
         if timesteps is None:
             timesteps = self.sample_timesteps(images.shape[0], generator, images.device)
@@ -308,7 +258,7 @@ class DDPMEpsilonLoss:
             check_on_host((timesteps >= 0) & (timesteps < self.num_train_timesteps),
                           f"timesteps must lie in 0..{self.num_train_timesteps - 1}")
         sigma64 = self.sigma(timesteps)
-        noisy = add_noise(images, sigma64, generator)
+        noisy = add_noise(images, sigma64, generator, noise)
         sigma = per_sample(sigma64, images.ndim)
         clean = images if target is None else target(noisy, sigma64, images)
         goal = ((noisy.double() - clean.double()) / sigma).to(images.dtype)
@@ -316,4 +266,5 @@ class DDPMEpsilonLoss:
         kwargs = {} if class_labels is None else {"class_labels": class_labels}
         out = model(x_t, timesteps, **kwargs)
         out = out.sample if hasattr(out, "sample") else out
-        return (out - goal) ** 2
+        return DDPMLossOutput(loss=reduce_per_sample((out - goal) ** 2, self.reduction), sigma=sigma64.float(),
+                              timesteps=timesteps)

@@ -22,10 +22,14 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .base import LossOutput, add_noise, check_reduction, reduce_per_sample
+from .draws import rand, randint
+
 
 class DenoisingScoreMatchingLoss:
-    """NCSN's annealed denoising score matching loss (eqs. 5–6), ½‖(D(y + σz; σ) − y)/σ‖² = ½‖σ·s_θ + z‖²,
-    summed over the dimensions of a sample and averaged over the batch (as NCSN's ``anneal_dsm_score_estimation``).
+    """NCSN's annealed denoising score matching loss (eqs. 5–6), ½‖(D(y + σz; σ) − y)/σ‖² = ½‖σ·s_θ + z‖² per sample,
+    summed over its dimensions (``reduction="sum"``, as NCSN's ``anneal_dsm_score_estimation``, whose loss is then the
+    mean over the batch) or averaged over them (``"mean"``).
 
     Args:
         sigmas: the decreasing table σ_1 > … > σ_L; σ is drawn uniformly from it (NCSN) with
@@ -33,6 +37,7 @@ class DenoisingScoreMatchingLoss:
         sigma_min, sigma_max: the range of ``sigma_sampling="log_uniform"`` (log σ ~ U[log σ_min, log σ_max]),
             for networks sampled on continuous schedules (CAS, the VE SDE).
         sigma_sampling: ``discrete`` or ``log_uniform``.
+        reduction: ``sum`` (NCSN) or ``mean`` over the dimensions of a sample.
     """
 
     def __init__(
@@ -41,6 +46,7 @@ class DenoisingScoreMatchingLoss:
         sigma_min: float = 0.01,
         sigma_max: float = 1.0,
         sigma_sampling: str = "discrete",
+        reduction: str = "sum",
     ):
         if sigma_sampling not in ("discrete", "log_uniform"):
             raise ValueError(f"sigma_sampling must be one of ('discrete', 'log_uniform'), got {sigma_sampling!r}")
@@ -53,15 +59,14 @@ class DenoisingScoreMatchingLoss:
         elif not (math.isfinite(sigma_max) and sigma_max > sigma_min > 0):
             raise ValueError(f"need sigma_max > sigma_min > 0, got sigma_min={sigma_min}, sigma_max={sigma_max}")
         self.sigmas, self.sigma_min, self.sigma_max, self.sigma_sampling = sigmas, sigma_min, sigma_max, sigma_sampling
+        self.reduction = check_reduction(reduction)
 
     def sample_sigmas(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
         """σ for each sample of a batch (float64), drawn on the generator's device and moved to ``device``."""
-        draw_device = generator.device if generator is not None else device
         if self.sigma_sampling == "discrete":
-            idx = torch.randint(len(self.sigmas), (batch_size,), generator=generator, device=draw_device)
-            return self.sigmas.to(draw_device)[idx].to(device)
-        u = torch.rand(batch_size, generator=generator, dtype=torch.float64, device=draw_device)
-        return torch.exp(math.log(self.sigma_min) + u * math.log(self.sigma_max / self.sigma_min)).to(device)
+            return self.sigmas.to(device)[randint(len(self.sigmas), (batch_size,), generator, device)]
+        u = rand(batch_size, generator, device, dtype=torch.float64)
+        return torch.exp(math.log(self.sigma_min) + u * math.log(self.sigma_max / self.sigma_min))
 
     def __call__(
         self,
@@ -71,8 +76,8 @@ class DenoisingScoreMatchingLoss:
         noise: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         **model_kwargs,
-    ) -> torch.Tensor:
-        """The batch loss.
+    ) -> LossOutput:
+        """The per-sample loss and σ.
 
         Args:
             denoiser: D(x, σ, **model_kwargs), e.g. ``Denoiser(unet, NCSNPreconditioning(...))``.
@@ -85,10 +90,6 @@ class DenoisingScoreMatchingLoss:
             sigma = self.sample_sigmas(images.shape[0], generator, device=images.device)
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=images.device).to(images.dtype)
         sigma = sigma.expand(images.shape[0]) if sigma.ndim == 0 else sigma.reshape(images.shape[0])
-        if noise is None:
-            draw_device = generator.device if generator is not None else images.device
-            noise = torch.randn(images.shape, generator=generator, dtype=images.dtype, device=draw_device)
-        noise = noise.to(images.device)
+        denoised = denoiser(add_noise(images, sigma, generator, noise), sigma, **model_kwargs)
         s = sigma.reshape(-1, *([1] * (images.ndim - 1)))
-        denoised = denoiser(images + s * noise, sigma, **model_kwargs)
-        return 0.5 * ((denoised - images) / s).pow(2).flatten(1).sum(1).mean()
+        return LossOutput(loss=0.5 * reduce_per_sample(((denoised - images) / s).pow(2), self.reduction), sigma=sigma)

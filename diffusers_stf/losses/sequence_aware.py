@@ -7,7 +7,7 @@ A DDPM ε-prediction network f_θ (a diffusers ``UNet2DModel``) is trained on K 
 
 with τ_s = 0 outside {2, …, T} for the Theorem 1 weights (outside {1, …, T} for uniform weights). Penalising the
 squared *sum* of the K residuals (not the sum of squares) penalises residuals that add up along the sampling chain,
-which is what accumulates into the estimation gap (see :mod:`diffusers_stf.estimation_gap`).
+which is what accumulates into the estimation gap (see :mod:`diffusers_stf.evaluation.estimation_gap`).
 
 Time indices. The paper counts t = 1..T with x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε and ᾱ_t = Π_{s≤t}(1 − β_s). diffusers
 counts timesteps 0..T−1: the UNet sees, and ``DDPMScheduler.add_noise`` uses, the index t − 1. In this module
@@ -32,7 +32,14 @@ Differences from the official code (VinAIResearch/SA-DPM ``sequence_aware_loss``
   ``v_prediction`` (v = √ᾱ_s·ε − √(1−ᾱ_s)·x₀, diffusers' ``DDPMScheduler.get_velocity``) are ours: L_simple is the
   MSE to that target (SNR-weighted for ``sample``, ᾱ_s/(1−ᾱ_s)·‖x̂₀ − x₀‖², as diffusers' ``train_unconditional.py``),
   and L_sa keeps its meaning by being computed on the equivalent ε-residuals: the network output is turned into ε̂
-  with the closed forms of :func:`epsilon_from_prediction` before the window sum.
+  by :func:`epsilon_from_prediction` before the window sum.
+
+Parametrisation. Every network output is read through the one parametrisation of the package: the
+:class:`~diffusers_stf.preconditioning.DDPMPreconditioning` of the schedule (a ``VPFormPreconditioning`` of the
+``prediction_type``) gives c_skip and c_out of D(x; σ) = c_skip·x + c_out·F in EDM coordinates, x = x_s·√(1 + σ_s²)
+= x_0 + σ_s·ε with σ_s = √((1 − ᾱ_s)/ᾱ_s). Then ε̂ = (x − D)/σ_s, and the regression target of F is the output
+whose D is x_0. x_s itself is built from the one perturbation of every loss,
+:func:`~diffusers_stf.losses.base.add_noise`: x_s = c_in(σ_s)·x = √ᾱ_s·x_0 + √(1 − ᾱ_s)·ε.
 """
 
 from __future__ import annotations
@@ -43,46 +50,41 @@ from typing import Optional, Tuple
 import torch
 
 from ..noise_schedules import betas_for_schedule
-from .edm import check_on_host, randint, randn
-from .stable_target_field import stable_target_epsilon
+from ..preconditioning import DDPMPreconditioning, Preconditioning
+from .base import REDUCTIONS, LossOutput, add_noise, check_on_host, per_sample, reduce_per_sample
+from .draws import randint, randn
+from .stable_target_field import stable_target_field
 
 WEIGHTINGS = ("uniform", "paper")
 WINDOWS = ("paper", "official")
 NOISE_COUPLINGS = ("independent", "shared")
-REDUCTIONS = ("mean", "sum")
 TIMESTEP_SAMPLINGS = ("uniform", "antithetic")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
-def epsilon_from_prediction(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
-                            prediction_type: str) -> torch.Tensor:
-    """ε̂ implied by a network output at x_t = √ᾱ·x₀ + √(1−ᾱ)·ε (``alpha_bar`` broadcastable to ``x_t``):
-
-        epsilon:       ε̂ = output
-        sample:        ε̂ = (x_t − √ᾱ·x̂₀) / √(1−ᾱ)
-        v_prediction:  ε̂ = √(1−ᾱ)·x_t + √ᾱ·v̂      (inverting v = √ᾱ·ε − √(1−ᾱ)·x₀ with x₀ = √ᾱ·x_t − √(1−ᾱ)·v)
-    """
-    if prediction_type == "epsilon":
-        return output
-    if prediction_type == "sample":
-        return (x_t - alpha_bar.sqrt() * output) / (1 - alpha_bar).sqrt()
-    if prediction_type == "v_prediction":
-        return (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * output
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+def _scalings(preconditioning: Preconditioning, sigma: torch.Tensor, like: torch.Tensor):
+    """(1 − c_skip(σ), c_out(σ)) in float64, shaped to broadcast against ``like``."""
+    sigma = per_sample(sigma.double(), like.ndim)
+    return 1 - preconditioning.c_skip(sigma), preconditioning.c_out(sigma), sigma
 
 
-def prediction_target(epsilon: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
-                      prediction_type: str) -> torch.Tensor:
-    """The regression target of each parametrisation for the noise ε of x_t: ε, x₀ = (x_t − √(1−ᾱ)·ε)/√ᾱ, or
-    v = √ᾱ·ε − √(1−ᾱ)·x₀ (diffusers' ``get_velocity``)."""
-    if prediction_type == "epsilon":
-        return epsilon
-    x0 = (x_t - (1 - alpha_bar).sqrt() * epsilon) / alpha_bar.sqrt()
-    if prediction_type == "sample":
-        return x0
-    if prediction_type == "v_prediction":
-        return alpha_bar.sqrt() * epsilon - (1 - alpha_bar).sqrt() * x0
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+def epsilon_from_prediction(output: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor,
+                            preconditioning: Preconditioning) -> torch.Tensor:
+    """ε̂ = (x − D)/σ implied by a network output F at x = x_0 + σ·ε (EDM coordinates; σ per sample), with
+    D = c_skip·x + c_out·F of ``preconditioning``. Written as ((1 − c_skip)·x − c_out·F)/σ, so that for ε-prediction
+    (c_skip = 1, c_out = −σ) ε̂ is F itself, bit for bit."""
+    one_minus_skip, c_out, sigma = _scalings(preconditioning, sigma, output)
+    dtype = output.dtype
+    return (one_minus_skip / sigma).to(dtype) * noisy.to(dtype) - (c_out / sigma).to(dtype) * output
+
+
+def prediction_target(epsilon: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor,
+                      preconditioning: Preconditioning) -> torch.Tensor:
+    """The network output F whose denoiser D = c_skip·x + c_out·F is x_0 = x − σ·ε, i.e.
+    F = ((1 − c_skip)·x − σ·ε)/c_out: ε, x_0 or v = √ᾱ·ε − √(1−ᾱ)·x_0 (diffusers' ``get_velocity``) for the
+    ``epsilon``, ``sample`` and ``v_prediction`` rows of ``VPFormPreconditioning``."""
+    one_minus_skip, c_out, sigma = _scalings(preconditioning, sigma, epsilon)
+    dtype = epsilon.dtype
+    return (one_minus_skip / c_out).to(dtype) * noisy.to(dtype) - (sigma / c_out).to(dtype) * epsilon
 
 
 def _check_betas(betas) -> torch.Tensor:
@@ -125,19 +127,18 @@ def sequence_aware_weights(betas, weighting: str = "paper") -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.float64), tau])
 
 
-@dataclass
-class SequenceAwareLossOutput:
-    """Per-sample terms of L = L_simple + λ·L_sa (shape [B]); ``loss.mean()`` is the training objective.
+@dataclass(kw_only=True)
+class SequenceAwareLossOutput(LossOutput):
+    """:class:`~diffusers_stf.losses.base.LossOutput` of L = L_simple + λ·L_sa: ``loss`` (B,) and its two terms
+    ``simple`` and ``sa`` (B,); ``loss.mean()`` is the training objective.
 
     ``timestep`` is the 1-based L_simple step s of each row and ``sigma`` its σ_s = √((1−ᾱ_s)/ᾱ_s) (for logging the
-    loss per noise level).
+    loss per noise level). ``logs`` holds the batch means ``loss_simple`` and, when λ > 0, ``loss_sa``.
     """
 
-    loss: torch.Tensor
     simple: torch.Tensor
     sa: torch.Tensor
     timestep: torch.Tensor
-    sigma: torch.Tensor
 
 
 class SequenceAwareLoss:
@@ -165,10 +166,12 @@ class SequenceAwareLoss:
         prediction_type: what the network predicts, diffusers' names: ``epsilon`` (ε, the paper), ``sample`` (x₀;
             L_simple = ᾱ_s/(1−ᾱ_s)·‖x̂₀ − x₀‖² as diffusers' ``train_unconditional.py``) or ``v_prediction``
             (v = √ᾱ_s·ε − √(1−ᾱ_s)·x₀; L_simple = ‖v̂ − v‖²). L_sa is always on the ε-residuals ε̂_s − ε_s, with ε̂_s
-            from :func:`epsilon_from_prediction`, so it penalises the same accumulated gap as the paper's.
+            from :func:`epsilon_from_prediction`, so it penalises the same accumulated gap as the paper's. The
+            parametrisation is :attr:`preconditioning`, ``DDPMPreconditioning(betas, prediction_type)``.
 
     With ``reference_images`` in the call, every ε_s (in both terms) is replaced by the Stable Target Field's implied
-    noise (Xu et al. 2023, :func:`~diffusers_stf.losses.stable_target_field.stable_target_epsilon`) of x_s.
+    noise (Xu et al. 2023) of x_s, (x − T)/σ_s with T = :func:`~diffusers_stf.losses.stable_target_field.
+    stable_target_field` of x = x_0 + σ_s·ε_s.
     """
 
     def __init__(
@@ -189,15 +192,15 @@ class SequenceAwareLoss:
             raise ValueError(f"sa_lambda must be >= 0, got {sa_lambda}")
         for name, value, allowed in (("window", window, WINDOWS), ("noise", noise, NOISE_COUPLINGS),
                                      ("reduction", reduction, REDUCTIONS), ("weighting", weighting, WEIGHTINGS),
-                                     ("timesteps", timesteps, TIMESTEP_SAMPLINGS),
-                                     ("prediction_type", prediction_type, PREDICTION_TYPES)):
+                                     ("timesteps", timesteps, TIMESTEP_SAMPLINGS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         betas = _check_betas(betas)
         if num_steps > len(betas):
             raise ValueError(f"num_steps (K) must be <= T = {len(betas)}, got {num_steps}")
         self.num_train_timesteps = len(betas)
-        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        self.preconditioning = DDPMPreconditioning(betas, prediction_type)
+        self.alphas_cumprod = self.preconditioning.alphas_cumprod
         self.tau = sequence_aware_weights(betas, weighting)
         self.num_steps, self.sa_lambda = num_steps, float(sa_lambda)
         self.weighting, self.window, self.noise, self.reduction = weighting, window, noise, reduction
@@ -247,10 +250,6 @@ class SequenceAwareLoss:
         draws = 1 if self.noise == "shared" else self.num_steps
         return randn((draws, *images.shape), generator, images.device).expand(self.num_steps, *images.shape)
 
-    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        return x.mean(1) if self.reduction == "mean" else x.sum(1)
-
     def __call__(
         self,
         unet,
@@ -294,34 +293,36 @@ class SequenceAwareLoss:
         evaluate = in_range if self.sa_lambda > 0 else is_simple
         rows = torch.arange(B, device=device).expand(K, B)[evaluate]
         index = steps[evaluate] - 1  # diffusers' 0-based timestep
-        abar64 = self.alphas_cumprod.to(device)[index]
-        abar = abar64.float().reshape(-1, *([1] * (images.ndim - 1)))
-        eps, x0 = noise[evaluate], images[rows].float()
-        x_s = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+        sigma = self.preconditioning.table_on(device)[index]  # σ_s, float64
+        eps = noise[evaluate].float()
+        noisy = add_noise(images[rows].float(), sigma, noise=eps)  # x = x_0 + σ_s·ε
+        x_s = noisy.double() * self.preconditioning.c_in(per_sample(sigma, noisy.ndim))  # √ᾱ_s·x_0 + √(1−ᾱ_s)·ε
         kwargs = {} if class_labels is None else {"class_labels": class_labels.to(device)[rows]}
         out = unet(x_s.to(images.dtype), index, **kwargs)  # the K·B evaluations in one forward pass
         out = (out.sample if hasattr(out, "sample") else out).float()
-        target = eps if reference_images is None else stable_target_epsilon(x_s, abar64, reference_images).float()
-
-        residual = torch.zeros((K, *images.shape), dtype=out.dtype, device=device)
-        if self.prediction_type == "epsilon":
-            residual = residual.index_put((evaluate,), out - target)
-            simple = self._reduce(residual[position, torch.arange(B, device=device)] ** 2)
+        if reference_images is None:
+            target = eps
         else:
-            native = out - prediction_target(target, x_s, abar, self.prediction_type)
-            if self.prediction_type == "sample":
-                native = native * (abar / (1 - abar)).sqrt()  # the SNR weight of the squared x₀ error
-            native = torch.zeros_like(residual).index_put((evaluate,), native)
-            simple = self._reduce(native[position, torch.arange(B, device=device)] ** 2)
-            eps_hat = epsilon_from_prediction(out, x_s, abar, self.prediction_type)
-            residual = residual.index_put((evaluate,), eps_hat - target)
+            clean = stable_target_field(noisy, sigma, reference_images)
+            target = ((noisy.double() - clean.double()) / per_sample(sigma, noisy.ndim)).float()
+
+        native = out - prediction_target(target, noisy, sigma, self.preconditioning)
+        if self.prediction_type == "sample":
+            native = native / per_sample(sigma, native.ndim).float()  # the SNR weight ᾱ/(1−ᾱ) = 1/σ² of ‖x̂₀ − x₀‖²
+        native = torch.zeros((K, *images.shape), dtype=out.dtype, device=device).index_put((evaluate,), native)
+        simple = reduce_per_sample(native[position, torch.arange(B, device=device)] ** 2, self.reduction)
+        logs = {"loss_simple": simple.detach().mean()}
         if self.sa_lambda == 0:
             sa = torch.zeros_like(simple)
         else:
+            eps_hat = epsilon_from_prediction(out, noisy, sigma, self.preconditioning)
+            residual = torch.zeros((K, *images.shape), dtype=out.dtype, device=device)
+            residual = residual.index_put((evaluate,), eps_hat - target)
             tau = self.tau.to(device)[(steps - 1).clamp(0, T - 1)].float() * in_range
             window_mean = (tau.reshape(K, B, *([1] * (images.ndim - 1))) * residual).mean(0)  # (1/K) Σ_s τ_s r_s
-            sa = self.window_weights(window_start) * self._reduce(window_mean**2)
+            sa = self.window_weights(window_start) * reduce_per_sample(window_mean**2, self.reduction)
+            logs["loss_sa"] = sa.detach().mean()
         s = window_start + position
-        abar_s = self.alphas_cumprod.to(device)[s - 1]
-        return SequenceAwareLossOutput(loss=simple + self.sa_lambda * sa, simple=simple, sa=sa, timestep=s,
-                                       sigma=((1 - abar_s) / abar_s).sqrt().float())
+        sigma_s = self.preconditioning.table_on(device)[s - 1].float()
+        return SequenceAwareLossOutput(loss=simple + self.sa_lambda * sa, sigma=sigma_s, simple=simple, sa=sa,
+                                       timestep=s, logs=logs)

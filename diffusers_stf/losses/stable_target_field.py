@@ -26,7 +26,8 @@ from typing import Optional, Union
 
 import torch
 
-from .edm import DDPMEpsilonLoss, DenoisingLoss, EDMLoss, check_on_host, per_sample
+from .base import LossOutput, check_on_host, per_sample
+from .edm import DDPMEpsilonLoss, DenoisingLoss, EDMLoss
 
 CHUNK_BYTES = 8 * 1024**2  # float64 reference chunk
 
@@ -165,15 +166,17 @@ class StableTargetFieldLoss:
 
     def __call__(self, net, images: torch.Tensor, extra_references: Optional[torch.Tensor],
                  class_labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                 **draws) -> torch.Tensor:
-        """The base loss's per-element loss with the stable target.
+                 **draws) -> LossOutput:
+        """The base loss's output (per-sample loss, reduced as the base loss reduces it, and σ) with the stable
+        target.
 
         Args:
             net: what the base loss takes (a denoiser D(x, σ), or the raw ε-network for :class:`DDPMEpsilonLoss`).
             images: the clean (possibly augmented) minibatch (B, C, H, W).
             extra_references: R − B more (independently augmented) dataset images, or None when R = B.
             class_labels, generator: as in the base loss.
-            draws: explicit ``sigma=`` and ``noise=`` (EDM/VP/VE) or ``timesteps=`` (DDPM), passed to the base loss.
+            draws: explicit ``sigma=`` (EDM/VP/VE) or ``timesteps=`` (DDPM), and ``noise=``, passed to the base
+                loss.
         """
         self.num_extra_references(images.shape[0])
         references = self.reference_set(images, extra_references)
@@ -192,10 +195,11 @@ class DDPMStableTargetFieldLoss(StableTargetFieldLoss):
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the β schedule, as in diffusers'
             ``DDPMScheduler``.
         reference_batch_size, accelerator, gather: as in :class:`StableTargetFieldLoss`.
+        reduction: as in :class:`DDPMEpsilonLoss` (``mean`` over C·H·W, or ``sum``).
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2,
                  beta_schedule: str = "linear", trained_betas=None, reference_batch_size: int = 1024,
-                 accelerator=None, gather: bool = False):
-        super().__init__(DDPMEpsilonLoss(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas),
-                         reference_batch_size, accelerator, gather)
+                 accelerator=None, gather: bool = False, reduction: str = "mean"):
+        super().__init__(DDPMEpsilonLoss(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                         reduction), reference_batch_size, accelerator, gather)

@@ -1,7 +1,11 @@
-"""Models of guidance: the Discriminator Guidance discriminator and the noise-conditional classifier of classifier
-guidance, both on one noise-conditional encoder (the score networks are diffusers' ``UNet2DModel``)."""
+"""The package's networks: EDM's DDPM++/NCSN++ (:class:`SongUNet`) and ADM (:class:`DhariwalUNet`), diffusers'
+``UNet2DModel`` with EDM's augmentation conditioning (:class:`AugmentConditionedUNet2DModel`), and the guidance models:
+the Discriminator Guidance discriminator and the noise-conditional classifier, both on one noise-conditional encoder."""
 
 from .classifier import NoiseConditionalClassifier, NoiseConditionalClassifierOutput
+from .dg_discriminator import DGDiscriminator
+from .dhariwal_unet import DhariwalUNet
+from .edm2_unet import EDM2UNet
 from .discriminator import (
     LOG_RATIO_CLIP,
     Discriminator,
@@ -10,3 +14,5 @@ from .discriminator import (
     TransformersFeatures,
     UNetEncoderFeatures,
 )
+from .song_unet import SongUNet
+from .unet_2d_augmented import AugmentConditionedUNet2DModel

@@ -247,6 +247,16 @@ class PredictorCorrectorScheduler(PreconditionedScheduler):
     def _is_step_start(self, index: int) -> bool:
         return index == 0 or self._entry_step[index] != self._entry_step[index - 1]
 
+    @property
+    def current_sigma(self) -> float:
+        """σ(t_i) of the coming network evaluation, in the coordinates x = x_t/m of the preconditioning."""
+        return float(self._noise_levels[self._entry_step[self._next_index]])
+
+    @property
+    def current_state_scale(self) -> float:
+        """m(t_i): the state is x_t = m·x (1 for VE, √ᾱ(t_i) for VP)."""
+        return float(self._mean_coeff[self._entry_step[self._next_index]])
+
     # ----------------------------------------------------------------------------------------------------------
     # the sampler
 

@@ -4,7 +4,8 @@ model cards, Hub upload, and :class:`Trainer`, the loop that runs a script's los
 ``examples/train_stf.py`` for a script built on it and ``docs/training.md`` for the options.
 """
 
-from ..data import BatchSchedule, DataConfig, ImageData, derived_seed, load_training_images
+from ..losses import LossOutput
+from .data import BatchSchedule, DataConfig, ImageData, derived_seed, load_training_images
 from .accelerator import check_world_size, make_accelerator, step_generator, to_device, tracker_name
 from .args import (
     ScriptConfig,
@@ -34,10 +35,10 @@ from .checkpoints import (
 )
 from .config import EncoderConfig, TrainingConfig, UNetConfig, check_finite, from_namespace
 from .ema import HalfLifeEMA, MovingAverage, WarmupEMA, ema_beta, warmup_ema_beta
-from .hub import push_folder_to_hub
+from ..hub.push import push_folder_to_hub
 from .metrics_log import MetricsLogger, bucket_names, read_metrics
 from .model_card import ModelCardInfo, write_model_card
 from .score_model import load_score_pipeline
-from .trainer import LossOutput, NonFiniteLossError, Trainer, TrainingResult, print_summary
+from .trainer import NonFiniteLossError, Trainer, TrainingResult, print_summary
 from .unet import make_unet, unet_config
 from .validation import image_grid, sample_grid, save_image_grid

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ..data import derived_seed
+from .data import derived_seed
 from .checkpoints import prepare_output_dir
 from .config import TrainingConfig
 

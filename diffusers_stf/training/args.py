@@ -14,10 +14,10 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from ..data import DataConfig
+from .data import DataConfig
 from .config import ENCODER_MID_BLOCKS, LR_SCHEDULERS, TRACKERS, EncoderConfig, TrainingConfig, UNetConfig
 from .config import from_namespace
-from .hub import check_hub_settings
+from ..hub.push import check_hub_settings
 
 
 def int_list(text: str):

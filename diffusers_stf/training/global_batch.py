@@ -3,8 +3,8 @@
 With N processes of B images each, one optimizer step of a one-process run at batch N·B draws σ and the noise for
 N·B images from one generator. To repeat that step exactly, every process gets the same step generator, draws for the
 whole global batch and keeps its own rows, process p the rows [p·B, (p+1)·B) — the rows of the global batch it holds
-(see :class:`~diffusers_stf.data.BatchSchedule`). The gradients DDP averages are then those of the one-process step up
-to the order of the float reductions.
+(see :class:`~diffusers_stf.training.data.BatchSchedule`). The gradients DDP averages are then those of the
+one-process step up to the order of the float reductions.
 
 Drawing N·B values where B are used costs little next to the network: a draw of σ is N·B numbers, a draw of the noise
 N·B·C·H·W, against a forward and backward pass of the UNet on B images.
@@ -65,14 +65,15 @@ class BatchShare:
 
 def global_indices(schedule, micro_step: int) -> torch.Tensor:
     """The image indices of the whole global batch at ``micro_step`` of a
-    :class:`~diffusers_stf.data.BatchSchedule` (every process's shard, in process order)."""
+    :class:`~diffusers_stf.training.data.BatchSchedule` (every process's shard, in process order)."""
     epoch, position = divmod(int(micro_step), schedule.batches_per_epoch)
     start = position * schedule.global_batch
     return schedule.permutation(epoch)[start:start + schedule.global_batch]
 
 
 def share_of(schedule) -> BatchShare:
-    """The :class:`BatchShare` of the process a :class:`~diffusers_stf.data.BatchSchedule` was made for."""
+    """The :class:`BatchShare` of the process a :class:`~diffusers_stf.training.data.BatchSchedule` was made
+    for."""
     return BatchShare.of_process(schedule.batch_size, schedule.num_processes, schedule.process_index)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..data import ImageData
+from .data import ImageData
 from ..pipelines import DiscriminatorGuidedPipeline
 
 

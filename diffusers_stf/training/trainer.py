@@ -2,9 +2,9 @@
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``train_batch_size`` images per process. For
 micro-step m, every random draw of the step (crops, flips, σ, noise, references) comes from
-``step_generator(seed, m, process_index)`` and the images from :class:`~diffusers_stf.data.BatchSchedule`, so a run
-resumed from a checkpoint repeats an uninterrupted run exactly; accelerate restores the global RNGs (dropout) and the
-optimizer, the trainer the EMA, the lr schedule, the step and the wall time.
+``step_generator(seed, m, process_index)`` and the images from :class:`~diffusers_stf.training.data.BatchSchedule`, so
+a run resumed from a checkpoint repeats an uninterrupted run exactly; accelerate restores the global RNGs (dropout) and
+the optimizer, the trainer the EMA, the lr schedule, the step and the wall time.
 
 The training step never waits for the host: losses are summed on the device, and whether a loss was NaN or ±inf is
 checked at each logging step, checkpoint and at the end; the run then stops with the first bad step.
@@ -16,22 +16,24 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Union
 
 import torch
 
-from ..data import DIGITS_NAME, ArrowImages, BatchSchedule, ImageData, derived_seed
-from ..remote_code import write_model_remote_code
+from ..digits import DIGITS_NAME
+from ..hub import write_model_remote_code
+from ..hub.push import DEFAULT_IGNORE, check_hub_settings, create_repo_early, push_or_explain
+from ..losses import LossOutput
 from .accelerator import make_accelerator, step_generator, to_device
 from .checkpoints import (
     fingerprint_differences, jsonable, kill_point, load_checkpoint, model_fingerprint, read_run, read_state,
     register_model_hooks, resolve_checkpoint, save_checkpoint, save_weights, start_run,
 )
 from .config import TrainingConfig
+from .data import ArrowImages, BatchSchedule, ImageData, derived_seed
 from .ema import HalfLifeEMA, WarmupEMA
 from .global_batch import BatchShare, global_indices, share_of, take_rows
-from .hub import check_hub_settings, create_repo_early, push_or_explain
 from .metrics_log import MetricsLogger
 from .plots import record_validation, sampler_caption
 from .model_card import ModelCardInfo, hub_dataset_ids, write_model_card
@@ -40,27 +42,6 @@ from .validation import sample_grid
 logger = logging.getLogger(__name__)
 
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
-
-
-@dataclass
-class LossOutput:
-    """What a loss function returns to the trainer. Keep everything a tensor on the device: the trainer sums them
-    there and copies them to the host once per logging step.
-
-    Args:
-        loss: the scalar to minimise.
-        per_sample: detached per-sample losses (B,), logged per σ bucket together with ``sigma``.
-        sigma: the noise level of each sample (B,).
-        logs: more scalars to log (averaged between writes).
-        per_sample_logs: more per-sample values (B,), logged overall and per σ bucket like the loss
-            (e.g. ``{"accuracy": correct}`` gives ``accuracy_sigma_<bucket>`` columns).
-    """
-
-    loss: torch.Tensor
-    per_sample: Optional[torch.Tensor] = None
-    sigma: Optional[torch.Tensor] = None
-    logs: Dict[str, Union[float, torch.Tensor]] = field(default_factory=dict)
-    per_sample_logs: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,7 +72,9 @@ class Trainer:
     Args:
         config: the run's :class:`~diffusers_stf.training.config.TrainingConfig`.
         model: the network to train (a diffusers ``ModelMixin`` to get ``save_pretrained`` folders).
-        loss_fn: ``loss_fn(model, batch, generator) -> LossOutput`` (or a scalar tensor). ``model`` is the
+        loss_fn: ``loss_fn(model, batch, generator) -> LossOutput``: what every loss of
+            :mod:`~diffusers_stf.losses` returns, the per-sample loss (B,) whose mean is minimised, with σ and logs
+            (a tensor is taken as the per-sample loss, or its mean). ``model`` is the
             accelerate-prepared model (DDP-wrapped with several processes); ``batch`` is
             ``{"images": (B, C, H, W) in [−1, 1], "index": (B,), "labels": (B,)}`` on the device (``index`` on the
             CPU), with ``"data_generator"``, the CPU generator for drawing more dataset images (e.g.
@@ -99,7 +82,7 @@ class Trainer:
             :class:`~diffusers_stf.training.global_batch.BatchShare` of the batch (see ``global_draws``) and
             ``"global_index"``, the CPU indices of the whole global batch (``share.total`` of them), already
             randomly cropped/flipped; ``generator`` (on the device) must be the source of every random draw of the loss.
-        data: the training :class:`~diffusers_stf.data.ImageData`.
+        data: the training :class:`~diffusers_stf.training.data.ImageData`.
         accelerator: from :func:`make_accelerator` (made here when None).
         make_pipeline: ``make_pipeline(model) -> DiffusionPipeline`` around the EMA weights, for the sample grids and
             the final ``save_pretrained`` folder. Without it the final folder holds the EMA model only.
@@ -381,7 +364,8 @@ class Trainer:
                 with acc.accumulate(self.model):
                     out = self.loss_fn(self.model, batch, generator)
                     out = out if isinstance(out, LossOutput) else LossOutput(loss=out)
-                    acc.backward(out.loss)
+                    objective = out.loss.mean()
+                    acc.backward(objective)
                     if acc.sync_gradients:
                         for p in self.model.parameters():  # as EDM: NaN → 0, ±inf → ±1e5
                             if p.grad is not None:
@@ -390,9 +374,9 @@ class Trainer:
                             acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                finite = torch.isfinite(out.loss.detach()).all()
+                finite = torch.isfinite(objective.detach())
                 first_bad = torch.where(~finite & (first_bad < 0), self.step + 1, first_bad)
-                metrics.accumulate(out.loss, out.per_sample, out.sigma, out.logs, out.per_sample_logs)
+                metrics.accumulate(objective, out.loss, out.sigma, out.logs, out.per_sample_logs)
             lr = self.lr_scheduler.get_last_lr()[0]
             self.lr_scheduler.step()
             beta = self.ema.update(acc.unwrap_model(self.model), self.nimg, self.global_batch, self.step)
@@ -435,8 +419,6 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
         if config.push_to_hub and acc.is_main_process:  # last: other processes are not left waiting if it fails
-            from .hub import DEFAULT_IGNORE
-
             push_or_explain(self.output_dir, config.hub_model_id, config.hub_token, private=config.hub_private_repo,
                             commit_message=f"Training finished at step {self.step}",
                             ignore_patterns=(*DEFAULT_IGNORE, *self.hub_ignore_patterns))

@@ -1,4 +1,5 @@
-"""``--push_to_hub`` that fails before training or retries cleanly after it.
+"""Uploads to the Hugging Face Hub: ``--push_to_hub`` that fails before training or retries cleanly after it, and the
+command that uploads a finished folder (again).
 
 A training script calls, on the main process:
 
@@ -6,18 +7,28 @@ A training script calls, on the main process:
    default id is ``<your namespace>/<output_dir name>``);
 2. :func:`create_repo_early` before the first training step, as diffusers' ``train_unconditional.py`` does;
 3. :func:`push_or_explain` at the end: if the upload fails, every local file stays, and the run exits non-zero with
-   one message that prints the command that retries it (``python -m diffusers_stf.push OUTPUT_DIR --hub_model_id …``).
+   one message that prints the command that retries it (:func:`retry_command`).
+
+The retry command is :func:`main`, run as
+
+    python -m diffusers_stf.push OUTPUT_DIR --hub_model_id namespace/name [--private] [--hub_token TOKEN]
+
+It uploads the folder without checkpoints and logs; nothing is retrained. A model card written for the local folder
+(its snippets load ``OUTPUT_DIR``) is pointed at the repo id before the upload.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from huggingface_hub import HfApi
 
 DEFAULT_IGNORE = ("checkpoint-*", "checkpoint-*/**", "logs/**", "*.partial/**")
+# the entry point that runs main(): diffusers_stf/push.py
+PUSH_MODULE = f"{__name__.split('.')[0]}.push"
 
 
 def _token(hub_token: Optional[str]) -> Optional[str]:
@@ -83,7 +94,7 @@ def create_repo_early(repo_id: str, hub_token: Optional[str] = None, private: bo
 
 def retry_command(output_dir: str, repo_id: str, private: bool = False) -> str:
     """The shell command that uploads ``output_dir`` again."""
-    command = ["python", "-m", "diffusers_stf.push", os.path.abspath(output_dir), "--hub_model_id", repo_id]
+    command = ["python", "-m", PUSH_MODULE, os.path.abspath(output_dir), "--hub_model_id", repo_id]
     if private:
         command.append("--private")
     return " ".join(shlex.quote(part) for part in command)
@@ -118,3 +129,48 @@ def push_or_explain(output_dir: str, repo_id: str, hub_token: Optional[str] = No
             f"Every file is kept in {os.path.abspath(output_dir)}. Retry the upload with:\n"
             f"  {retry_command(output_dir, repo_id, private)}"
         ) from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m {PUSH_MODULE}",
+                                     description="Upload a finished training folder to the Hugging Face Hub (again).")
+    parser.add_argument("output_dir", help="the folder a training script wrote (model_index.json, README.md, …)")
+    parser.add_argument("--hub_model_id", required=True, help="namespace/name (a bare name gets your namespace)")
+    parser.add_argument("--hub_token", default=None, help="default: the token of `hf auth login` / HF_TOKEN")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--commit_message", default="Upload trained pipeline")
+    return parser
+
+
+def point_card_at_repo(output_dir: str, repo_id: str) -> bool:
+    """Replace the local folder in ``README.md``'s snippets by ``repo_id``; returns whether the card changed."""
+    card = os.path.join(output_dir, "README.md")
+    if not os.path.isfile(card):
+        return False
+    with open(card, encoding="utf-8") as f:
+        text = f.read()
+    new = text.replace(f'"{os.path.abspath(output_dir)}"', f'"{repo_id}"')
+    if new != text:
+        with open(card, "w", encoding="utf-8") as f:
+            f.write(new)
+    return new != text
+
+
+def main(argv: Optional[List[str]] = None) -> str:
+    """The retry command: check ``OUTPUT_DIR`` and the settings, create the repo, point the card at it, upload.
+    Returns the repo id."""
+    args = build_parser().parse_args(argv)
+    folder = args.output_dir
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{folder} is not a folder")
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in ("model_index.json", "config.json")):
+        raise SystemExit(f"{folder} has neither model_index.json nor config.json: not a saved pipeline or model")
+    try:
+        repo_id = check_hub_settings(True, args.hub_model_id, args.hub_token, folder)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
+    repo_id = create_repo_early(repo_id, args.hub_token, private=args.private)
+    point_card_at_repo(folder, repo_id)
+    push_or_explain(folder, repo_id, args.hub_token, private=args.private, commit_message=args.commit_message)
+    print(f"Uploaded {os.path.abspath(folder)} to https://huggingface.co/{repo_id}")
+    return repo_id

@@ -1,0 +1,182 @@
+"""Classifier-free guidance and autoguidance are exact, against closed-form Gaussian models (tests/guidance_exact.py).
+
+* CFG ≡ classifier guidance: for a two-class mixture, Tweedie gives D_c − D_u = σ²·∇ log p(y | x), so CFG at scale w
+  with the exact conditional/unconditional denoisers is classifier guidance at scale w with the exact classifier.
+* Autoguidance: a guide whose output is 2·(good) − (target) (every parametrisation is affine in D) gives, at w = 2,
+  D_guide + 2·(D_good − D_guide) = D_target: the samples of the target model.
+"""
+
+import math
+
+import pytest
+import torch
+from diffusers import ConfigMixin, DDIMScheduler, DPMSolverMultistepScheduler, ModelMixin, UNet2DModel
+from diffusers.configuration_utils import register_to_config
+from guidance_exact import ExactMixtureClassifier, ExactMixtureNet
+from test_guidance_schedulers import CASES, IDS, assert_same_samples, exact_net, plain_loop, sample
+
+from diffusers_stf import DiscriminatorGuidedPipeline, EDMHeunScheduler, EDMPipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MEANS, WEIGHTS, STD = (-0.4, 0.3), (0.5, 0.5), 0.15
+
+
+def conditional_mixture(parametrisation, prediction_type):
+    """The exact class-conditional network of the mixture: label k is class k's Gaussian, label 2 (null) the mixture."""
+    return ExactMixtureNet(means=MEANS, weights=WEIGHTS, std=STD, sample_size=2, parametrisation=parametrisation,
+                           prediction_type=prediction_type, num_class_embeds=3)
+
+
+CFG_SCHEDULERS = [
+    ("edm_heun", lambda: EDMHeunScheduler(), "edm", "epsilon", 12),
+    ("ddim", lambda: DDIMScheduler(clip_sample=False), "ddpm", "epsilon", 25),
+    ("dpmsolver", lambda: DPMSolverMultistepScheduler(), "ddpm", "epsilon", 15),
+    ("dpmsolver_v", lambda: DPMSolverMultistepScheduler(prediction_type="v_prediction"), "ddpm", "v_prediction", 15),
+]
+
+
+@pytest.mark.parametrize("w", [1.0, 3.0])
+@pytest.mark.parametrize("name,make,parametrisation,prediction_type,steps", CFG_SCHEDULERS,
+                         ids=[c[0] for c in CFG_SCHEDULERS])
+def test_cfg_equals_classifier_guidance_with_the_exact_classifier(name, make, parametrisation, prediction_type,
+                                                                   steps, w):
+    n = 128
+    labels = torch.arange(n) % 2
+    cfg = DiscriminatorGuidedPipeline(conditional_mixture(parametrisation, prediction_type), make(), null_class_label=2)
+    by_cfg = sample(cfg, steps, n, class_labels=labels, guidance_scale=w)
+    mixture = exact_net(parametrisation, prediction_type, MEANS, WEIGHTS, STD, 2)
+    clf = ExactMixtureClassifier(means=MEANS, weights=WEIGHTS, std=STD, sample_size=2)
+    cg = DiscriminatorGuidedPipeline(mixture, make(), classifier=clf)
+    by_classifier = sample(cg, steps, n, class_labels=labels, classifier_guidance_scale=w)
+    assert_same_samples(by_cfg, by_classifier, (name, w))
+    if w == 3.0:  # guidance beyond the class: the class means move past m_y, away from the other class
+        assert float(by_cfg[labels == 0].mean()) < MEANS[0] - 0.01 and float(by_cfg[labels == 1].mean()) > MEANS[1] + 0.01
+
+
+def test_cfg_at_scale_one_is_one_conditional_evaluation_bit_identical_to_plain_sampling():
+    net = conditional_mixture("edm", "epsilon")
+    calls = []
+    net.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    pipe = EDMPipeline(net, EDMHeunScheduler(), null_class_label=2)
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.tensor([0, 1, 1])
+    kwargs = dict(batch_size=3, num_inference_steps=6, output_type="pt", class_labels=labels)
+    plain = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
+    assert calls == [3] * 11  # one batch of 3 rows per evaluation, 2·6 − 1 evaluations
+    calls.clear()
+    one = pipe(generator=torch.Generator().manual_seed(1), guidance_scale=1.0, **kwargs).images
+    assert torch.equal(one, plain) and calls == [3] * 11
+    calls.clear()
+    pipe(generator=torch.Generator().manual_seed(1), guidance_scale=2.0, **kwargs)
+    assert calls == [6] * 11  # conditional and unconditional halves in one batched forward
+
+
+class LinearCombination(ModelMixin, ConfigMixin):
+    """Σ_i c_i·net_i(x, t): a network whose output is a fixed linear combination of others' outputs."""
+
+    @register_to_config
+    def __init__(self, sample_size=4, in_channels=1, out_channels=1, num_class_embeds=None):
+        super().__init__()
+
+    @classmethod
+    def of(cls, nets, coefficients):
+        c = nets[0].config
+        combination = cls(c.sample_size, c.in_channels, c.out_channels, c.num_class_embeds)
+        combination.nets, combination.coefficients = torch.nn.ModuleList(nets), coefficients
+        return combination
+
+    def forward(self, sample, timestep, class_labels=None):
+        out = sum(c * net(sample, timestep, class_labels=class_labels).sample.double()
+                  for c, net in zip(self.coefficients, self.nets))
+        return type("Out", (), {"sample": out.float()})
+
+
+@pytest.mark.parametrize("name,make,parametrisation,prediction_type,steps", CASES, ids=IDS)
+def test_autoguidance_with_guide_two_good_minus_target_samples_the_target(name, make, parametrisation,
+                                                                           prediction_type, steps):
+    good = exact_net(parametrisation, prediction_type, (0.05,), (1.0,), 0.2, 4)
+    target = exact_net(parametrisation, prediction_type, (0.25,), (1.0,), 0.2, 4)
+    guide = LinearCombination.of([good, target], (2.0, -1.0))
+    pipe = EDMPipeline(good, make(prediction_type))
+    pipe.register_modules(guide_unet=guide)
+    guided = sample(pipe, steps, 256, autoguidance_scale=2.0)
+    expected = sample(EDMPipeline(target, make(prediction_type)), steps, 256)
+    assert_same_samples(guided, expected, name)
+    plain = sample(EDMPipeline(good, make(prediction_type)), steps, 256)
+    assert float(expected.mean() - plain.mean()) > 0.05
+
+
+def test_an_interval_without_a_schedule_sigma_is_bit_identical_to_unguided():
+    net = conditional_mixture("edm", "epsilon")
+    guide = exact_net("edm", "epsilon", (0.0,), (1.0,), 0.3, 2)
+    pipe = EDMPipeline(net, EDMHeunScheduler(), null_class_label=2)
+    pipe.register_modules(guide_unet=LinearCombination.of([guide], (1.0,)))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(6)
+    levels = sorted(set(pipe.scheduler.sigmas.tolist()) | set(pipe.scheduler.sigmas_hat.tolist()))
+    gap = next((a, b) for a, b in zip(levels, levels[1:]) if b > a * 1.5)  # between two consecutive σ of the schedule
+    interval = (gap[0] * 1.1, gap[1] * 0.9)
+    kwargs = dict(batch_size=4, num_inference_steps=6, output_type="pt", class_labels=torch.tensor([0, 1, 0, 1]))
+    plain = pipe(generator=torch.Generator().manual_seed(2), **kwargs).images
+    for guidance in ({"guidance_scale": 4.0}, {"autoguidance_scale": 3.0}):
+        kept = pipe(generator=torch.Generator().manual_seed(2), guidance_interval=interval, **guidance, **kwargs).images
+        assert torch.equal(kept, plain)
+        moved = pipe(generator=torch.Generator().manual_seed(2), **guidance, **kwargs).images
+        assert not torch.allclose(moved, plain, atol=1e-3)
+
+
+def test_zero_effect_scales_are_bit_identical_to_the_plain_loop_under_every_scheduler():
+    for name, make, parametrisation, prediction_type, steps in CASES[::4]:
+        net = exact_net(parametrisation, prediction_type, (0.1,), (1.0,), 0.2, 4)
+        pipe = EDMPipeline(net, make(prediction_type))
+        pipe.register_modules(guide_unet=exact_net(parametrisation, prediction_type, (0.0,), (1.0,), 0.2, 4))
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size=3, num_inference_steps=steps, generator=torch.Generator().manual_seed(3),
+                      output_type="pt", autoguidance_scale=1.0).images
+        assert torch.equal(images, plain_loop(net, make(prediction_type), steps, 3, 3)), name
+
+
+def tiny_unet(num_class_embeds=None, sample_size=8, block_out_channels=(8, 16)):
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=sample_size, in_channels=1, out_channels=1, block_out_channels=block_out_channels,
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, num_class_embeds=num_class_embeds)
+
+
+def test_bad_input_names_the_argument():
+    conditional = EDMPipeline(tiny_unet(11), EDMHeunScheduler(), null_class_label=10)
+    unconditional = EDMPipeline(tiny_unet(), EDMHeunScheduler())
+    kwargs = dict(batch_size=2, num_inference_steps=2)
+    with pytest.raises(ValueError, match="guidance_scale=2.0 .* needs a class-conditional unet and class_labels"):
+        unconditional(guidance_scale=2.0, **kwargs)
+    with pytest.raises(ValueError, match="the unet is class-conditional: pass class_labels"):
+        conditional(guidance_scale=2.0, **kwargs)
+    with pytest.raises(ValueError, match=r"class_labels must be in \[0, 9\]"):
+        conditional(guidance_scale=2.0, class_labels=[10, 1], **kwargs)  # the null label is not a request
+    with pytest.raises(ValueError, match="class_labels must be integer class indices"):
+        conditional(class_labels=torch.tensor([0.0, 1.0]), **kwargs)
+    with pytest.raises(ValueError, match="one label per image"):
+        conditional(class_labels=[1, 2, 3], **kwargs)
+    with pytest.raises(ValueError, match="needs the unet's null label"):
+        EDMPipeline(tiny_unet(11), EDMHeunScheduler())(guidance_scale=2.0, class_labels=[1, 2], **kwargs)
+    with pytest.raises(ValueError, match="null_class_label must be a label index"):
+        EDMPipeline(tiny_unet(11), EDMHeunScheduler(), null_class_label=11)
+    with pytest.raises(ValueError, match="autoguidance_scale=2.0 needs a guide_unet"):
+        unconditional(autoguidance_scale=2.0, **kwargs)
+    with pytest.raises(ValueError, match="guide_unet has sample_size=16"):
+        EDMPipeline(tiny_unet(), EDMHeunScheduler(), guide_unet=tiny_unet(sample_size=16))
+    with pytest.raises(ValueError, match=r"guidance_interval must satisfy 0 <= sigma_lo < sigma_hi"):
+        unconditional(guidance_interval=(2.0, 1.0), **kwargs)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
+        conditional(guidance_scale=math.nan, class_labels=[1, 2], **kwargs)
+
+
+def test_a_guide_trained_with_another_preconditioning_is_refused(tmp_path):
+    from diffusers_stf import EDMHeunScheduler as Scheduler
+
+    EDMPipeline(tiny_unet(), Scheduler(preconditioning="vp")).save_pretrained(tmp_path / "guide")
+    guide = UNet2DModel.from_pretrained(tmp_path / "guide", subfolder="unet")
+    with pytest.raises(ValueError, match="guide_unet was trained with another preconditioning"):
+        EDMPipeline(tiny_unet(), Scheduler(), guide_unet=guide)
+    EDMPipeline(tiny_unet(), Scheduler(preconditioning="vp"), guide_unet=guide)  # the same one is accepted
