@@ -14,6 +14,7 @@ from ..models import (  # noqa: F401
     DhariwalUNet,
     Discriminator,
     EDM2UNet,
+    EncoderUNetModel,
     NoiseConditionalClassifier,
     SongUNet,
 )
