@@ -20,6 +20,7 @@ LAYERS = [
     {"models"},
     {"guidance"},
     {"pipelines"},
+    {"conversion", "convert"},
     {"evaluation"},
     {"training", "phema"},
     {"push"},

@@ -10,9 +10,11 @@ from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (looked up here 
 
 from ..models import (  # noqa: F401
     AugmentConditionedUNet2DModel,
+    DGDiscriminator,
     DhariwalUNet,
     Discriminator,
     EDM2UNet,
+    EncoderUNetModel,
     NoiseConditionalClassifier,
     SongUNet,
 )

@@ -254,7 +254,7 @@ class DiscriminatorGuidedPipeline(EDMPipeline):
                 tensor) noised to the level of step N − round(strength·N), instead of from pure noise.
             strength: fraction of the schedule to run from ``image`` (1: all steps).
             eta: DDIM's η, for ``DDIMScheduler`` (ignored by schedulers whose ``step`` takes no ``eta``).
-            output_type: ``pil``, ``np`` or ``pt``.
+            output_type: ``pil``, ``np``, ``pt`` or ``latent`` (the final sample, unclamped, in the sampling dtype).
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
         """
         self._check_components()

@@ -20,7 +20,7 @@ from ..preconditioning import EvaluationFrame, Preconditioning, preconditioning_
 from ..schedulers import EDMHeunScheduler
 from . import components
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 def _as_int(value, name: str) -> int:
@@ -292,7 +292,10 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
         return sample
 
     def postprocess(self, sample: torch.Tensor, output_type: str):
-        """[-1, 1] float64 samples to ``pt`` ([0,1] NCHW float32), ``np`` ([0,1] NHWC) or ``pil``."""
+        """[-1, 1] float64 samples to ``pt`` ([0,1] NCHW float32), ``np`` ([0,1] NHWC) or ``pil``; ``latent`` is the
+        final sample itself, unclamped, as diffusers pipelines return it."""
+        if output_type == "latent":
+            return sample
         image = (sample / 2 + 0.5).clamp(0, 1).to(torch.float32)
         if output_type == "pt":
             return image
@@ -329,7 +332,7 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
                 (Kynkäänniemi et al. 2024); default everywhere.
             guidance_terms: further guidance terms (:mod:`diffusers_stf.guidance`) added at every evaluation where
                 active.
-            output_type: ``pil``, ``np`` or ``pt``.
+            output_type: ``pil``, ``np``, ``pt`` or ``latent`` (the final sample, unclamped, in the sampling dtype).
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
         """
         batch_size, num_inference_steps = self._check_inputs(batch_size, num_inference_steps, output_type, generator)

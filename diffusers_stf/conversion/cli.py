@@ -1,0 +1,183 @@
+"""``python -m diffusers_stf.convert``: published checkpoints → pipeline folders with model cards. Nothing is pushed.
+
+    # an NVlabs EDM snapshot → an EDMPipeline folder
+    python -m diffusers_stf.convert edm edm-cifar10-32x32-uncond-vp.pkl converted/edm-cifar10-uncond-vp
+    # DG's discriminator on that score model → a DiscriminatorGuidedPipeline folder
+    python -m diffusers_stf.convert dg --classifier 32x32_classifier.pt --discriminator discriminator_60.pt \\
+        --score_model converted/edm-cifar10-uncond-vp converted/dg-cifar10-uncond
+
+Each folder loads with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` (plain diffusers) or the
+package's pipeline class, and its README.md names the source files (with their SHA-256), their licence and the exact
+command that wrote it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shlex
+import sys
+from typing import List, Optional, Sequence
+
+from ..pipelines.pipeline_discriminator_guided import DiscriminatorGuidedPipeline
+from ..pipelines.pipeline_edm import EDMPipeline
+from .dg import load_dg_discriminator
+from .nvlabs_edm import load_nvlabs_edm
+
+EDM_LICENSE = ("NVlabs' EDM checkpoints are published under the Creative Commons Attribution-NonCommercial-ShareAlike "
+               "4.0 International licence (CC BY-NC-SA 4.0, https://creativecommons.org/licenses/by-nc-sa/4.0/). "
+               "This folder holds the same weights in another layout, a derivative under the same licence: "
+               "non-commercial use only, with attribution to NVIDIA (Karras et al. 2022), shared alike. A snapshot "
+               "you trained yourself with NVlabs' code is yours; its code was CC BY-NC-SA 4.0.")
+DG_LICENSE = ("The discriminator comes from Discriminator Guidance's published files (alsdudrla10/DG, Kim et al. "
+              "2023). The DG repository states no licence (it has no LICENSE file and its README names none), so no "
+              "licence to the discriminator weights is granted here: they remain their authors'; ask them before you "
+              "redistribute this folder. DG's code builds on NVlabs' EDM (CC BY-NC-SA 4.0) and openai/"
+              "guided-diffusion (MIT); the score network in this folder is NVlabs' EDM network, CC BY-NC-SA 4.0.")
+EDM_CITATION = ("Karras, Aittala, Aila, Laine. Elucidating the Design Space of Diffusion-Based Generative Models. "
+                "NeurIPS 2022. https://github.com/NVlabs/edm")
+DG_CITATION = ("Kim, Kim, Kwon, Kang, Moon. Refining Generative Process with Discriminator Guidance in Score-based "
+               "Diffusion Models. ICML 2023. https://github.com/alsdudrla10/DG")
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_output_dir(path: str):
+    """Nothing is overwritten: the output folder must be new or empty."""
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise SystemExit(f"error: {path} exists and is not an empty folder; choose a new output folder")
+
+
+def write_card(folder: str, title: str, yaml_lines: List[str], body: str):
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+        f.write("---\n" + "\n".join(yaml_lines) + "\n---\n\n# " + title + "\n\n" + body.strip() + "\n")
+
+
+def _usage(call: str) -> str:
+    return ("With diffusers alone (the folder carries the code of its classes, generated from diffusers_stf; "
+            "`trust_remote_code=True` runs it):\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
+            "pipeline = DiffusionPipeline.from_pretrained(\"path/to/this/folder\", trust_remote_code=True)\n"
+            f"images = pipeline({call}).images\n```\n")
+
+
+def convert_edm(args, command: str) -> EDMPipeline:
+    pipeline = load_nvlabs_edm(args.pickle)
+    pipeline.save_pretrained(args.output_dir)
+    scheduler = pipeline.scheduler.config
+    name = os.path.basename(args.pickle)
+    body = f"""
+The network of NVlabs' EDM snapshot `{name}` ({EDM_CITATION}), converted to diffusers_stf's
+`{type(pipeline.unet).__name__}` and `EDMHeunScheduler` (preconditioning `{scheduler.preconditioning}`, σ ∈
+[{scheduler.sigma_min:.6g}, {scheduler.sigma_max:.6g}]). The default call (18 Heun steps, 35 network evaluations)
+samples as NVlabs' `generate.py` (`edm_sampler`).
+
+## Source
+
+| file | SHA-256 |
+|---|---|
+| `{name}` | `{sha256(args.pickle)}` |
+
+Converted with diffusers_stf's restricted unpickler, which executes nothing from the pickle:
+
+```
+{command}
+```
+
+## Licence
+
+{EDM_LICENSE}
+
+## Usage
+
+{_usage("batch_size=16, num_inference_steps=18")}"""
+    write_card(args.output_dir, f"EDM: {name}", ["license: cc-by-nc-sa-4.0", "library_name: diffusers",
+                                                   "pipeline_tag: unconditional-image-generation",
+                                                   "tags:", "- diffusers", "- diffusers_stf", "- edm"], body)
+    return pipeline
+
+
+def convert_dg(args, command: str) -> DiscriminatorGuidedPipeline:
+    score = EDMPipeline.from_pretrained(args.score_model)
+    discriminator = load_dg_discriminator(args.classifier, args.discriminator, img_resolution=args.img_resolution,
+                                          conditional=args.conditional)
+    pipeline = DiscriminatorGuidedPipeline(unet=score.unet, scheduler=score.scheduler, discriminator=discriminator)
+    pipeline.save_pretrained(args.output_dir)
+    rows = "\n".join(f"| `{os.path.basename(p)}` | `{sha256(p)}` |" for p in (args.classifier, args.discriminator))
+    weight = 1.0 if args.conditional else 2.0
+    body = f"""
+Discriminator Guidance ({DG_CITATION}) with its published discriminator: the frozen ADM classifier `{os.path.basename(
+        args.classifier)}` as feature extractor and the head `{os.path.basename(args.discriminator)}`
+({"class-conditional" if args.conditional else "unconditional"}), converted to diffusers_stf's `DGDiscriminator`, on the
+score model converted in `{args.score_model}` (see its model card for the EDM source and licence).
+
+## Source
+
+| file | SHA-256 |
+|---|---|
+{rows}
+
+Converted from the state dicts (read with `torch.load(..., weights_only=True)`) with:
+
+```
+{command}
+```
+
+## Licence
+
+{DG_LICENSE}
+
+{EDM_LICENSE}
+
+## Usage
+
+DG's CIFAR-10 setting guides the first-order evaluation of each Heun step with weight {weight:g}
+(`dg_weight_1st_order`){" and uses boosting (`boosting=True`)" if args.conditional else ""}.
+
+{_usage(f"batch_size=16, num_inference_steps=18, dg_weight_1st_order={weight:g}"
+        + (", boosting=True" if args.conditional else ""))}"""
+    write_card(args.output_dir, f"Discriminator Guidance: {os.path.basename(args.discriminator)}",
+               ["license: other", "license_name: cc-by-nc-sa-4.0-edm-and-unlicensed-dg",
+                "license_link: https://github.com/alsdudrla10/DG", "library_name: diffusers",
+                "pipeline_tag: unconditional-image-generation",
+                "tags:", "- diffusers", "- diffusers_stf", "- edm", "- discriminator-guidance"], body)
+    return pipeline
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m diffusers_stf.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    edm = commands.add_parser("edm", help="an NVlabs EDM snapshot (.pkl) → an EDMPipeline folder")
+    edm.add_argument("pickle", help="edm-*.pkl or network-snapshot-*.pkl")
+    edm.add_argument("output_dir", help="a new folder")
+    dg = commands.add_parser("dg", help="DG's discriminator + a converted EDM folder → a DiscriminatorGuidedPipeline")
+    dg.add_argument("--classifier", required=True, help="DG's 32x32_classifier.pt")
+    dg.add_argument("--discriminator", required=True,
+                    help="DG's discriminator_60.pt (or discriminator_250.pt, with --conditional)")
+    dg.add_argument("--score_model", required=True, help="a folder written by `convert edm`")
+    dg.add_argument("--conditional", action="store_true", help="the discriminator is class-conditional")
+    dg.add_argument("--img_resolution", type=int, default=32)
+    dg.add_argument("output_dir", help="a new folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    """Run the command line (``argv`` without the program name); returns the converted pipeline."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    _check_output_dir(args.output_dir)
+    command = "python -m diffusers_stf.convert " + shlex.join(argv)
+    convert = convert_edm if args.command == "edm" else convert_dg
+    try:
+        pipeline = convert(args, command)
+    except ValueError as err:  # a refused input: the message says why; no traceback
+        raise SystemExit(f"error: {err}") from None
+    print(f"wrote {args.output_dir}")
+    return pipeline

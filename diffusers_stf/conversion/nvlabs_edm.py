@@ -1,0 +1,302 @@
+"""NVlabs EDM snapshots (Karras et al. 2022) as :class:`~diffusers_stf.EDMPipeline` s, read without executing them.
+
+Layer 2 of the reader: :func:`~.unpickler.read_nvlabs_pickle` gives plain records; the two tables here turn them into
+this package's objects, keyed by NVlabs' class names (a snapshot pickles the bare class name, e.g. ``'SongUNet'``):
+
+* :data:`NETWORK_CONVERTERS`: network class → ``converter(record, source) -> model`` with the weights loaded
+  (:func:`load_weights` refuses any mismatch). ``SongUNet`` and ``DhariwalUNet`` map to this package's classes of
+  the same names, whose state-dict keys are NVlabs' own.
+* :data:`PRECONDITIONING_CONVERTERS`: preconditioning class → ``converter(record) -> dict`` of
+  :class:`~diffusers_stf.EDMHeunScheduler` config entries that express its constants (EDM Table 1).
+
+A new architecture or project is one entry (:func:`register_network_converter`,
+:func:`register_preconditioning_converter`). EDM2 snapshots are recognised; their ``Precond``/``UNet`` classes have no
+entry yet, so :func:`load_nvlabs_edm` refuses them by name.
+
+Default sampling is NVlabs ``generate.py``'s ``edm_sampler``: 18 Heun steps of the ρ = 7 schedule from 80 to 0.002,
+clamped to the network's own range (σ_min = max(0.002, net.σ_min), σ_max = min(80, net.σ_max)) and snapped by
+``round_sigma`` (iDDPM's discrete levels). The scheduler's σ_min/σ_max are set to the clamped range, and the range the
+scheduler actually samples is checked against it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Dict, Mapping, Optional
+
+import torch
+
+from ..models.dhariwal_unet import DhariwalUNet
+from ..models.song_unet import SongUNet
+from ..pipelines.pipeline_edm import EDMPipeline
+from ..schedulers import EDMHeunScheduler
+from .unpickler import EasyDictRecord, ModuleRecord, NVlabsPickleError, read_nvlabs_pickle
+from .weights import load_exactly
+
+EDM_SNAPSHOT_KEYS = ("ema", "loss_fn", "augment_pipe", "dataset_kwargs")
+EDM2_SNAPSHOT_KEYS = ("ema", "encoder", "loss_fn", "dataset_kwargs")
+STYLEGAN_SNAPSHOT_KEYS = ("G", "D", "G_ema")
+SAMPLER_SIGMA_MIN, SAMPLER_SIGMA_MAX = 0.002, 80.0  # generate.py's edm_sampler defaults
+RANGE_RTOL = 1e-6
+
+NetworkConverter = Callable[[ModuleRecord, str], torch.nn.Module]
+PreconditioningConverter = Callable[[ModuleRecord], Dict[str, object]]
+NETWORK_CONVERTERS: Dict[str, NetworkConverter] = {}
+PRECONDITIONING_CONVERTERS: Dict[str, PreconditioningConverter] = {}
+
+
+def register_network_converter(class_name: str, converter: Optional[NetworkConverter] = None):
+    """Register ``converter(record, source) -> model`` for NVlabs network class ``class_name`` (usable as a
+    decorator). It returns the model with the record's weights loaded, e.g. with :func:`load_weights`."""
+    if converter is None:
+        return lambda function: register_network_converter(class_name, function)
+    NETWORK_CONVERTERS[class_name] = converter
+    return converter
+
+
+def register_preconditioning_converter(class_name: str, converter: Optional[PreconditioningConverter] = None):
+    """Register ``converter(record) -> EDMHeunScheduler config entries`` for NVlabs preconditioning class
+    ``class_name`` (usable as a decorator). Without ``sigma_min``/``sigma_max`` entries the sampling range is
+    ``edm_sampler``'s, clamped to the record's ``sigma_min``/``sigma_max`` attributes; a converter for a sampler
+    that does not clamp (EDM2's: 0.002 to 80) sets them."""
+    if converter is None:
+        return lambda function: register_preconditioning_converter(class_name, function)
+    PRECONDITIONING_CONVERTERS[class_name] = converter
+    return converter
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weights
+
+
+def load_weights(model: torch.nn.Module, record: ModuleRecord, source: str) -> torch.nn.Module:
+    """Load ``record``'s parameters and buffers into ``model`` by name, refusing any difference in names or shapes
+    (the message names the first ones). The values are cast to the model's dtypes (EDM2 stores float16)."""
+    return load_exactly(model, record.state_dict(), f"{source}: the weights of {record.class_name} do not match "
+                        f"{type(model).__name__} built from its pickled arguments")
+
+
+def _network_kwargs(record: ModuleRecord, defaults: Mapping[str, object]) -> Dict[str, object]:
+    """The network's constructor arguments: NVlabs' defaults updated with what the pickle recorded; an argument
+    NVlabs' class does not take is refused."""
+    unknown = sorted(set(record.init_kwargs) - set(defaults) - {"img_resolution", "in_channels", "out_channels"})
+    if unknown or record.init_args:
+        raise ValueError(f"{record.class_name} was built with arguments this converter does not know: "
+                         f"{unknown or list(record.init_args)}")
+    return {**defaults, **record.init_kwargs}
+
+
+# NVlabs' defaults (EDM training/networks.py), for the arguments a snapshot did not record.
+SONG_UNET_DEFAULTS = dict(
+    label_dim=0, augment_dim=0, model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4,
+    attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type="positional", channel_mult_noise=1,
+    encoder_type="standard", decoder_type="standard", resample_filter=[1, 1],
+)
+DHARIWAL_UNET_DEFAULTS = dict(
+    label_dim=0, augment_dim=0, model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
+    attn_resolutions=[32, 16, 8], dropout=0.10, label_dropout=0,
+)
+
+
+def nvlabs_unet_config(record: ModuleRecord, defaults: Mapping[str, object]) -> Dict[str, object]:
+    """Our config for an EDM UNet record: NVlabs' arguments with ``img_resolution`` → ``sample_size`` and
+    ``label_dim`` → ``num_class_embeds`` (None for 0)."""
+    kwargs = _network_kwargs(record, defaults)
+    config = {k: v for k, v in kwargs.items() if k not in ("img_resolution", "label_dim")}
+    config.update(sample_size=kwargs["img_resolution"], num_class_embeds=kwargs["label_dim"] or None)
+    for key, value in config.items():
+        if isinstance(value, tuple):
+            config[key] = list(value)
+    return config
+
+
+@register_network_converter("SongUNet")
+def _song_unet(record: ModuleRecord, source: str) -> SongUNet:
+    """EDM's DDPM++/NCSN++ network → :class:`~diffusers_stf.models.song_unet.SongUNet` (NVlabs' parameter names)."""
+    return load_weights(SongUNet(**nvlabs_unet_config(record, SONG_UNET_DEFAULTS)), record, source)
+
+
+@register_network_converter("DhariwalUNet")
+def _dhariwal_unet(record: ModuleRecord, source: str) -> DhariwalUNet:
+    """EDM's ADM network → :class:`~diffusers_stf.models.dhariwal_unet.DhariwalUNet` (NVlabs' parameter names)."""
+    return load_weights(DhariwalUNet(**nvlabs_unet_config(record, DHARIWAL_UNET_DEFAULTS)), record, source)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preconditionings (EDM Table 1) as scheduler config entries
+
+
+def _attribute(record: ModuleRecord, name: str) -> float:
+    value = record.attributes.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{record.class_name} has no numeric attribute {name!r} (got {value!r})")
+    return float(value)
+
+
+@register_preconditioning_converter("EDMPrecond")
+def _edm_preconditioning(record: ModuleRecord) -> Dict[str, object]:
+    return {"preconditioning": "edm", "sigma_data": _attribute(record, "sigma_data")}
+
+
+@register_preconditioning_converter("VPPrecond")
+def _vp_preconditioning(record: ModuleRecord) -> Dict[str, object]:
+    """σ(t) = √(exp(½β_d t² + β_min t) − 1), c_noise = (M − 1)·t(σ): the scheduler's ``vp`` takes β_min = T·β_start and
+    β_d = T·(β_end − β_start) with T = M. ε_t only sets σ_min = σ(ε_t), checked with the sampling range."""
+    beta_d, beta_min, M = (_attribute(record, k) for k in ("beta_d", "beta_min", "M"))
+    if M != int(M) or M < 2:
+        raise ValueError(f"VPPrecond.M must be an integer >= 2, got {M}")
+    return {"preconditioning": "vp", "num_train_timesteps": int(M), "beta_start": beta_min / M,
+            "beta_end": (beta_d + beta_min) / M, "beta_schedule": "linear"}
+
+
+@register_preconditioning_converter("VEPrecond")
+def _ve_preconditioning(record: ModuleRecord) -> Dict[str, object]:
+    """c_noise = ln(σ/2); the network's σ range only clamps sampling, checked with the sampling range."""
+    return {"preconditioning": "ve"}
+
+
+IDDPM_C1, IDDPM_C2 = 0.001, 0.008  # the constants of the scheduler's iddpm preconditioning (EDM Table 1)
+IDDPM_LEVELS_RTOL = 5e-3
+
+
+@register_preconditioning_converter("iDDPMPrecond")
+def _iddpm_preconditioning(record: ModuleRecord) -> Dict[str, object]:
+    """The levels u_j of EDM eq. 99 from M, C_1 and C_2: the scheduler's ``iddpm`` has C_1 = 0.001, C_2 = 0.008."""
+    c1, c2, M = (_attribute(record, k) for k in ("C_1", "C_2", "M"))
+    if (c1, c2) != (IDDPM_C1, IDDPM_C2):
+        raise ValueError(f"iDDPMPrecond has C_1={c1}, C_2={c2}; EDMHeunScheduler's 'iddpm' preconditioning has only "
+                         f"C_1={IDDPM_C1}, C_2={IDDPM_C2}")
+    if M != int(M) or M < 2:
+        raise ValueError(f"iDDPMPrecond.M must be an integer >= 2, got {M}")
+    return {"preconditioning": "iddpm", "num_train_timesteps": int(M)}
+
+
+def sampling_range(record: ModuleRecord):
+    """edm_sampler's σ range for this network: (max(0.002, net.σ_min), min(80, net.σ_max))."""
+    return (max(SAMPLER_SIGMA_MIN, _attribute(record, "sigma_min")),
+            min(SAMPLER_SIGMA_MAX, _attribute(record, "sigma_max")))
+
+
+def scheduler_from_record(record: ModuleRecord) -> EDMHeunScheduler:
+    """The :class:`EDMHeunScheduler` of a preconditioning record: its Table 1 row and constants, sampling as
+    ``edm_sampler`` does. What the scheduler's config cannot express is refused (ValueError)."""
+    if record.class_name not in PRECONDITIONING_CONVERTERS:
+        raise ValueError(f"no converter for the preconditioning {record.class_name!r}; "
+                         f"known: {sorted(PRECONDITIONING_CONVERTERS)}")
+    config = PRECONDITIONING_CONVERTERS[record.class_name](record)
+    if "sigma_min" not in config or "sigma_max" not in config:
+        config.update(zip(("sigma_min", "sigma_max"), sampling_range(record)))
+    sigma_min, sigma_max = config["sigma_min"], config["sigma_max"]
+    scheduler = EDMHeunScheduler(**config)
+
+    def snap(values):  # compared after round_sigma, as sampling uses them (iDDPM: NVlabs' float32 levels, ours float64)
+        return scheduler.preconditioning.round_sigma(torch.tensor(values, dtype=torch.float64)).tolist()
+
+    got = scheduler.sigma_range
+    if not all(math.isclose(a, b, rel_tol=RANGE_RTOL) for a, b in zip(snap(got), snap((sigma_min, sigma_max)))):
+        raise ValueError(
+            f"{record.class_name} supports σ ∈ [{record.attributes.get('sigma_min')}, "
+            f"{record.attributes.get('sigma_max')}], so edm_sampler samples σ ∈ [{sigma_min:.6g}, {sigma_max:.6g}]; "
+            f"EDMHeunScheduler's {scheduler.config.preconditioning!r} preconditioning limits the range to "
+            f"[{got[0]:.6g}, {got[1]:.6g}] and cannot express it"
+        )
+    _check_constants(record, scheduler)
+    return scheduler
+
+
+def _check_constants(record: ModuleRecord, scheduler: EDMHeunScheduler):
+    """The scheduler's preconditioning has the record's constants (a wrong mapping fails here, not in sampling)."""
+    p = scheduler.preconditioning
+    if record.class_name == "VPPrecond":
+        for name in ("beta_d", "beta_min", "M"):
+            if not math.isclose(getattr(p, name), _attribute(record, name), rel_tol=1e-12):
+                raise ValueError(f"VPPrecond.{name}={_attribute(record, name)} became {getattr(p, name)}")
+    if record.class_name == "iDDPMPrecond" and record.buffers.get("u") is not None:
+        # NVlabs' levels u_0 > … > u_M = 0 come from EDM eq. 99 run in float32, which loses up to ~1e-3 (relative) at
+        # the smallest levels; other M, C_1 or C_2 change them by far more
+        u = record.buffers["u"].double()
+        ours = p.table.flip(0)
+        if u.shape[0] != ours.shape[0] + 1 or not torch.allclose(u[:-1], ours, rtol=IDDPM_LEVELS_RTOL, atol=0):
+            raise ValueError("iDDPMPrecond's pickled levels u differ from the iddpm preconditioning's table")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Snapshots
+
+
+def snapshot_kind(data, source: str) -> str:
+    """``'edm'`` or ``'edm2'`` for an NVlabs diffusion snapshot; a ValueError naming what was found otherwise."""
+    if not isinstance(data, dict):
+        raise NVlabsPickleError(f"{source} holds a {type(data).__name__}, not an NVlabs snapshot dict")
+    keys = list(data)
+    if any(k in data for k in STYLEGAN_SNAPSHOT_KEYS) and "ema" not in data:
+        raise NVlabsPickleError(f"{source} is a StyleGAN-family snapshot (top-level keys {keys}), not an EDM one")
+    ema = data.get("ema")
+    if not isinstance(ema, ModuleRecord):
+        raise NVlabsPickleError(f"{source} is not an NVlabs EDM snapshot: top-level keys {keys}, expected "
+                                f"{list(EDM_SNAPSHOT_KEYS)} with 'ema' a pickled network")
+    if isinstance(data, EasyDictRecord) or "encoder" in data or ema.class_name == "Precond":
+        return "edm2"
+    return "edm"
+
+
+def edm_network_record(data, source: str) -> ModuleRecord:
+    """The ``ema`` preconditioning record of a snapshot, refused with a message naming what the file holds where
+    no converter knows it (EDM2, StyleGAN, another network)."""
+    kind = snapshot_kind(data, source)
+    ema = data["ema"]
+    if ema.class_name not in PRECONDITIONING_CONVERTERS:
+        if kind == "edm2":
+            raise NVlabsPickleError(
+                f"{source} is an NVlabs EDM2 snapshot (top-level keys {list(data)}, ema = {ema.describe()}); "
+                "EDM2 networks are not supported yet")
+        raise NVlabsPickleError(f"{source}: ema is {ema.describe()}, not one of the EDM preconditionings "
+                                f"{sorted(PRECONDITIONING_CONVERTERS)}")
+    return ema
+
+
+def pipeline_from_snapshot(data, source: str = "the snapshot") -> EDMPipeline:
+    """An :class:`EDMPipeline` from the plain data of a snapshot (:func:`~.unpickler.read_nvlabs_pickle`)."""
+    precond = edm_network_record(data, source)
+    network = precond.modules.get("model")
+    if not isinstance(network, ModuleRecord):
+        raise NVlabsPickleError(f"{source}: {precond.class_name} has no 'model' network")
+    expected = precond.init_kwargs.get("model_type")
+    if expected is not None and expected != network.class_name:
+        raise NVlabsPickleError(f"{source}: {precond.class_name} says model_type={expected!r} but holds "
+                                f"{network.class_name}")
+    if network.class_name not in NETWORK_CONVERTERS:
+        raise NVlabsPickleError(f"{source}: no converter for the network {network.class_name!r}; "
+                                f"known: {sorted(NETWORK_CONVERTERS)}")
+    scheduler = scheduler_from_record(precond)
+    unet = NETWORK_CONVERTERS[network.class_name](network, source).eval()
+    for name, ours in (("img_resolution", "sample_size"), ("img_channels", "in_channels")):
+        theirs = precond.attributes.get(name)
+        if theirs is not None and unet.config.get(ours) != theirs:
+            raise ValueError(f"{source}: {precond.class_name}.{name}={theirs} but the network has {ours}="
+                             f"{unet.config.get(ours)}")
+    return EDMPipeline(unet=unet, scheduler=scheduler)
+
+
+def load_nvlabs_edm(path: str, device: Optional[torch.device] = None) -> EDMPipeline:
+    """An NVlabs EDM snapshot (``edm-*.pkl``, ``network-snapshot-*.pkl``) as an :class:`EDMPipeline`, read without
+    executing anything from the file.
+
+    The pipeline holds the ``ema`` network converted to this package's class of the same name, with its weights,
+    and an :class:`EDMHeunScheduler` whose preconditioning and constants are the pickled ``EDMPrecond`` /
+    ``VPPrecond`` / ``VEPrecond`` / ``iDDPMPrecond``'s. ``pipeline(num_inference_steps=18)`` samples as NVlabs'
+    ``generate.py`` (``edm_sampler``). ``loss_fn``, ``augment_pipe`` and ``dataset_kwargs`` are not used.
+
+    Args:
+        path: the ``.pkl`` file.
+        device: where to put the pipeline (default: the CPU).
+
+    Raises:
+        NVlabsPickleError: the file is not an EDM snapshot (a global outside the format, a StyleGAN or EDM2 snapshot,
+            a truncated file); nothing from it was executed.
+        ValueError: the weights do not match the architecture, or a constant the scheduler cannot express.
+    """
+    source = os.path.basename(os.fspath(path))
+    pipeline = pipeline_from_snapshot(read_nvlabs_pickle(path), source)
+    return pipeline.to(device) if device is not None else pipeline
