@@ -47,6 +47,8 @@ def add_data_args(parser: argparse.ArgumentParser):
     g.add_argument("--digits_split", type=str, default="all", choices=("all", "train"),
                    help="embedded digits: all 1797 images, or the 797-image train split of the evaluation")
     g.add_argument("--image_column", type=str, default=None, help="image column (default: image, img or the first Image feature)")
+    g.add_argument("--label_column", type=str, default=None,
+                   help="column of class labels (default: label, which an image folder's class subfolders fill)")
     g.add_argument("--cache_dir", type=str, default=None, help="datasets cache folder")
     g.add_argument("--resolution", type=int, default=None,
                    help="side length of the training images; the shorter side is resized to it. "

@@ -10,5 +10,6 @@ from .arrow import ArrowImages, arrow_cache_path, decoded_bytes_estimate, prepar
 from .config import DataConfig
 from .decode import GREY_MODES, HIGH_BIT_MODES, MAX_IN_MEMORY_BYTES, decode_images
 from .images import FULL_SCALE, ImageData
+from .labels import num_classes, read_labels, require_labels
 from .load import image_column, load_image_dataset, load_training_images
 from .schedule import BatchSchedule, derived_seed

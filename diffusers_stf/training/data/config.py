@@ -17,6 +17,8 @@ class DataConfig:
         train_data_dir: a folder of images (``imagefolder`` builder). With neither source, the embedded digits.
         digits_split: ``all`` (1797) or ``train`` (797) digits.
         image_column: the image column (default: ``image``, ``img`` or the first ``Image`` feature).
+        label_column: the column of class labels (default: ``label`` when the set has one; an image folder's class
+            subfolders fill it); see :mod:`.labels`.
         cache_dir: the ``datasets`` cache folder.
         resolution: side length of the served images (the shorter side is resized to it); None: the images' own size.
         channels: 1 (grey) or 3 (RGB); None: the images' own, RGB when a folder mixes grey and colour images.
@@ -33,6 +35,7 @@ class DataConfig:
     train_data_dir: Optional[str] = None
     digits_split: str = "all"
     image_column: Optional[str] = None
+    label_column: Optional[str] = None
     cache_dir: Optional[str] = None
     resolution: Optional[int] = None
     channels: Optional[int] = None

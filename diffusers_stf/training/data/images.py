@@ -3,9 +3,11 @@ float tensors in [−1, 1], shape (C, H, W), with crops and flips drawn from the
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
+
+from .labels import num_classes
 
 
 def _draw(generator: Optional[torch.Generator], fn, *args, **kwargs) -> torch.Tensor:
@@ -33,11 +35,13 @@ class ImageData(torch.utils.data.Dataset):
         random_flip: random left–right flips (only when a generator is given).
         name: the dataset's name (model card), e.g. a Hub id.
         source: where the images were read from (a folder's absolute path, a Hub id); part of a run's fingerprint.
+        class_names: the names of the K classes the labels index (see :mod:`.labels`); None: K is the largest
+            label + 1.
     """
 
     def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, resolution: Optional[int] = None,
                  center_crop: bool = False, random_flip: bool = False, name: str = "images",
-                 source: Optional[str] = None):
+                 source: Optional[str] = None, class_names: Optional[Sequence[str]] = None):
         if images.ndim != 4 or images.dtype not in FULL_SCALE:
             raise ValueError(f"images must be a uint8 or uint16 tensor (N, C, H, W), got {images.dtype} "
                              f"{tuple(images.shape)}")
@@ -50,6 +54,7 @@ class ImageData(torch.utils.data.Dataset):
             raise ValueError(f"images of size {tuple(images.shape[-2:])} are smaller than resolution {self.resolution}")
         self.center_crop, self.random_flip, self.name = center_crop, random_flip, name
         self.source = source or name
+        self.class_names = list(class_names) if class_names is not None else None
 
     @classmethod
     def from_tensor(cls, images: torch.Tensor, labels: Optional[torch.Tensor] = None, **kwargs) -> "ImageData":
@@ -61,7 +66,7 @@ class ImageData(torch.utils.data.Dataset):
         """The images ``indices`` (with their labels) as a new :class:`ImageData` with the same settings."""
         labels = self.labels[indices] if self.labels is not None else None
         return ImageData(self.images[indices], labels, self.resolution, self.center_crop, self.random_flip, self.name,
-                         self.source)
+                         self.source, self.class_names)
 
     def split_heldout(self, k: int, seed: int):
         """(training part, held-out part) with ``k`` images held out at random, fixed by ``seed``; (self, None) for
@@ -73,6 +78,11 @@ class ImageData(torch.utils.data.Dataset):
                              f"{len(self)}")
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         return self.subset(order[k:].sort().values), self.subset(order[:k].sort().values)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """K, the number of classes the labels index (None without labels)."""
+        return num_classes(self.labels, self.class_names)
 
     @property
     def channels(self) -> int:

@@ -8,16 +8,17 @@ import logging
 import os
 from typing import Optional
 
-import torch
-
 from ...digits import DIGITS_NAME, digits_tensor, load_digits_dataset
 from . import decode
 from .arrow import decoded_bytes_estimate, prepare_arrow_images
 from .config import DataConfig
 from .decode import _open_image, decode_images
 from .images import ImageData
+from .labels import DEFAULT_LABEL_COLUMN, read_labels
 
 logger = logging.getLogger(__name__)
+
+DIGITS_CLASSES = [str(i) for i in range(10)]
 
 
 def load_image_dataset(
@@ -82,11 +83,14 @@ def load_training_images(config: DataConfig, seed: int = 0, accelerator=None) ->
     if config.dataset_name is None and config.train_data_dir is None and config.resolution in (None, 8) \
             and config.channels in (None, 1):
         # The embedded digits at their native 8x8: skip the PNG round trip of the datasets.Dataset.
+        if config.label_column not in (None, DEFAULT_LABEL_COLUMN):
+            raise ValueError(f"--label_column {config.label_column!r} is not a column of the embedded digits (columns: "
+                             f"['image', {DEFAULT_LABEL_COLUMN!r}])")
         images, labels = digits_tensor(config.digits_split)
         if config.max_train_samples:
             images, labels = images[:config.max_train_samples], labels[:config.max_train_samples]
         return ImageData.from_tensor(images, labels, resolution=8, random_flip=config.random_flip, name=DIGITS_NAME,
-                                     source=f"{DIGITS_NAME}:{config.digits_split}")
+                                     source=f"{DIGITS_NAME}:{config.digits_split}", class_names=DIGITS_CLASSES)
     context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
     with context:
         if config.dataset_name is None and config.train_data_dir is None:
@@ -105,12 +109,7 @@ def load_training_images(config: DataConfig, seed: int = 0, accelerator=None) ->
     column = config.image_column or image_column(ds)
     if column not in ds.column_names:
         raise ValueError(f"--image_column {column!r} is not a column of the dataset (columns: {ds.column_names})")
-    labels = None
-    if "label" in ds.column_names and isinstance(ds.features.get("label"), (datasets.ClassLabel, datasets.Value)):
-        try:
-            labels = torch.tensor(ds["label"], dtype=torch.long)
-        except (TypeError, ValueError):
-            labels = None
+    labels, class_names = read_labels(ds, config.label_column)
     estimate = decoded_bytes_estimate(ds, column, config.resolution, config.channels, config.preserve_input_precision)
     if estimate > decode.MAX_IN_MEMORY_BYTES:
         cache_root = os.path.join(config.cache_dir or datasets.config.HF_DATASETS_CACHE, "diffusers_stf_pixels")
@@ -122,7 +121,7 @@ def load_training_images(config: DataConfig, seed: int = 0, accelerator=None) ->
             f"{decode.MAX_IN_MEMORY_BYTES / 1e9:.1f} GB: serving them from the memory-mapped file "
             f"{images.cache_files()[0]}")
         return ImageData(images, labels, config.resolution, config.center_crop, config.random_flip, name=name,
-                         source=source)
+                         source=source, class_names=class_names)
     if isinstance(ds.features[column], datasets.Image):
         ds = ds.cast_column(column, datasets.Image(decode=False))
     raw = ds[column] if len(ds) <= 100_000 else (ex[column] for ex in ds)
@@ -130,4 +129,4 @@ def load_training_images(config: DataConfig, seed: int = 0, accelerator=None) ->
     images = decode_images(pil_images, config.resolution, config.channels, config.center_crop, seed,
                              config.preserve_input_precision)
     return ImageData(images, labels, config.resolution, config.center_crop, config.random_flip, name=name,
-                     source=source)
+                     source=source, class_names=class_names)
