@@ -260,6 +260,8 @@ class SequenceAwareLoss:
         position: Optional[torch.Tensor] = None,
         noise: Optional[torch.Tensor] = None,
         reference_images: Optional[torch.Tensor] = None,
+        reference_labels: Optional[torch.Tensor] = None,
+        null_label: Optional[int] = None,
     ) -> SequenceAwareLossOutput:
         """Per-sample L_simple + λ·L_sa for a batch of clean images x_0 in [-1, 1].
 
@@ -273,6 +275,11 @@ class SequenceAwareLoss:
             noise: explicit ε of shape [K, B, C, H, W]; entry j belongs to step t + j.
             reference_images: an STF reference set (R, C, H, W) holding the batch itself: the targets become the
                 Stable Target Field's ε (VP form) instead of the drawn noise.
+            reference_labels: the classes of ``reference_images``, for a class-conditional ``unet``: the STF target
+                of a row averages only the references of its ``class_labels`` entry, except rows labelled
+                ``null_label`` (dropped labels), which average all (see
+                :func:`~diffusers_stf.losses.stable_target_field.stable_target_field`).
+            null_label: see ``reference_labels``.
         """
         B, K, T = images.shape[0], self.num_steps, self.num_train_timesteps
         device = images.device
@@ -303,7 +310,11 @@ class SequenceAwareLoss:
         if reference_images is None:
             target = eps
         else:
-            clean = stable_target_field(noisy, sigma, reference_images)
+            if reference_labels is not None and class_labels is None:
+                raise ValueError("reference_labels (the classes of the references) need class_labels")
+            conditional = {} if reference_labels is None else dict(
+                labels=class_labels.to(device)[rows], reference_labels=reference_labels, null_label=null_label)
+            clean = stable_target_field(noisy, sigma, reference_images, **conditional)
             target = ((noisy.double() - clean.double()) / per_sample(sigma, noisy.ndim)).float()
 
         native = out - prediction_target(target, noisy, sigma, self.preconditioning)

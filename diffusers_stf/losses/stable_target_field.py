@@ -10,6 +10,10 @@ y_i. With R = 1 (the sample itself) T_i = y_i, denoising score matching; as σ �
 to the mean of the references; as R grows T_i tends to the true posterior mean E[y | x̃_i], with a target covariance
 about 1/(R − 1) of the DSM target's (the paper's variance-reduction result).
 
+A class-conditional denoiser D(x̃; σ, c) regresses E[y | x̃_i, c]: under the empirical mixture that is the same
+average over the references of class c only (w_ij = 0 where r_j's class is not c_i), and over all references for a
+row whose label was dropped to the null label (classifier-free guidance's unconditional rows).
+
 T is a target function handed to a loss of :mod:`~diffusers_stf.losses.edm` (:class:`StableTargetFieldLoss`), so
 STF works over every perturbation written as x̃ = y + σ·n: EDM (the paper), VP and VE, and the DDPM ε form, whose
 x_t = x̃/√(1 + σ_t²) has the same posterior weights (:func:`stable_target_epsilon`). The official code implements
@@ -22,6 +26,7 @@ references are processed in chunks, so the extra memory is O(B·R + B·D + chunk
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -38,7 +43,9 @@ def _chunk_size(dim: int, chunk_size: Optional[int]) -> int:
 
 @torch.no_grad()
 def stable_target_field(noisy_images: torch.Tensor, sigmas, reference_images: torch.Tensor,
-                        chunk_size: Optional[int] = None) -> torch.Tensor:
+                        chunk_size: Optional[int] = None, labels: Optional[torch.Tensor] = None,
+                        reference_labels: Optional[torch.Tensor] = None,
+                        null_label: Optional[int] = None) -> torch.Tensor:
     """STF targets T_i = Σ_j softmax_j(−‖x̃_i − r_j‖²/(2σ_i²))·r_j for the EDM/VE perturbation x̃ = y + σ·n.
 
     Args:
@@ -47,6 +54,11 @@ def stable_target_field(noisy_images: torch.Tensor, sigmas, reference_images: to
         reference_images: the reference set (R, ...) with the same trailing shape; it should contain each clean
             image y_i (for the σ → 0 limit T_i = y_i).
         chunk_size: references per float64 chunk (default: 8 MB worth).
+        labels: the class c_i of each row (B,), for a class-conditional denoiser: its target averages only the
+            references of class c_i (``reference_labels``), except for rows labelled ``null_label``, which average
+            all. Each labelled row's own clean image must be among the references with its class.
+        reference_labels: the class of each reference (R,); required with ``labels``.
+        null_label: the label of the rows whose class was dropped (None: every row is class-conditional).
 
     Returns:
         T, shape and dtype of ``noisy_images``.
@@ -73,6 +85,14 @@ def stable_target_field(noisy_images: torch.Tensor, sigmas, reference_images: to
         torch.mm(x, chunk.T, out=block)
         block.mul_(2).sub_(torch.linalg.vector_norm(chunk, dim=1).square_()).mul_(inv_two_var)
         del chunk, block
+    if labels is not None:
+        if reference_labels is None or reference_labels.shape != (r,) or labels.shape != (b,):
+            raise ValueError(f"labels need one class per row ({b}) and reference_labels one per reference ({r})")
+        labels, reference_labels = labels.to(x.device), reference_labels.to(x.device)
+        other_class = reference_labels[None, :] != labels[:, None]
+        if null_label is not None:
+            other_class &= (labels != null_label)[:, None]
+        logits.masked_fill_(other_class, -math.inf)
     weights = torch.softmax(logits, dim=1)
     del logits
     target = torch.zeros_like(x)
@@ -164,9 +184,16 @@ class StableTargetFieldLoss:
             torch.cat([images.detach(), extra_references.to(images.device, images.dtype)])
         return gather_references(refs, self.accelerator) if self.gather else refs
 
+    def reference_labels(self, labels: torch.Tensor, extra_labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """The classes of :meth:`reference_set`, in its order."""
+        out = labels if extra_labels is None or len(extra_labels) == 0 else \
+            torch.cat([labels, extra_labels.to(labels.device)])
+        return gather_references(out, self.accelerator) if self.gather else out
+
     def __call__(self, net, images: torch.Tensor, extra_references: Optional[torch.Tensor],
                  class_labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                 **draws) -> LossOutput:
+                 labels: Optional[torch.Tensor] = None, extra_reference_labels: Optional[torch.Tensor] = None,
+                 null_label: Optional[int] = None, **draws) -> LossOutput:
         """The base loss's output (per-sample loss, reduced as the base loss reduces it, and σ) with the stable
         target.
 
@@ -175,14 +202,24 @@ class StableTargetFieldLoss:
             images: the clean (possibly augmented) minibatch (B, C, H, W).
             extra_references: R − B more (independently augmented) dataset images, or None when R = B.
             class_labels, generator: as in the base loss.
+            labels: the minibatch's classes, for a class-conditional ``net``: with them (and
+                ``extra_reference_labels``, the extras' classes) the target of a row whose ``class_labels`` entry is
+                not ``null_label`` averages only the references of its class (:func:`stable_target_field`).
+            extra_reference_labels, null_label: see ``labels``.
             draws: explicit ``sigma=`` (EDM/VP/VE) or ``timesteps=`` (DDPM), and ``noise=``, passed to the base
                 loss.
         """
         self.num_extra_references(images.shape[0])
         references = self.reference_set(images, extra_references)
+        conditional = {}
+        if labels is not None:
+            if class_labels is None:
+                raise ValueError("labels (the classes of the references) need class_labels (the network's labels)")
+            conditional = dict(labels=class_labels, reference_labels=self.reference_labels(labels, extra_reference_labels),
+                               null_label=null_label)
 
         def target(noisy, sigma, clean):
-            return stable_target_field(noisy, sigma, references, self.chunk_size)
+            return stable_target_field(noisy, sigma, references, self.chunk_size, **conditional)
 
         return self.base_loss(net, images, class_labels=class_labels, generator=generator, target=target, **draws)
 
