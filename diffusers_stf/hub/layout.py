@@ -85,8 +85,9 @@ def write_remote_code(pipeline, save_directory: str) -> Dict:
     package = pipeline_cls.__module__.split(".")[0]
     components = {}
     for name, value in index.items():
-        component = getattr(pipeline, name, None) if not name.startswith("_") else None
-        if isinstance(value, list) and component is not None and type(component).__module__.split(".")[0] == package:
+        # components are [library, class] lists; other entries are config values (e.g. null_class_label)
+        component = getattr(pipeline, name, None) if isinstance(value, list) and not name.startswith("_") else None
+        if component is not None and type(component).__module__.split(".")[0] == package:
             components[name] = type(component)
     # One module defines the pipeline and every component class, so the pipeline's isinstance checks see the classes
     # its components were loaded with. diffusers loads it first (``_class_name``); each component file only picks
