@@ -4,13 +4,16 @@
     accelerate launch examples/train_stf.py                      # embedded 8x8 digits, ~5-10 min on 2 CPU cores
     accelerate launch examples/train_stf.py --loss edm           # the plain EDM loss (denoising score matching)
     accelerate launch examples/train_stf.py --precond vp         # EDM's VP row of Table 1 (loss + preconditioning)
+    accelerate launch examples/train_stf.py --class_conditional --label_dropout 0.1   # for classifier-free guidance
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/train_stf.py --cpu
     accelerate launch examples/train_stf.py --dataset_name cifar10 --resolution 32 --block_out_channels 128,256,256 \\
         --attention_levels 1 --stf_reference_batch_size 1024 --augment_p 0.12 --dropout 0.13
 
 Writes to --output_dir (one run per folder; see docs/training.md): checkpoints, logs/metrics.{jsonl,csv} (loss per
 noise level), sample grids, and at the end an ``EDMPipeline`` folder (unet + scheduler, safetensors) with a model card
-README.md.
+README.md. With ``--class_conditional`` the UNet takes the images' classes (``num_class_embeds`` = K + 1, labels
+dropped to the null label K with probability ``--label_dropout``), and the pipeline records ``null_class_label`` = K
+for ``guidance_scale``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from diffusers_stf.losses import StableTargetFieldLoss, make_denoising_loss
 from diffusers_stf.losses.draws import randn
 from diffusers_stf.training import ModelCardInfo, Trainer, add_training_args, load_training_images
 from diffusers_stf.training import make_accelerator, make_unet, parse_training_args, to_device, training_parser
+from diffusers_stf.training.class_conditioning import add_class_conditioning_args, class_conditioning
 
 logger = logging.getLogger("train_stf")
 
@@ -55,19 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EDM's non-leaky augmentation probability (CIFAR-10: 0.12); 0 disables it")
     g.add_argument("--augment_xflip", type=float, default=1e8,
                    help="x-flip multiplier of --augment_p (EDM: 1e8, i.e. half the images are mirrored)")
+    add_class_conditioning_args(parser)
     add_training_args(parser, default_num_epochs=125)
     parser.set_defaults(output_dir=os.path.join("outputs", "train_stf"), checkpointing_steps=500,
                         validation_steps=500, logging_steps=50, max_grad_norm=0.0)
     return parser
 
 
-def model_card(precond: str, reference_batch_size, data_name: str) -> ModelCardInfo:
+def model_card(precond: str, reference_batch_size, data_name: str, class_conditional: bool = False) -> ModelCardInfo:
     """What the model card says: EDM's recipe, and STF with R references when ``reference_batch_size`` is given."""
+    of_class = " (for a class-conditional target, the references of its class)" if class_conditional else ""
     stf_text = (
         ", with the **Stable Target Field** objective (Xu, Tong & Jaakkola, ICLR 2023, "
         "[arXiv:2302.00670](https://arxiv.org/abs/2302.00670)): the regression target of each noisy image is the "
-        f"importance-weighted average of a reference batch of {reference_batch_size} images, which lowers the "
-        "variance of the training targets at intermediate noise levels"
+        f"importance-weighted average of a reference batch of {reference_batch_size} images{of_class}, which lowers "
+        "the variance of the training targets at intermediate noise levels"
     ) if reference_batch_size else ""
     description = (
         f"An unconditional `UNet2DModel` trained with EDM's {precond.upper()} preconditioning, noise distribution and "
@@ -86,6 +92,7 @@ def main(argv=None):
         raise ValueError(f"--augment_p must be in [0, 1], got {args.augment_p}")
     accelerator = make_accelerator(config.training)
     data = load_training_images(config.data, config.training.seed, accelerator)
+    conditioning = class_conditioning(args, data, config.explicit)  # None: unconditional
 
     base_loss = make_denoising_loss(args.precond, P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data,
                                     reduction=args.loss_reduction)  # EDM: sum over C·H·W
@@ -109,11 +116,15 @@ def main(argv=None):
             logger.warning("--stf_reference_batch_size %d exceeds the dataset (%d images): references repeat",
                            args.stf_reference_batch_size, len(data))
     augment = AugmentPipe(args.augment_p, xflip=args.augment_xflip) if args.augment_p > 0 else None
-    conditioning = {"cls": AugmentConditionedUNet2DModel, "augment_dim": augment.label_dim} if augment else {}
-    unet = make_unet(config.unet, data.resolution, data.channels, **conditioning)
+    network_inputs = {"cls": AugmentConditionedUNet2DModel, "augment_dim": augment.label_dim} if augment else {}
+    if conditioning is not None:
+        network_inputs.update(conditioning.unet_kwargs())
+    unet = make_unet(config.unet, data.resolution, data.channels, **network_inputs)
     accelerator.print(f"{len(data)} training images {data.channels}x{data.resolution}x{data.resolution} ({data.name}); "
                       f"UNet2DModel with {unet.num_parameters() / 1e6:.2f}M parameters; loss {args.loss} "
-                      f"({args.precond})" + (f" with R={args.stf_reference_batch_size}" if stf else ""))
+                      f"({args.precond})" + (f" with R={args.stf_reference_batch_size}" if stf else "")
+                      + (f"; class-conditional on {conditioning.num_classes} classes, label dropout "
+                         f"{conditioning.label_dropout:g}" if conditioning else ""))
 
     def loss_fn(model, batch, generator):
         images = batch["images"]
@@ -126,28 +137,45 @@ def main(argv=None):
         if stf:
             # R − B extras for the global batch from the shared data generator, so that every process sees the same
             # reference set: the global batch (gathered) and the same extras
-            refs = to_device(data.random_batch(loss.num_extra_references(share.total), batch["data_generator"],
-                                               exclude=batch["global_index"].cpu())["images"], images.device)
+            extras = data.random_batch(loss.num_extra_references(share.total), batch["data_generator"],
+                                       exclude=batch["global_index"].cpu())
+            refs = to_device(extras["images"], images.device)
+            ref_labels = extras.get("labels")
             if share.total > share.size:
                 others = accelerator.gather(images.detach().contiguous())
                 refs = torch.cat([others[:share.start], others[share.start + share.size:], refs])
+                if conditioning is not None:  # the other processes' rows of the global batch, whose indices we hold
+                    global_labels = data.labels[batch["global_index"].cpu()]
+                    ref_labels = torch.cat([global_labels[:share.start], global_labels[share.start + share.size:],
+                                            ref_labels])
             if augment is not None:  # independently augmented; their labels are not used (as in the paper's code)
                 refs, _ = augment(refs, generator)
         noise = share.draw(randn, images.shape, generator, images.device, images.dtype)
+        # the dropout is drawn last, so a class-conditional run sees the σ and noise of an unconditional one
+        labels = conditioning.labels(batch, generator) if conditioning is not None else None
+        if stf and conditioning is not None:  # the targets average the references of each row's class
+            return loss(denoiser, images, refs, class_labels=labels, labels=batch["labels"],
+                        extra_reference_labels=to_device(ref_labels, images.device),
+                        null_label=conditioning.null_label, sigma=sigma, noise=noise, generator=generator)
         if stf:
             return loss(denoiser, images, refs, sigma=sigma, noise=noise, generator=generator)
-        return loss(denoiser, images, sigma=sigma, noise=noise, generator=generator)
+        return loss(denoiser, images, class_labels=labels, sigma=sigma, noise=noise, generator=generator)
+
+    null_label = conditioning.pipeline_kwargs() if conditioning is not None else {}
 
     def make_pipeline(model):
         return EDMPipeline(unet=model, scheduler=EDMHeunScheduler(sigma_data=args.sigma_data,
-                                                                  preconditioning=args.precond))
+                                                                  preconditioning=args.precond), **null_label)
 
-    card = model_card(args.precond, args.stf_reference_batch_size if stf else None, data.name)
+    card = model_card(args.precond, args.stf_reference_batch_size if stf else None, data.name, conditioning is not None)
+    if conditioning is not None:
+        card = conditioning.card(card, conditioning.usage(),
+                                 f"EMA weights, EDM Heun with {config.training.num_inference_steps} steps")
     fingerprint = {"loss": args.loss, "precond": args.precond, "loss_reduction": args.loss_reduction,
                    "stf_reference_batch_size": args.stf_reference_batch_size if stf else None,
                    "stf_gather_references": bool(stf and args.stf_gather_references), "P_mean": args.P_mean,
                    "P_std": args.P_std, "sigma_data": args.sigma_data, "augment_p": args.augment_p,
-                   "augment_xflip": args.augment_xflip}
+                   "augment_xflip": args.augment_xflip, **(conditioning.fingerprint() if conditioning else {})}
     # the augmentation draws per process, so only without it do N processes take the steps of one
     trainer = Trainer(config.training, unet, loss_fn, data, accelerator=accelerator, make_pipeline=make_pipeline,
                       model_card=card, fingerprint=fingerprint, global_draws=global_draws)
