@@ -5,6 +5,7 @@
     accelerate launch examples/train_sequence_aware.py --sa_lambda 0           # the DDPM baseline (L_simple only)
     accelerate launch examples/train_sequence_aware.py --sa_k 3 --sa_lambda 0.3 --beta_schedule cosine
     accelerate launch examples/train_sequence_aware.py --stf --stf_reference_batch_size 512   # + Stable Target Field
+    accelerate launch examples/train_sequence_aware.py --class_conditional --label_dropout 0.1   # for CFG
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/train_sequence_aware.py --cpu
     accelerate launch examples/train_sequence_aware.py --dataset_name cifar10 --resolution 32 --random_flip \\
         --block_out_channels 128,256,256,256 --layers_per_block 2 --attention_levels 1 --dropout 0.1 \\
@@ -17,12 +18,16 @@ the MSE to that target (SNR-weighted for x₀, as diffusers' train_unconditional
 logs/metrics.{jsonl,csv} (L, L_simple, L_sa, loss per noise level),
 DDIM sample grids, and at the end a diffusers ``DDPMPipeline`` folder (unet + DDPMScheduler, safetensors) with a model
 card. ``DDPMPipeline``/``DDIMPipeline`` load it directly; ``diffusers_stf.EDMPipeline`` samples it with
-``EDMHeunScheduler.from_config(config, preconditioning="ddpm")``.
+``EDMHeunScheduler.from_config(config, preconditioning="ddpm")``. With ``--class_conditional`` the UNet takes the
+images' classes (``num_class_embeds`` = K + 1, labels dropped to the null label K with probability
+``--label_dropout``) and the folder is an ``EDMPipeline`` with the ``DDPMScheduler`` and ``null_class_label`` = K
+(diffusers' ``DDPMPipeline`` passes no class labels), sampled with ``class_labels`` and ``guidance_scale``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -30,11 +35,15 @@ import sys
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
+from diffusers_stf import DiscriminatorGuidedPipeline, EDMPipeline
 from diffusers_stf.losses import SequenceAwareLoss, check_reference_batch_size
 from diffusers_stf.losses.sequence_aware import NOISE_COUPLINGS, REDUCTIONS, TIMESTEP_SAMPLINGS, WEIGHTINGS, WINDOWS
 from diffusers_stf.noise_schedules import betas_for_schedule
 from diffusers_stf.training import ModelCardInfo, Trainer, add_training_args, load_training_images
 from diffusers_stf.training import make_accelerator, make_unet, parse_training_args, save_image_grid, training_parser
+from diffusers_stf.training.class_conditioning import add_class_conditioning_args, class_conditioning
+from diffusers_stf.training.plots import sampler_caption
+from diffusers_stf.training.validation import sample_grid
 
 logger = logging.getLogger("train_sequence_aware")
 
@@ -103,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("validation sampler")
     g.add_argument("--validation_eta", type=float, default=0.0,
                    help="η of the DDIM validation grids (0: DDIM, 1: DDPM)")
+    add_class_conditioning_args(parser)
     add_training_args(parser, default_num_epochs=107, ddpm=True)
     parser.set_defaults(output_dir=os.path.join("outputs", "train_sequence_aware"), checkpointing_steps=500,
                         validation_steps=500, logging_steps=50, num_inference_steps=50)
@@ -160,7 +170,9 @@ def main(argv=None):
     training = config.training
     accelerator = make_accelerator(training)
     data = load_training_images(config.data, training.seed, accelerator)
-    unet = make_unet(config.unet, data.resolution, data.channels)
+    conditioning = class_conditioning(args, data, config.explicit)  # None: unconditional
+    unet = make_unet(config.unet, data.resolution, data.channels,
+                     **(conditioning.unet_kwargs() if conditioning is not None else {}))
     loss = SequenceAwareLoss(betas, num_steps=args.sa_k, sa_lambda=args.sa_lambda, weighting=args.sa_weighting,
                              window=args.sa_window, noise=args.sa_noise, reduction=args.loss_reduction,
                              timesteps=args.sa_timesteps, prediction_type=schedule["prediction_type"])
@@ -168,21 +180,35 @@ def main(argv=None):
     accelerator.print(f"{len(data)} training images {data.channels}x{data.resolution}x{data.resolution} ({data.name}); "
                       f"UNet2DModel ({schedule['prediction_type']}) with {unet.num_parameters() / 1e6:.2f}M parameters; "
                       f"loss {name}"
-                      + (f" + STF (R={args.stf_reference_batch_size})" if args.stf else ""))
+                      + (f" + STF (R={args.stf_reference_batch_size})" if args.stf else "")
+                      + (f"; class-conditional on {conditioning.num_classes} classes, label dropout "
+                         f"{conditioning.label_dropout:g}" if conditioning else ""))
 
     def loss_fn(model, batch, generator):
         images = batch["images"]
-        refs = None
+        labels = conditioning.labels(batch, generator) if conditioning is not None else None
+        refs, conditional_refs = None, {}
         if args.stf:
             extra = data.random_batch(args.stf_reference_batch_size - images.shape[0], batch["data_generator"],
-                                      exclude=batch["index"].cpu())["images"].to(images.device)
-            refs = torch.cat([images, extra])
-        return loss(model, images, generator=generator, reference_images=refs)
+                                      exclude=batch["index"].cpu())
+            refs = torch.cat([images, extra["images"].to(images.device)])
+            if conditioning is not None:  # the targets average the references of each row's class
+                conditional_refs = dict(reference_labels=torch.cat([batch["labels"], extra["labels"].to(images.device)]),
+                                        null_label=conditioning.null_label)
+        return loss(model, images, class_labels=labels, generator=generator, reference_images=refs, **conditional_refs)
 
     def make_pipeline(model):
+        if conditioning is not None:  # DDPMPipeline takes no class labels
+            return EDMPipeline(unet=model, scheduler=DDPMScheduler(**schedule), **conditioning.pipeline_kwargs())
         return DDPMPipeline(unet=model, scheduler=DDPMScheduler(**schedule))
 
     def validation_fn(model, step, path):
+        if conditioning is not None:  # the guided pipeline's loop takes class labels and DDIM's η
+            pipeline = DiscriminatorGuidedPipeline(model, DDIMScheduler(**schedule),
+                                                   **conditioning.pipeline_kwargs()).to(accelerator.device)
+            return sample_grid(pipeline, path, training.num_validation_images, training.num_inference_steps,
+                               training.validation_seed, sampler_caption(step, pipeline, training.num_inference_steps),
+                               eta=args.validation_eta)
         pipeline = DDIMPipeline(unet=model, scheduler=DDIMScheduler(**schedule)).to(accelerator.device)
         pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(training.validation_seed)
@@ -205,10 +231,19 @@ def main(argv=None):
                "grid_caption": f"EMA weights, DDIM with {training.num_inference_steps} steps, "
                                f"η={args.validation_eta:g}."},
     )
+    if conditioning is not None:
+        card = conditioning.card(
+            dataclasses.replace(card, description=card.description.replace(
+                "It is a plain diffusers `DDPMPipeline`.", "It is saved as a `diffusers_stf.EDMPipeline` with the "
+                "`DDPMScheduler` (diffusers' `DDPMPipeline` passes no class labels); any diffusers scheduler samples "
+                "it (DDIM below).")),
+            conditioning.usage(num_inference_steps=50, scheduler="DDIMScheduler"),
+            card.extra["grid_caption"].rstrip("."))
     fingerprint = {"loss": "sequence_aware", **schedule, "sa_k": args.sa_k, "sa_lambda": args.sa_lambda,
                    "sa_weighting": args.sa_weighting, "sa_window": args.sa_window, "sa_noise": args.sa_noise,
                    "sa_timesteps": args.sa_timesteps, "loss_reduction": args.loss_reduction,
-                   "stf_reference_batch_size": args.stf_reference_batch_size if args.stf else None}
+                   "stf_reference_batch_size": args.stf_reference_batch_size if args.stf else None,
+                   **(conditioning.fingerprint() if conditioning else {})}
     fingerprint.pop("clip_sample")  # a sampling setting: changing it on resume is fine
     if fingerprint["prediction_type"] == "epsilon":
         fingerprint.pop("prediction_type")  # runs from before the flag existed still resume

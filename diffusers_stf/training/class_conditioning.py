@@ -106,14 +106,16 @@ class ClassConditioning:
                 f"conditional sampling; w > 1 trades diversity for class fidelity). The pipeline records "
                 f"`null_class_label = {self.null_label}`.")
 
-    def usage(self, pipeline_class: str = "EDMPipeline", scheduler_lines: str = "",
-              num_inference_steps: int = 18) -> str:
-        """The package snippet of the model card (``{repo}`` is filled in by the card)."""
+    def usage(self, pipeline_class: str = "EDMPipeline", num_inference_steps: int = 18,
+              scheduler: Optional[str] = None) -> str:
+        """The package snippet of the model card (``{repo}`` is filled in by the card); ``scheduler``: a diffusers
+        scheduler class to sample with instead of the saved one (e.g. ``DDIMScheduler``)."""
         k = self.num_classes
-        lines = ["import torch", f"from diffusers_stf import {pipeline_class}", "",
-                 f'pipeline = {pipeline_class}.from_pretrained("{{repo}}")']
-        if scheduler_lines:
-            lines.append(scheduler_lines)
+        lines = ["import torch"] + ([f"from diffusers import {scheduler}"] if scheduler else [])
+        lines += [f"from diffusers_stf import {pipeline_class}", "",
+                  f'pipeline = {pipeline_class}.from_pretrained("{{repo}}")']
+        if scheduler:
+            lines.append(f"pipeline.scheduler = {scheduler}.from_config(pipeline.scheduler.config)")
         lines += [f"labels = torch.arange(16) % {k}  # image i asks for class i mod {k}",
                   f"images = pipeline(batch_size=16, num_inference_steps={num_inference_steps}, class_labels=labels,",
                   "                  generator=torch.Generator().manual_seed(0)).images"]
