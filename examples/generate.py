@@ -13,6 +13,11 @@ archive behind; an unreadable image found on resume (e.g. copied in truncated) i
     # guided sampling, once the folder holds a DiscriminatorGuidedPipeline:
     python examples/generate.py --pipeline outputs/dg-digits --output_dir outputs/samples/dg \\
         --pipeline_kwargs '{"dg_weight_1st_order": 2.0}'
+    # a class-conditional folder (train_stf.py --class_conditional): image i asks for class i mod K, CFG at w = 2
+    python examples/generate.py --pipeline outputs/stf-digits-cond --output_dir outputs/samples/cfg2 --guidance_scale 2
+    # autoguidance with a smaller, shorter-trained guide (docs/guidance.md), only for sigma in [0.05, 5]
+    python examples/generate.py --pipeline outputs/stf-digits --output_dir outputs/samples/autog \\
+        --guide_unet outputs/stf-digits-guide --autoguidance_scale 2 --guidance_interval 0.05,5
 
 The pipeline class is the one named in the folder's ``model_index.json`` (looked up in ``diffusers_stf``, then
 ``diffusers``); ``--scheduler`` swaps its scheduler with ``from_config`` (``heun``, ``stochastic``, ``euler`` or a
@@ -20,6 +25,12 @@ scheduler class name), keeping the σ range, σ_data and the network's parametri
 (what ``train_sequence_aware.py`` writes) an EDM scheduler gets the ``ddpm`` preconditioning with the folder's β
 schedule and prediction type, and the UNet is sampled by an ``EDMPipeline`` (``DDPMPipeline`` never scales the
 model input). The scheduler config actually used is recorded in ``generate_config.json``.
+
+A class-conditional pipeline (its UNet has ``num_class_embeds``) draws the image of seed s as class s mod K
+(``--class_labels cycle``, the default; with ``--seed 0`` image i is class i mod K), or every image as one class
+(``--class_labels 3``); ``--guidance_scale`` is classifier-free guidance. ``--guide_unet`` adds an autoguidance guide
+(a training folder of a smaller or shorter-trained model of the same data), ``--autoguidance_scale`` its weight;
+``--guidance_interval lo,hi`` limits both to σ in [lo, hi].
 """
 
 from __future__ import annotations
@@ -35,7 +46,10 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_stf.evaluation.images import to_uint8
-from diffusers_stf.evaluation.sampling import generate_batch, load_pipeline, make_scheduler, pipeline_with_scheduler
+from diffusers_stf.evaluation.sampling import (
+    generate_batch, load_guide_unet, load_pipeline, make_scheduler, pipeline_num_classes, pipeline_with_guide,
+    pipeline_with_scheduler,
+)
 
 SETTINGS_FILE = "generate_config.json"
 NPZ_FILE = "samples.npz"
@@ -59,6 +73,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--s_noise", type=float, default=None)
     parser.add_argument("--scheduler_kwargs", default="{}", help="JSON of other scheduler config overrides")
     parser.add_argument("--pipeline_kwargs", default="{}", help="JSON of extra pipeline call options (guidance)")
+    parser.add_argument("--class_labels", default=None,
+                        help="class-conditional pipelines: 'cycle' (default: the image of seed s is class s mod K) or "
+                             "one class index for every image")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="classifier-free guidance weight w (1: plain conditional sampling)")
+    parser.add_argument("--guide_unet", default=None,
+                        help="autoguidance guide: a training folder (its unet/) or a saved UNet folder")
+    parser.add_argument("--autoguidance_scale", type=float, default=None, help="autoguidance weight w (needs --guide_unet)")
+    parser.add_argument("--guidance_interval", default=None,
+                        help="lo,hi: classifier-free guidance and autoguidance only for sigma in [lo, hi]")
     parser.add_argument("--format", choices=("png", "npz", "both"), default="png")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
@@ -74,6 +98,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not isinstance(value, dict):
             parser.error(f"--{name} must be a JSON object, got {getattr(args, name)!r}")
         setattr(args, name, value)
+    if args.class_labels is not None and args.class_labels != "cycle":
+        try:
+            args.class_labels = int(args.class_labels)
+        except ValueError:
+            parser.error(f"--class_labels must be 'cycle' or a class index, got {args.class_labels!r}")
+    if args.guidance_interval is not None:
+        try:
+            interval = [float(v) for v in args.guidance_interval.split(",")]
+        except ValueError:
+            interval = []
+        if len(interval) != 2:
+            parser.error(f"--guidance_interval must be two numbers lo,hi, got {args.guidance_interval!r}")
+        args.guidance_interval = interval
+    for name in ("guidance_scale", "autoguidance_scale", "guidance_interval"):
+        if getattr(args, name) is not None:
+            if name in args.pipeline_kwargs:
+                parser.error(f"--{name} and --pipeline_kwargs both give {name}; give one of them")
+            args.pipeline_kwargs[name] = getattr(args, name)
+    if args.autoguidance_scale is not None and args.guide_unet is None:
+        parser.error("--autoguidance_scale needs --guide_unet (the guide model's folder)")
     return args
 
 
@@ -174,6 +218,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     if args.scheduler is not None or overrides:
         name = args.scheduler or type(pipe.scheduler).__name__
         pipe = pipeline_with_scheduler(pipe, make_scheduler(pipe.scheduler, name, **overrides))
+    if args.guide_unet is not None:
+        pipe = pipeline_with_guide(pipe, load_guide_unet(args.guide_unet).to(pipe.device))
+    num_classes = pipeline_num_classes(pipe)
+    if num_classes is None and args.class_labels is not None:
+        raise ValueError(f"--class_labels {args.class_labels!r}: the pipeline's unet is not class-conditional")
     pipe.set_progress_bar_config(disable=True)
 
     os.makedirs(args.output_dir, exist_ok=True)
@@ -188,6 +237,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         "num_inference_steps": args.num_inference_steps,
         "pipeline_kwargs": args.pipeline_kwargs,
     }
+    if num_classes is not None:  # the class of each image (an unconditional folder's settings stay as they were)
+        settings.update(num_classes=num_classes, class_labels=args.class_labels or "cycle")
+    if args.guide_unet is not None:
+        settings["guide_unet"] = os.path.abspath(args.guide_unet)
     _check_settings(args.output_dir, settings)
 
     write_png, write_npz = args.format in ("png", "both"), args.format in ("npz", "both")
@@ -208,7 +261,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
     for start in tqdm(range(0, len(todo), args.batch_size), desc="batches"):
         batch_seeds = todo[start : start + args.batch_size]
-        images = to_uint8(generate_batch(pipe, batch_seeds, args.num_inference_steps, **args.pipeline_kwargs))
+        images = to_uint8(generate_batch(pipe, batch_seeds, args.num_inference_steps, class_labels=args.class_labels,
+                                         **args.pipeline_kwargs))
         if write_png:
             for seed, image in zip(batch_seeds, images):
                 _write_png(_png_path(args.output_dir, seed), image)

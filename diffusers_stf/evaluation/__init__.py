@@ -40,12 +40,16 @@ from .kid import kernel_inception_distance, kid_subsets, kid_summary, polynomial
 from .precision_recall import knn_radii, manifold_membership, precision_recall
 from .reference_stats import load_reference_stats, read_reference_stats, save_reference_stats
 from .sampling import (
+    class_labels_for_seeds,
     count_calls,
     generate_batch,
     generate_images,
+    load_guide_unet,
     load_pipeline,
     make_scheduler,
     network_parametrisation,
+    pipeline_num_classes,
+    pipeline_with_guide,
     pipeline_with_scheduler,
 )
 from .streaming import FeatureAccumulator, evaluate_pipeline, stream_features

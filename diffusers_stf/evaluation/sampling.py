@@ -1,7 +1,10 @@
-"""Sampling for evaluation: load a saved pipeline, swap its scheduler, draw images with one seed per image.
+"""Sampling for evaluation: load a saved pipeline, swap its scheduler, add an autoguidance guide, draw images with
+one seed per image.
 
 One ``torch.Generator`` per image (seeded with that image's seed) makes image *i* the same whatever the batch size,
-so an interrupted run resumes exactly and sample sets of different sizes share their first images.
+so an interrupted run resumes exactly and sample sets of different sizes share their first images. The class an image
+of a class-conditional pipeline asks for is a function of its seed too (:func:`class_labels_for_seeds`: by default
+seed mod K, so with seeds 0, 1, … image i asks for class i mod K and every class is equally represented).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import contextlib
 import inspect
 import json
 import os
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -139,6 +142,40 @@ def pipeline_with_scheduler(pipe, scheduler):
     return pipe
 
 
+def load_guide_unet(folder: str):
+    """The autoguidance guide of a training folder: its ``unet`` subfolder (a pipeline folder) or the folder itself (a
+    model saved alone), of the class its ``config.json`` names."""
+    sub = os.path.join(folder, "unet")
+    kwargs = {"subfolder": "unet"} if os.path.isfile(os.path.join(sub, "config.json")) else {}
+    config_path = os.path.join(folder, kwargs.get("subfolder", ""), "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"guide_unet {folder!r} holds no unet (neither unet/config.json nor config.json)")
+    with open(config_path) as f:
+        class_name = json.load(f).get("_class_name", "UNet2DModel")
+    if isinstance(class_name, (list, tuple)):
+        class_name = class_name[-1]
+    return _find_class(class_name).from_pretrained(folder, **kwargs)
+
+
+def pipeline_with_guide(pipe, guide_unet):
+    """``pipe`` with ``guide_unet`` as its autoguidance guide (a new pipeline of the same class, so the guide is
+    checked against the unet: image size, channels, preconditioning). diffusers' ``DDPMPipeline``/``DDIMPipeline``
+    move into an :class:`EDMPipeline` with the same scheduler, whose loop guides."""
+    from diffusers import DDIMPipeline, DDPMPipeline
+
+    from ..pipelines import EDMPipeline
+
+    if isinstance(pipe, EDMPipeline):
+        components = {k: v for k, v in pipe.components.items() if k != "guide_unet"}
+        new = type(pipe)(**components, guide_unet=guide_unet, null_class_label=pipe.config.get("null_class_label"))
+    elif isinstance(pipe, (DDPMPipeline, DDIMPipeline)):
+        new = EDMPipeline(unet=pipe.unet, scheduler=pipe.scheduler, guide_unet=guide_unet)
+    else:
+        raise ValueError(f"guide_unet needs a pipeline with a guided sampling loop (EDMPipeline, "
+                         f"DiscriminatorGuidedPipeline), not {type(pipe).__name__}")
+    return new.to(pipe.device)
+
+
 @contextlib.contextmanager
 def count_calls(module: torch.nn.Module) -> Iterator[List[int]]:
     """Count forward calls of ``module`` (the number of function evaluations of a sampler) inside the block."""
@@ -150,7 +187,44 @@ def count_calls(module: torch.nn.Module) -> Iterator[List[int]]:
         handle.remove()
 
 
-def generate_batch(pipe, seeds: Sequence[int], num_inference_steps: int, **pipeline_kwargs) -> torch.Tensor:
+def pipeline_num_classes(pipe) -> Optional[int]:
+    """K of a pipeline whose UNet is class-conditional (its ``null_class_label`` when it has one, which is the last
+    label index, else the UNet's ``num_class_embeds``); None for an unconditional one."""
+    unet = getattr(pipe, "unet", None)
+    num_class_embeds = unet.config.get("num_class_embeds") if unet is not None else None
+    if num_class_embeds is None:
+        return None
+    null = getattr(pipe, "config", {}).get("null_class_label")
+    return int(null) if null is not None else int(num_class_embeds)
+
+
+CLASS_LABEL_POLICIES = ("cycle",)
+
+
+def class_labels_for_seeds(pipe, seeds: Sequence[int], policy: Union[str, int, None] = "cycle") -> Optional[torch.Tensor]:
+    """The class each image asks for, as a function of its seed, for a class-conditional ``pipe`` (None for an
+    unconditional one).
+
+    Args:
+        pipe: the pipeline (its K from :func:`pipeline_num_classes`).
+        seeds: one seed per image.
+        policy: ``"cycle"`` (or None): the image of seed s asks for class s mod K (with seeds 0, 1, …: image i,
+            class i mod K); an int c: every image asks for class c.
+    """
+    num_classes = pipeline_num_classes(pipe)
+    if num_classes is None:
+        if policy is not None and policy != "cycle":
+            raise ValueError(f"class_labels={policy!r} was given but the pipeline's unet is not class-conditional")
+        return None
+    if policy is None or policy == "cycle":
+        return torch.tensor([int(s) % num_classes for s in seeds], dtype=torch.long)
+    if isinstance(policy, bool) or not isinstance(policy, int) or not 0 <= policy < num_classes:
+        raise ValueError(f"class_labels must be 'cycle' or a class index in [0, {num_classes - 1}], got {policy!r}")
+    return torch.full((len(seeds),), policy, dtype=torch.long)
+
+
+def generate_batch(pipe, seeds: Sequence[int], num_inference_steps: int, class_labels=None,
+                   **pipeline_kwargs) -> torch.Tensor:
     """Images (N, C, H, W) in [−1, 1], image *i* drawn with ``torch.Generator().manual_seed(seeds[i])``.
 
     Args:
@@ -158,8 +232,16 @@ def generate_batch(pipe, seeds: Sequence[int], num_inference_steps: int, **pipel
             one per image) and ``output_type="np"`` (images in [0, 1], NHWC), as diffusers' unconditional pipelines do.
         seeds: one seed per image.
         num_inference_steps: sampler steps.
-        pipeline_kwargs: passed on (e.g. guidance options of a guided pipeline).
+        class_labels: for a class-conditional pipeline, the class of each image: a tensor (one per image), or a
+            policy of :func:`class_labels_for_seeds` (``"cycle"``, the default: seed mod K; an int: one class).
+            An unconditional pipeline takes none.
+        pipeline_kwargs: passed on (e.g. ``guidance_scale``, ``autoguidance_scale`` or the options of a guided
+            pipeline).
     """
+    if not torch.is_tensor(class_labels):
+        class_labels = class_labels_for_seeds(pipe, seeds, class_labels)
+    if class_labels is not None:
+        pipeline_kwargs["class_labels"] = class_labels
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     out = pipe(
         batch_size=len(seeds),
@@ -194,7 +276,7 @@ def generate_images(
         seed: seed of the first image.
         batch_size: images per pipeline call.
         progress: show a progress bar over batches.
-        pipeline_kwargs: passed to the pipeline.
+        pipeline_kwargs: passed to :func:`generate_batch` (``class_labels`` there as a policy, not a tensor).
     """
     import time
 

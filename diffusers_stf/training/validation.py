@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..evaluation.images import image_grid, save_image_grid
+from ..evaluation.sampling import pipeline_num_classes
 from .plots import save_captioned_grid
 
 __all__ = ["grid_class_labels", "image_grid", "pipeline_num_classes", "sample_grid", "save_image_grid"]
@@ -22,17 +23,6 @@ def grid_class_labels(num_images: int, num_classes: int) -> torch.Tensor:
     asks for class r mod K."""
     per_row = max(1, math.ceil(math.sqrt(num_images)))
     return (torch.arange(num_images) // per_row) % num_classes
-
-
-def pipeline_num_classes(pipeline) -> Optional[int]:
-    """K of a pipeline whose UNet is class-conditional (its ``null_class_label`` when it has one, which is the last
-    index, else the UNet's ``num_class_embeds``); None for an unconditional one."""
-    unet = getattr(pipeline, "unet", None)
-    num_class_embeds = unet.config.get("num_class_embeds") if unet is not None else None
-    if num_class_embeds is None:
-        return None
-    null = getattr(pipeline, "config", {}).get("null_class_label")
-    return int(null) if null is not None else int(num_class_embeds)
 
 
 @torch.no_grad()
