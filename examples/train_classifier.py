@@ -7,7 +7,7 @@ model alone or together with Discriminator Guidance (Kim et al., ICML 2023, eq. 
     accelerate launch examples/train_classifier.py --train_data_dir my_images/ --resolution 32   # one subfolder per class
 
 The labels are the digits' classes, or the class subfolders of an ``--train_data_dir`` image folder (or the label
-column of a ``--dataset_name``). Each training image is diffused to a noise level σ drawn log-uniformly, the same law
+column of a ``--dataset_name``, ``--label_column``). Each training image is diffused to a noise level σ drawn log-uniformly, the same law
 as the discriminator's (DG's importance-sampled VP time), and the classifier learns its class by cross-entropy on the
 EDM-scale sample x = y + σ·n at σ. The network is the discriminator's noise-conditional encoder with one output per
 class (:class:`~diffusers_stf.NoiseConditionalClassifier`).
@@ -35,7 +35,8 @@ from diffusers_stf.losses.discriminator import DG_TRAIN_SIGMA_MAX, DG_TRAIN_SIGM
 from diffusers_stf.evaluation import save_side_by_side
 from diffusers_stf.training import EncoderConfig, ImageData, ModelCardInfo, Trainer, add_encoder_args
 from diffusers_stf.training import add_training_args, encoder_config, float_list, load_score_pipeline
-from diffusers_stf.training import load_training_images, make_accelerator, parse_training_args, training_parser
+from diffusers_stf.training import load_training_images, make_accelerator, parse_training_args, require_labels
+from diffusers_stf.training import training_parser
 
 DESCRIPTION = (
     "A noise-conditional classifier p(y | x, σ) for **classifier guidance** (Dhariwal & Nichol, NeurIPS 2021, "
@@ -136,10 +137,7 @@ def main(argv=None):
     training = config.training
     accelerator = make_accelerator(training)
     data = load_training_images(config.data, training.seed, accelerator)
-    if data.labels is None:
-        raise ValueError("the classifier needs labelled images: the embedded digits, a --train_data_dir with one "
-                         "subfolder per class, or a --dataset_name with a label column")
-    num_classes = int(data.labels.max()) + 1
+    num_classes = require_labels(data, "train_classifier.py")
     if num_classes < 2:
         raise ValueError(f"the classifier needs at least 2 classes, the data have {num_classes}")
 

@@ -39,11 +39,11 @@ from diffusers_stf import DiscriminatorGuidedPipeline, EDMPipeline
 from diffusers_stf.losses import SequenceAwareLoss, check_reference_batch_size
 from diffusers_stf.losses.sequence_aware import NOISE_COUPLINGS, REDUCTIONS, TIMESTEP_SAMPLINGS, WEIGHTINGS, WINDOWS
 from diffusers_stf.noise_schedules import betas_for_schedule
-from diffusers_stf.training import ModelCardInfo, Trainer, add_training_args, load_training_images
-from diffusers_stf.training import make_accelerator, make_unet, parse_training_args, save_image_grid, training_parser
-from diffusers_stf.training.class_conditioning import add_class_conditioning_args, class_conditioning
+from diffusers_stf.training import ModelCardInfo, Trainer, add_class_conditioning_args, add_training_args
+from diffusers_stf.training import class_conditioning, load_training_images
+from diffusers_stf.training import make_accelerator, make_unet, parse_training_args, sample_grid, save_image_grid
+from diffusers_stf.training import training_parser
 from diffusers_stf.training.plots import sampler_caption
-from diffusers_stf.training.validation import sample_grid
 
 logger = logging.getLogger("train_sequence_aware")
 

@@ -29,9 +29,9 @@ import torch
 from diffusers_stf import AugmentConditionedUNet2DModel, AugmentPipe, EDMHeunScheduler, EDMPipeline
 from diffusers_stf.losses import StableTargetFieldLoss, make_denoising_loss
 from diffusers_stf.losses.draws import randn
-from diffusers_stf.training import ModelCardInfo, Trainer, add_training_args, load_training_images
+from diffusers_stf.training import ModelCardInfo, Trainer, add_class_conditioning_args, add_training_args
+from diffusers_stf.training import class_conditioning, load_training_images
 from diffusers_stf.training import make_accelerator, make_unet, parse_training_args, to_device, training_parser
-from diffusers_stf.training.class_conditioning import add_class_conditioning_args, class_conditioning
 
 logger = logging.getLogger("train_stf")
 

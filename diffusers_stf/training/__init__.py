@@ -5,7 +5,7 @@ model cards, Hub upload, and :class:`Trainer`, the loop that runs a script's los
 """
 
 from ..losses import LossOutput
-from .data import BatchSchedule, DataConfig, ImageData, derived_seed, load_training_images
+from .data import BatchSchedule, DataConfig, ImageData, derived_seed, load_training_images, read_labels, require_labels
 from .accelerator import check_world_size, make_accelerator, step_generator, to_device, tracker_name
 from .args import (
     ScriptConfig,
@@ -34,11 +34,12 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import EncoderConfig, TrainingConfig, UNetConfig, check_finite, from_namespace
-from .ema import HalfLifeEMA, MovingAverage, WarmupEMA, ema_beta, warmup_ema_beta
+from .class_conditioning import ClassConditioning, add_class_conditioning_args, class_conditioning, drop_labels
+from .ema import HalfLifeEMA, MovingAverage, WarmupEMA, ema_beta, halflife_ema_std, rampup_ratio_for_std, warmup_ema_beta
 from ..hub.push import push_folder_to_hub
 from .metrics_log import MetricsLogger, bucket_names, read_metrics
 from .model_card import ModelCardInfo, write_model_card
 from .score_model import load_score_pipeline
 from .trainer import NonFiniteLossError, Trainer, TrainingResult, print_summary
 from .unet import make_unet, unet_config
-from .validation import image_grid, sample_grid, save_image_grid
+from .validation import grid_class_labels, image_grid, sample_grid, save_image_grid

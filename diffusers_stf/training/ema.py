@@ -9,6 +9,14 @@ EDM's half-life in images (Karras et al. 2022, Appendix F.1; NVlabs/edm ``traini
 
 so the first step copies the weights (β = 0), and early on the average spans a fixed fraction of training.
 
+While the ramp-up binds (halflife = r · nimg, r = ``rampup_ratio``), the weights seen at time τ ≤ t enter the average
+with density ∝ (1 − β(τ))·Π β ≈ (ln 2 / (r τ))·(τ/t)^(ln 2 / r) ∝ τ^γ, γ = ln 2 / r − 1: EDM2's power-function
+profile (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", §3.1), whose
+relative standard deviation σ_rel = √((γ+1)/((γ+2)²(γ+3))) is EDM2's EMA length. So ``--ema_rampup_ratio r`` with a
+half-life cap that never binds is EDM2's EMA of length σ_rel (:func:`halflife_ema_std`, :func:`rampup_ratio_for_std`):
+r = 0.05 (EDM's default) is σ_rel ≈ 0.063; σ_rel 0.070 (EDM2-S) is r ≈ 0.057; σ_rel 0.125 (EDM2's autoguidance
+guide) is r ≈ 0.117.
+
 diffusers' warm-up rule (``EMAModel(use_ema_warmup=True)`` of ``train_unconditional.py --use_ema``): before optimizer
 step k (k = 0, 1, …),
 
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import math
 
 import torch
 from torch import nn
@@ -32,6 +41,25 @@ def ema_beta(nimg: float, batch_images: float, halflife_kimg: float = 500.0, ram
     if rampup_ratio > 0:
         halflife = min(halflife, nimg * rampup_ratio)
     return 0.5 ** (batch_images / max(halflife, 1e-8))
+
+
+def halflife_ema_std(rampup_ratio: float) -> float:
+    """EDM2's EMA length σ_rel of the half-life EMA while its ramp-up binds: the power-function profile of exponent
+    γ = ln 2 / ``rampup_ratio`` − 1 (see the module docstring)."""
+    from ..phema import exp_to_std
+
+    if not 0 < rampup_ratio < math.log(2):
+        raise ValueError(f"--ema_rampup_ratio must be in (0, ln 2) for a power-function profile, got {rampup_ratio}")
+    return float(exp_to_std(math.log(2) / rampup_ratio - 1))
+
+
+def rampup_ratio_for_std(std: float) -> float:
+    """The ``--ema_rampup_ratio`` r whose half-life EMA has EDM2's EMA length σ_rel = ``std``: r = ln 2 / (γ + 1),
+    γ = EDM2's exponent for σ_rel (with ``--ema_halflife_kimg`` at least r times the run's images / 1000, so the cap
+    never binds)."""
+    from ..phema import std_to_exp
+
+    return float(math.log(2) / (std_to_exp(std) + 1))
 
 
 def warmup_ema_beta(step: int, inv_gamma: float = 1.0, power: float = 0.75, max_decay: float = 0.9999) -> float:
