@@ -232,13 +232,13 @@ def generate_batch(pipe, seeds: Sequence[int], num_inference_steps: int, class_l
             one per image) and ``output_type="np"`` (images in [0, 1], NHWC), as diffusers' unconditional pipelines do.
         seeds: one seed per image.
         num_inference_steps: sampler steps.
-        class_labels: for a class-conditional pipeline, the class of each image: a tensor (one per image), or a
+        class_labels: for a class-conditional unet, the class of each image: a tensor (one per image), or a
             policy of :func:`class_labels_for_seeds` (``"cycle"``, the default: seed mod K; an int: one class).
-            An unconditional pipeline takes none.
+            With an unconditional unet they are passed on as given (e.g. the y of classifier guidance).
         pipeline_kwargs: passed on (e.g. ``guidance_scale``, ``autoguidance_scale`` or the options of a guided
             pipeline).
     """
-    if not torch.is_tensor(class_labels):
+    if pipeline_num_classes(pipe) is not None and not torch.is_tensor(class_labels):
         class_labels = class_labels_for_seeds(pipe, seeds, class_labels)
     if class_labels is not None:
         pipeline_kwargs["class_labels"] = class_labels
