@@ -189,6 +189,9 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
         dtype = self.sample_dtype
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32 if dtype == torch.float64 else dtype)
+        elif not torch.is_tensor(latents) or not latents.is_floating_point():
+            raise ValueError(f"latents must be a floating-point tensor of standard-normal noise, got "
+                             f"{latents.dtype if torch.is_tensor(latents) else type(latents).__name__}")
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         return latents.to(device=self.device, dtype=dtype) * self.scheduler.init_noise_sigma
