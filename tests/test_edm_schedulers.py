@@ -303,6 +303,11 @@ def test_bad_step_input_raises():
     t = s.timesteps[0]
     with pytest.raises(ValueError, match="shape"):
         s.step(torch.zeros(1, 1, 4, 4), t, torch.zeros(1, 1, 8, 8))
+    churned = EDMStochasticScheduler(s_churn=40.0)
+    churned.set_timesteps(4)
+    three = [torch.Generator().manual_seed(i) for i in range(3)]
+    with pytest.raises(ValueError, match="generator is a list of 3 generators but sample has 2 images"):
+        churned.step(torch.zeros(2, 1, 4, 4), churned.timesteps[0], torch.zeros(2, 1, 4, 4), generator=three)
 
 
 @pytest.mark.parametrize("value", [1.5, "3", True, 3.0, None, np.float64(3), torch.tensor(3.0), torch.tensor([3, 4])])
