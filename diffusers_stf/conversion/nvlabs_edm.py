@@ -142,7 +142,8 @@ def _edm_preconditioning(record: ModuleRecord) -> Dict[str, object]:
 @register_preconditioning_converter("VPPrecond")
 def _vp_preconditioning(record: ModuleRecord) -> Dict[str, object]:
     """σ(t) = √(exp(½β_d t² + β_min t) − 1), c_noise = (M − 1)·t(σ): the scheduler's ``vp`` takes β_min = T·β_start and
-    β_d = T·(β_end − β_start) with T = M. ε_t only sets σ_min = σ(ε_t), checked with the sampling range."""
+    β_d = T·(β_end − β_start) with T = M. ε_t enters through the sampling range's lower bound max(0.002, net.σ_min),
+    taken from the pickle as NVlabs computed it (in float32; σ(ε_t) in float64 differs in the 5th digit)."""
     beta_d, beta_min, M = (_attribute(record, k) for k in ("beta_d", "beta_min", "M"))
     if M != int(M) or M < 2:
         raise ValueError(f"VPPrecond.M must be an integer >= 2, got {M}")
@@ -152,24 +153,26 @@ def _vp_preconditioning(record: ModuleRecord) -> Dict[str, object]:
 
 @register_preconditioning_converter("VEPrecond")
 def _ve_preconditioning(record: ModuleRecord) -> Dict[str, object]:
-    """c_noise = ln(σ/2); the network's σ range only clamps sampling, checked with the sampling range."""
-    return {"preconditioning": "ve"}
-
-
-IDDPM_C1, IDDPM_C2 = 0.001, 0.008  # the constants of the scheduler's iddpm preconditioning (EDM Table 1)
-IDDPM_LEVELS_RTOL = 5e-3
+    """c_noise = ln(σ/2); the network's σ range [σ_min, σ_max] clamps sampling."""
+    return {"preconditioning": "ve", "ve_sigma_min": _attribute(record, "sigma_min"),
+            "ve_sigma_max": _attribute(record, "sigma_max")}
 
 
 @register_preconditioning_converter("iDDPMPrecond")
 def _iddpm_preconditioning(record: ModuleRecord) -> Dict[str, object]:
-    """The levels u_j of EDM eq. 99 from M, C_1 and C_2: the scheduler's ``iddpm`` has C_1 = 0.001, C_2 = 0.008."""
+    """The levels u_j of EDM eq. 99 with the network's M, C_1 and C_2, and the pickled levels themselves (NVlabs
+    computes them in float32, which differs from eq. 99 in float64 by up to ~1e-3 at the smallest levels; sampling
+    snaps σ to the network's own)."""
     c1, c2, M = (_attribute(record, k) for k in ("C_1", "C_2", "M"))
-    if (c1, c2) != (IDDPM_C1, IDDPM_C2):
-        raise ValueError(f"iDDPMPrecond has C_1={c1}, C_2={c2}; EDMHeunScheduler's 'iddpm' preconditioning has only "
-                         f"C_1={IDDPM_C1}, C_2={IDDPM_C2}")
     if M != int(M) or M < 2:
         raise ValueError(f"iDDPMPrecond.M must be an integer >= 2, got {M}")
-    return {"preconditioning": "iddpm", "num_train_timesteps": int(M)}
+    config = {"preconditioning": "iddpm", "num_train_timesteps": int(M), "iddpm_c1": c1, "iddpm_c2": c2}
+    u = record.buffers.get("u")
+    if u is not None:
+        if u.shape != (int(M) + 1,):
+            raise ValueError(f"iDDPMPrecond's levels u have shape {tuple(u.shape)}, expected ({int(M) + 1},)")
+        config["iddpm_levels"] = u[:-1].double().tolist()  # u_M = 0 is not a level
+    return config
 
 
 def sampling_range(record: ModuleRecord):
@@ -208,17 +211,12 @@ def scheduler_from_record(record: ModuleRecord) -> EDMHeunScheduler:
 def _check_constants(record: ModuleRecord, scheduler: EDMHeunScheduler):
     """The scheduler's preconditioning has the record's constants (a wrong mapping fails here, not in sampling)."""
     p = scheduler.preconditioning
-    if record.class_name == "VPPrecond":
-        for name in ("beta_d", "beta_min", "M"):
-            if not math.isclose(getattr(p, name), _attribute(record, name), rel_tol=1e-12):
-                raise ValueError(f"VPPrecond.{name}={_attribute(record, name)} became {getattr(p, name)}")
-    if record.class_name == "iDDPMPrecond" and record.buffers.get("u") is not None:
-        # NVlabs' levels u_0 > … > u_M = 0 come from EDM eq. 99 run in float32, which loses up to ~1e-3 (relative) at
-        # the smallest levels; other M, C_1 or C_2 change them by far more
-        u = record.buffers["u"].double()
-        ours = p.table.flip(0)
-        if u.shape[0] != ours.shape[0] + 1 or not torch.allclose(u[:-1], ours, rtol=IDDPM_LEVELS_RTOL, atol=0):
-            raise ValueError("iDDPMPrecond's pickled levels u differ from the iddpm preconditioning's table")
+    names = {"VPPrecond": ("beta_d", "beta_min", "M"), "VEPrecond": ("sigma_min", "sigma_max"),
+             "iDDPMPrecond": ("M", "C1", "C2")}.get(record.class_name, ())
+    for name in names:
+        theirs = _attribute(record, {"C1": "C_1", "C2": "C_2"}.get(name, name))
+        if not math.isclose(getattr(p, name), theirs, rel_tol=1e-12):
+            raise ValueError(f"{record.class_name}.{name}={theirs} became {getattr(p, name)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
