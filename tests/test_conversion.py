@@ -436,13 +436,13 @@ def test_truncated_and_foreign_snapshots_are_named(tmp_path):
     standin.write(tmp_path / "stylegan.pkl", standin.stylegan_snapshot(tiny_network(4)))
     with pytest.raises(NVlabsPickleError, match=r"StyleGAN-family snapshot \(top-level keys \['G', 'D', 'G_ema'"):
         load_nvlabs_edm(tmp_path / "stylegan.pkl")
-    edm2_net = tiny_network(5)
-    standin.write(tmp_path / "edm2.pkl", standin.edm2_snapshot(copy.deepcopy(edm2_net)))
-    with pytest.raises(NVlabsPickleError, match=r"EDM2 snapshot .*ema = Precond\(UNet\)\); EDM2 networks are not "
-                                                r"supported yet"):
+    edm2_net = tiny_network(5)  # an EDM2-layout snapshot of a network no converter knows
+    standin.write(tmp_path / "edm2.pkl", standin.edm2_snapshot(copy.deepcopy(edm2_net), dict(
+        img_resolution=8, img_channels=1, label_dim=0), network_class="OtherUNet"))
+    with pytest.raises(NVlabsPickleError, match=r"edm2.pkl: no converter for the network 'OtherUNet'"):
         load_nvlabs_edm(tmp_path / "edm2.pkl")
     edm2 = read_nvlabs_pickle(tmp_path / "edm2.pkl")  # the reader itself reads EDM2's float16 weights
-    weights = edm2["ema"].modules["model"].state_dict()
+    weights = edm2["ema"].modules["unet"].state_dict()
     assert all(weights[k].dtype == torch.float16 and torch.equal(weights[k], v.half())
                for k, v in edm2_net.state_dict().items())
 
