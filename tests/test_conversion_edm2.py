@@ -102,7 +102,7 @@ def raw_network(name, state):
     cfg = reference_config(name)
     if cfg["num_class_embeds"]:
         return lambda x, c_noise, labels: reference_unet(state, cfg, x, c_noise, labels)
-    net = EDM2UNet(**{k: v for k, v in cfg.items()}).double().eval()
+    net = EDM2UNet(**cfg).double().eval()
     net.load_state_dict(state)
     return lambda x, c_noise, labels: net(x, c_noise).sample.detach()
 
