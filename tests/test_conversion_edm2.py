@@ -275,6 +275,31 @@ def test_autoguidance_presets_sample_as_edm_sampler_with_gnet(snapshots, guide_n
     assert (reference - unguided).abs().max() > 1e-2  # the guide acts
 
 
+def test_pipeline_decodes_latents_in_stable_diffusions_pixel_range_by_default():
+    """Without vae_pixel_range the VAE's images are in [-1, 1] (diffusers' convention): image = (decoded + 1)/2."""
+    from diffusers_stf import EDMHeunScheduler
+
+    vae, scale, bias = tiny_vae(3), [2.0, 0.5], [0.1, -0.3]
+    pipe = EDMPipeline(random_network("latent", 3), EDMHeunScheduler(), vae=vae, latent_scale=scale,
+                       latent_bias=bias)
+    noise, labels = noise_and_labels("latent")
+    latents = sample(pipe, noise, labels, num_inference_steps=3)
+    raw = (latents - torch.tensor(bias).reshape(1, 2, 1, 1)) / torch.tensor(scale).reshape(1, 2, 1, 1)
+    with torch.no_grad():
+        expected = (vae.decode(raw.float()).sample / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(sample(pipe, noise, labels, num_inference_steps=3, output_type="pt"), expected,
+                               rtol=0, atol=1e-5)
+    bad = {"latent_scale": ([2.0], "one finite number per latent channel"),
+           "latent_bias": ([0.0, float("nan")], "one finite number per latent channel"),
+           "vae_pixel_range": ([1.0, 0.0], "lo < hi")}
+    for key, (value, message) in bad.items():
+        with pytest.raises(ValueError, match=message):
+            EDMPipeline(pipe.unet, pipe.scheduler, vae=vae, **{"latent_scale": scale, "latent_bias": bias,
+                                                               key: value})
+    with pytest.raises(ValueError, match="latent_scale must be non-zero"):
+        EDMPipeline(pipe.unet, pipe.scheduler, vae=vae, latent_scale=[2.0, 0.0], latent_bias=bias)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Refusals
 
