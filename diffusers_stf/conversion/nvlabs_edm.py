@@ -245,16 +245,12 @@ def snapshot_kind(data, source: str) -> str:
 
 def edm_network_record(data, source: str) -> ModuleRecord:
     """The ``ema`` preconditioning record of a snapshot, refused with a message naming what the file holds where
-    no converter knows it (EDM2, StyleGAN, another network)."""
+    no converter knows it (StyleGAN, another network)."""
     kind = snapshot_kind(data, source)
     ema = data["ema"]
     if ema.class_name not in PRECONDITIONING_CONVERTERS:
-        if kind == "edm2":
-            raise NVlabsPickleError(
-                f"{source} is an NVlabs EDM2 snapshot (top-level keys {list(data)}, ema = {ema.describe()}); "
-                "EDM2 networks are not supported yet")
-        raise NVlabsPickleError(f"{source}: ema is {ema.describe()}, not one of the EDM preconditionings "
-                                f"{sorted(PRECONDITIONING_CONVERTERS)}")
+        raise NVlabsPickleError(f"{source}: an NVlabs {kind.upper()} snapshot whose ema is {ema.describe()}, not one "
+                                f"of the known preconditionings {sorted(PRECONDITIONING_CONVERTERS)}")
     return ema
 
 

@@ -5,8 +5,8 @@ NVlabs pickles its networks with ``torch_utils.persistence``: every network modu
 module (``module_src``), the class name and the module's ``__dict__`` (``state``). Unpickled with ``pickle.load``, that
 source is executed. Here it is not: :class:`RestrictedUnpickler` resolves only the handful of globals a snapshot
 contains, each to a safe stand-in, and returns nested :class:`ModuleRecord` s (class name, constructor arguments,
-attributes, parameters and buffers) that layer 2 (:mod:`.nvlabs_edm`) turns into this package's models. ``module_src``
-is kept as an inert string: it is never executed, nor compiled.
+attributes, parameters and buffers) that layer 2 (:mod:`.nvlabs_edm`, :mod:`.nvlabs_edm2`) turns into this package's
+models. ``module_src`` is kept as an inert string: it is never executed, nor compiled.
 
 The globals a snapshot holds, and what each becomes:
 
