@@ -154,14 +154,67 @@ def edm_snapshot(ema: Persistent, augment: bool = True) -> dict:
     return dict(ema=ema, loss_fn=loss, augment_pipe=pipe, dataset_kwargs=dataset)
 
 
-def edm2_snapshot(network: torch.nn.Module) -> EasyDictValue:
-    """EDM2's snapshot: ``EasyDict(ema=Precond(UNet), encoder, loss_fn, dataset_kwargs)`` with float16 weights."""
-    unet = persistent_tree(network.half(), "UNet", dict(img_resolution=8, img_channels=1))
-    precond = Persistent("Precond", module_state(torch.nn.Module(), {"model": unet}, dict(img_resolution=8),
-                                                 dict(sigma_data=0.5, logvar_channels=128)))
-    encoder = Persistent("StandardRGBEncoder", module_state(torch.nn.Module(), {}, {}, {}))
-    loss = Persistent("EDM2Loss", module_state(torch.nn.Module(), {}, dict(P_mean=-0.4), dict(P_mean=-0.4)))
-    return EasyDictValue(ema=precond, encoder=encoder, loss_fn=loss, dataset_kwargs=EasyDictValue(resolution=8))
+# ---------------------------------------------------------------------------------------------------------------------
+# EDM2 (NVlabs/edm2): Precond(UNet) with the log-variance head, the encoders, the loss, stored in float16
+
+ENCODERS_SOURCE = '"""Stand-in for the source of training/encoders.py; a safe reader never runs it."""\n'
+SD_VAE_RAW_MEAN, SD_VAE_RAW_STD = [5.81, 3.25, 0.12, -2.15], [4.17, 4.62, 3.71, 3.28]  # StabilityVAEEncoder's defaults
+
+
+def standard_rgb_encoder() -> Persistent:
+    """EDM2's ``StandardRGBEncoder`` (pixel models): a persistent plain object with no attributes of its own."""
+    return Persistent("StandardRGBEncoder", dict(_init_args=(), _init_kwargs={}), ENCODERS_SOURCE)
+
+
+def stability_vae_encoder(raw_mean=SD_VAE_RAW_MEAN, raw_std=SD_VAE_RAW_STD, final_mean=0.0, final_std=0.5,
+                          vae_name="stabilityai/sd-vae-ft-mse", **recorded) -> Persistent:
+    """EDM2's ``StabilityVAEEncoder`` (latent models) as pickled: ``scale`` and ``bias`` float32 numpy arrays
+    (final = raw·scale + bias), ``_vae`` None (the VAE itself is not pickled)."""
+    scale = np.float32(final_std) / np.float32(raw_std)
+    bias = np.float32(final_mean) - np.float32(raw_mean) * scale
+    state = dict(_init_args=(), _init_kwargs=dict(recorded), vae_name=vae_name, scale=scale, bias=bias, batch_size=8,
+                 _vae=None)
+    return Persistent("StabilityVAEEncoder", state, ENCODERS_SOURCE)
+
+
+def logvar_head(channels: int = 128, seed: int = 0) -> Dict[str, Persistent]:
+    """Precond's ``logvar_fourier`` (MPFourier: buffers freqs, phases) and ``logvar_linear`` (MPConv: weight (1, C))."""
+    g = torch.Generator().manual_seed(seed)
+    fourier, linear = torch.nn.Module(), torch.nn.Module()
+    fourier.register_buffer("freqs", 2 * np.pi * torch.randn(channels, generator=g))
+    fourier.register_buffer("phases", 2 * np.pi * torch.rand(channels, generator=g))
+    linear.weight = torch.nn.Parameter(torch.randn(1, channels, generator=g))
+    return {"logvar_fourier": Persistent("MPFourier", module_state(fourier.half(), {}, {"num_channels": channels}, {})),
+            "logvar_linear": Persistent("MPConv", module_state(linear.half(), {}, {}, {"out_channels": 1}))}
+
+
+def edm2_snapshot(network: torch.nn.Module, unet_kwargs: dict, encoder: Optional[Persistent] = None,
+                  sigma_data: float = 0.5, logvar_channels: int = 128, use_fp16: bool = True,
+                  network_class: str = "UNet") -> EasyDictValue:
+    """EDM2's snapshot: ``EasyDict(ema=Precond(UNet), encoder, loss_fn, dataset_kwargs)``, the network in float16
+    (``ema.to(torch.float16)``; ``network`` is converted in place).
+
+    ``unet_kwargs`` are the UNet's recorded constructor arguments (NVlabs' names: ``img_resolution``,
+    ``img_channels``, ``label_dim``, ``model_channels``, …). Precond records the interface arguments, the network
+    keywords train_edm2.py passes (``model_channels``, ``dropout``) and ``use_fp16``; ``sigma_data`` and
+    ``logvar_channels`` are recorded only when not NVlabs' defaults (0.5, 128)."""
+    unet = persistent_tree(network.half(), network_class, unet_kwargs)
+    interface = {k: unet_kwargs[k] for k in ("img_resolution", "img_channels", "label_dim")}
+    init_kwargs = dict(interface, use_fp16=use_fp16,
+                       **{k: unet_kwargs[k] for k in ("model_channels", "dropout") if k in unet_kwargs})
+    if sigma_data != 0.5:
+        init_kwargs["sigma_data"] = sigma_data
+    if logvar_channels != 128:
+        init_kwargs["logvar_channels"] = logvar_channels
+    attributes = dict(interface, use_fp16=use_fp16, sigma_data=sigma_data)
+    children = {"unet": unet, **logvar_head(logvar_channels)}
+    precond = Persistent("Precond", module_state(torch.nn.Module().eval(), children, init_kwargs, attributes))
+    loss_kwargs = dict(P_mean=-0.4, P_std=1.0)
+    loss = Persistent("EDM2Loss", dict(_init_args=(), _init_kwargs=loss_kwargs, sigma_data=0.5, **loss_kwargs))
+    dataset = EasyDictValue(class_name="training.dataset.ImageFolderDataset", path="datasets/img512-sd.zip",
+                            use_labels=bool(unet_kwargs["label_dim"]))
+    return EasyDictValue(ema=precond, encoder=encoder if encoder is not None else standard_rgb_encoder(),
+                         loss_fn=loss, dataset_kwargs=dataset)
 
 
 def stylegan_snapshot(network: torch.nn.Module) -> dict:

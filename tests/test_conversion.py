@@ -229,9 +229,12 @@ def table1(name, sigma):
         return one, -sigma, 1 / (1 + sigma**2).sqrt(), (M - 1) * t, sigma
     if kind == "VEPrecond":
         return one, sigma, one, (sigma / 2).log(), sigma
-    u = iddpm_u(1000, 0.001, 0.008)[:-1]  # u_0 > … > u_{M−1}
+    # the network's own levels u_0 > … > u_{M−1}: the pickled buffer (eq. 99 run in float32, as NVlabs stores it)
+    M, C1, C2 = constants.get("M", 1000), constants.get("C_1", 0.001), constants.get("C_2", 0.008)
+    u = standin.iddpm_levels(M, C1, C2).double()[:-1]
+    assert torch.allclose(u, iddpm_u(M, C1, C2)[:-1], rtol=5e-3)
     j = (sigma[:, None] - u[None]).abs().argmin(dim=1)
-    return one, -sigma, 1 / (1 + sigma**2).sqrt(), (999 - j).double(), u[j]
+    return one, -sigma, 1 / (1 + sigma**2).sqrt(), (M - 1 - j).double(), u[j]
 
 
 def iddpm_u(M, C1, C2):
@@ -321,16 +324,26 @@ def test_default_sampling_is_nvlabs_edm_sampler_with_the_network_sigma_range(con
                                                                                    dtype=torch.float64))[4]), rel=1e-6)
 
 
-def test_constants_the_scheduler_cannot_express_are_refused(tmp_path):
+def test_non_default_constants_carry_over(tmp_path):
+    """A VE network's σ range and iDDPM's C_2 reach the scheduler: sampling clamps to [0.01, 50] and snaps σ to the
+    levels of EDM eq. 99 with C_2 = 0.01 (the pickled float32 levels), written out here."""
     net = tiny_network(0)
-    for kind, constants, message in (("VEPrecond", dict(sigma_min=0.01), "cannot express"),
-                                     ("iDDPMPrecond", dict(C_2=0.01), "C_2=0.01")):
-        path = tmp_path / f"{kind}.pkl"
-        out = 2 if kind == "iDDPMPrecond" else 1
-        record = network_record(tiny_network(0, out_channels=out)) if out == 2 else network_record(net)
-        standin.write(path, standin.edm_snapshot(standin.preconditioning(kind, record, 8, 1, **constants)))
-        with pytest.raises(ValueError, match=message):
-            load_nvlabs_edm(path)
+    path = tmp_path / "ve.pkl"
+    standin.write(path, standin.edm_snapshot(standin.preconditioning("VEPrecond", network_record(net), 8, 1,
+                                                                     sigma_min=0.01, sigma_max=50.0)))
+    scheduler = load_nvlabs_edm(path).scheduler
+    assert (scheduler.preconditioning.sigma_min, scheduler.preconditioning.sigma_max) == (0.01, 50.0)
+    assert scheduler.sigma_range == (0.01, 50.0)
+    path = tmp_path / "iddpm.pkl"
+    record = network_record(tiny_network(0, out_channels=2))
+    standin.write(path, standin.edm_snapshot(standin.preconditioning("iDDPMPrecond", record, 8, 1, C_2=0.01)))
+    scheduler = load_nvlabs_edm(path).scheduler
+    assert scheduler.config.iddpm_c2 == 0.01
+    levels = standin.iddpm_levels(1000, 0.001, 0.01).double()[:-1]
+    assert not torch.allclose(levels, standin.iddpm_levels(1000, 0.001, 0.008).double()[:-1], rtol=1e-2)
+    sigma = torch.tensor([0.01, 0.5, 7.0], dtype=torch.float64)
+    nearest = levels[(sigma[:, None] - levels[None]).abs().argmin(dim=1)]
+    assert torch.equal(scheduler.preconditioning.round_sigma(sigma), nearest)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -423,13 +436,13 @@ def test_truncated_and_foreign_snapshots_are_named(tmp_path):
     standin.write(tmp_path / "stylegan.pkl", standin.stylegan_snapshot(tiny_network(4)))
     with pytest.raises(NVlabsPickleError, match=r"StyleGAN-family snapshot \(top-level keys \['G', 'D', 'G_ema'"):
         load_nvlabs_edm(tmp_path / "stylegan.pkl")
-    edm2_net = tiny_network(5)
-    standin.write(tmp_path / "edm2.pkl", standin.edm2_snapshot(copy.deepcopy(edm2_net)))
-    with pytest.raises(NVlabsPickleError, match=r"EDM2 snapshot .*ema = Precond\(UNet\)\); EDM2 networks are not "
-                                                r"supported yet"):
+    edm2_net = tiny_network(5)  # an EDM2-layout snapshot of a network no converter knows
+    standin.write(tmp_path / "edm2.pkl", standin.edm2_snapshot(copy.deepcopy(edm2_net), dict(
+        img_resolution=8, img_channels=1, label_dim=0), network_class="OtherUNet"))
+    with pytest.raises(NVlabsPickleError, match=r"edm2.pkl: no converter for the network 'OtherUNet'"):
         load_nvlabs_edm(tmp_path / "edm2.pkl")
     edm2 = read_nvlabs_pickle(tmp_path / "edm2.pkl")  # the reader itself reads EDM2's float16 weights
-    weights = edm2["ema"].modules["model"].state_dict()
+    weights = edm2["ema"].modules["unet"].state_dict()
     assert all(weights[k].dtype == torch.float16 and torch.equal(weights[k], v.half())
                for k, v in edm2_net.state_dict().items())
 

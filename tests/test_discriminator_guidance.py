@@ -255,6 +255,29 @@ def test_sdedit_runs_the_tail_of_the_schedule_from_the_image():
         pipe(image=torch.rand(2, 3, 8, 8))
 
 
+@pytest.mark.parametrize("boosting", [False, True])
+def test_sdedit_first_model_input_is_the_image_noised_to_the_starting_sigma(boosting):
+    """SDEdit (DG §5.3): the first network input is c_in(σ̂_k)·(y + σ̂_k·z) with y = 2·image − 1 in [−1, 1], z the given
+    latents and σ̂_k the (churned) noise level of the first step k = N − round(strength·N), computed here from EDM's
+    ρ-schedule; a run that starts from the clean image, or at another level, fails."""
+    pipe = make_pipe(make_disc())
+    inputs = []
+    pipe.unet.register_forward_pre_hook(lambda m, args: inputs.append((args[0].detach().double(), args[1].detach())))
+    image = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    n, strength = 10, 0.5
+    pipe(image=image, strength=strength, num_inference_steps=n, latents=z, output_type="pt", boosting=boosting,
+         dg_weight_1st_order=1.0)
+    k = n - round(strength * n)
+    rho, smin, smax = 7.0, 0.002, 80.0
+    sigma_k = (smax ** (1 / rho) + k / (n - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho  # no churn here
+    y = image.double() * 2 - 1
+    expected = (y + sigma_k * z.double()) / math.sqrt(sigma_k**2 + 0.5**2)
+    first, timestep = inputs[0]
+    assert torch.allclose(first, expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(timestep.double(), torch.full((2,), math.log(sigma_k) / 4, dtype=torch.float64), atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Save / load
 
@@ -830,13 +853,19 @@ def test_img2img_under_a_diffusers_scheduler_starts_from_the_noised_image():
     from diffusers import DDIMScheduler
 
     pipe = make_pipe(make_disc(), DDIMScheduler())
-    calls = []
-    pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(args[1].reshape(-1)[0].item()))
+    calls, inputs = [], []
+    pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(args[1].reshape(-1)[0].item())
+                                        or inputs.append(args[0].detach().double()))
     image = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    out = pipe(image=image, strength=0.3, num_inference_steps=10, output_type="pt", dg_weight_1st_order=0.0).images
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = pipe(image=image, strength=0.3, num_inference_steps=10, latents=z, output_type="pt",
+               dg_weight_1st_order=0.0).images
     sched = DDIMScheduler()
     sched.set_timesteps(10)
     assert calls == sched.timesteps[7:].tolist() and (out - image).abs().mean() < 0.3
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[int(sched.timesteps[7])]
+    expected = alpha_bar.sqrt() * (image.double() * 2 - 1) + (1 - alpha_bar).sqrt() * z.double()
+    assert torch.allclose(inputs[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_generators_and_integer_types():

@@ -385,14 +385,15 @@ def test_loss_equals_the_uncertainty_weighted_formula():
     torch.manual_seed(0)
     loss_fn = EDM2Loss()
     images = torch.randn(6, 1, 4, 4) * 0.5
-    per_element = loss_fn(toy_denoiser, images, generator=torch.Generator().manual_seed(5))
+    out = loss_fn(toy_denoiser, images, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
     sigma = (torch.randn(6, generator=g) * 1.0 - 0.4).exp()  # EDM2's ImageNet-512 preset: P_mean −0.4, P_std 1.0
     noisy = images + sigma[:, None, None, None] * torch.randn(images.shape, generator=g)
     lam = ((sigma**2 + 0.25) / (0.5 * sigma) ** 2)[:, None, None, None]
     u = head_logvar(loss_fn.logvar_head, sigma).float()[:, None, None, None]
     expected = lam / u.exp() * (toy_denoiser(noisy, sigma) - images) ** 2 + u
-    torch.testing.assert_close(per_element, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, expected.sum(dim=(1, 2, 3)), rtol=1e-5, atol=1e-5)  # EDM: sum over C·H·W
+    torch.testing.assert_close(out.sigma, sigma)
     assert u.std() > 0  # a σ-dependent head
 
 
@@ -407,8 +408,8 @@ def test_loss_takes_a_target_and_composes_with_stf():
     u = head_logvar(loss_fn.logvar_head, sigma).float()[:, None, None, None]
     expected = lam / u.exp() * (toy_denoiser(noisy, sigma) - target) ** 2 + u
     stf = StableTargetFieldLoss(loss_fn, reference_batch_size=10)
-    torch.testing.assert_close(stf(toy_denoiser, images, extra, sigma=sigma, noise=noise), expected,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stf(toy_denoiser, images, extra, sigma=sigma, noise=noise).loss,
+                               expected.sum(dim=(1, 2, 3)), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(target, images, atol=1e-3)
 
 
@@ -436,14 +437,15 @@ def test_the_optimal_log_variance_is_the_log_of_the_weighted_error():
         with torch.no_grad():
             head.u.fill_(u)
         head.u.grad = None
-        loss_fn(toy_denoiser, images, sigma=sigma, noise=noise).sum().backward()
+        loss_fn(toy_denoiser, images, sigma=sigma, noise=noise).loss.sum().backward()
         return head.u.grad.item()
 
     u_star = weighted_error.log().item()
     assert abs(grad_at(u_star)) < 1e-6 * images.numel()  # λ is evaluated in float32
     assert grad_at(u_star - 0.5) < -0.1 * images.numel() and grad_at(u_star + 0.5) > 0.1 * images.numel()
     grad_at(u_star)
-    assert loss_fn(toy_denoiser, images, sigma=sigma, noise=noise).mean().item() == pytest.approx(1 + u_star)
+    per_element = loss_fn(toy_denoiser, images, sigma=sigma, noise=noise).loss / images[0].numel()
+    assert per_element.mean().item() == pytest.approx(1 + u_star)
 
 
 def test_log_variance_head_is_trained_with_the_network_and_named_as_nvlabs_precond():
@@ -452,7 +454,7 @@ def test_log_variance_head_is_trained_with_the_network_and_named_as_nvlabs_preco
     assert loss_fn.logvar_head.logvar_linear.weight.shape == (1, 128)
     params = list(loss_fn.parameters())
     assert len(params) == 1 and params[0] is loss_fn.logvar_head.logvar_linear.weight
-    loss_fn(toy_denoiser, torch.randn(2, 1, 4, 4)).sum().backward()
+    loss_fn(toy_denoiser, torch.randn(2, 1, 4, 4)).loss.sum().backward()
     assert params[0].grad is not None and params[0].grad.abs().sum() > 0
     with pytest.raises(ValueError, match="logvar_channels"):
         LogVarianceHead(0)

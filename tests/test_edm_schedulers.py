@@ -31,7 +31,7 @@ def algorithm_2(denoiser, x_hat0, t, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s
     ``noises[i]`` is the z of step i ≥ 1 (step 0's churn is part of the initial draw x̂_0).
     """
     n = len(t) - 1
-    gammas = [min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= t[i] <= s_tmax else 0.0 for i in range(n)]
+    gammas = churn_gammas(t, s_churn, s_tmin, s_tmax)
     x_next, it = None, iter(noises)
     for i in range(n):
         t_hat = t[i] * (1 + gammas[i])
@@ -45,6 +45,19 @@ def algorithm_2(denoiser, x_hat0, t, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s
             d_prime = (x_next - denoiser(x_next, t[i + 1])) / t[i + 1]
             x_next = x_hat + (t[i + 1] - t_hat) * (0.5 * d + 0.5 * d_prime)
     return x_next
+
+
+def churn_gammas(t, s_churn, s_tmin, s_tmax):
+    """γ_i = min(S_churn/N, √2 − 1) where S_tmin ≤ t_i ≤ S_tmax, else 0 (Algorithm 2 line 4)."""
+    n = len(t) - 1
+    return [min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= t[i] <= s_tmax else 0.0 for i in range(n)]
+
+
+def churned_initial_draw(z, t, s_churn, s_tmin, s_tmax, s_noise):
+    """x̂_0 of Algorithm 2 lines 2 and 5–6 from one standard normal z: x_0 = t_0·z₁ and x̂_0 = x_0 + √(t̂_0² − t_0²)·
+    S_noise·z₂ is Gaussian with variance t_0² + S_noise²·(t̂_0² − t_0²), so one draw z of that standard deviation."""
+    t_hat = t[0] * (1 + churn_gammas(t, s_churn, s_tmin, s_tmax)[0])
+    return z * math.sqrt(t[0] ** 2 + s_noise**2 * (t_hat**2 - t[0] ** 2))
 
 
 def euler(denoiser, x0, t):
@@ -100,19 +113,24 @@ def test_heun_model_evaluations():
 
 
 @pytest.mark.parametrize("scheduler_class", [EDMStochasticScheduler, EDMHeunScheduler])
-@pytest.mark.parametrize("s_churn,s_tmin,s_tmax,s_noise", [(40.0, 0.0, math.inf, 1.0), (10.0, 0.05, 50.0, 1.003)])
+@pytest.mark.parametrize("s_churn,s_tmin,s_tmax,s_noise", [(40.0, 0.0, math.inf, 1.0), (10.0, 0.05, 50.0, 1.003),
+                                                           (40.0, 0.0, math.inf, 1.5)])
 def test_stochastic_equals_algorithm_2_under_same_noise(scheduler_class, s_churn, s_tmin, s_tmax, s_noise):
-    """Both names take EDM's churn arguments, as NVlabs' edm_sampler and k-diffusion's sample_heun do."""
+    """Both names take EDM's churn arguments, as NVlabs' edm_sampler and k-diffusion's sample_heun do. The reference
+    makes its own initial draw (step 0's churn with its S_noise, from the same standard normal), so a scheduler whose
+    initial noise level forgets S_noise fails here (S_noise = 1.5 with step 0 churned)."""
     n, shape = 12, (2, 1, 4, 4)
     sched = scheduler_class(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     x_hat0, x = run_standard_loop(sched, n, shape, seed=3)
     # Replay the generator: the latents, then one z per churned step i >= 1, drawn as float32 as the scheduler does.
     t = karras_sigmas(n)
     g = torch.Generator().manual_seed(3)
-    torch.randn(shape, generator=g, dtype=torch.float64)
-    gammas = [min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= t[i] <= s_tmax else 0.0 for i in range(n)]
+    ref_hat0 = churned_initial_draw(torch.randn(shape, generator=g, dtype=torch.float64), t, s_churn, s_tmin, s_tmax,
+                                    s_noise)
+    assert torch.allclose(x_hat0, ref_hat0, rtol=1e-12, atol=0)
+    gammas = churn_gammas(t, s_churn, s_tmin, s_tmax)
     noises = [torch.randn(shape, generator=g).double() for i in range(1, n) if gammas[i] > 0]
-    ref = algorithm_2(gaussian_denoiser, x_hat0, t, s_churn, s_tmin, s_tmax, s_noise, noises)
+    ref = algorithm_2(gaussian_denoiser, ref_hat0, t, s_churn, s_tmin, s_tmax, s_noise, noises)
     assert torch.allclose(x, ref, atol=1e-5, rtol=0)
 
 
@@ -285,6 +303,11 @@ def test_bad_step_input_raises():
     t = s.timesteps[0]
     with pytest.raises(ValueError, match="shape"):
         s.step(torch.zeros(1, 1, 4, 4), t, torch.zeros(1, 1, 8, 8))
+    churned = EDMStochasticScheduler(s_churn=40.0)
+    churned.set_timesteps(4)
+    three = [torch.Generator().manual_seed(i) for i in range(3)]
+    with pytest.raises(ValueError, match="generator is a list of 3 generators but sample has 2 images"):
+        churned.step(torch.zeros(2, 1, 4, 4), churned.timesteps[0], torch.zeros(2, 1, 4, 4), generator=three)
 
 
 @pytest.mark.parametrize("value", [1.5, "3", True, 3.0, None, np.float64(3), torch.tensor(3.0), torch.tensor([3, 4])])
@@ -436,3 +459,24 @@ class TestStochasticContract(SchedulerContractTests):
 
     def get_scheduler_config(self, **overrides):
         return {"s_churn": 20.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003, **overrides}
+
+
+def test_churned_sigma_is_rounded_to_the_ddpm_table():
+    """EDM's round_sigma: with a discrete-time network (``ddpm``) every σ the model is evaluated at, σ̂_i after churn
+    included, is a level of the network's table σ_t = √((1 − ᾱ_t)/ᾱ_t) (written here), and the timestep it gets is
+    that level's index t."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    table = ((1 - alpha_bar) / alpha_bar).sqrt()
+    sched = EDMStochasticScheduler(preconditioning="ddpm", s_churn=40.0, s_tmin=0.05, s_tmax=50.0)
+    sched.set_timesteps(10)
+    x = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    churned = 0
+    for t in sched.timesteps:
+        sched.scale_model_input(x, t)
+        sigma, index = sched.current_sigma, int(t)
+        assert float(t) == index
+        assert math.isclose(sigma, float(table[index]), rel_tol=1e-12), (sigma, float(table[index]))
+        churned += sched.state_in_first_order and 0.05 <= sigma <= 50 * math.sqrt(2)
+        x = sched.step(torch.zeros_like(x), t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    assert churned >= 3

@@ -89,6 +89,17 @@ def tiny_augment_unet(seed=0):
         add_attention=False, norm_num_groups=4, augment_dim=9)
 
 
+def tiny_conditional_unet(seed=0, block_out_channels=(8, 16)):
+    """A class-conditional UNet of 3 classes trained, as classifier-free guidance needs, with a null label (index 3)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=block_out_channels,
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), add_attention=False, norm_num_groups=4,
+                       num_class_embeds=4)
+
+
 # name -> (pipeline factory, call kwargs); each exercises a different component class of the package
 CASES = {
     "edm_heun": (lambda: EDMPipeline(make_tiny_unet(0), EDMHeunScheduler()), {"num_inference_steps": 4}),
@@ -105,6 +116,12 @@ CASES = {
     "predictor_corrector": (lambda: EDMPipeline(make_tiny_unet(5), PredictorCorrectorScheduler(sigma_max=5.0)),
                             {"num_inference_steps": 4}),
     "augment_unet": (lambda: EDMPipeline(tiny_augment_unet(6), EDMHeunScheduler()), {"num_inference_steps": 4}),
+    "cfg_autoguided": (
+        lambda: DiscriminatorGuidedPipeline(tiny_conditional_unet(12), EDMHeunScheduler(), tiny_disc(13),
+                                            guide_unet=tiny_conditional_unet(14, block_out_channels=(4, 8)),
+                                            null_class_label=3),
+        {"num_inference_steps": 4, "class_labels": [0, 2], "guidance_scale": 2.0, "autoguidance_scale": 1.5,
+         "guidance_interval": [0.05, 20.0], "dg_weight_1st_order": 1.0}),
 }
 
 

@@ -91,6 +91,8 @@ def test_bad_arguments():
         pipe(output_type="jpeg")
     with pytest.raises(ValueError, match="latents"):
         pipe(batch_size=2, latents=torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="latents must be a floating-point tensor"):
+        pipe(batch_size=1, latents=torch.zeros(1, 1, 8, 8, dtype=torch.int64))
 
 
 def test_integer_types_generator_lists_and_labels():

@@ -212,3 +212,23 @@ def test_ddpm_config_with_trained_betas_builds_their_sigma_table():
     sched = EDMHeunScheduler.from_config(config, preconditioning="ddpm")
     abar = torch.cumprod(1 - betas, 0)
     assert torch.allclose(sched.preconditioning.table, ((1 - abar) / abar).sqrt(), rtol=1e-12)
+
+
+def test_scheduler_constants_of_the_table1_rows():
+    """EDMHeunScheduler's config carries EDM Table 1's constants: VP's ε_t sets σ_min = σ(ε_t), VE's σ range, iDDPM's
+    C_1, C_2 or explicit levels (closed forms written here)."""
+    from diffusers_stf import EDMHeunScheduler
+
+    vp = EDMHeunScheduler(preconditioning="vp", epsilon_t=1e-3).preconditioning
+    assert math.isclose(vp.sigma_min, math.sqrt(math.exp(0.5 * 19.9 * 1e-6 + 0.1 * 1e-3) - 1), rel_tol=1e-12)
+    ve = EDMHeunScheduler(preconditioning="ve", ve_sigma_min=0.01, ve_sigma_max=50.0)
+    assert ve.sigma_range == (0.01, 50.0)
+    levels = [9.0, 3.0, 1.0, 0.5]
+    iddpm = EDMHeunScheduler(preconditioning="iddpm", num_train_timesteps=4, iddpm_levels=levels).preconditioning
+    sigma = torch.tensor([0.6, 2.2, 8.0], dtype=torch.float64)
+    assert iddpm.round_sigma(sigma).tolist() == [0.5, 3.0, 9.0]
+    assert iddpm.c_noise(torch.tensor([0.5, 9.0], dtype=torch.float64)).tolist() == [0.0, 3.0]  # M − 1 − j
+    c2 = EDMHeunScheduler(preconditioning="iddpm", iddpm_c2=0.02).preconditioning
+    assert c2.C2 == 0.02 and not torch.allclose(c2.table, EDMHeunScheduler(preconditioning="iddpm").preconditioning.table)
+    with pytest.raises(ValueError, match="iddpm_levels must hold M = 4 levels"):
+        EDMHeunScheduler(preconditioning="iddpm", num_train_timesteps=4, iddpm_levels=[2.0, 1.0])

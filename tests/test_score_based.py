@@ -507,6 +507,37 @@ def test_pc_marginal_discretization_is_the_previous_one(sde):
     torch.testing.assert_close(ours, x, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("sde", ["ve", "vp"])
+def test_pc_marginal_corrector_step_size(sde):
+    """``discretization="marginal"`` with a Langevin corrector before each predictor step: ε = 2α·(r‖z‖/‖s‖)² (norms
+    averaged over the batch) with α = 1 (VE) or α = 1 − h = ᾱ_i/ᾱ_{i+1} (VP), then x ← x + ε·s + √(2ε)·z; written
+    out here, with ᾱ and σ from their closed forms."""
+    N, eps, snr = 6, 1e-3, 0.16
+    s = make_pc(sde, correct_steps=1, discretization="marginal", sampling_eps=eps, snr=snr)
+    s.set_timesteps(N)
+    x0 = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * s.init_noise_sigma
+    score = float32_time_score(sde)
+    ours = run_diffusers_loop(s, score, x0.clone(), seed=3)
+    g = torch.Generator().manual_seed(3)
+    t = list(np.linspace(1, eps, N)) + [0.0]
+    x = x0.clone()
+    for i in range(N):
+        if sde == "ve":
+            h, alpha = ve_sigma_ref(t[i]) ** 2 - (ve_sigma_ref(t[i + 1]) ** 2 if i + 1 < N else 0.0), 1.0
+        else:
+            h = 1 - vp_alpha_bar_ref(t[i]) / vp_alpha_bar_ref(t[i + 1])
+            alpha = 1 - h
+        grad = score(x, t[i])
+        z = torch.randn(x.shape, generator=g, dtype=torch.float32).double()
+        step = 2 * alpha * (snr * z.norm(dim=1).mean() / grad.norm(dim=1).mean()) ** 2
+        x = x + step * grad + torch.sqrt(2 * step) * z
+        sc = score(x, t[i])
+        mean = x + h * sc if sde == "ve" else (2 - math.sqrt(1 - h)) * x + h * sc
+        z = torch.randn(x.shape, generator=g, dtype=torch.float32).double()
+        x = mean if i == N - 1 else mean + math.sqrt(h) * z
+    torch.testing.assert_close(ours, x, rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize(
     "scheduler,steps",
     [

@@ -2,6 +2,9 @@
 
     # an NVlabs EDM snapshot → an EDMPipeline folder
     python -m diffusers_stf.convert edm edm-cifar10-32x32-uncond-vp.pkl converted/edm-cifar10-uncond-vp
+    # an NVlabs EDM2 snapshot (a latent one with its VAE, here with its autoguidance preset's guide)
+    python -m diffusers_stf.convert edm2 edm2-img512-s-2147483-0.070.pkl converted/edm2-img512-s-autog-fid \\
+        --vae sd-vae-ft-mse --guide edm2-img512-xs-0134217-0.125.pkl --guidance 2.1
     # DG's discriminator on that score model → a DiscriminatorGuidedPipeline folder
     python -m diffusers_stf.convert dg --classifier 32x32_classifier.pt --discriminator discriminator_60.pt \\
         --score_model converted/edm-cifar10-uncond-vp converted/dg-cifar10-uncond
@@ -23,7 +26,8 @@ from typing import List, Optional, Sequence
 from ..pipelines.pipeline_discriminator_guided import DiscriminatorGuidedPipeline
 from ..pipelines.pipeline_edm import EDMPipeline
 from .dg import load_dg_discriminator
-from .nvlabs_edm import load_nvlabs_edm
+from .nvlabs_edm import guide_from_snapshot, pipeline_from_snapshot, snapshot_kind, with_guide
+from .unpickler import read_nvlabs_pickle
 
 EDM_LICENSE = ("NVlabs' EDM checkpoints are published under the Creative Commons Attribution-NonCommercial-ShareAlike "
                "4.0 International licence (CC BY-NC-SA 4.0, https://creativecommons.org/licenses/by-nc-sa/4.0/). "
@@ -35,6 +39,15 @@ DG_LICENSE = ("The discriminator comes from Discriminator Guidance's published f
               "licence to the discriminator weights is granted here: they remain their authors'; ask them before you "
               "redistribute this folder. DG's code builds on NVlabs' EDM (CC BY-NC-SA 4.0) and openai/"
               "guided-diffusion (MIT); the score network in this folder is NVlabs' EDM network, CC BY-NC-SA 4.0.")
+EDM2_LICENSE = ("NVlabs' EDM2 checkpoints are published under the Creative Commons Attribution-NonCommercial-"
+                "ShareAlike 4.0 International licence (CC BY-NC-SA 4.0, https://creativecommons.org/licenses/by-nc-sa/"
+                "4.0/). This folder holds the same weights in another layout, a derivative under the same licence: "
+                "non-commercial use only, with attribution to NVIDIA (Karras et al. 2024), shared alike. A snapshot "
+                "you trained yourself with NVlabs' code is yours; its code was CC BY-NC-SA 4.0.")
+EDM2_CITATION = ("Karras, Aittala, Lehtinen, Hellsten, Aila, Laine. Analyzing and Improving the Training Dynamics of "
+                 "Diffusion Models. CVPR 2024. https://github.com/NVlabs/edm2")
+AUTOGUIDANCE_CITATION = ("Karras, Aittala, Kynkäänniemi, Lehtinen, Aila, Laine. Guiding a Diffusion Model with a Bad "
+                         "Version of Itself. NeurIPS 2024.")
 EDM_CITATION = ("Karras, Aittala, Aila, Laine. Elucidating the Design Space of Diffusion-Based Generative Models. "
                 "NeurIPS 2022. https://github.com/NVlabs/edm")
 DG_CITATION = ("Kim, Kim, Kwon, Kang, Moon. Refining Generative Process with Discriminator Guidance in Score-based "
@@ -67,11 +80,21 @@ def _usage(call: str) -> str:
             f"images = pipeline({call}).images\n```\n")
 
 
+def read_snapshot(path: str, command: str):
+    """The plain data of an NVlabs snapshot of the kind ``command`` converts (``edm``/``edm2``), and its name."""
+    name = os.path.basename(path)
+    data = read_nvlabs_pickle(path)
+    kind = snapshot_kind(data, name)
+    if kind != command:
+        raise ValueError(f"{name} is an NVlabs {kind.upper()} snapshot: convert it with `convert {kind}`")
+    return data, name
+
+
 def convert_edm(args, command: str) -> EDMPipeline:
-    pipeline = load_nvlabs_edm(args.pickle)
+    data, name = read_snapshot(args.pickle, "edm")
+    pipeline = pipeline_from_snapshot(data, name)
     pipeline.save_pretrained(args.output_dir)
     scheduler = pipeline.scheduler.config
-    name = os.path.basename(args.pickle)
     body = f"""
 The network of NVlabs' EDM snapshot `{name}` ({EDM_CITATION}), converted to diffusers_stf's
 `{type(pipeline.unet).__name__}` and `EDMHeunScheduler` (preconditioning `{scheduler.preconditioning}`, σ ∈
@@ -100,6 +123,80 @@ Converted with diffusers_stf's restricted unpickler, which executes nothing from
     write_card(args.output_dir, f"EDM: {name}", ["license: cc-by-nc-sa-4.0", "library_name: diffusers",
                                                    "pipeline_tag: unconditional-image-generation",
                                                    "tags:", "- diffusers", "- diffusers_stf", "- edm"], body)
+    return pipeline
+
+
+def convert_edm2(args, command: str) -> EDMPipeline:
+    if (args.guide is None) != (args.guidance is None):
+        raise ValueError("--guide and --guidance go together: the guide network of a preset and its guidance weight")
+    vae = None
+    if args.vae is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae)
+    data, name = read_snapshot(args.pickle, "edm2")
+    pipeline = pipeline_from_snapshot(data, name, vae=vae)
+    sources = [args.pickle]
+    if args.guide is not None:
+        guide_name = os.path.basename(args.guide)
+        guide = guide_from_snapshot(read_snapshot(args.guide, "edm2")[0], guide_name, name, vae)
+        pipeline = with_guide(pipeline, guide, name, guide_name)
+        sources.append(args.guide)
+    pipeline.save_pretrained(args.output_dir)
+    config, unet = pipeline.scheduler.config, pipeline.unet.config
+    encoder = data.get("encoder")
+    vae_name = encoder.attributes.get("vae_name") if vae is not None else None
+    rows = "\n".join(f"| `{os.path.basename(p)}` | `{sha256(p)}` |" for p in sources)
+    call = "batch_size=16, num_inference_steps=32"
+    if unet.num_class_embeds:
+        call += ", class_labels=[0, 1, 2, 3] * 4"
+    if args.guide is not None:
+        call += f", autoguidance_scale={args.guidance:g}"
+    latent = "" if vae is None else f"""
+**Latent model.** The network samples latents of {unet.in_channels}×{unet.sample_size}×{unet.sample_size}. The `vae`
+(loaded from `{args.vae}`; EDM2's encoder names `{vae_name}`, whose weights the snapshot does not hold) decodes them as
+EDM2's `StabilityVAEEncoder` does: pixels = clamp(vae.decode((latents − latent_bias) / latent_scale), 0, 1), with
+`latent_scale` and `latent_bias` from the snapshot (in `model_index.json`). `output_type="latent"` returns the
+latents. The VAE keeps its own licence (see its model card).
+"""
+    guide = "" if args.guide is None else f"""
+**Guidance.** The guide network `{os.path.basename(args.guide)}` ({"class-conditional" if
+        pipeline.guide_unet.config.num_class_embeds else "unconditional"}) is the pipeline's `guide_unet`. The
+preset's weight is `--guidance {args.guidance:g}`: pass `autoguidance_scale={args.guidance:g}`, which samples with
+D = D_guide + w·(D − D_guide), EDM2's `gnet(x).lerp(net(x), w)` (autoguidance: {AUTOGUIDANCE_CITATION}).
+"""
+    body = f"""
+The network of NVlabs' EDM2 snapshot `{name}`, converted to diffusers_stf's `EDM2UNet` and `EDMHeunScheduler`
+(preconditioning `{config.preconditioning}`, σ_data = {config.sigma_data:g}, σ from {config.sigma_max:g} to
+{config.sigma_min:g}, ρ = {config.rho:g}). EDM2: {EDM2_CITATION}
+
+**Pass `num_inference_steps=32`**: then the pipeline samples as EDM2's `generate_images.py` (`edm_sampler`, 32 Heun
+steps, 63 network evaluations); the pipeline's default, 18 steps, is EDM's. The snapshot stores the weights in float16;
+they are held exactly in float32 here (EDM2 runs the network in float16 on CUDA: `pipeline.to("cuda",
+torch.float16)`). The snapshot's log-variance head, used only by the training loss, is not converted.
+{latent}{guide}
+## Source
+
+| file | SHA-256 |
+|---|---|
+{rows}
+
+Converted with diffusers_stf's restricted unpickler, which executes nothing from the pickle:
+
+```
+{command}
+```
+
+## Licence
+
+{EDM2_LICENSE}
+
+## Usage
+
+{_usage(call)}"""
+    write_card(args.output_dir, f"EDM2: {name}", ["license: cc-by-nc-sa-4.0", "library_name: diffusers",
+                                                    "pipeline_tag: unconditional-image-generation",
+                                                    "tags:", "- diffusers", "- diffusers_stf", "- edm2"], body)
     return pipeline
 
 
@@ -157,6 +254,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     edm = commands.add_parser("edm", help="an NVlabs EDM snapshot (.pkl) → an EDMPipeline folder")
     edm.add_argument("pickle", help="edm-*.pkl or network-snapshot-*.pkl")
     edm.add_argument("output_dir", help="a new folder")
+    edm2 = commands.add_parser("edm2", help="an NVlabs EDM2 snapshot (.pkl) → an EDMPipeline folder")
+    edm2.add_argument("pickle", help="edm2-img64-*.pkl, edm2-img512-*.pkl or a network-snapshot-*.pkl of EDM2")
+    edm2.add_argument("output_dir", help="a new folder")
+    edm2.add_argument("--vae", default=None,
+                      help="for a latent model (edm2-img512-*): a folder (or Hub id) of the AutoencoderKL its encoder "
+                           "names, stabilityai/sd-vae-ft-mse")
+    edm2.add_argument("--guide", default=None, help="the guide snapshot of a preset (generate_images.py's gnet)")
+    edm2.add_argument("--guidance", type=float, default=None, help="the preset's guidance weight (with --guide)")
     dg = commands.add_parser("dg", help="DG's discriminator + a converted EDM folder → a DiscriminatorGuidedPipeline")
     dg.add_argument("--classifier", required=True, help="DG's 32x32_classifier.pt")
     dg.add_argument("--discriminator", required=True,
@@ -174,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None):
     args = parse_args(argv)
     _check_output_dir(args.output_dir)
     command = "python -m diffusers_stf.convert " + shlex.join(argv)
-    convert = convert_edm if args.command == "edm" else convert_dg
+    convert = {"edm": convert_edm, "edm2": convert_edm2, "dg": convert_dg}[args.command]
     try:
         pipeline = convert(args, command)
     except ValueError as err:  # a refused input: the message says why; no traceback

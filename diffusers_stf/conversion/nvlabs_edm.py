@@ -1,4 +1,5 @@
-"""NVlabs EDM snapshots (Karras et al. 2022) as :class:`~diffusers_stf.EDMPipeline` s, read without executing them.
+"""NVlabs EDM snapshots (Karras et al. 2022) as :class:`~diffusers_stf.EDMPipeline` s, read without executing them;
+the entry point :func:`load_nvlabs_edm` for EDM and EDM2 (:mod:`.nvlabs_edm2`) snapshots.
 
 Layer 2 of the reader: :func:`~.unpickler.read_nvlabs_pickle` gives plain records; the two tables here turn them into
 this package's objects, keyed by NVlabs' class names (a snapshot pickles the bare class name, e.g. ``'SongUNet'``):
@@ -10,8 +11,9 @@ this package's objects, keyed by NVlabs' class names (a snapshot pickles the bar
   :class:`~diffusers_stf.EDMHeunScheduler` config entries that express its constants (EDM Table 1).
 
 A new architecture or project is one entry (:func:`register_network_converter`,
-:func:`register_preconditioning_converter`). EDM2 snapshots are recognised; their ``Precond``/``UNet`` classes have no
-entry yet, so :func:`load_nvlabs_edm` refuses them by name.
+:func:`register_preconditioning_converter`); a project whose snapshot is laid out differently (EDM2: an encoder beside
+the network) also registers how its snapshot becomes a pipeline (:data:`SNAPSHOT_READERS`, keyed by
+:func:`snapshot_kind`).
 
 Default sampling is NVlabs ``generate.py``'s ``edm_sampler``: 18 Heun steps of the ρ = 7 schedule from 80 to 0.002,
 clamped to the network's own range (σ_min = max(0.002, net.σ_min), σ_max = min(80, net.σ_max)) and snapped by
@@ -29,7 +31,7 @@ import torch
 
 from ..models.dhariwal_unet import DhariwalUNet
 from ..models.song_unet import SongUNet
-from ..pipelines.pipeline_edm import EDMPipeline
+from ..pipelines.pipeline_edm import EDMPipeline, same_scalings
 from ..schedulers import EDMHeunScheduler
 from .unpickler import EasyDictRecord, ModuleRecord, NVlabsPickleError, read_nvlabs_pickle
 from .weights import load_exactly
@@ -42,8 +44,10 @@ RANGE_RTOL = 1e-6
 
 NetworkConverter = Callable[[ModuleRecord, str], torch.nn.Module]
 PreconditioningConverter = Callable[[ModuleRecord], Dict[str, object]]
+SnapshotReader = Callable[..., EDMPipeline]  # reader(data, source, vae=None) -> EDMPipeline
 NETWORK_CONVERTERS: Dict[str, NetworkConverter] = {}
 PRECONDITIONING_CONVERTERS: Dict[str, PreconditioningConverter] = {}
+SNAPSHOT_READERS: Dict[str, SnapshotReader] = {}
 
 
 def register_network_converter(class_name: str, converter: Optional[NetworkConverter] = None):
@@ -142,7 +146,8 @@ def _edm_preconditioning(record: ModuleRecord) -> Dict[str, object]:
 @register_preconditioning_converter("VPPrecond")
 def _vp_preconditioning(record: ModuleRecord) -> Dict[str, object]:
     """σ(t) = √(exp(½β_d t² + β_min t) − 1), c_noise = (M − 1)·t(σ): the scheduler's ``vp`` takes β_min = T·β_start and
-    β_d = T·(β_end − β_start) with T = M. ε_t only sets σ_min = σ(ε_t), checked with the sampling range."""
+    β_d = T·(β_end − β_start) with T = M. ε_t enters through the sampling range's lower bound max(0.002, net.σ_min),
+    taken from the pickle as NVlabs computed it (in float32; σ(ε_t) in float64 differs in the 5th digit)."""
     beta_d, beta_min, M = (_attribute(record, k) for k in ("beta_d", "beta_min", "M"))
     if M != int(M) or M < 2:
         raise ValueError(f"VPPrecond.M must be an integer >= 2, got {M}")
@@ -152,24 +157,26 @@ def _vp_preconditioning(record: ModuleRecord) -> Dict[str, object]:
 
 @register_preconditioning_converter("VEPrecond")
 def _ve_preconditioning(record: ModuleRecord) -> Dict[str, object]:
-    """c_noise = ln(σ/2); the network's σ range only clamps sampling, checked with the sampling range."""
-    return {"preconditioning": "ve"}
-
-
-IDDPM_C1, IDDPM_C2 = 0.001, 0.008  # the constants of the scheduler's iddpm preconditioning (EDM Table 1)
-IDDPM_LEVELS_RTOL = 5e-3
+    """c_noise = ln(σ/2); the network's σ range [σ_min, σ_max] clamps sampling."""
+    return {"preconditioning": "ve", "ve_sigma_min": _attribute(record, "sigma_min"),
+            "ve_sigma_max": _attribute(record, "sigma_max")}
 
 
 @register_preconditioning_converter("iDDPMPrecond")
 def _iddpm_preconditioning(record: ModuleRecord) -> Dict[str, object]:
-    """The levels u_j of EDM eq. 99 from M, C_1 and C_2: the scheduler's ``iddpm`` has C_1 = 0.001, C_2 = 0.008."""
+    """The levels u_j of EDM eq. 99 with the network's M, C_1 and C_2, and the pickled levels themselves (NVlabs
+    computes them in float32, which differs from eq. 99 in float64 by up to ~1e-3 at the smallest levels; sampling
+    snaps σ to the network's own)."""
     c1, c2, M = (_attribute(record, k) for k in ("C_1", "C_2", "M"))
-    if (c1, c2) != (IDDPM_C1, IDDPM_C2):
-        raise ValueError(f"iDDPMPrecond has C_1={c1}, C_2={c2}; EDMHeunScheduler's 'iddpm' preconditioning has only "
-                         f"C_1={IDDPM_C1}, C_2={IDDPM_C2}")
     if M != int(M) or M < 2:
         raise ValueError(f"iDDPMPrecond.M must be an integer >= 2, got {M}")
-    return {"preconditioning": "iddpm", "num_train_timesteps": int(M)}
+    config = {"preconditioning": "iddpm", "num_train_timesteps": int(M), "iddpm_c1": c1, "iddpm_c2": c2}
+    u = record.buffers.get("u")
+    if u is not None:
+        if u.shape != (int(M) + 1,):
+            raise ValueError(f"iDDPMPrecond's levels u have shape {tuple(u.shape)}, expected ({int(M) + 1},)")
+        config["iddpm_levels"] = u[:-1].double().tolist()  # u_M = 0 is not a level
+    return config
 
 
 def sampling_range(record: ModuleRecord):
@@ -208,17 +215,12 @@ def scheduler_from_record(record: ModuleRecord) -> EDMHeunScheduler:
 def _check_constants(record: ModuleRecord, scheduler: EDMHeunScheduler):
     """The scheduler's preconditioning has the record's constants (a wrong mapping fails here, not in sampling)."""
     p = scheduler.preconditioning
-    if record.class_name == "VPPrecond":
-        for name in ("beta_d", "beta_min", "M"):
-            if not math.isclose(getattr(p, name), _attribute(record, name), rel_tol=1e-12):
-                raise ValueError(f"VPPrecond.{name}={_attribute(record, name)} became {getattr(p, name)}")
-    if record.class_name == "iDDPMPrecond" and record.buffers.get("u") is not None:
-        # NVlabs' levels u_0 > … > u_M = 0 come from EDM eq. 99 run in float32, which loses up to ~1e-3 (relative) at
-        # the smallest levels; other M, C_1 or C_2 change them by far more
-        u = record.buffers["u"].double()
-        ours = p.table.flip(0)
-        if u.shape[0] != ours.shape[0] + 1 or not torch.allclose(u[:-1], ours, rtol=IDDPM_LEVELS_RTOL, atol=0):
-            raise ValueError("iDDPMPrecond's pickled levels u differ from the iddpm preconditioning's table")
+    names = {"VPPrecond": ("beta_d", "beta_min", "M"), "VEPrecond": ("sigma_min", "sigma_max"),
+             "iDDPMPrecond": ("M", "C1", "C2")}.get(record.class_name, ())
+    for name in names:
+        theirs = _attribute(record, {"C1": "C_1", "C2": "C_2"}.get(name, name))
+        if not math.isclose(getattr(p, name), theirs, rel_tol=1e-12):
+            raise ValueError(f"{record.class_name}.{name}={theirs} became {getattr(p, name)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -243,21 +245,29 @@ def snapshot_kind(data, source: str) -> str:
 
 def edm_network_record(data, source: str) -> ModuleRecord:
     """The ``ema`` preconditioning record of a snapshot, refused with a message naming what the file holds where
-    no converter knows it (EDM2, StyleGAN, another network)."""
+    no converter knows it (StyleGAN, another network)."""
     kind = snapshot_kind(data, source)
     ema = data["ema"]
     if ema.class_name not in PRECONDITIONING_CONVERTERS:
-        if kind == "edm2":
-            raise NVlabsPickleError(
-                f"{source} is an NVlabs EDM2 snapshot (top-level keys {list(data)}, ema = {ema.describe()}); "
-                "EDM2 networks are not supported yet")
-        raise NVlabsPickleError(f"{source}: ema is {ema.describe()}, not one of the EDM preconditionings "
-                                f"{sorted(PRECONDITIONING_CONVERTERS)}")
+        raise NVlabsPickleError(f"{source}: an NVlabs {kind.upper()} snapshot whose ema is {ema.describe()}, not one "
+                                f"of the known preconditionings {sorted(PRECONDITIONING_CONVERTERS)}")
     return ema
 
 
-def pipeline_from_snapshot(data, source: str = "the snapshot") -> EDMPipeline:
-    """An :class:`EDMPipeline` from the plain data of a snapshot (:func:`~.unpickler.read_nvlabs_pickle`)."""
+def pipeline_from_snapshot(data, source: str = "the snapshot", vae=None) -> EDMPipeline:
+    """An :class:`EDMPipeline` from the plain data of a snapshot (:func:`~.unpickler.read_nvlabs_pickle`), by the
+    reader of its kind (:data:`SNAPSHOT_READERS`); ``vae`` decodes a latent model's samples."""
+    kind = snapshot_kind(data, source)
+    if kind not in SNAPSHOT_READERS:
+        raise NVlabsPickleError(f"{source} is an NVlabs {kind.upper()} snapshot (top-level keys {list(data)}, ema = "
+                                f"{data['ema'].describe()}); no reader is registered for it")
+    return SNAPSHOT_READERS[kind](data, source, vae=vae)
+
+
+def _edm_pipeline(data, source: str, vae=None) -> EDMPipeline:
+    """EDM's snapshot: the ``ema`` preconditioning's ``model`` network and its scheduler (pixel models only)."""
+    if vae is not None:
+        raise ValueError(f"{source} is an EDM snapshot of a pixel-space model; it takes no vae")
     precond = edm_network_record(data, source)
     network = precond.modules.get("model")
     if not isinstance(network, ModuleRecord):
@@ -279,24 +289,72 @@ def pipeline_from_snapshot(data, source: str = "the snapshot") -> EDMPipeline:
     return EDMPipeline(unet=unet, scheduler=scheduler)
 
 
-def load_nvlabs_edm(path: str, device: Optional[torch.device] = None) -> EDMPipeline:
-    """An NVlabs EDM snapshot (``edm-*.pkl``, ``network-snapshot-*.pkl``) as an :class:`EDMPipeline`, read without
-    executing anything from the file.
+SNAPSHOT_READERS["edm"] = _edm_pipeline
 
-    The pipeline holds the ``ema`` network converted to this package's class of the same name, with its weights,
-    and an :class:`EDMHeunScheduler` whose preconditioning and constants are the pickled ``EDMPrecond`` /
-    ``VPPrecond`` / ``VEPrecond`` / ``iDDPMPrecond``'s. ``pipeline(num_inference_steps=18)`` samples as NVlabs'
-    ``generate.py`` (``edm_sampler``). ``loss_fn``, ``augment_pipe`` and ``dataset_kwargs`` are not used.
+
+def with_guide(pipeline: EDMPipeline, guide: EDMPipeline, source: str, guide_source: str) -> EDMPipeline:
+    """``pipeline`` with ``guide``'s network as its autoguidance ``guide_unet`` (``autoguidance_scale=w`` then
+    samples with D_guide + w·(D − D_guide), EDM2's ``gnet(x).lerp(net(x), w)``). The guide must denoise the same
+    images in the same coordinates: the same preconditioning, latent space and, if it takes labels, label set."""
+    if not same_scalings(guide.scheduler.preconditioning, pipeline.scheduler.preconditioning):
+        raise ValueError(f"the guide {guide_source} has another preconditioning than {source} "
+                         f"({dict(guide.scheduler.config)} vs {dict(pipeline.scheduler.config)})")
+    latent_keys = ("latent_scale", "latent_bias", "vae_pixel_range")
+    ours, theirs = ({k: p.config.get(k) for k in latent_keys} for p in (pipeline, guide))
+    if ours != theirs:
+        raise ValueError(f"the guide {guide_source} samples another latent space than {source}: {theirs} vs {ours}")
+    guide_classes = guide.unet.config.get("num_class_embeds")
+    if guide_classes is not None and guide_classes != pipeline.unet.config.get("num_class_embeds"):
+        raise ValueError(f"the guide {guide_source} is conditioned on {guide_classes} classes, "
+                         f"{source} on {pipeline.unet.config.get('num_class_embeds')}")
+    components = {k: v for k, v in pipeline.components.items() if k != "guide_unet"}
+    config = {k: pipeline.config.get(k) for k in ("null_class_label", *latent_keys)
+              if pipeline.config.get(k) is not None}
+    return EDMPipeline(**components, guide_unet=guide.unet, **config)
+
+
+def guide_from_snapshot(data, guide_source: str, source: str, vae=None) -> EDMPipeline:
+    """The pipeline of a guide snapshot for the model ``source`` (the same ``vae``); a guide that cannot be built so
+    is refused naming both."""
+    try:
+        return pipeline_from_snapshot(data, guide_source, vae=vae)
+    except NVlabsPickleError:
+        raise
+    except ValueError as err:
+        raise ValueError(f"the guide {guide_source} does not fit {source}: {err}") from None
+
+
+def load_nvlabs_edm(path: str, device: Optional[torch.device] = None, vae=None,
+                    guide_path: Optional[str] = None) -> EDMPipeline:
+    """An NVlabs EDM or EDM2 snapshot as an :class:`EDMPipeline`, read without executing anything from the file.
+
+    * EDM (``edm-*.pkl``, ``network-snapshot-*.pkl``): the ``ema`` network converted to this package's class of the
+      same name, with its weights, and an :class:`EDMHeunScheduler` whose preconditioning and constants are the
+      pickled ``EDMPrecond`` / ``VPPrecond`` / ``VEPrecond`` / ``iDDPMPrecond``'s. ``pipeline(num_inference_steps=18)``
+      samples as NVlabs' ``generate.py`` (``edm_sampler``). ``loss_fn``, ``augment_pipe`` and ``dataset_kwargs`` are
+      not used.
+    * EDM2 (``edm2-img64-*.pkl``, ``edm2-img512-*.pkl``, its training and post-hoc EMA snapshots): see
+      :mod:`.nvlabs_edm2`; ``pipeline(num_inference_steps=32)`` samples as EDM2's ``generate_images.py``. A latent
+      model (``edm2-img512-*``) needs ``vae``.
 
     Args:
         path: the ``.pkl`` file.
         device: where to put the pipeline (default: the CPU).
+        vae: for a latent EDM2 model, the ``AutoencoderKL`` its encoder names (``stabilityai/sd-vae-ft-mse``),
+            loaded by the caller, e.g. ``AutoencoderKL.from_pretrained(folder)``; refused for a pixel model.
+        guide_path: a second snapshot whose network becomes the autoguidance ``guide_unet`` (EDM2's ``--gnet``);
+            sample with ``autoguidance_scale=`` the preset's ``guidance``.
 
     Raises:
-        NVlabsPickleError: the file is not an EDM snapshot (a global outside the format, a StyleGAN or EDM2 snapshot,
-            a truncated file); nothing from it was executed.
-        ValueError: the weights do not match the architecture, or a constant the scheduler cannot express.
+        NVlabsPickleError: the file is not an EDM or EDM2 snapshot (a global outside the format, a StyleGAN
+            snapshot, a truncated file); nothing from it was executed.
+        ValueError: the weights do not match the architecture, a constant the scheduler cannot express, a latent
+            model without a vae, a guide that does not fit.
     """
     source = os.path.basename(os.fspath(path))
-    pipeline = pipeline_from_snapshot(read_nvlabs_pickle(path), source)
+    pipeline = pipeline_from_snapshot(read_nvlabs_pickle(path), source, vae=vae)
+    if guide_path is not None:
+        guide_source = os.path.basename(os.fspath(guide_path))
+        guide = guide_from_snapshot(read_nvlabs_pickle(guide_path), guide_source, source, vae)
+        pipeline = with_guide(pipeline, guide, source, guide_source)
     return pipeline.to(device) if device is not None else pipeline

@@ -5,21 +5,22 @@ NVlabs pickles its networks with ``torch_utils.persistence``: every network modu
 module (``module_src``), the class name and the module's ``__dict__`` (``state``). Unpickled with ``pickle.load``, that
 source is executed. Here it is not: :class:`RestrictedUnpickler` resolves only the handful of globals a snapshot
 contains, each to a safe stand-in, and returns nested :class:`ModuleRecord` s (class name, constructor arguments,
-attributes, parameters and buffers) that layer 2 (:mod:`.nvlabs_edm`) turns into this package's models. ``module_src``
-is kept as an inert string: it is never executed, nor compiled.
+attributes, parameters and buffers) that layer 2 (:mod:`.nvlabs_edm`, :mod:`.nvlabs_edm2`) turns into this package's
+models. ``module_src`` is kept as an inert string: it is never executed, nor compiled.
 
 The globals a snapshot holds, and what each becomes:
 
-==========================================================  ========================================================
-``torch_utils.persistence._reconstruct_persistent_obj``     a :class:`ModuleRecord` (``persistent=True``)
-``torch._utils._rebuild_tensor_v2``                         a tensor viewing a storage read below (bounds checked)
-``torch._utils._rebuild_parameter`` (``_with_state``)       that tensor
-``torch.storage._load_from_bytes``                          ``torch.load(bytes, weights_only=True)``, on the CPU
-``collections.OrderedDict``                                 itself (a builtin type: nothing to set on it)
-``torch.nn.modules.container.ModuleDict``                   a :class:`ModuleRecord` (``persistent=False``)
-``numpy.dtype``, ``numpy[._]core.multiarray.scalar``        a python number (numeric dtypes only)
-``dnnlib.util.EasyDict``                                    a dict (EDM2's top level)
-==========================================================  ========================================================
+============================================================  ======================================================
+``torch_utils.persistence._reconstruct_persistent_obj``       a :class:`ModuleRecord` (``persistent=True``)
+``torch._utils._rebuild_tensor_v2``                           a tensor viewing a storage read below (bounds checked)
+``torch._utils._rebuild_parameter`` (``_with_state``)         that tensor
+``torch.storage._load_from_bytes``                            ``torch.load(bytes, weights_only=True)``, on the CPU
+``collections.OrderedDict``                                   itself (a builtin type: nothing to set on it)
+``torch.nn.modules.container.ModuleDict``                     a :class:`ModuleRecord` (``persistent=False``)
+``numpy.dtype``, ``numpy[._]core.multiarray.scalar``          a python number (numeric dtypes only)
+``numpy[._]core.multiarray._reconstruct``, ``numpy.ndarray``  a numpy array (numeric dtypes; EDM2's latent scale)
+``dnnlib.util.EasyDict``                                      a dict (EDM2's top level)
+============================================================  ======================================================
 
 Anything else, and any persistent id, raises :class:`NVlabsPickleError` naming it. The stand-ins refuse the pickle
 BUILD opcode (which could set attributes on them) except where a snapshot uses it, and a tensor's extent is checked
@@ -117,8 +118,9 @@ class ModuleRecord:
         return out
 
     def describe(self) -> str:
-        """``EDMPrecond(SongUNet)``: the class and, for a wrapper, the class of its ``model``."""
-        child = self.modules.get("model")
+        """``EDMPrecond(SongUNet)``: the class and, for a wrapper, the class of its network (EDM's ``model``,
+        EDM2's ``unet``)."""
+        child = self.modules.get("model", self.modules.get("unet"))
         return f"{self.class_name}({child.class_name})" if isinstance(child, ModuleRecord) else self.class_name
 
     def __setstate__(self, state):
@@ -148,7 +150,7 @@ def _record_from_state(class_name: str, state, persistent: bool, module_src=None
     non_persistent = state.get("_non_persistent_buffers_set") or set()
     _check(isinstance(non_persistent, (set, frozenset)) and all(isinstance(n, str) for n in non_persistent),
            f"{class_name}._non_persistent_buffers_set is malformed")
-    attributes = {k: v for k, v in state.items() if isinstance(k, str) and not k.startswith("_")}
+    attributes = {k: _plain(v) for k, v in state.items() if isinstance(k, str) and not k.startswith("_")}
     return ModuleRecord(
         class_name=class_name, persistent=persistent, module_src=module_src, version=version,
         init_args=tuple(init_args), init_kwargs=dict(init_kwargs), attributes=attributes,
@@ -236,6 +238,48 @@ class _NumpyDType(metaclass=_Frozen):
         return dtype if self.byteorder in ("|", "=") else dtype.newbyteorder(self.byteorder)
 
 
+class NumpyArrayRecord(metaclass=_Frozen):
+    """``numpy.ndarray`` as pickled (protocol <= 4): ``_reconstruct(ndarray, (0,), b'b')`` makes an empty one, BUILD
+    gives it ``(1, shape, dtype, is_fortran, raw bytes)`` once. ``array`` is the value (None until built)."""
+
+    def __init__(self):
+        self.__dict__["array"] = None
+
+    def __setstate__(self, state):
+        _check(self.array is None, "the pickle tried to BUILD a numpy array twice; refused")
+        _check(isinstance(state, tuple) and len(state) == 5 and state[0] == 1, "malformed numpy array state")
+        _, shape, dtype, fortran, data = state
+        _check(isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)
+               and isinstance(dtype, _NumpyDType) and isinstance(fortran, bool) and isinstance(data, bytes),
+               "malformed numpy array state")
+        np_dtype = dtype.numpy()
+        _check(len(data) == math.prod(shape) * np_dtype.itemsize,
+               f"a numpy array of shape {shape} and dtype {np_dtype} holds {len(data)} bytes")
+        array = np.frombuffer(data, dtype=np_dtype).reshape(shape, order="F" if fortran else "C").copy()
+        self.__dict__["array"] = array
+
+
+def _numpy_reconstruct(cls, shape, typecode):
+    """``numpy.core.multiarray._reconstruct(numpy.ndarray, (0,), b'b')``: an empty array that BUILD fills."""
+    _check(cls is _NDARRAY and shape == (0,) and typecode == b"b", "malformed numpy array reconstruction")
+    return NumpyArrayRecord()
+
+
+def _not_callable(*args):
+    raise NVlabsPickleError("the pickle called numpy.ndarray directly; refused")
+
+
+_NDARRAY = _Callable("numpy.ndarray", _not_callable)
+
+
+def _plain(value):
+    """A built numpy array record as its array; anything else as it is."""
+    if isinstance(value, NumpyArrayRecord):
+        _check(value.array is not None, "a numpy array was used before it was built")
+        return value.array
+    return value
+
+
 def _numpy_scalar(dtype, data):
     """``numpy.core.multiarray.scalar(dtype, bytes)`` as a python number."""
     _check(isinstance(dtype, _NumpyDType) and isinstance(data, bytes), "malformed numpy scalar")
@@ -270,6 +314,9 @@ class RestrictedUnpickler(pickle.Unpickler):
             "numpy.dtype": _NumpyDType,
             "numpy.core.multiarray.scalar": _Callable("scalar", _numpy_scalar),
             "numpy._core.multiarray.scalar": _Callable("scalar", _numpy_scalar),
+            "numpy.core.multiarray._reconstruct": _Callable("_reconstruct", _numpy_reconstruct),
+            "numpy._core.multiarray._reconstruct": _Callable("_reconstruct", _numpy_reconstruct),
+            "numpy.ndarray": _NDARRAY,
             "dnnlib.util.EasyDict": EasyDictRecord,
         }
 

@@ -91,8 +91,12 @@ class DenoisingLoss(abc.ABC):
         noisy = add_noise(images, sigma, generator, noise)
         goal = images if target is None else target(noisy, sigma, images)
         denoised = denoiser(noisy, sigma, class_labels=class_labels)
-        per_element = per_sample(self.weight(sigma), images.ndim).to(denoised.dtype) * (denoised - goal) ** 2
+        per_element = self.per_element(denoised, goal, sigma)
         return LossOutput(loss=reduce_per_sample(per_element, self.reduction), sigma=sigma)
+
+    def per_element(self, denoised: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """λ(σ)·(D − T)², per element (EDM eq. 2)."""
+        return per_sample(self.weight(sigma), denoised.ndim).to(denoised.dtype) * (denoised - target) ** 2
 
 
 class EDMLoss(DenoisingLoss):

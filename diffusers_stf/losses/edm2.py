@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..mp_layers import MPConv, MPFourier
-from .edm import EDMLoss, Target, add_noise, check_on_host, per_sample
+from .edm import EDMLoss, per_sample
 
 # EDM2's presets (NVlabs/edm2 train_edm2.py): ImageNet-512 latents and ImageNet-64 pixels
 EDM2_SIGMA_PRESETS = {"img512": (-0.4, 1.0), "img64": (-0.8, 1.6)}
@@ -92,20 +92,8 @@ class EDM2Loss(EDMLoss):
         """u(σ) (B,), from c_noise(σ) = ln(σ)/4."""
         return self.logvar_head(self.preconditioning.c_noise(sigma.float()))
 
-    def __call__(self, denoiser, images: torch.Tensor, sigma: Optional[torch.Tensor] = None,
-                 class_labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                 target: Optional[Target] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The per-element loss λ(σ)/e^{u(σ)}·(D(x̃; σ) − T)² + u(σ) of ``images`` (B, C, H, W); the arguments are
-        those of :meth:`~diffusers_stf.losses.edm.DenoisingLoss.__call__`. Summed over C·H·W and averaged over the
-        batch it is EDM2's training loss."""
-        if sigma is None:
-            sigma = self.sample_sigma(images.shape[0], generator, images.device)
-        else:
-            sigma = torch.as_tensor(sigma, dtype=torch.float32).to(images.device).reshape(-1).expand(images.shape[0])
-            check_on_host(sigma > 0, "sigma must be > 0 (and not NaN) for every sample")
-        noisy = add_noise(images, sigma, generator, noise)
-        goal = images if target is None else target(noisy, sigma, images)
-        denoised = denoiser(noisy, sigma, class_labels=class_labels)
-        u = per_sample(self.logvar(sigma), images.ndim).to(denoised.dtype)
-        weight = per_sample(self.weight(sigma), images.ndim).to(denoised.dtype)
-        return weight / u.exp() * (denoised - goal) ** 2 + u
+    def per_element(self, denoised: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """λ(σ)/e^{u(σ)}·(D − T)² + u(σ), per element (EDM2 Eq. 21); reduced over C·H·W and averaged over the batch
+        it is EDM2's training loss."""
+        u = per_sample(self.logvar(sigma), denoised.ndim).to(denoised.dtype)
+        return super().per_element(denoised, target, sigma) / u.exp() + u

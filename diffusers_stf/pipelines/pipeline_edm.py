@@ -10,7 +10,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..guidance import Autoguidance, ClassifierFreeGuidance, GuidanceTerm, GuidedEvaluation, check_interval
@@ -83,17 +83,34 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
         null_class_label: the label index a class-conditional ``unet`` was trained with for "no class" (label
             dropout; the training scripts use the last index), which classifier-free guidance evaluates; None for a
             network without one.
+        vae: for a latent model, the autoencoder whose decoder turns the sampled latents into images (optional).
+        latent_scale, latent_bias: the per-channel map from the VAE's latents to the network's, latents = raw · scale
+            + bias (EDM2's ``StabilityVAEEncoder``); decoding is image = vae.decode((latents − bias) / scale).
+        vae_pixel_range: (lo, hi), the pixel range of the VAE's images: [-1, 1] (the default) as in Stable
+            Diffusion, [0, 1] for EDM2's latent models.
     """
 
-    model_cpu_offload_seq = "unet->guide_unet"
-    _optional_components = ["guide_unet"]
+    model_cpu_offload_seq = "unet->guide_unet->vae"
+    _optional_components = ["guide_unet", "vae"]
     component_library = components
 
     def __init__(self, unet: UNet2DModel, scheduler: EDMHeunScheduler, guide_unet: Optional[UNet2DModel] = None,
-                 null_class_label: Optional[int] = None):
+                 null_class_label: Optional[int] = None, vae: Optional[AutoencoderKL] = None,
+                 latent_scale: Optional[List[float]] = None, latent_bias: Optional[List[float]] = None,
+                 vae_pixel_range: Optional[Tuple[float, float]] = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, guide_unet=guide_unet)
         self.register_to_config(null_class_label=null_class_label)
+        latent = vae is not None or latent_scale is not None or latent_bias is not None
+        if "vae" in self._optional_components:  # a subclass without a vae does not list it (diffusers' components)
+            self.register_modules(vae=vae)
+            self.register_to_config(latent_scale=latent_scale, latent_bias=latent_bias,
+                                    vae_pixel_range=vae_pixel_range)
+        elif latent:
+            raise ValueError(f"{type(self).__name__} samples images, not latents: it takes no vae, latent_scale or "
+                             "latent_bias")
+        if latent:
+            self._check_latent_decoding()
         self._check_conditioning()
 
     # --------------------------------------------------------------------------------------------------------------
@@ -118,6 +135,26 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
                                                              preconditioning_for(self.scheduler)):
             raise ValueError("guide_unet was trained with another preconditioning (its folder's scheduler config) "
                              "than the unet's scheduler; autoguidance compares the two denoisers at the same input")
+
+    def _check_latent_decoding(self):
+        """latent_scale and latent_bias: one finite number per latent channel (scale non-zero), as many as the unet's
+        channels and the VAE's latent channels; vae_pixel_range an increasing pair."""
+        channels = self.unet.config.get("in_channels")
+        for name in ("latent_scale", "latent_bias"):
+            values = self.config.get(name)
+            if (not isinstance(values, (list, tuple)) or len(values) != channels
+                    or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values)):
+                raise ValueError(f"{name} must list one finite number per latent channel ({channels}, the unet's "
+                                 f"in_channels), got {values!r}")
+        if not all(self.config.latent_scale):
+            raise ValueError(f"latent_scale must be non-zero, got {self.config.latent_scale}")
+        pixel_range = self.config.get("vae_pixel_range")
+        if pixel_range is not None and (len(pixel_range) != 2 or not pixel_range[0] < pixel_range[1]):
+            raise ValueError(f"vae_pixel_range must be (lo, hi) with lo < hi, got {pixel_range!r}")
+        vae = getattr(self, "vae", None)
+        if vae is not None and vae.config.get("latent_channels") != channels:
+            raise ValueError(f"the vae has latent_channels={vae.config.get('latent_channels')} but the unet samples "
+                             f"{channels} channels")
 
     def check_class_labels(self, class_labels, batch_size: int) -> Optional[torch.Tensor]:
         """Labels for a class-conditional unet: integer indices in [0, K) (the null label excluded), one per image
@@ -167,6 +204,11 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
         num_inference_steps = _as_int(num_inference_steps, "num_inference_steps")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if output_type != "latent" and self.config.get("latent_scale") is not None and \
+                getattr(self, "vae", None) is None:
+            raise ValueError(f"output_type={output_type!r}: this pipeline samples latents (latent_scale is set) but "
+                             "has no vae to decode them; pass vae=AutoencoderKL.from_pretrained(...) or "
+                             "output_type='latent'")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"generator is a list of {len(generator)} generators but the batch has {batch_size} images; "
@@ -189,6 +231,9 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
         dtype = self.sample_dtype
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32 if dtype == torch.float64 else dtype)
+        elif not torch.is_tensor(latents) or not latents.is_floating_point():
+            raise ValueError(f"latents must be a floating-point tensor of standard-normal noise, got "
+                             f"{latents.dtype if torch.is_tensor(latents) else type(latents).__name__}")
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         return latents.to(device=self.device, dtype=dtype) * self.scheduler.init_noise_sigma
@@ -291,11 +336,25 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
             )
         return sample
 
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from sampled latents: vae.decode((latents − bias) / scale), its pixel range
+        (``vae_pixel_range``) mapped to [-1, 1]."""
+        shape = (1, -1, 1, 1)
+        scale = torch.tensor(self.config.latent_scale, dtype=latents.dtype, device=latents.device).reshape(shape)
+        bias = torch.tensor(self.config.latent_bias, dtype=latents.dtype, device=latents.device).reshape(shape)
+        raw = ((latents - bias) / scale).to(device=self.vae.device, dtype=self.vae.dtype)
+        decoded = self.vae.decode(raw).sample.to(latents.dtype)
+        lo, hi = self.config.get("vae_pixel_range") or (-1.0, 1.0)
+        return (decoded - lo) * (2 / (hi - lo)) - 1
+
     def postprocess(self, sample: torch.Tensor, output_type: str):
-        """[-1, 1] float64 samples to ``pt`` ([0,1] NCHW float32), ``np`` ([0,1] NHWC) or ``pil``; ``latent`` is the
-        final sample itself, unclamped, as diffusers pipelines return it."""
+        """[-1, 1] float64 samples (decoded by the vae first, for a latent model) to ``pt`` ([0,1] NCHW float32),
+        ``np`` ([0,1] NHWC) or ``pil``; ``latent`` is the final sample itself, unclamped, as diffusers pipelines
+        return it."""
         if output_type == "latent":
             return sample
+        if getattr(self, "vae", None) is not None:
+            sample = self.decode_latents(sample)
         image = (sample / 2 + 0.5).clamp(0, 1).to(torch.float32)
         if output_type == "pt":
             return image
@@ -332,7 +391,8 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
                 (Kynkäänniemi et al. 2024); default everywhere.
             guidance_terms: further guidance terms (:mod:`diffusers_stf.guidance`) added at every evaluation where
                 active.
-            output_type: ``pil``, ``np``, ``pt`` or ``latent`` (the final sample, unclamped, in the sampling dtype).
+            output_type: ``pil``, ``np``, ``pt`` or ``latent`` (the final sample, unclamped, in the sampling dtype;
+                for a latent model the undecoded latents).
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
         """
         batch_size, num_inference_steps = self._check_inputs(batch_size, num_inference_steps, output_type, generator)

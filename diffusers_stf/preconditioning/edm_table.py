@@ -32,7 +32,7 @@ prediction_type   c_skip             c_out
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -210,18 +210,24 @@ class DDPMPreconditioning(DiscreteTimePreconditioning):
 
 
 class IDDPMPreconditioning(DiscreteTimePreconditioning):
-    """Improved DDPM (Nichol & Dhariwal 2021), EDM Table 1 "iDDPM": the table u_j of EDM eq. 99 with C1, C2.
+    """Improved DDPM (Nichol & Dhariwal 2021), EDM Table 1 "iDDPM": the table u_j of EDM eq. 99 with C1, C2 (or the
+    ``levels`` a network was trained with, u_0 > … > u_{M−1}).
 
     u_M = 0 and u_{j−1} = √((u_j² + 1)/max(ᾱ(j−1)/ᾱ(j), C1) − 1), where ᾱ(j) = sin²(π/2·j/(M(C2 + 1))) is the cosine
     ᾱ at t = 1 − j/M with offset s = C2."""
 
     name = "iddpm"
 
-    def __init__(self, M: int = 1000, C1: float = 0.001, C2: float = 0.008, prediction_type: str = "epsilon"):
+    def __init__(self, M: int = 1000, C1: float = 0.001, C2: float = 0.008, prediction_type: str = "epsilon",
+                 levels: Optional[Sequence[float]] = None):
         self.M, self.C1, self.C2 = int(M), float(C1), float(C2)
-        alpha_bar = cosine_alpha_bar(1 - torch.arange(M + 1, dtype=torch.float64) / M, s=C2).tolist()
-        u = [0.0] * (M + 1)
-        for j in range(M, 0, -1):
-            u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar[j - 1] / alpha_bar[j], C1) - 1)
+        if levels is None:
+            alpha_bar = cosine_alpha_bar(1 - torch.arange(M + 1, dtype=torch.float64) / M, s=C2).tolist()
+            u = [0.0] * (M + 1)
+            for j in range(M, 0, -1):
+                u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar[j - 1] / alpha_bar[j], C1) - 1)
+            levels = u[:M]
+        elif len(levels) != M:
+            raise ValueError(f"iddpm_levels must hold M = {M} levels u_0 > … > u_(M-1), got {len(levels)}")
         # u_0 > u_1 > … > u_{M−1}; EDM feeds the network M−1−j, i.e. the index in increasing-σ order.
-        super().__init__(torch.tensor(u[:M][::-1], dtype=torch.float64), prediction_type)
+        super().__init__(torch.tensor(list(levels)[::-1], dtype=torch.float64), prediction_type)

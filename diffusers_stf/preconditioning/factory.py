@@ -35,8 +35,10 @@ def make_preconditioning(name: str, **config: Any) -> Preconditioning:
             * ``edm``: ``sigma_data`` [0.5];
             * ``ddpm``: the β schedule ``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule``,
               ``trained_betas`` [diffusers' DDPMScheduler defaults]; ``vp`` takes its continuous limit
-              β_min = T·β_start, β_d = T·(β_end − β_start) (0.1 and 19.9 for diffusers' defaults, as in EDM);
-              ``iddpm`` uses M = ``num_train_timesteps``;
+              β_min = T·β_start, β_d = T·(β_end − β_start) (0.1 and 19.9 for diffusers' defaults, as in EDM) and
+              ``epsilon_t`` [1e-5]; ``iddpm`` uses M = ``num_train_timesteps``, ``iddpm_c1`` [0.001], ``iddpm_c2``
+              [0.008] or the explicit ``iddpm_levels`` u_0 > … > u_{M−1};
+            * ``ve``: the network's σ range ``ve_sigma_min`` [0.02], ``ve_sigma_max`` [100];
             * score networks: ``timestep_type``, ``sigmas`` (NCSN's decreasing training levels), ``sigma_min``,
               ``sigma_max``, ``beta_min``, ``beta_max``, ``num_train_timesteps`` (see :class:`NCSNPreconditioning`,
               :class:`ScoreSDEPreconditioning`).
@@ -49,12 +51,13 @@ def make_preconditioning(name: str, **config: Any) -> Preconditioning:
     if name == "vp":
         beta_start, beta_end = get("beta_start", 1e-4), get("beta_end", 2e-2)
         return VPPreconditioning(beta_d=T * (beta_end - beta_start), beta_min=T * beta_start, M=T,
-                                 prediction_type=get("prediction_type", "epsilon"))
+                                 epsilon_t=get("epsilon_t", 1e-5), prediction_type=get("prediction_type", "epsilon"))
     if name == "ve":
         check_choice("prediction_type", get("prediction_type", "epsilon"), ("epsilon",))
-        return VEPreconditioning()
+        return VEPreconditioning(get("ve_sigma_min", 0.02), get("ve_sigma_max", 100.0))
     if name == "iddpm":
-        return IDDPMPreconditioning(M=T, prediction_type=get("prediction_type", "epsilon"))
+        return IDDPMPreconditioning(M=T, C1=get("iddpm_c1", 0.001), C2=get("iddpm_c2", 0.008),
+                                    levels=get("iddpm_levels"), prediction_type=get("prediction_type", "epsilon"))
     if name == "ddpm":
         betas = betas_for_schedule(T, get("beta_start", 1e-4), get("beta_end", 2e-2), get("beta_schedule", "linear"),
                                    get("trained_betas"))

@@ -80,6 +80,9 @@ class PreconditionedScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
         """
         index = self._entry_for_step(timestep, sample)
         check_float_tensor("model_output", model_output)
+        if isinstance(generator, list) and len(generator) != sample.shape[0]:
+            raise ValueError(f"generator is a list of {len(generator)} generators but sample has {sample.shape[0]} "
+                             "images; pass one generator per image, or a single generator")
         fields = self._step(index, sample.to(torch.float64), model_output.to(torch.float64), generator)
         self._step_index += 1
         fields = {name: value.to(sample.dtype) for name, value in fields.items()}

@@ -76,6 +76,11 @@ class EDMHeunScheduler(PreconditionedScheduler):
         s_churn: S_churn, the total amount of churn (0: Algorithm 1; EDM ImageNet-64: 40).
         s_tmin, s_tmax: the σ window in which churn is applied.
         s_noise: S_noise, the noise inflation (EDM ImageNet-64: 1.003).
+        epsilon_t: ε_t of ``vp``: the network's smallest σ is σ(ε_t) (EDM Table 1: 1e-5).
+        ve_sigma_min, ve_sigma_max: the σ range a ``ve`` network supports (EDM Table 1: 0.02, 100).
+        iddpm_c1, iddpm_c2: C_1, C_2 of ``iddpm``'s levels (EDM eq. 99: 0.001, 0.008).
+        iddpm_levels: the levels u_0 > … > u_{M−1} of an ``iddpm`` network as it was trained (e.g. the ``u`` buffer
+            of NVlabs' iDDPMPrecond, computed in float32); default: EDM eq. 99 in float64.
     """
 
     _compatibles = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]
@@ -102,6 +107,12 @@ class EDMHeunScheduler(PreconditionedScheduler):
         s_tmin: float = 0.0,
         s_tmax: float = float("inf"),
         s_noise: float = 1.0,
+        epsilon_t: float = 1e-5,
+        ve_sigma_min: float = 0.02,
+        ve_sigma_max: float = 100.0,
+        iddpm_c1: float = 0.001,
+        iddpm_c2: float = 0.008,
+        iddpm_levels: Optional[List[float]] = None,
     ):
         check_positive_finite("sigma_min", sigma_min)
         check_positive_finite("sigma_max", sigma_max)
@@ -127,6 +138,12 @@ class EDMHeunScheduler(PreconditionedScheduler):
             beta_end=beta_end,
             beta_schedule=beta_schedule,
             trained_betas=trained_betas,
+            epsilon_t=epsilon_t,
+            ve_sigma_min=ve_sigma_min,
+            ve_sigma_max=ve_sigma_max,
+            iddpm_c1=iddpm_c1,
+            iddpm_c2=iddpm_c2,
+            iddpm_levels=iddpm_levels,
         )
         self.num_inference_steps = None
         self.sigmas = torch.tensor([], dtype=torch.float64)
