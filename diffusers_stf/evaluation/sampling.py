@@ -165,9 +165,11 @@ def pipeline_with_guide(pipe, guide_unet):
 
     from ..pipelines import EDMPipeline
 
-    if isinstance(pipe, EDMPipeline):
-        components = {k: v for k, v in pipe.components.items() if k != "guide_unet"}
-        new = type(pipe)(**components, guide_unet=guide_unet, null_class_label=pipe.config.get("null_class_label"))
+    if isinstance(pipe, EDMPipeline):  # its components and config entries (null_class_label, latent scaling, ...)
+        kwargs = {k: v for k, v in pipe.components.items() if k != "guide_unet"}
+        kwargs.update({k: pipe.config[k] for k in inspect.signature(type(pipe).__init__).parameters
+                       if k not in kwargs and k != "guide_unet" and k in pipe.config})
+        new = type(pipe)(**kwargs, guide_unet=guide_unet)
     elif isinstance(pipe, (DDPMPipeline, DDIMPipeline)):
         new = EDMPipeline(unet=pipe.unet, scheduler=pipe.scheduler, guide_unet=guide_unet)
     else:
