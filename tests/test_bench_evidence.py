@@ -62,7 +62,8 @@ def test_quick_smoke_run_writes_the_evidence_and_resumes_skipping_finished_work(
     with open(work / "results" / "evidence.json") as f:
         assert json.load(f) == json.loads(json.dumps(evidence))
     names = [c["name"] for c in evidence["comparisons"]]
-    assert names == ["stf_vs_edm", "sa2_vs_ddpm_ddim10", "dg_vs_unguided"]
+    assert names == ["stf_vs_edm", "sa2_vs_ddpm_ddim10", "dg_vs_unguided", "autoguidance_vs_unguided",
+                     "cfg_vs_conditional"]
     for c in evidence["comparisons"]:
         assert c["metric"] == "fd_train" and c["seeds"] == [0] and isinstance(c["setup"], str)
         assert len(c["baseline"]) == len(c["method"]) == 1 and all(math.isfinite(v) for v in c["baseline"] + c["method"])
@@ -75,6 +76,14 @@ def test_quick_smoke_run_writes_the_evidence_and_resumes_skipping_finished_work(
     assert dg["baseline"] == evidence["comparisons"][0]["baseline"]
     sigmas = {f"{float(s):g}" for s in bench.Protocol.quick().validation_sigmas.split(",")}
     assert set(dg["discriminator"][0]["heldout_accuracy_by_sigma"]) == sigmas
+    autog, cfg = evidence["comparisons"][3], evidence["comparisons"][4]
+    # the unguided arm of autoguidance is the EDM arm; w is chosen on the selection seed, never a reported one
+    assert autog["baseline"] == evidence["comparisons"][0]["baseline"]
+    assert autog["selection"]["seed"] == 1 and set(autog["selection"]["fd_by_candidate"]) == {"w=1.5", "w=2"}
+    assert len(autog["with_interval"]["method"]) == 1
+    assert cfg["selection"]["seed"] == 1 and len(cfg["equal_evaluations"]["baseline"]) == 1
+    assert all(0 <= a <= 1 for arm in cfg["label_accuracy"].values() for a in arm)
+    assert evidence["cached"] is False and evidence["commit"]
     investigation = evidence["dg_investigation"]
     assert [v["variant"] for v in investigation["variants"]] == ["default", "narrow_window"]
     assert all(0 <= a <= 1 for v in investigation["variants"] for a in v["heldout_accuracy_by_sigma"].values())
@@ -91,6 +100,7 @@ def test_quick_smoke_run_writes_the_evidence_and_resumes_skipping_finished_work(
     evaluated = [line.split("[")[1].split("]")[0] for line in log.splitlines() if line.startswith("  ") and "[" in line]
     assert sorted(evaluated) == ["ddim10", "ddim20", "heun3_w2_narrow"]
     assert [c["baseline"] for c in again["comparisons"]] == [c["baseline"] for c in evidence["comparisons"]]
+    assert again["cached"] is True
     shown = bench.main(["--table", "--results_dir", str(work / "results")])
     printed = capsys.readouterr().out
     assert bench.render_table(shown) in printed and shown["comparisons"][0]["verdict"] in printed

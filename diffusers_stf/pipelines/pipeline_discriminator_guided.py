@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from diffusers import ImagePipelineOutput, UNet2DModel
+from diffusers import AutoencoderKL, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..guidance import (
@@ -74,10 +74,12 @@ class DiscriminatorGuidedPipeline(EDMPipeline):
         guide_unet: the autoguidance guide (optional; see :class:`EDMPipeline`).
         null_class_label: the null label of a class-conditional unet trained with label dropout (see
             :class:`EDMPipeline`).
+        vae, latent_scale, latent_bias, vae_pixel_range: a latent model's decoder (see :class:`EDMPipeline`); the
+            discriminator and the classifier then judge latents.
     """
 
-    _optional_components = ["discriminator", "classifier", "guide_unet"]
-    model_cpu_offload_seq = "unet->guide_unet->discriminator->classifier"
+    _optional_components = ["discriminator", "classifier", "guide_unet", "vae"]
+    model_cpu_offload_seq = "unet->guide_unet->discriminator->classifier->vae"
 
     def __init__(
         self,
@@ -87,8 +89,13 @@ class DiscriminatorGuidedPipeline(EDMPipeline):
         classifier: Optional[NoiseConditionalClassifier] = None,
         guide_unet: Optional[UNet2DModel] = None,
         null_class_label: Optional[int] = None,
+        vae: Optional[AutoencoderKL] = None,
+        latent_scale: Optional[List[float]] = None,
+        latent_bias: Optional[List[float]] = None,
+        vae_pixel_range: Optional[Tuple[float, float]] = None,
     ):
-        super().__init__(unet=unet, scheduler=scheduler, guide_unet=guide_unet, null_class_label=null_class_label)
+        super().__init__(unet=unet, scheduler=scheduler, guide_unet=guide_unet, null_class_label=null_class_label,
+                         vae=vae, latent_scale=latent_scale, latent_bias=latent_bias, vae_pixel_range=vae_pixel_range)
         self.register_modules(discriminator=discriminator, classifier=classifier)
         self._check_components()
 

@@ -99,17 +99,10 @@ class EDMPipeline(RemoteCodeMixin, DiffusionPipeline):
                  latent_scale: Optional[List[float]] = None, latent_bias: Optional[List[float]] = None,
                  vae_pixel_range: Optional[Tuple[float, float]] = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, guide_unet=guide_unet)
-        self.register_to_config(null_class_label=null_class_label)
-        latent = vae is not None or latent_scale is not None or latent_bias is not None
-        if "vae" in self._optional_components:  # a subclass without a vae does not list it (diffusers' components)
-            self.register_modules(vae=vae)
-            self.register_to_config(latent_scale=latent_scale, latent_bias=latent_bias,
-                                    vae_pixel_range=vae_pixel_range)
-        elif latent:
-            raise ValueError(f"{type(self).__name__} samples images, not latents: it takes no vae, latent_scale or "
-                             "latent_bias")
-        if latent:
+        self.register_modules(unet=unet, scheduler=scheduler, guide_unet=guide_unet, vae=vae)
+        self.register_to_config(null_class_label=null_class_label, latent_scale=latent_scale, latent_bias=latent_bias,
+                                vae_pixel_range=vae_pixel_range)
+        if vae is not None or latent_scale is not None or latent_bias is not None:
             self._check_latent_decoding()
         self._check_conditioning()
 
