@@ -266,7 +266,7 @@ def test_workers_end_when_the_launcher_is_killed(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, "--output_dir", str(out), *TINY,
            "--max_train_steps", "100000", "--checkpointing_steps", "0"]
-    launcher = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     worker = None
     try:
         wait_for(lambda: read_metrics(str(out / "logs")), 120, "the worker to log")
@@ -274,7 +274,7 @@ def test_workers_end_when_the_launcher_is_killed(tmp_path):
         launcher.kill()
         launcher.wait()
         wait_for(lambda: not process_running(worker), 60, f"worker {worker} to end after its launcher")
-        assert "launcher" in launcher.stderr.read()  # the worker said why it stopped
+        assert "the launcher of this training process" in launcher.stdout.read()  # the worker said why it stopped
     finally:
         launcher.kill()
         if worker is not None and process_running(worker):

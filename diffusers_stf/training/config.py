@@ -173,6 +173,8 @@ class TrainingConfig:
         use_ema, ema_inv_gamma, ema_power, ema_max_decay: diffusers' warm-up EMA
             (:class:`~diffusers_stf.training.ema.WarmupEMA`) instead.
         checkpointing_steps: a resumable checkpoint every N steps (0: never).
+        checkpointing_minutes: also a checkpoint at the first logging step after this many minutes without one (0:
+            never); only the newest such checkpoint is kept, and it does not count against ``checkpoints_total_limit``.
         checkpoints_total_limit: keep at most this many checkpoints (0 or None: all).
         resume_from_checkpoint: ``latest`` or a checkpoint folder.
         allow_changed_settings: resume even when settings that change the maths differ from the checkpoint's (the
@@ -216,6 +218,7 @@ class TrainingConfig:
     ema_power: float = 0.75
     ema_max_decay: float = 0.9999
     checkpointing_steps: int = 500
+    checkpointing_minutes: float = 0.0
     checkpoints_total_limit: Optional[int] = 2
     resume_from_checkpoint: Optional[str] = None
     allow_changed_settings: bool = False
@@ -246,6 +249,7 @@ class TrainingConfig:
                      "dataloader_num_workers"):
             check_count(name, getattr(self, name), minimum=0)
         check_finite("learning_rate", self.learning_rate, 0.0, False)
+        check_finite("checkpointing_minutes", self.checkpointing_minutes, 0.0)
         check_finite("lr_rampup_kimg", self.lr_rampup_kimg, 0.0)
         check_finite("adam_beta1", self.adam_beta1, 0.0, True, 1.0, False)
         check_finite("adam_beta2", self.adam_beta2, 0.0, True, 1.0, False)
