@@ -147,7 +147,7 @@ def test_files_the_run_did_not_create_are_refused_not_rewritten(tmp_path):
     assert not (kept / "samples").exists() and list_checkpoints(str(kept)) == []
 
 
-# --- 2. the data fingerprint sees replaced images ----------------------------------------------------------------------
+# --- 2. the data fingerprint sees replaced images ---------------------------------------------------------------
 
 def image_folder(folder, n=32, ext="png", seed=0):
     rng = np.random.default_rng(seed)

@@ -201,7 +201,8 @@ def add_checkpoint_args(parser: argparse.ArgumentParser):
 def add_logging_args(parser: argparse.ArgumentParser):
     g = parser.add_argument_group("logging and validation")
     g.add_argument("--logging_steps", type=int, default=50, help="write metrics every N steps")
-    g.add_argument("--logging_dir", type=str, default="logs", help="the run's logs (metrics, loss.png, tracker files): a subfolder of --output_dir, or a "
+    g.add_argument("--logging_dir", type=str, default="logs",
+                   help="the run's logs (metrics, loss.png, tracker files): a subfolder of --output_dir, or a "
                         "folder outside it (e.g. a shared TensorBoard folder) where the run writes only into a "
                         "subfolder of its own, <output_dir name>-<run id>")
     g.add_argument("--report_to", type=str, default="auto", choices=TRACKERS,

@@ -9,9 +9,7 @@
 - **The logging folder** is the run's own: ``output_dir/<logging_dir>``, created by the run, or, for a
   ``--logging_dir`` outside ``output_dir`` (a shared TensorBoard folder), the subfolder
   ``<output_dir name>-<run id>`` that the run creates there; nothing else in the shared folder is read or written.
-- **The lock.** ``run.lock``, held with ``flock`` by the training's main process and naming its PID and host, keeps a
-  second run or a resume out while one trains. The kernel drops the lock when its holder dies, so the next run takes
-  a stale lock over, and says so. (Systems without ``fcntl`` train without the lock.)
+- **The lock** (:mod:`~diffusers_stf.training.run_lock`) keeps a second run or a resume out while one trains.
 - **The final folder** is written into ``final.partial`` and moved into ``output_dir`` entry by entry, with the entry
   that makes it loadable (``model_index.json``, or a lone model's ``config.json``) taken away first and moved in last:
   the folder never looks complete while it is not.
@@ -20,22 +18,21 @@
 
 from __future__ import annotations
 
-import atexit
-import errno
 import fnmatch
 import json
 import os
 import shutil
-import socket
 import time
 import uuid
 import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .checkpoints import fsync_dir, fsync_tree, kill_point, list_checkpoints, read_state
+from .checkpoints import (
+    disk_limit, disk_limit_error, folder_size, fsync_dir, fsync_tree, kill_point, list_checkpoints, read_state,
+)
+from .run_lock import RunLock, probe_writable
 
 RUN_FILE = "run.json"
-LOCK_FILE = "run.lock"
 FINAL_PARTIAL, FINAL_OLD = "final.partial", "final.old"
 # the entry whose arrival makes a saved folder loadable: moved in last
 FINAL_MARKERS = ("model_index.json", "config.json")
@@ -43,123 +40,6 @@ FINAL_MARKERS = ("model_index.json", "config.json")
 FINAL_FILES = ("model_index.json", "README.md", "samples.png")
 # reserved names of writes in progress, removed by the next write of the same kind
 IN_PROGRESS = ("checkpoint-*.partial", "checkpoint-*.old", FINAL_PARTIAL, FINAL_OLD, RUN_FILE + ".tmp")
-NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def not_writable(flag: str, path: str, err: OSError) -> ValueError:
-    """The message of a folder that cannot be written: read-only file system or no permission."""
-    return ValueError(f"{flag} {path!r} cannot be written: {os.strerror(err.errno)} ({err.filename or path}). "
-                      f"Choose a folder you can write to, or make this one writable.")
-
-
-def probe_writable(folder: str, flag: str):
-    """Create ``folder`` if needed and create and delete a file in it; a read-only or forbidden folder raises a
-    ``ValueError`` naming ``flag``."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        os.remove(probe)
-    except OSError as err:
-        if err.errno in NOT_WRITABLE:
-            raise not_writable(flag, folder, err) from err
-        raise
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The lock
-
-
-_HELD: Dict[str, "RunLock"] = {}
-
-
-class RunLock:
-    """``output_dir/run.lock`` held with ``flock`` by this process (re-entrant within it)."""
-
-    def __init__(self, path: str, fd: Optional[int]):
-        self.path, self.fd = path, fd
-
-    @classmethod
-    def acquire(cls, output_dir: str, say=print) -> "RunLock":
-        """Take the lock, or raise a ``ValueError`` naming the PID and host of the training that holds it. A lock left
-        by a process that died is taken over, and ``say`` says so."""
-        path = os.path.join(os.path.realpath(output_dir), LOCK_FILE)
-        if path in _HELD:
-            return _HELD[path]
-        try:
-            import fcntl
-        except ImportError:  # Windows: no lock
-            return cls(path, None)
-        while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as err:
-                if err.errno in NOT_WRITABLE:
-                    raise not_writable("--output_dir", output_dir, err) from err
-                raise
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                os.close(fd)
-                if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise
-                holder = read_holder(path, wait=1.0)
-                who = f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')}" if holder else "another process"
-                raise ValueError(
-                    f"--output_dir {output_dir!r} is in use: a training ({who}, started {holder.get('started', '?')}) "
-                    f"holds {path}. A second run or a resume would write the same files; wait for that training to "
-                    "end, or stop it (docs/training.md, 'Stopping a run').") from None
-            try:  # the holder may have released (unlinked) the file between our open and our flock: retry
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        stale = read_holder(path)
-        if stale:
-            say(f"Taking over the stale lock of PID {stale.get('pid')} on host {stale.get('host')} ({path}): that "
-                "training ended without releasing it.")
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
-        os.fsync(fd)
-        lock = _HELD[path] = cls(path, fd)
-        return lock
-
-    def release(self):
-        """Remove the lock file and drop the lock (idempotent)."""
-        if _HELD.get(self.path) is not self:
-            return
-        del _HELD[self.path]
-        try:
-            os.remove(self.path)
-        except FileNotFoundError:
-            pass
-        os.close(self.fd)
-
-
-@atexit.register
-def _release_all():
-    for lock in list(_HELD.values()):
-        lock.release()
-
-
-def read_holder(path: str, wait: float = 0.0) -> Dict:
-    """The holder recorded in a lock file (``{}`` when empty or unreadable), waiting up to ``wait`` seconds for a
-    holder that has just taken it to write its PID."""
-    deadline = time.time() + wait
-    while True:
-        try:
-            with open(path) as f:
-                holder = json.load(f)
-            if isinstance(holder, dict):
-                return holder
-        except (OSError, ValueError):
-            pass
-        if time.time() >= deadline:
-            return {}
-        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -324,8 +204,8 @@ def remove_run(output_dir: str, run: Optional[Dict], logging_dir: str, say=print
             foreign.append(path)
     if foreign:
         raise ValueError(
-            f"--overwrite_output_dir deletes only what the earlier run in {output_dir!r} recorded as its own, and these "
-            "are not: " + ", ".join(foreign) + ". Move or delete them yourself, or choose another --output_dir.")
+            f"--overwrite_output_dir deletes only what the earlier run in {output_dir!r} recorded as its own, and "
+            "these are not: " + ", ".join(foreign) + ". Move or delete them yourself, or choose another --output_dir.")
     out = os.path.abspath(output_dir)
     for entry in entries:
         path = os.path.normpath(os.path.join(out, entry))
@@ -463,3 +343,16 @@ def install_folder(folder: RunFolder, write: Callable[[str], object]):
     shutil.rmtree(old)
     os.rmdir(partial)
     return result
+
+
+def final_save_error(err: Exception, output_dir: str, kept: Optional[str]) -> Exception:
+    """The error of a failed final save: what stopped it, and where the final state waits (the checkpoint ``kept``)."""
+    where = (f"The final state is kept in {kept}: " if kept else "The checkpoints are intact: ") + \
+        "rerun with --resume_from_checkpoint latest to write the final folder."
+    needed = folder_size(kept) if kept else 0
+    limit = disk_limit(err, output_dir, needed)
+    if limit is not None:
+        return disk_limit_error(limit, "the final folder", output_dir, needed, "Free some space. " + where)
+    if isinstance(err, ValueError):  # a refusal: an entry the run did not create is in the way
+        return ValueError(f"{err} The final folder was not written. {where}")
+    return RuntimeError(f"the final save failed ({type(err).__name__}: {err}). {where}")

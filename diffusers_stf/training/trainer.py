@@ -28,8 +28,7 @@ from ..hub.push import DEFAULT_IGNORE, check_hub_settings, create_repo_early, pu
 from ..losses import LossOutput
 from .accelerator import check_launcher, launcher_pid, make_accelerator, step_generator, to_device
 from .checkpoints import (
-    disk_limit, disk_limit_error, fingerprint_differences, folder_size, jsonable, kill_point,
-    list_checkpoints, load_checkpoint, model_fingerprint, read_state, register_model_hooks, resolve_checkpoint,
+    kill_point, list_checkpoints, load_checkpoint, read_state, register_model_hooks, resolve_checkpoint,
     save_checkpoint, save_weights,
 )
 from .config import TrainingConfig
@@ -39,13 +38,11 @@ from .global_batch import BatchShare, global_indices, share_of, take_rows
 from .metrics_log import MetricsLogger
 from .plots import record_validation, sampler_caption
 from .model_card import ModelCardInfo, hub_dataset_ids, write_model_card
-from .run_folder import install_folder, open_run_folder
+from .resume_settings import apply_changed_settings, check_resume_settings, run_fingerprint
+from .run_folder import final_save_error, install_folder, open_run_folder
 from .validation import sample_grid
 
 logger = logging.getLogger(__name__)
-
-CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
-
 
 @dataclass
 class TrainingResult:
@@ -153,26 +150,9 @@ class Trainer:
 
         self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=warmup,
                                           num_training_steps=self.max_steps)
-        settings = {
-            "learning_rate": config.learning_rate, "lr_scheduler": config.lr_scheduler, "lr_warmup_steps": warmup,
-            "optimizer": self.optimizer_settings, "max_grad_norm": config.max_grad_norm,
-            **({"ema_rule": "diffusers warm-up", "ema_inv_gamma": config.ema_inv_gamma, "ema_power": config.ema_power,
-                "ema_max_decay": config.ema_max_decay} if config.use_ema else
-               {"ema_halflife_kimg": config.ema_halflife_kimg, "ema_rampup_ratio": config.ema_rampup_ratio}),
-            "train_batch_size": config.train_batch_size, "gradient_accumulation_steps": self.accumulation,
-            "num_processes": acc.num_processes, "global_batch_size": self.global_batch, "seed": config.seed,
-            "mixed_precision": config.mixed_precision, "data": data.source, "num_images": len(data),
-            "resolution": data.resolution, "channels": data.channels, "center_crop": data.center_crop,
-            "random_flip": data.random_flip, **({"data_files": data.content} if data.content else {}),
-        }
-        if self.global_draws and acc.num_processes > 1:  # one process draws the same either way
-            settings["global_draws"] = True
-        if config.lr_scheduler not in CONSTANT_SCHEDULES:  # the schedule's shape depends on the run's length
-            settings["max_train_steps"] = self.max_steps
-        # "environment": what makes a resume inexact without changing the maths, so it warns and does not refuse
-        self.fingerprint = jsonable({"model": model_fingerprint(model), "settings": settings,
-                                     "script": dict(fingerprint or {}),
-                                     "environment": {"torch_threads": torch.get_num_threads()}})
+        self.fingerprint = run_fingerprint(config, model, self.optimizer_settings, warmup, data, acc.num_processes,
+                                           self.accumulation, self.global_batch, self.max_steps,
+                                           self.global_draws, fingerprint)
         self.validation_steps = config.validation_steps
         if config.save_images_epochs:
             self.validation_steps = config.save_images_epochs * self.steps_per_epoch
@@ -249,49 +229,10 @@ class Trainer:
         return out
 
     def check_settings(self, path: str) -> bool:
-        """Compare the checkpoint's fingerprint with this run's. Another model is always refused; other settings
-        only with ``allow_changed_settings`` (printed). Returns whether the resume is exact."""
-        saved = read_state(path).get("fingerprint", {})
-        if "settings" not in saved:  # a checkpoint of the flat fingerprint layout
-            saved = {"model": {k: saved[k] for k in ("model_class", "model_config") if k in saved},
-                     "settings": {}, "script": saved.get("script", {})}
-        model_diffs = fingerprint_differences(saved.get("model", {}), self.fingerprint["model"], "model.")
-        apart = ("model", "environment")
-        other = fingerprint_differences({k: v for k, v in saved.items() if k not in apart},
-                                        {k: v for k, v in self.fingerprint.items() if k not in apart})
-        threads = saved.get("environment", {}).get("torch_threads")
-        if threads is not None and threads != torch.get_num_threads():
-            self.accelerator.print(
-                f"WARNING: {path} was written with {threads} thread{'s' if threads > 1 else ''} "
-                f"(torch.get_num_threads()), now {torch.get_num_threads()}: a resume is bit-identical only at the same "
-                f"thread count, so from here on the float results may differ in the last bits (OMP_NUM_THREADS="
-                f"{threads} gives the exact resume).")
-        if model_diffs or (other and not self.config.allow_changed_settings):
-            hint = "" if model_diffs else (" Pass --allow_changed_settings to resume with the new values (a different "
-                                           "run from here on).")
-            raise ValueError(
-                f"checkpoint {path!r} was written by a run with another configuration and cannot be resumed here:\n  "
-                + "\n  ".join(model_diffs + other)
-                + f"\nUse the options of that run, or a fresh --output_dir.{hint}"
-            )
-        if other:
-            self.accelerator.print("WARNING: resuming with changed settings (--allow_changed_settings); from step "
-                                   f"{read_state(path).get('step')} on this run differs from the one that wrote "
-                                   f"{path}:\n  " + "\n  ".join(other))
-        return not other
-
-    def apply_changed_settings(self):
-        """After a resume with ``allow_changed_settings``: the optimizer and the lr schedule take this run's values
-        (the checkpoint restored its own into them)."""
-        settings = {k: v for k, v in self.optimizer_settings.items() if k != "class"}
-        for group in self.optimizer.param_groups:
-            group.update({k: v for k, v in settings.items() if k in group and k != "lr"})
-            group["initial_lr"] = self.config.learning_rate
-        scheduler = self.lr_scheduler  # diffusers' schedules are LambdaLRs: lr = base_lr · λ(step)
-        scheduler.base_lrs = [self.config.learning_rate for _ in self.optimizer.param_groups]
-        for group, base, lr_lambda in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base * lr_lambda(scheduler.last_epoch)
-        self.lr_scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        """Compare the checkpoint's fingerprint with this run's (see :func:`check_resume_settings`); returns whether
+        the resume is exact."""
+        return check_resume_settings(read_state(path), self.fingerprint, path, self.config.allow_changed_settings,
+                                     self.accelerator.print)
 
     def resume(self, metrics: MetricsLogger):
         """Continue the run in ``output_dir`` (``resume_from_checkpoint``) or start a new one there."""
@@ -312,7 +253,7 @@ class Trainer:
         self.wall_offset = float(state.get("wall_time", 0.0))
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if not exact:
-            self.apply_changed_settings()
+            apply_changed_settings(self.optimizer, self.lr_scheduler, self.optimizer_settings, config.learning_rate)
         metrics.truncate(self.step)
         acc.print(f"Resumed from {path} at step {self.step}.")
 
@@ -446,15 +387,14 @@ class Trainer:
         """Final grid, ``save_pretrained`` folder, model card, summary, and last the Hub upload (main process; a
         failed upload keeps every file and exits with the command that retries it).
 
-        The final state stays in a checkpoint until the folder and the card are complete: without checkpoints
-        (``checkpointing_steps`` and ``checkpointing_minutes`` 0) one is written for the time of the final save and
-        deleted after it, so a kill or a full disk during the save loses nothing."""
+        The final state stays in a checkpoint until the folder and the card are complete: when no checkpoint holds
+        it, one is written for the time of the final save (outside ``checkpoints_total_limit``) and deleted after it,
+        so a kill or a full disk during the save loses nothing (``--resume_from_checkpoint latest`` redoes it)."""
         config, acc = self.config, self.accelerator
-        ours = [p for s, p in list_checkpoints(self.output_dir) if s == self.step
-                and read_state(p).get("run_id") == self.run_id]
-        if not ours and not config.checkpointing_steps and not config.checkpointing_minutes:
-            ours = [self.save_checkpoint(wall_time(), "final")]
-        kept = ours[0] if ours else None
+        kept = next((p for s, p in list_checkpoints(self.output_dir)
+                     if s == self.step and read_state(p).get("run_id") == self.run_id), None)
+        if kept is None:
+            kept = self.save_checkpoint(wall_time(), "final")
         result = TrainingResult(self.output_dir, self.step, self.nimg, wall_time(), metrics_path=metrics.jsonl_path)
         result.samples_path = self.validate(os.path.join(self.output_dir, "samples.png"))
         if acc.is_main_process:
@@ -463,8 +403,8 @@ class Trainer:
                 if self.model_card is not None:
                     result.model_card_path = self.write_card(result)
             except Exception as err:
-                raise self.final_save_error(err, kept) from err
-            if kept is not None and read_state(kept).get("reason") == "final":
+                raise final_save_error(err, self.output_dir, kept) from err
+            if read_state(kept).get("reason") == "final":
                 shutil.rmtree(kept)
             if config.push_to_hub:
                 result.pushed_to = config.hub_model_id
@@ -476,17 +416,6 @@ class Trainer:
                             commit_message=f"Training finished at step {self.step}",
                             ignore_patterns=(*DEFAULT_IGNORE, *self.hub_ignore_patterns))
         return result
-
-    def final_save_error(self, err: Exception, kept: Optional[str]) -> Exception:
-        """The error of a failed final save: what stopped it, and where the final state waits."""
-        where = (f"The final state is kept in {kept}: " if kept else "The checkpoints are intact: ") + \
-            "rerun with --resume_from_checkpoint latest to write the final folder."
-        needed = folder_size(kept) if kept else 0
-        limit = disk_limit(err, self.output_dir, needed)
-        if limit is not None:
-            return disk_limit_error(limit, "the final folder", self.output_dir, needed, "Free some space. " + where)
-        return type(err)(f"{err} -- the final folder was not written. {where}") if isinstance(err, ValueError) \
-            else RuntimeError(f"the final save failed ({type(err).__name__}: {err}). {where}")
 
     def save_folder(self) -> str:
         """``save_pretrained`` of the pipeline around the EMA weights (or of the EMA model alone) into ``output_dir``,
