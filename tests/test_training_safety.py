@@ -112,6 +112,15 @@ def test_a_logging_dir_outside_the_run_gets_a_run_folder_and_nothing_else_is_tou
     first = json.loads((out / "run.json").read_text())["run_id"]
     logs = shared / f"run-{first[:8]}"  # the run's own folder in the shared one
     assert [r["step"] for r in read_metrics(str(logs))] == [2]
+    if where == "absolute":  # a tracker (TensorBoard) writes under accelerator.logging_dir: the run's own folder too
+        from diffusers_stf.training import TrainingConfig, make_accelerator
+        from diffusers_stf.training.run_folder import open_run_folder
+
+        config = TrainingConfig(output_dir=str(out), logging_dir=str(shared), resume_from_checkpoint="latest",
+                                report_to="none", cpu=True)
+        accelerator = make_accelerator(config)
+        assert accelerator.logging_dir == str(logs)
+        open_run_folder(accelerator, config).release()
 
     run_stf(out, *argv, "--overwrite_output_dir")
     assert read_files(str(shared), OTHERS) == OTHERS

@@ -180,8 +180,9 @@ def add_checkpoint_args(parser: argparse.ArgumentParser):
     g = parser.add_argument_group("output and checkpoints")
     g.add_argument("--output_dir", type=str, default="outputs/train")
     g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="start a new run in an --output_dir that holds another run, deleting that run's checkpoints, "
-                        "logs and grids (without it such a folder is refused)")
+                   help="start a new run in an --output_dir that holds another run, deleting what that run recorded "
+                        "as its own (checkpoints, logs, grids, final folder) and nothing else (without it such a "
+                        "folder is refused)")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps; 0: never")
     g.add_argument("--checkpointing_minutes", type=float, default=0.0,
                    help="also save a checkpoint at the first logging step after this many minutes without one, so a "

@@ -152,8 +152,9 @@ class TrainingConfig:
 
     Args:
         output_dir: the run's folder (checkpoints, logs, grids, the final pipeline).
-        overwrite_output_dir: start a new run in an ``output_dir`` that holds another run, deleting that run's
-            checkpoints, logs and grids (without it such a folder is refused).
+        overwrite_output_dir: start a new run in an ``output_dir`` that holds another run, deleting what that run
+            recorded as created (checkpoints, logs, grids, final folder) and nothing else (without it such a folder is
+            refused; see :mod:`~diffusers_stf.training.run_folder`).
         train_batch_size: images per process per micro-step.
         max_train_steps: optimizer steps; wins over ``num_epochs``.
         num_epochs: passes over the data.
@@ -179,7 +180,8 @@ class TrainingConfig:
         resume_from_checkpoint: ``latest`` or a checkpoint folder.
         allow_changed_settings: resume even when settings that change the maths differ from the checkpoint's (the
             differences are printed and the new values applied); the model architecture must still match.
-        logging_steps, logging_dir, report_to, sigma_buckets: the metrics files and tracker.
+        logging_steps, logging_dir, report_to, sigma_buckets: the metrics files and tracker (``logging_dir``: a
+            subfolder of ``output_dir``, or a folder outside it where the run writes into its own subfolder).
         validation_steps, num_validation_images, num_inference_steps, validation_seed: the sample grids.
         save_images_epochs: a sample grid every N epochs instead of every ``validation_steps``.
         save_model_epochs: save the pipeline folder every N epochs too (diffusers' option).

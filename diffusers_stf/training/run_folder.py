@@ -92,9 +92,10 @@ def run_markers(output_dir: str, logging_dir: str = "logs") -> List[str]:
     for name in sorted(os.listdir(output_dir)):
         if name == RUN_FILE or (name.startswith("checkpoint-") and os.path.isdir(os.path.join(output_dir, name))):
             found.append(name)
-    metrics = os.path.join(logging_dir, "metrics.jsonl")
-    if not os.path.isabs(logging_dir) and os.path.isfile(os.path.join(output_dir, metrics)):
-        found.append(os.path.normpath(metrics))
+    metrics = os.path.normpath(os.path.join(logging_dir, "metrics.jsonl"))
+    inside = not os.path.isabs(metrics) and not metrics.startswith("..")  # a folder outside is not this run's
+    if inside and os.path.isfile(os.path.join(output_dir, metrics)):
+        found.append(metrics)
     return found
 
 
@@ -114,6 +115,7 @@ class RunFolder:
                  lock: Optional[RunLock] = None):
         self.output_dir = os.path.abspath(output_dir)
         self.run, self.log_dir, self.main, self.from_disk, self.lock = run, log_dir, main, from_disk, lock
+        self.released = False
 
     @property
     def run_id(self) -> str:
@@ -166,6 +168,8 @@ class RunFolder:
             os.makedirs(self.log_dir, exist_ok=True)
 
     def release(self):
+        """Release the lock (main process) when the training ends; every process marks the folder closed."""
+        self.released = True
         if self.lock is not None:
             self.lock.release()
 
@@ -279,7 +283,7 @@ def open_run_folder(accelerator, config) -> RunFolder:
     that run's own files), and decide the run id and its logging folder. Nothing is written until
     :meth:`RunFolder.start`. A refusal raises the same ``ValueError`` on every process."""
     opened = _OPENED.get(accelerator)
-    if opened is not None and opened.output_dir == os.path.abspath(config.output_dir):
+    if opened is not None and not opened.released and opened.output_dir == os.path.abspath(config.output_dir):
         return opened
     error, payload, folder = None, None, None
     if accelerator.is_main_process:

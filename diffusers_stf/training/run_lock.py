@@ -2,9 +2,9 @@
 
 The training's main process holds the file with ``flock`` and writes its PID and host into it, so that a second run or
 a resume is refused naming them. The kernel drops the lock when its holder dies, however it dies, so the next run
-takes a stale lock over, and says so; the file is removed when the training ends. (Systems without ``fcntl`` train
-without the lock.) The same file is the first write into the folder, so a read-only or forbidden folder is refused
-here, before any work.
+takes a stale lock over, and says so; the file is removed when the training ends. (Systems without ``fcntl``, and
+file systems without ``flock``, train without the lock, and say so.) Before it, :func:`probe_writable` refuses a
+read-only or forbidden folder, naming its flag, before any work.
 """
 
 from __future__ import annotations
@@ -42,10 +42,6 @@ def probe_writable(folder: str, flag: str):
         raise
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The lock
-
-
 _HELD: Dict[str, "RunLock"] = {}
 
 
@@ -77,6 +73,11 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
                 os.close(fd)
+                if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                    os.remove(path)
+                    say(f"WARNING: the file system of {output_dir} has no flock ({os.strerror(err.errno)}): nothing "
+                        "keeps a second training out of this folder while this one trains.")
+                    return cls(path, None)
                 if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     raise
                 holder = read_holder(path, wait=1.0)
@@ -103,9 +104,13 @@ class RunLock:
         lock = _HELD[path] = cls(path, fd)
         return lock
 
+    @property
+    def held(self) -> bool:
+        return _HELD.get(self.path) is self
+
     def release(self):
         """Remove the lock file and drop the lock (idempotent)."""
-        if _HELD.get(self.path) is not self:
+        if not self.held:
             return
         del _HELD[self.path]
         try:
