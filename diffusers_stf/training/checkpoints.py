@@ -138,6 +138,15 @@ def read_state(path: str) -> Dict:
         return json.load(f)
 
 
+def saved_state(path: str) -> Dict:
+    """The trainer state of the checkpoint at ``path``; ``{}`` when it cannot be read."""
+    try:
+        state = read_state(path)
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def checkpoint_problem(path: str) -> Optional[str]:
     """None when the checkpoint at ``path`` is intact; otherwise what is wrong, naming the bad file."""
     state_path = os.path.join(path, STATE_FILE)
@@ -222,11 +231,8 @@ def prune_checkpoints(output_dir: str, total_limit: Optional[int], keep: Optiona
     the deleted paths."""
     found = []
     for _, path in list_checkpoints(output_dir):
-        try:
-            state = read_state(path)
-        except (OSError, ValueError):
-            continue
-        if run_id is None or state.get("run_id") == run_id:
+        state = saved_state(path)
+        if state and (run_id is None or state.get("run_id") == run_id):
             found.append((path, state.get("reason", "steps")))
     if not found:
         return []
@@ -340,10 +346,10 @@ def save_checkpoint(accelerator, output_dir: str, step: int, ema, state: Dict,
     final = os.path.join(output_dir, f"checkpoint-{step}")
     partial = final + ".partial"
     if accelerator.is_main_process:
-        if run_id is not None and os.path.isfile(os.path.join(final, STATE_FILE)) \
-                and read_state(final).get("run_id") not in (None, run_id):
-            raise ValueError(f"{final} belongs to another run (run id {read_state(final).get('run_id')}); this run "
-                             f"({run_id}) does not replace it")
+        owner = saved_state(final).get("run_id") if os.path.isdir(final) else None
+        if run_id is not None and owner not in (None, run_id):
+            raise ValueError(f"{final} belongs to another run (run id {owner}); this run ({run_id}) does not replace "
+                             "it")
         remove_partial_checkpoints(output_dir)
         os.makedirs(partial)
     accelerator.wait_for_everyone()

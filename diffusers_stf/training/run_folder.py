@@ -28,7 +28,7 @@ import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .checkpoints import (
-    disk_limit, disk_limit_error, folder_size, fsync_dir, fsync_tree, kill_point, list_checkpoints, read_state,
+    disk_limit, disk_limit_error, folder_size, fsync_dir, fsync_tree, kill_point, list_checkpoints, saved_state,
 )
 from .run_lock import RunLock, probe_writable
 
@@ -197,10 +197,7 @@ def remove_run(output_dir: str, run: Optional[Dict], logging_dir: str, say=print
     recorded = RunFolder(output_dir, {"run_id": run_id or "", "created": entries}, "")
     ours, foreign = [], []
     for _, path in list_checkpoints(output_dir):
-        try:
-            owner = read_state(path).get("run_id")
-        except (OSError, ValueError):
-            owner = None
+        owner = saved_state(path).get("run_id")
         (ours if run_id is not None and owner == run_id else foreign).append(path)
     for marker in run_markers(output_dir, logging_dir):
         path = os.path.join(output_dir, marker)

@@ -29,7 +29,7 @@ from ..losses import LossOutput
 from .accelerator import check_launcher, launcher_pid, make_accelerator, step_generator, to_device
 from .checkpoints import (
     kill_point, list_checkpoints, load_checkpoint, read_state, register_model_hooks, resolve_checkpoint,
-    save_checkpoint, save_weights,
+    save_checkpoint, save_weights, saved_state,
 )
 from .config import TrainingConfig
 from .data import ArrowImages, BatchSchedule, ImageData, derived_seed
@@ -311,6 +311,7 @@ class Trainer:
                         disable=not acc.is_local_main_process or config.no_progress_bar)
         first_bad = torch.full((), -1, dtype=torch.long, device=acc.device)
         self.model.train()
+        self.last_checkpoint = time.monotonic()  # --checkpointing_minutes count from here
 
         def wall_time():
             return self.wall_offset + time.time() - segment_start
@@ -376,12 +377,12 @@ class Trainer:
         minutes, acc = self.config.checkpointing_minutes, self.accelerator
         if not minutes:
             return False
-        due = torch.tensor(time.monotonic() - self.last_checkpoint >= 60 * minutes, device=acc.device)
+        due = time.monotonic() - self.last_checkpoint >= 60 * minutes
         if acc.num_processes > 1:
             from accelerate.utils import broadcast
 
-            due = broadcast(due, from_process=0)
-        return bool(due)
+            due = bool(broadcast(torch.tensor(due, device=acc.device), from_process=0))
+        return due
 
     def finish(self, wall_time: Callable[[], float], metrics: MetricsLogger) -> TrainingResult:
         """Final grid, ``save_pretrained`` folder, model card, summary, and last the Hub upload (main process; a
@@ -392,7 +393,7 @@ class Trainer:
         so a kill or a full disk during the save loses nothing (``--resume_from_checkpoint latest`` redoes it)."""
         config, acc = self.config, self.accelerator
         kept = next((p for s, p in list_checkpoints(self.output_dir)
-                     if s == self.step and read_state(p).get("run_id") == self.run_id), None)
+                     if s == self.step and saved_state(p).get("run_id") == self.run_id), None)
         if kept is None:
             kept = self.save_checkpoint(wall_time(), "final")
         result = TrainingResult(self.output_dir, self.step, self.nimg, wall_time(), metrics_path=metrics.jsonl_path)
@@ -404,7 +405,7 @@ class Trainer:
                     result.model_card_path = self.write_card(result)
             except Exception as err:
                 raise final_save_error(err, self.output_dir, kept) from err
-            if read_state(kept).get("reason") == "final":
+            if saved_state(kept).get("reason") == "final":
                 shutil.rmtree(kept)
             if config.push_to_hub:
                 result.pushed_to = config.hub_model_id
