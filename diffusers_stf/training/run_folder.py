@@ -72,14 +72,17 @@ def legacy_entries(output_dir: str, logging_dir: str) -> List[str]:
     """What a run recorded in a ``run.json`` without ``created`` wrote by the layout of that time: its logs, grids,
     model card and final folder."""
     names = [logging_dir, "samples", "samples.png", "README.md", "model_index.json", "config.json"]
-    index = os.path.join(output_dir, "model_index.json")
-    if os.path.isfile(index):
+    configs = ""  # the saved folder's configs name its components and its remote-code files
+    for name in ("model_index.json", "config.json"):
         try:
-            with open(index) as f:
-                names += [k for k in json.load(f) if not k.startswith("_")]
+            with open(os.path.join(output_dir, name)) as f:
+                configs += f.read()
+            if name == "model_index.json":
+                names += [k for k in json.loads(configs) if not k.startswith("_")]
         except (OSError, ValueError):
             pass
-    names += [n for n in os.listdir(output_dir) if n.endswith(".safetensors")]
+    top = os.listdir(output_dir)
+    names += [n for n in top if n.endswith(".safetensors") or (n.endswith(".py") and n[:-3] in configs)]
     inside = [os.path.normpath(n) for n in names if not os.path.isabs(n) and not n.startswith("..")]
     return sorted({n for n in inside if n != "." and os.path.lexists(os.path.join(output_dir, n))})
 
