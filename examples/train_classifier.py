@@ -156,7 +156,7 @@ def main(argv=None):
     def loss_fn(model, batch, generator):
         return loss(model, batch["images"], batch["labels"], generator)
 
-    validation_log = os.path.join(training.output_dir, training.logging_dir, "validation.jsonl")
+    validation_log = os.path.join(accelerator.logging_dir, "validation.jsonl")  # the run's own logging folder
 
     def validation_fn(ema_classifier, step, path):
         device = accelerator.device

@@ -315,7 +315,7 @@ def main(argv=None):
         fake_labels = fakes["labels"].to(device) if num_classes else None
         return loss(model, real_images, fakes["images"].to(device), real_labels, fake_labels, generator=generator)
 
-    validation_log = os.path.join(training.output_dir, training.logging_dir, "validation.jsonl")
+    validation_log = os.path.join(accelerator.logging_dir, "validation.jsonl")  # the run's own logging folder
 
     def validation_fn(ema_disc, step, path):
         device = accelerator.device

@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="x-flip multiplier of --augment_p (EDM: 1e8, i.e. half the images are mirrored)")
     add_class_conditioning_args(parser)
     add_training_args(parser, default_num_epochs=125)
+    # --checkpointing_minutes 5: a killed demo loses at most five minutes, not the steps up to checkpoint-500
     parser.set_defaults(output_dir=os.path.join("outputs", "train_stf"), checkpointing_steps=500,
-                        validation_steps=500, logging_steps=50, max_grad_norm=0.0)
+                        checkpointing_minutes=5.0, validation_steps=500, logging_steps=50, max_grad_norm=0.0)
     return parser
 
 

@@ -283,7 +283,7 @@ single = stable_target_field(noisy, sigma, torch.cat([images, extras]))
 sys.path.insert(0, sys.argv[2])
 import train_stf
 result = train_stf.main(["--cpu", "--output_dir", sys.argv[3], "--max_train_steps", "3", "--stf_gather_references",
-                         "--checkpointing_steps", "2"] + sys.argv[4:])
+                         "--checkpointing_steps", "2", "--checkpointing_minutes", "1e-9"] + sys.argv[4:])
 if acc.is_main_process:
     json.dump({"processes": acc.num_processes, "refs": len(refs), "max_diff": float((targets - single).abs().max()),
                "nimg": result.nimg}, open(sys.argv[1], "w"))
@@ -314,6 +314,8 @@ def test_two_cpu_processes_gather_references_like_one_process(tmp_path):
     assert (tmp_path / "run" / "model_index.json").is_file()
     for name in ("trainer_state.json", "random_states_0.pkl", "random_states_1.pkl", "model/config.json"):
         assert (tmp_path / "run" / "checkpoint-2" / name).is_file(), name
+    # the main process's clock decided a checkpoint by wall time at the last logging step, for both processes
+    assert json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())["reason"] == "time"
 
 
 # --- explicit configuration, validation up front -------------------------------------------------------------------

@@ -26,7 +26,8 @@ from typing import List, Optional, Sequence
 
 from huggingface_hub import HfApi
 
-DEFAULT_IGNORE = ("checkpoint-*", "checkpoint-*/**", "logs/**", "*.partial/**")
+# the run's own bookkeeping stays local: run.json records local paths
+DEFAULT_IGNORE = ("checkpoint-*", "checkpoint-*/**", "logs/**", "*.partial/**", "final.old/**", "run.json", "run.lock")
 # the entry point that runs main(): diffusers_stf/push.py
 PUSH_MODULE = f"{__name__.split('.')[0]}.push"
 

@@ -1,14 +1,15 @@
-"""Accelerator set-up, with the guard against silently duplicated training runs."""
+"""Accelerator set-up, with the guard against silently duplicated training runs, and the launcher a worker watches."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 
 from .data import derived_seed
-from .checkpoints import prepare_output_dir
+from .run_folder import open_run_folder
 from .config import TrainingConfig
 
 _TRUE = ("1", "true", "yes", "on")
@@ -44,8 +45,10 @@ def check_world_size(num_processes: int, world_size_env=None):
 
 def make_accelerator(config: TrainingConfig):
     """An ``accelerate.Accelerator`` for ``config`` (``cpu``, ``mixed_precision``, ``gradient_accumulation_steps``,
-    ``report_to``, ``output_dir``, ``logging_dir``, ``torch_compile``), after checking the output folder (see
-    :func:`~diffusers_stf.training.checkpoints.prepare_output_dir`) so that a refused run stops before any work.
+    ``report_to``, ``output_dir``, ``logging_dir``, ``torch_compile``), after opening the output folder (see
+    :func:`~diffusers_stf.training.run_folder.open_run_folder`: writable, not in use by another training, not holding
+    another run) so that a refused run stops before any work; ``accelerator.logging_dir`` is the run's own logging
+    folder.
 
     Raises when WORLD_SIZE > 1 but Accelerate sees one process (see :func:`check_world_size`), and prints the process
     count: ``accelerate launch --cpu --num_processes 2`` starts a single process (accelerate's simple launcher), which
@@ -68,7 +71,7 @@ def make_accelerator(config: TrainingConfig):
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=logging_dir),
     )
     check_world_size(accelerator.num_processes)
-    prepare_output_dir(accelerator, config)
+    accelerator.project_configuration.logging_dir = logging_dir = open_run_folder(accelerator, config).log_dir
     accelerator.print(f"{accelerator.num_processes} training process{'es' if accelerator.num_processes > 1 else ''} "
                       f"on {accelerator.device.type}")
     if tracker is None and config.report_to == "auto":
@@ -92,3 +95,46 @@ def step_generator(seed: int, step: int, process_index: int = 0, device="cpu") -
     generator = torch.Generator(device=device)
     generator.manual_seed(derived_seed(seed, step, process_index))
     return generator
+
+
+LAUNCHER_MODULES = ("accelerate.commands.launch", "torch.distributed.run", "torch.distributed.launch")
+
+
+def launcher_pid(environ=None) -> Optional[int]:
+    """The PID of the launcher that started this process, or None when it was not started by one.
+
+    A launcher is the parent of a worker started by torch's elastic agent (``torchrun``, ``accelerate launch
+    --multi_gpu``: ``TORCHELASTIC_RUN_ID`` is set) or a parent whose command line is ``accelerate launch``,
+    ``torchrun`` or ``python -m`` one of :data:`LAUNCHER_MODULES`. A process started from a shell has no launcher:
+    it may outlive its shell (``nohup``)."""
+    environ = os.environ if environ is None else environ
+    parent = os.getppid()
+    if environ.get("TORCHELASTIC_RUN_ID"):
+        return parent
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+    names = [os.path.basename(a) for a in argv]
+    if any(a in LAUNCHER_MODULES for a in argv) or "torchrun" in names[:2] or \
+            ("accelerate" in names[:2] and "launch" in argv[:3]):
+        return parent
+    return None
+
+
+class LauncherExited(RuntimeError):
+    """The launcher of this worker process has exited (killed), so the worker stops."""
+
+
+def check_launcher(launcher: Optional[int], step: int):
+    """Raise :class:`LauncherExited` when this process was started by the launcher ``launcher`` (see
+    :func:`launcher_pid`) and its parent has changed since: the launcher has died, and an orphaned worker would train
+    and write on alone. One system call; the training loop calls it at every step."""
+    if launcher is not None and os.getppid() != launcher:
+        message = (f"the launcher of this training process (PID {launcher}) has exited, so this worker (PID "
+                   f"{os.getpid()}) stops after step {step} instead of training on alone. Checkpoints written so far "
+                   "are intact: continue with --resume_from_checkpoint latest. To stop a run, see docs/training.md, "
+                   "'Stopping a run'.")
+        print(message, flush=True)  # on stdout too: a launcher that relayed stderr took that pipe with it
+        raise LauncherExited(message)

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from .data import DataConfig
+from .data import DATASET_FINGERPRINTS, DataConfig
 from .config import ENCODER_MID_BLOCKS, LR_SCHEDULERS, TRACKERS, EncoderConfig, TrainingConfig, UNetConfig
 from .config import from_namespace
 from ..hub.push import check_hub_settings
@@ -58,6 +58,9 @@ def add_data_args(parser: argparse.ArgumentParser):
     g.add_argument("--center_crop", action="store_true", help="center crop instead of a random crop")
     g.add_argument("--random_flip", action="store_true", help="random left-right flips")
     g.add_argument("--max_train_samples", type=int, default=None, help="use only the first N images")
+    g.add_argument("--dataset_fingerprint", type=str, default="stat", choices=DATASET_FINGERPRINTS,
+                   help="what a resume compares of a local image folder: every file's name, size and modification "
+                        "time (stat), or its name and the SHA-256 of its bytes (bytes: reads every file)")
     return g
 
 
@@ -179,10 +182,16 @@ def add_checkpoint_args(parser: argparse.ArgumentParser):
     g = parser.add_argument_group("output and checkpoints")
     g.add_argument("--output_dir", type=str, default="outputs/train")
     g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="start a new run in an --output_dir that holds another run, deleting that run's checkpoints, "
-                        "logs and grids (without it such a folder is refused)")
+                   help="start a new run in an --output_dir that holds another run, deleting what that run recorded "
+                        "as its own (checkpoints, logs, grids, final folder) and nothing else (without it such a "
+                        "folder is refused)")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps; 0: never")
-    g.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep at most this many checkpoints")
+    g.add_argument("--checkpointing_minutes", type=float, default=0.0,
+                   help="also save a checkpoint at the first logging step after this many minutes without one, so a "
+                        "killed run loses at most that much; only the newest is kept, outside "
+                        "--checkpoints_total_limit; 0: never")
+    g.add_argument("--checkpoints_total_limit", type=int, default=2,
+                   help="keep at most this many checkpoints by step (--checkpointing_steps)")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help="'latest' (the newest intact checkpoint of the run in --output_dir; a fresh start when there is "
                         "none) or a checkpoint folder")
@@ -195,7 +204,10 @@ def add_checkpoint_args(parser: argparse.ArgumentParser):
 def add_logging_args(parser: argparse.ArgumentParser):
     g = parser.add_argument_group("logging and validation")
     g.add_argument("--logging_steps", type=int, default=50, help="write metrics every N steps")
-    g.add_argument("--logging_dir", type=str, default="logs", help="metrics folder inside --output_dir")
+    g.add_argument("--logging_dir", type=str, default="logs",
+                   help="the run's logs (metrics, loss.png, tracker files): a subfolder of --output_dir, or a "
+                        "folder outside it (e.g. a shared TensorBoard folder) where the run writes only into a "
+                        "subfolder of its own, <output_dir name>-<run id>")
     g.add_argument("--report_to", type=str, default="auto", choices=TRACKERS,
                    help="tracker besides the plain metrics files; auto = tensorboard when installed")
     g.add_argument("--sigma_buckets", type=float_list, default=(0.02, 0.1, 0.5, 2.0, 10.0),

@@ -21,14 +21,16 @@ Robustness:
   accepts tensors, numbers and the NumPy arrays of RNG states, never arbitrary objects): this module checks them that
   way before accelerate loads them, and restores the RNG states itself, so a state accelerate could not read cannot
   be skipped silently.
-- A save that fails because the disk is full says so, and where.
+- A save that fails because the disk is full, the disk quota is exceeded or a file reaches the file-size limit
+  (ENOSPC, EDQUOT, EFBIG) says so, and where.
 
 Why not accelerate's ``ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=...)``: its ``save_state``
 deletes the oldest checkpoints *before* writing the new one (a kill mid-write with ``total_limit=1`` leaves none),
 writes in place without an atomic rename, and numbers checkpoints by save count rather than by optimizer step.
 
 A new run refuses an ``output_dir`` that holds another run unless ``--overwrite_output_dir`` (see
-:func:`prepare_output_dir`), so ``latest`` only ever finds checkpoints of the run being resumed.
+:mod:`~diffusers_stf.training.run_folder`), so ``latest`` only ever finds checkpoints of the run being resumed; pruning
+and replacing touch only checkpoints of the run that writes.
 """
 
 from __future__ import annotations
@@ -40,16 +42,17 @@ import os
 import re
 import shutil
 import signal
-import time
-import uuid
 from typing import Dict, List, Optional, Tuple
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
-RUN_FILE = "run.json"
 WEIGHTS_FILE = "model.safetensors"  # for plain nn.Modules; ModelMixins use their own save_pretrained names
 KILL_ENV = "DIFFUSERS_STF_TEST_KILL_AT"  # test hook: SIGKILL this process at a named point, e.g. "checkpoint_renamed@6"
 FAULT_ENV = "DIFFUSERS_STF_TEST_FAULT"  # test hook: "disk_full" makes checkpoint writes fail with ENOSPC
+# a checkpoint's reason: "steps" (--checkpointing_steps) checkpoints count against --checkpoints_total_limit; "time"
+# (--checkpointing_minutes) and "final" (the final state, kept while the final folder is written) ones stand in for the
+# newest state only, and go when a newer checkpoint is written
+REASONS = ("steps", "time", "final")
 
 
 def kill_point(point: str, step: Optional[int] = None):
@@ -82,73 +85,6 @@ def fingerprint_differences(saved: Dict, current: Dict, prefix: str = "") -> Lis
         elif a != b:
             out.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The run folder
-
-
-def run_markers(output_dir: str, logging_dir: str = "logs") -> List[str]:
-    """What in ``output_dir`` shows that a training run used it (checkpoints, the run file, metrics)."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in sorted(os.listdir(output_dir)):
-        if name == RUN_FILE or (name.startswith("checkpoint-") and os.path.isdir(os.path.join(output_dir, name))):
-            found.append(name)
-    metrics = os.path.join(logging_dir, "metrics.jsonl")
-    if os.path.isfile(os.path.join(output_dir, metrics)):
-        found.append(metrics)
-    return found
-
-
-def prepare_output_dir(accelerator, config) -> None:
-    """Refuse a new run (no ``resume_from_checkpoint``) in an ``output_dir`` used by another run, naming
-    ``--overwrite_output_dir``; with that flag, delete the old run's checkpoints, logs, grids and run file first."""
-    output_dir = config.output_dir
-    markers = run_markers(output_dir, config.logging_dir)
-    if not markers or config.resume_from_checkpoint:
-        return
-    if not config.overwrite_output_dir:
-        shown = ", ".join(markers[:4]) + (", ..." if len(markers) > 4 else "")
-        raise ValueError(
-            f"--output_dir {output_dir!r} already holds a training run ({shown}). Pass --overwrite_output_dir to "
-            "replace it with a new run, --resume_from_checkpoint latest to continue it, or choose another --output_dir."
-        )
-    if accelerator.is_main_process:
-        for name in os.listdir(output_dir):
-            path = os.path.join(output_dir, name)
-            if name.startswith("checkpoint-") and os.path.isdir(path):
-                shutil.rmtree(path)
-        for name in (config.logging_dir, "samples"):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-        for name in (RUN_FILE, "samples.png"):
-            if os.path.isfile(os.path.join(output_dir, name)):
-                os.remove(os.path.join(output_dir, name))
-        accelerator.print(f"--overwrite_output_dir: removed the earlier run's checkpoints and logs from {output_dir}")
-    accelerator.wait_for_everyone()
-
-
-def read_run(output_dir: str) -> Optional[Dict]:
-    path = os.path.join(output_dir, RUN_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def start_run(output_dir: str) -> Dict:
-    """Write ``run.json`` with a new run id (main process). Returns its contents."""
-    run = {"run_id": uuid.uuid4().hex, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = os.path.join(output_dir, RUN_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(run, f, indent=2)
-    os.replace(tmp, os.path.join(output_dir, RUN_FILE))
-    return run
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -200,6 +136,15 @@ def load_pickle_weights_only(path: str):
 def read_state(path: str) -> Dict:
     with open(os.path.join(path, STATE_FILE)) as f:
         return json.load(f)
+
+
+def saved_state(path: str) -> Dict:
+    """The trainer state of the checkpoint at ``path``; ``{}`` when it cannot be read."""
+    try:
+        state = read_state(path)
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def checkpoint_problem(path: str) -> Optional[str]:
@@ -279,13 +224,25 @@ def resolve_checkpoint(output_dir: str, resume_from: Optional[str], run_id: Opti
 # Writing
 
 
-def prune_checkpoints(output_dir: str, total_limit: Optional[int], keep: Optional[str] = None) -> List[str]:
-    """Delete the oldest complete checkpoints beyond ``total_limit`` (never ``keep``). Returns the deleted paths."""
-    if not total_limit:
+def prune_checkpoints(output_dir: str, total_limit: Optional[int], keep: Optional[str] = None,
+                      run_id: Optional[str] = None) -> List[str]:
+    """Delete checkpoints of run ``run_id`` (any run when None), never ``keep``: checkpoints by wall time and of the
+    final state older than the newest checkpoint, and the oldest checkpoints by step beyond ``total_limit``. Returns
+    the deleted paths."""
+    found = []
+    for _, path in list_checkpoints(output_dir):
+        state = saved_state(path)
+        if state and (run_id is None or state.get("run_id") == run_id):
+            found.append((path, state.get("reason", "steps")))
+    if not found:
         return []
-    found = [path for _, path in list_checkpoints(output_dir)]
+    newest = found[-1][0]
+    doomed = [path for path, reason in found if reason != "steps" and path != newest]
+    by_step = [path for path, reason in found if reason == "steps"]
+    if total_limit:
+        doomed += by_step[:max(len(by_step) - total_limit, 0)]
     removed = []
-    for path in found[:max(len(found) - total_limit, 0)]:
+    for path in doomed:
         if keep is None or os.path.abspath(path) != os.path.abspath(keep):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -346,30 +303,53 @@ def folder_size(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
 
 
-def is_disk_full(err: BaseException, folder: str, needed: int) -> bool:
-    """Whether ``err`` (or its cause) is ENOSPC, or the disk holding ``folder`` has less than ``needed`` bytes free
-    (torch's zip writer reports a full disk as ``unexpected pos ...``)."""
+DISK_LIMITS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded (EDQUOT)",
+               errno.EFBIG: "a file reached the file-size limit (EFBIG; see `ulimit -f`)"}
+
+
+def disk_limit(err: BaseException, folder: str, needed: int) -> Optional[str]:
+    """What stopped a write, when ``err`` (or its cause) is ENOSPC, EDQUOT or EFBIG, or the disk holding ``folder``
+    has less than ``needed`` bytes free (torch's zip writer reports a full disk as ``unexpected pos ...``); None
+    otherwise."""
     seen = err
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-            return True
+        if isinstance(seen, OSError) and seen.errno in DISK_LIMITS:
+            return DISK_LIMITS[seen.errno]
         seen = seen.__cause__ or seen.__context__
     try:
-        return shutil.disk_usage(folder).free < max(needed, 1 << 20)
+        return DISK_LIMITS[errno.ENOSPC] if shutil.disk_usage(folder).free < max(needed, 1 << 20) else None
     except OSError:
-        return False
+        return None
+
+
+def is_disk_full(err: BaseException, folder: str, needed: int) -> bool:
+    """Whether :func:`disk_limit` names what stopped a write."""
+    return disk_limit(err, folder, needed) is not None
+
+
+def disk_limit_error(limit: str, what: str, folder: str, needed: int, advice: str) -> RuntimeError:
+    """The message of a write stopped by a disk limit: what, where, the space left and needed, and what to do."""
+    free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+    return RuntimeError(f"{limit}: {what} could not be written to {os.path.abspath(folder)} ({free / 2**20:.1f} MiB "
+                        f"free there; it takes about {needed / 2**20:.1f} MiB). {advice}")
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, ema, state: Dict,
-                    total_limit: Optional[int] = None) -> str:
+                    total_limit: Optional[int] = None, run_id: Optional[str] = None) -> str:
     """Write ``checkpoint-<step>`` (call on every process). Returns its path.
 
-    Written into ``checkpoint-<step>.partial``, fsynced, renamed; only then are checkpoints beyond ``total_limit``
-    pruned. A failure removes the partial folder and raises; a full disk raises a ``RuntimeError`` that says so.
+    Written into ``checkpoint-<step>.partial``, fsynced, renamed; only then are checkpoints of run ``run_id`` pruned
+    (see :func:`prune_checkpoints`; ``state["reason"]`` is the checkpoint's reason). A checkpoint of the same step
+    is replaced only when it belongs to ``run_id``. A failure removes the partial folder and raises; a full disk, an
+    exceeded quota or the file-size limit raises a ``RuntimeError`` that says so.
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     partial = final + ".partial"
     if accelerator.is_main_process:
+        owner = saved_state(final).get("run_id") if os.path.isdir(final) else None
+        if run_id is not None and owner not in (None, run_id):
+            raise ValueError(f"{final} belongs to another run (run id {owner}); this run ({run_id}) does not replace "
+                             "it")
         remove_partial_checkpoints(output_dir)
         os.makedirs(partial)
     accelerator.wait_for_everyone()
@@ -393,19 +373,16 @@ def save_checkpoint(accelerator, output_dir: str, step: int, ema, state: Dict,
             fsync_dir(output_dir)
             shutil.rmtree(final + ".old", ignore_errors=True)
             kill_point("checkpoint_renamed", step)
-            prune_checkpoints(output_dir, total_limit, keep=final)
+            prune_checkpoints(output_dir, total_limit, keep=final, run_id=run_id)
     except Exception as err:
         needed = max((folder_size(p) for _, p in list_checkpoints(output_dir)), default=0)
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
-        if is_disk_full(err, output_dir, needed):
-            free = shutil.disk_usage(output_dir).free if os.path.isdir(output_dir) else 0
-            raise RuntimeError(
-                f"the disk is full: checkpoint-{step} could not be written to {os.path.abspath(output_dir)} "
-                f"({free / 2**20:.1f} MiB free there; a checkpoint takes about {needed / 2**20:.1f} MiB). The earlier "
-                "checkpoints are intact: free some space (or lower --checkpoints_total_limit) and resume with "
-                "--resume_from_checkpoint latest."
-            ) from err
+        limit = disk_limit(err, output_dir, needed)
+        if limit is not None:
+            raise disk_limit_error(
+                limit, f"checkpoint-{step}", output_dir, needed, "The earlier checkpoints are intact: free some space "
+                "(or lower --checkpoints_total_limit) and resume with --resume_from_checkpoint latest.") from err
         raise
     accelerator.wait_for_everyone()
     return final

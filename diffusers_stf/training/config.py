@@ -152,8 +152,9 @@ class TrainingConfig:
 
     Args:
         output_dir: the run's folder (checkpoints, logs, grids, the final pipeline).
-        overwrite_output_dir: start a new run in an ``output_dir`` that holds another run, deleting that run's
-            checkpoints, logs and grids (without it such a folder is refused).
+        overwrite_output_dir: start a new run in an ``output_dir`` that holds another run, deleting what that run
+            recorded as created (checkpoints, logs, grids, final folder) and nothing else (without it such a folder is
+            refused; see :mod:`~diffusers_stf.training.run_folder`).
         train_batch_size: images per process per micro-step.
         max_train_steps: optimizer steps; wins over ``num_epochs``.
         num_epochs: passes over the data.
@@ -173,11 +174,14 @@ class TrainingConfig:
         use_ema, ema_inv_gamma, ema_power, ema_max_decay: diffusers' warm-up EMA
             (:class:`~diffusers_stf.training.ema.WarmupEMA`) instead.
         checkpointing_steps: a resumable checkpoint every N steps (0: never).
+        checkpointing_minutes: also a checkpoint at the first logging step after this many minutes without one (0:
+            never); only the newest such checkpoint is kept, and it does not count against ``checkpoints_total_limit``.
         checkpoints_total_limit: keep at most this many checkpoints (0 or None: all).
         resume_from_checkpoint: ``latest`` or a checkpoint folder.
         allow_changed_settings: resume even when settings that change the maths differ from the checkpoint's (the
             differences are printed and the new values applied); the model architecture must still match.
-        logging_steps, logging_dir, report_to, sigma_buckets: the metrics files and tracker.
+        logging_steps, logging_dir, report_to, sigma_buckets: the metrics files and tracker (``logging_dir``: a
+            subfolder of ``output_dir``, or a folder outside it where the run writes into its own subfolder).
         validation_steps, num_validation_images, num_inference_steps, validation_seed: the sample grids.
         save_images_epochs: a sample grid every N epochs instead of every ``validation_steps``.
         save_model_epochs: save the pipeline folder every N epochs too (diffusers' option).
@@ -216,6 +220,7 @@ class TrainingConfig:
     ema_power: float = 0.75
     ema_max_decay: float = 0.9999
     checkpointing_steps: int = 500
+    checkpointing_minutes: float = 0.0
     checkpoints_total_limit: Optional[int] = 2
     resume_from_checkpoint: Optional[str] = None
     allow_changed_settings: bool = False
@@ -246,6 +251,7 @@ class TrainingConfig:
                      "dataloader_num_workers"):
             check_count(name, getattr(self, name), minimum=0)
         check_finite("learning_rate", self.learning_rate, 0.0, False)
+        check_finite("checkpointing_minutes", self.checkpointing_minutes, 0.0)
         check_finite("lr_rampup_kimg", self.lr_rampup_kimg, 0.0)
         check_finite("adam_beta1", self.adam_beta1, 0.0, True, 1.0, False)
         check_finite("adam_beta2", self.adam_beta2, 0.0, True, 1.0, False)

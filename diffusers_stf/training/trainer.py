@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Union
@@ -25,10 +26,10 @@ from ..digits import DIGITS_NAME
 from ..hub import write_model_remote_code
 from ..hub.push import DEFAULT_IGNORE, check_hub_settings, create_repo_early, push_or_explain
 from ..losses import LossOutput
-from .accelerator import make_accelerator, step_generator, to_device
+from .accelerator import check_launcher, launcher_pid, make_accelerator, step_generator, to_device
 from .checkpoints import (
-    fingerprint_differences, jsonable, kill_point, load_checkpoint, model_fingerprint, read_run, read_state,
-    register_model_hooks, resolve_checkpoint, save_checkpoint, save_weights, start_run,
+    kill_point, list_checkpoints, load_checkpoint, read_state, register_model_hooks, resolve_checkpoint,
+    save_checkpoint, save_weights, saved_state,
 )
 from .config import TrainingConfig
 from .data import ArrowImages, BatchSchedule, ImageData, derived_seed
@@ -37,12 +38,11 @@ from .global_batch import BatchShare, global_indices, share_of, take_rows
 from .metrics_log import MetricsLogger
 from .plots import record_validation, sampler_caption
 from .model_card import ModelCardInfo, hub_dataset_ids, write_model_card
+from .resume_settings import apply_changed_settings, check_resume_settings, run_fingerprint
+from .run_folder import final_save_error, install_folder, open_run_folder
 from .validation import sample_grid
 
 logger = logging.getLogger(__name__)
-
-CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
-
 
 @dataclass
 class TrainingResult:
@@ -150,24 +150,9 @@ class Trainer:
 
         self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=warmup,
                                           num_training_steps=self.max_steps)
-        settings = {
-            "learning_rate": config.learning_rate, "lr_scheduler": config.lr_scheduler, "lr_warmup_steps": warmup,
-            "optimizer": self.optimizer_settings, "max_grad_norm": config.max_grad_norm,
-            **({"ema_rule": "diffusers warm-up", "ema_inv_gamma": config.ema_inv_gamma, "ema_power": config.ema_power,
-                "ema_max_decay": config.ema_max_decay} if config.use_ema else
-               {"ema_halflife_kimg": config.ema_halflife_kimg, "ema_rampup_ratio": config.ema_rampup_ratio}),
-            "train_batch_size": config.train_batch_size, "gradient_accumulation_steps": self.accumulation,
-            "num_processes": acc.num_processes, "global_batch_size": self.global_batch, "seed": config.seed,
-            "mixed_precision": config.mixed_precision, "data": data.source, "num_images": len(data),
-            "resolution": data.resolution, "channels": data.channels, "center_crop": data.center_crop,
-            "random_flip": data.random_flip,
-        }
-        if self.global_draws and acc.num_processes > 1:  # one process draws the same either way
-            settings["global_draws"] = True
-        if config.lr_scheduler not in CONSTANT_SCHEDULES:  # the schedule's shape depends on the run's length
-            settings["max_train_steps"] = self.max_steps
-        self.fingerprint = jsonable({"model": model_fingerprint(model), "settings": settings,
-                                     "script": dict(fingerprint or {})})
+        self.fingerprint = run_fingerprint(config, model, self.optimizer_settings, warmup, data, acc.num_processes,
+                                           self.accumulation, self.global_batch, self.max_steps,
+                                           self.global_draws, fingerprint)
         self.validation_steps = config.validation_steps
         if config.save_images_epochs:
             self.validation_steps = config.save_images_epochs * self.steps_per_epoch
@@ -181,6 +166,9 @@ class Trainer:
                                  "diffusers model")
             model.enable_xformers_memory_efficient_attention()
         self.output_dir = config.output_dir
+        self.run_folder = open_run_folder(self.accelerator, config)  # made by make_accelerator unless given ours
+        self.launcher = launcher_pid()
+        self.last_checkpoint = time.monotonic()
         self.step, self.nimg, self.wall_offset = 0, 0, 0.0
         self.run_id: Optional[str] = None
         self.last_row: Dict = {}
@@ -215,8 +203,8 @@ class Trainer:
         batch["share"] = self.share
         return batch, generator
 
-    def trainer_state(self, wall_time: float) -> Dict:
-        return {"step": self.step, "nimg": self.nimg, "epoch": self.step // self.steps_per_epoch,
+    def trainer_state(self, wall_time: float, reason: str = "steps") -> Dict:
+        return {"step": self.step, "reason": reason, "nimg": self.nimg, "epoch": self.step // self.steps_per_epoch,
                 "wall_time": round(wall_time, 3), "lr_scheduler": self.lr_scheduler.state_dict(),
                 "num_processes": self.accelerator.num_processes, "run_id": self.run_id,
                 "fingerprint": self.fingerprint}
@@ -227,6 +215,7 @@ class Trainer:
         acc = self.accelerator
         out, caption = None, None
         if acc.is_main_process:
+            self.run_folder.claim(path)
             ema_model = self.ema.model
             if self.validation_fn is not None:
                 out = self.validation_fn(ema_model, self.step, path)
@@ -235,69 +224,36 @@ class Trainer:
                 caption = sampler_caption(self.step, pipeline, self.config.num_inference_steps)
                 out = sample_grid(pipeline, path, self.config.num_validation_images, self.config.num_inference_steps,
                                   self.config.validation_seed, caption=caption)
-            record_validation(acc, out, self.step, os.path.join(self.output_dir, self.config.logging_dir), caption)
+            record_validation(acc, out, self.step, self.run_folder.log_dir, caption)
         acc.wait_for_everyone()
         return out
 
     def check_settings(self, path: str) -> bool:
-        """Compare the checkpoint's fingerprint with this run's. Another model is always refused; other settings
-        only with ``allow_changed_settings`` (printed). Returns whether the resume is exact."""
-        saved = read_state(path).get("fingerprint", {})
-        if "settings" not in saved:  # a checkpoint of the flat fingerprint layout
-            saved = {"model": {k: saved[k] for k in ("model_class", "model_config") if k in saved},
-                     "settings": {}, "script": saved.get("script", {})}
-        model_diffs = fingerprint_differences(saved.get("model", {}), self.fingerprint["model"], "model.")
-        other = fingerprint_differences({k: v for k, v in saved.items() if k != "model"},
-                                        {k: v for k, v in self.fingerprint.items() if k != "model"})
-        if model_diffs or (other and not self.config.allow_changed_settings):
-            hint = "" if model_diffs else (" Pass --allow_changed_settings to resume with the new values (a different "
-                                           "run from here on).")
-            raise ValueError(
-                f"checkpoint {path!r} was written by a run with another configuration and cannot be resumed here:\n  "
-                + "\n  ".join(model_diffs + other)
-                + f"\nUse the options of that run, or a fresh --output_dir.{hint}"
-            )
-        if other:
-            self.accelerator.print("WARNING: resuming with changed settings (--allow_changed_settings); from step "
-                                   f"{read_state(path).get('step')} on this run differs from the one that wrote "
-                                   f"{path}:\n  " + "\n  ".join(other))
-        return not other
-
-    def apply_changed_settings(self):
-        """After a resume with ``allow_changed_settings``: the optimizer and the lr schedule take this run's values
-        (the checkpoint restored its own into them)."""
-        settings = {k: v for k, v in self.optimizer_settings.items() if k != "class"}
-        for group in self.optimizer.param_groups:
-            group.update({k: v for k, v in settings.items() if k in group and k != "lr"})
-            group["initial_lr"] = self.config.learning_rate
-        scheduler = self.lr_scheduler  # diffusers' schedules are LambdaLRs: lr = base_lr · λ(step)
-        scheduler.base_lrs = [self.config.learning_rate for _ in self.optimizer.param_groups]
-        for group, base, lr_lambda in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base * lr_lambda(scheduler.last_epoch)
-        self.lr_scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        """Compare the checkpoint's fingerprint with this run's (see :func:`check_resume_settings`); returns whether
+        the resume is exact."""
+        return check_resume_settings(read_state(path), self.fingerprint, path, self.config.allow_changed_settings,
+                                     self.accelerator.print)
 
     def resume(self, metrics: MetricsLogger):
         """Continue the run in ``output_dir`` (``resume_from_checkpoint``) or start a new one there."""
-        config, acc = self.config, self.accelerator
-        run = read_run(self.output_dir)
+        config, acc, folder = self.config, self.accelerator, self.run_folder
+        self.run_id = folder.run_id
+        latest = config.resume_from_checkpoint == "latest"
         path = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint,
-                                  run_id=run["run_id"] if run and config.resume_from_checkpoint == "latest" else None,
-                                  warn=acc.print)
+                                  run_id=folder.run_id if folder.from_disk and latest else None, warn=acc.print)
         if path is None:
-            if config.resume_from_checkpoint == "latest":
+            if latest:
                 acc.print(f"No checkpoint in {self.output_dir}; starting a new run.")
             acc.wait_for_everyone()
-            self.run_id = start_run(self.output_dir)["run_id"] if acc.is_main_process else None
             metrics.truncate(0)
             return
         exact = self.check_settings(path)
         state = load_checkpoint(acc, path, self.ema, exact=exact)
         self.step, self.nimg = int(state["step"]), int(state["nimg"])
         self.wall_offset = float(state.get("wall_time", 0.0))
-        self.run_id = state.get("run_id") or (run or {}).get("run_id")
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if not exact:
-            self.apply_changed_settings()
+            apply_changed_settings(self.optimizer, self.lr_scheduler, self.optimizer_settings, config.learning_rate)
         metrics.truncate(self.step)
         acc.print(f"Resumed from {path} at step {self.step}.")
 
@@ -322,6 +278,7 @@ class Trainer:
         finally:
             if self.read_ahead:
                 self.data.images.stop_prefetch()
+            self.run_folder.release()
 
     def train_and_finish(self) -> TrainingResult:
         from tqdm.auto import tqdm
@@ -333,7 +290,7 @@ class Trainer:
         acc.print(f"{self.max_steps} optimizer steps of {self.global_batch} images "
                   f"({self.max_steps / self.steps_per_epoch:.3g} epochs of {self.steps_per_epoch} steps)")
         segment_start = time.time()
-        os.makedirs(self.output_dir, exist_ok=True)
+        self.run_folder.start()
         unwrapped = self.model
         if config.use_ema:
             self.ema = WarmupEMA(unwrapped, config.ema_inv_gamma, config.ema_power, config.ema_max_decay)
@@ -343,7 +300,7 @@ class Trainer:
         acc.print(f"EMA: {self.ema.rule}")
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         register_model_hooks(acc)
-        metrics = MetricsLogger(acc, os.path.join(self.output_dir, config.logging_dir), config.sigma_buckets)
+        metrics = MetricsLogger(acc, self.run_folder.log_dir, config.sigma_buckets)
         self.resume(metrics)
         if config.push_to_hub and acc.is_main_process:  # a bad token or a taken name stops the run before training
             config.hub_model_id = create_repo_early(config.hub_model_id, config.hub_token,
@@ -354,6 +311,7 @@ class Trainer:
                         disable=not acc.is_local_main_process or config.no_progress_bar)
         first_bad = torch.full((), -1, dtype=torch.long, device=acc.device)
         self.model.train()
+        self.last_checkpoint = time.monotonic()  # --checkpointing_minutes count from here
 
         def wall_time():
             return self.wall_offset + time.time() - segment_start
@@ -384,15 +342,17 @@ class Trainer:
             self.step += 1
             progress.update(1)
             kill_point("step", self.step)
-            if self.step % config.logging_steps == 0 or self.step == self.max_steps:
+            check_launcher(self.launcher, self.step)
+            logging_step = self.step % config.logging_steps == 0 or self.step == self.max_steps
+            if logging_step:
                 self.last_row = metrics.write(self.step, nimg=self.nimg, epoch=self.step // self.steps_per_epoch,
                                               lr=lr, ema_beta=beta, seconds=round(wall_time(), 2))
                 progress.set_postfix(loss=f"{self.last_row['loss']:.4f}", lr=f"{lr:.2e}")
                 self.check_finite(first_bad)
-            if config.checkpointing_steps and self.step % config.checkpointing_steps == 0:
+            by_steps = bool(config.checkpointing_steps) and self.step % config.checkpointing_steps == 0
+            if by_steps or (logging_step and self.checkpoint_due_by_time()):
                 self.check_finite(first_bad)
-                save_checkpoint(acc, self.output_dir, self.step, self.ema, self.trainer_state(wall_time()),
-                                config.checkpoints_total_limit)
+                self.save_checkpoint(wall_time(), "steps" if by_steps else "time")
             if self.validation_steps and self.step % self.validation_steps == 0 and self.step < self.max_steps:
                 self.validate(os.path.join(self.output_dir, "samples", f"step_{self.step:07d}.png"))
             if self.save_model_steps and self.step % self.save_model_steps == 0 and self.step < self.max_steps:
@@ -401,18 +361,52 @@ class Trainer:
                 acc.wait_for_everyone()
         progress.close()
         self.check_finite(first_bad)
-        return self.finish(wall_time(), metrics)
+        return self.finish(wall_time, metrics)
 
-    def finish(self, wall_time: float, metrics: MetricsLogger) -> TrainingResult:
+    def save_checkpoint(self, wall_time: float, reason: str) -> str:
+        path = save_checkpoint(self.accelerator, self.output_dir, self.step, self.ema,
+                               self.trainer_state(wall_time, reason), self.config.checkpoints_total_limit,
+                               run_id=self.run_id)
+        self.last_checkpoint = time.monotonic()
+        return path
+
+    def checkpoint_due_by_time(self) -> bool:
+        """Whether ``checkpointing_minutes`` have passed since the last checkpoint (or the start of this segment), by
+        the main process's clock, so that every process takes the same decision (called at logging steps, which
+        wait for the device anyway)."""
+        minutes, acc = self.config.checkpointing_minutes, self.accelerator
+        if not minutes:
+            return False
+        due = time.monotonic() - self.last_checkpoint >= 60 * minutes
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            due = bool(broadcast(torch.tensor(due, device=acc.device), from_process=0))
+        return due
+
+    def finish(self, wall_time: Callable[[], float], metrics: MetricsLogger) -> TrainingResult:
         """Final grid, ``save_pretrained`` folder, model card, summary, and last the Hub upload (main process; a
-        failed upload keeps every file and exits with the command that retries it)."""
+        failed upload keeps every file and exits with the command that retries it).
+
+        The final state stays in a checkpoint until the folder and the card are complete: when no checkpoint holds
+        it, one is written for the time of the final save (outside ``checkpoints_total_limit``) and deleted after it,
+        so a kill or a full disk during the save loses nothing (``--resume_from_checkpoint latest`` redoes it)."""
         config, acc = self.config, self.accelerator
-        result = TrainingResult(self.output_dir, self.step, self.nimg, wall_time, metrics_path=metrics.jsonl_path)
+        kept = next((p for s, p in list_checkpoints(self.output_dir)
+                     if s == self.step and saved_state(p).get("run_id") == self.run_id), None)
+        if kept is None:
+            kept = self.save_checkpoint(wall_time(), "final")
+        result = TrainingResult(self.output_dir, self.step, self.nimg, wall_time(), metrics_path=metrics.jsonl_path)
         result.samples_path = self.validate(os.path.join(self.output_dir, "samples.png"))
         if acc.is_main_process:
-            result.saved_class = self.save_folder()
-            if self.model_card is not None:
-                result.model_card_path = self.write_card(result)
+            try:
+                result.saved_class = self.save_folder()
+                if self.model_card is not None:
+                    result.model_card_path = self.write_card(result)
+            except Exception as err:
+                raise final_save_error(err, self.output_dir, kept) from err
+            if saved_state(kept).get("reason") == "final":
+                shutil.rmtree(kept)
             if config.push_to_hub:
                 result.pushed_to = config.hub_model_id
             print_summary(result)
@@ -425,17 +419,21 @@ class Trainer:
         return result
 
     def save_folder(self) -> str:
-        """``save_pretrained`` of the pipeline around the EMA weights (or of the EMA model alone) into ``output_dir``;
-        returns the saved class's name."""
+        """``save_pretrained`` of the pipeline around the EMA weights (or of the EMA model alone) into ``output_dir``,
+        atomically (see :func:`~diffusers_stf.training.run_folder.install_folder`); returns the saved class's
+        name."""
+        return install_folder(self.run_folder, self.write_folder)
+
+    def write_folder(self, folder: str) -> str:
         if self.make_pipeline is not None:
             pipeline = self.make_pipeline(self.ema.model)
-            pipeline.save_pretrained(self.output_dir)
+            pipeline.save_pretrained(folder)
             return type(pipeline).__name__
         model = self.ema.model
-        save_weights(model, self.output_dir)
+        save_weights(model, folder)
         if type(model).__module__.split(".")[0] == "diffusers_stf" and hasattr(model, "config"):
             # a model of this package saved alone: AutoModel.from_pretrained(..., trust_remote_code=True) loads it
-            write_model_remote_code(model, self.output_dir)
+            write_model_remote_code(model, folder)
         return type(model).__name__
 
     def write_card(self, result: TrainingResult) -> str:
@@ -455,6 +453,7 @@ class Trainer:
         table = dict(sorted(table.items()))
         datasets = hub_dataset_ids(self.data.name if self.data.name not in (DIGITS_NAME, "imagefolder") else None)
         grid = os.path.relpath(result.samples_path, self.output_dir) if result.samples_path else None
+        self.run_folder.claim(os.path.join(self.output_dir, "README.md"))
         return write_model_card(self.output_dir, self.model_card, repo, datasets, table, grid, facts)
 
 

@@ -8,6 +8,7 @@ Everything downstream sees images as float tensors in [−1, 1], shape (C, H, W)
 
 from .arrow import ArrowImages, arrow_cache_path, decoded_bytes_estimate, prepare_arrow_images, survey_images
 from .config import DataConfig
+from .fingerprint import DATASET_FINGERPRINTS, folder_fingerprint
 from .decode import GREY_MODES, HIGH_BIT_MODES, MAX_IN_MEMORY_BYTES, decode_images
 from .images import FULL_SCALE, ImageData
 from .labels import num_classes, read_labels, require_labels

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from .fingerprint import DATASET_FINGERPRINTS
+
 
 @dataclass
 class DataConfig:
@@ -27,6 +29,9 @@ class DataConfig:
         max_train_samples: use only the first N images.
         preserve_input_precision: keep images of more than 8 bits per channel (16-bit PNG/TIFF, PIL modes ``I;16*``
             and ``I``) at 16 bits instead of reducing them to 8 (stored as uint16, served as x / 65535 · 2 − 1).
+        dataset_fingerprint: what a resume compares of a local image folder (see
+            :func:`~diffusers_stf.training.data.fingerprint.folder_fingerprint`): ``stat`` (names, sizes, modification
+            times) or ``bytes`` (names and contents).
     """
 
     dataset_name: Optional[str] = None
@@ -43,12 +48,16 @@ class DataConfig:
     random_flip: bool = False
     max_train_samples: Optional[int] = None
     preserve_input_precision: bool = False
+    dataset_fingerprint: str = "stat"
 
     def __post_init__(self):
         if self.dataset_name and self.train_data_dir:
             raise ValueError("give either --dataset_name or --train_data_dir, not both")
         if self.channels not in (None, 1, 3):
             raise ValueError(f"--channels must be 1 or 3, got {self.channels}")
+        if self.dataset_fingerprint not in DATASET_FINGERPRINTS:
+            raise ValueError(f"--dataset_fingerprint must be one of {DATASET_FINGERPRINTS}, "
+                             f"got {self.dataset_fingerprint!r}")
         if self.digits_split not in ("all", "train"):
             raise ValueError(f"--digits_split must be 'all' or 'train', got {self.digits_split!r}")
         for name in ("resolution", "max_train_samples"):

@@ -37,11 +37,15 @@ class ImageData(torch.utils.data.Dataset):
         source: where the images were read from (a folder's absolute path, a Hub id); part of a run's fingerprint.
         class_names: the names of the K classes the labels index (see :mod:`.labels`); None: K is the largest
             label + 1.
+        content: a fingerprint of the source's files (see
+            :func:`~diffusers_stf.training.data.fingerprint.folder_fingerprint`), part of a run's fingerprint; None
+            when there are no local files to fingerprint.
     """
 
     def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, resolution: Optional[int] = None,
                  center_crop: bool = False, random_flip: bool = False, name: str = "images",
-                 source: Optional[str] = None, class_names: Optional[Sequence[str]] = None):
+                 source: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
+                 content: Optional[str] = None):
         if images.ndim != 4 or images.dtype not in FULL_SCALE:
             raise ValueError(f"images must be a uint8 or uint16 tensor (N, C, H, W), got {images.dtype} "
                              f"{tuple(images.shape)}")
@@ -55,6 +59,7 @@ class ImageData(torch.utils.data.Dataset):
         self.center_crop, self.random_flip, self.name = center_crop, random_flip, name
         self.source = source or name
         self.class_names = list(class_names) if class_names is not None else None
+        self.content = content
 
     @classmethod
     def from_tensor(cls, images: torch.Tensor, labels: Optional[torch.Tensor] = None, **kwargs) -> "ImageData":
@@ -66,7 +71,7 @@ class ImageData(torch.utils.data.Dataset):
         """The images ``indices`` (with their labels) as a new :class:`ImageData` with the same settings."""
         labels = self.labels[indices] if self.labels is not None else None
         return ImageData(self.images[indices], labels, self.resolution, self.center_crop, self.random_flip, self.name,
-                         self.source, self.class_names)
+                         self.source, self.class_names, self.content)
 
     def split_heldout(self, k: int, seed: int):
         """(training part, held-out part) with ``k`` images held out at random, fixed by ``seed``; (self, None) for

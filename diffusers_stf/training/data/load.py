@@ -13,6 +13,7 @@ from . import decode
 from .arrow import decoded_bytes_estimate, prepare_arrow_images
 from .config import DataConfig
 from .decode import _open_image, decode_images
+from .fingerprint import folder_fingerprint
 from .images import ImageData
 from .labels import DEFAULT_LABEL_COLUMN, read_labels
 
@@ -92,6 +93,7 @@ def load_training_images(config: DataConfig, seed: int = 0, accelerator=None) ->
         return ImageData.from_tensor(images, labels, resolution=8, random_flip=config.random_flip, name=DIGITS_NAME,
                                      source=f"{DIGITS_NAME}:{config.digits_split}", class_names=DIGITS_CLASSES)
     context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
+    content = None
     with context:
         if config.dataset_name is None and config.train_data_dir is None:
             ds = load_digits_dataset(config.digits_split)
@@ -102,6 +104,9 @@ def load_training_images(config: DataConfig, seed: int = 0, accelerator=None) ->
             name = config.dataset_name or "imagefolder"
             source = config.dataset_name or os.path.abspath(config.train_data_dir)
             source = f"{source}:{config.dataset_config_name or ''}:{config.dataset_split}"
+            local = config.train_data_dir or config.dataset_name
+            if os.path.isdir(local):  # a folder of files: they are fingerprinted; a Hub dataset is not
+                content = folder_fingerprint(local, config.dataset_fingerprint)
     if config.max_train_samples:
         ds = ds.select(range(min(config.max_train_samples, len(ds))))
     if len(ds) == 0:
@@ -121,7 +126,7 @@ def load_training_images(config: DataConfig, seed: int = 0, accelerator=None) ->
             f"{decode.MAX_IN_MEMORY_BYTES / 1e9:.1f} GB: serving them from the memory-mapped file "
             f"{images.cache_files()[0]}")
         return ImageData(images, labels, config.resolution, config.center_crop, config.random_flip, name=name,
-                         source=source, class_names=class_names)
+                         source=source, class_names=class_names, content=content)
     if isinstance(ds.features[column], datasets.Image):
         ds = ds.cast_column(column, datasets.Image(decode=False))
     raw = ds[column] if len(ds) <= 100_000 else (ex[column] for ex in ds)
@@ -129,4 +134,4 @@ def load_training_images(config: DataConfig, seed: int = 0, accelerator=None) ->
     images = decode_images(pil_images, config.resolution, config.channels, config.center_crop, seed,
                              config.preserve_input_precision)
     return ImageData(images, labels, config.resolution, config.center_crop, config.random_flip, name=name,
-                     source=source, class_names=class_names)
+                     source=source, class_names=class_names, content=content)
