@@ -45,7 +45,8 @@ LEGACY_PARTIAL_SUFFIX = ".tmp.npz"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--pipeline", required=True, help="folder saved with pipeline.save_pretrained")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_images", type=int, default=1000)
@@ -62,10 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--format", choices=("png", "npz", "both"), default="png")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
-    if args.num_images < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
-        parser.error("--num_images, --batch_size and --num_inference_steps must be >= 1")
+    for name in ("num_images", "batch_size", "num_inference_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.seed < 0:
-        parser.error("--seed must be >= 0")
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     for name in ("scheduler_kwargs", "pipeline_kwargs"):
         try:
             value = json.loads(getattr(args, name))
