@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..mp_layers import MPConv, MPFourier
+from .base import check_images, check_sigma_shape
 from .edm import EDMLoss, Target, add_noise, check_on_host, per_sample
 
 # EDM2's presets (NVlabs/edm2 train_edm2.py): ImageNet-512 latents and ImageNet-64 pixels
@@ -98,10 +99,13 @@ class EDM2Loss(EDMLoss):
         """The per-element loss λ(σ)/e^{u(σ)}·(D(x̃; σ) − T)² + u(σ) of ``images`` (B, C, H, W); the arguments are
         those of :meth:`~diffusers_stf.losses.edm.DenoisingLoss.__call__`. Summed over C·H·W and averaged over the
         batch it is EDM2's training loss."""
+        check_images(images)
         if sigma is None:
             sigma = self.sample_sigma(images.shape[0], generator, images.device)
         else:
-            sigma = torch.as_tensor(sigma, dtype=torch.float32).to(images.device).reshape(-1).expand(images.shape[0])
+            sigma = torch.as_tensor(sigma, dtype=torch.float32).to(images.device)
+            check_sigma_shape(sigma, images.shape[0])
+            sigma = sigma.reshape(-1).expand(images.shape[0])
             check_on_host(sigma > 0, "sigma must be > 0 (and not NaN) for every sample")
         noisy = add_noise(images, sigma, generator, noise)
         goal = images if target is None else target(noisy, sigma, images)

@@ -51,7 +51,7 @@ import torch
 
 from ..noise_schedules import betas_for_schedule
 from ..preconditioning import DDPMPreconditioning, Preconditioning
-from .base import REDUCTIONS, LossOutput, add_noise, check_on_host, per_sample, reduce_per_sample
+from .base import REDUCTIONS, LossOutput, add_noise, check_images, check_on_host, per_sample, reduce_per_sample
 from .draws import randint, randn
 from .stable_target_field import stable_target_field
 
@@ -274,6 +274,7 @@ class SequenceAwareLoss:
             reference_images: an STF reference set (R, C, H, W) holding the batch itself: the targets become the
                 Stable Target Field's ε (VP form) instead of the drawn noise.
         """
+        check_images(images)
         B, K, T = images.shape[0], self.num_steps, self.num_train_timesteps
         device = images.device
         if window_start is None:
