@@ -697,12 +697,13 @@ def test_preserve_input_precision_trains_on_16_bit_pngs_at_16_bits(tmp_path):
                                    rtol=0, atol=1e-6)
 
 
-def test_without_preserve_input_precision_16_bit_pngs_are_reduced_to_8_bits_as_before(tmp_path):
+def test_without_preserve_input_precision_16_bit_pngs_are_reduced_to_8_bits(tmp_path):
     folder = str(tmp_path / "ramps")
     ramps = write_sixteen_bit_ramps(folder)
     data = shared_data(["--train_data_dir", folder])
-    # PIL's 8-bit conversion of a 16-bit value v (as diffusers' image.convert does) saturates: min(v, 255)
-    quantised = np.minimum(ramps, 255).astype(np.uint8)
+    # the same fraction of full scale in 8 bits: round(v · 255 / 65535) = round(v / 257) (PIL's convert would clip
+    # to min(v, 255), nearly white)
+    quantised = np.floor(ramps.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
     assert data.images.dtype == torch.uint8 and np.array_equal(data.images.numpy(), quantised)
     for index, images in served_batches(data):
         expected = torch.from_numpy(quantised[index.numpy()].astype(np.float64) / 255 * 2 - 1)
