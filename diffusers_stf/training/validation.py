@@ -1,9 +1,11 @@
 """Sample grids of the validation steps, drawn with the package's one grid helper
 (:func:`diffusers_stf.evaluation.images.image_grid`, on ``diffusers.utils.make_image_grid``), captioned by
-:func:`~diffusers_stf.training.plots.save_captioned_grid`."""
+:func:`~diffusers_stf.training.plots.save_captioned_grid`; and the check, before training, that the validation
+sampler takes the run's settings."""
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import numpy as np
@@ -12,7 +14,17 @@ import torch
 from ..evaluation.images import image_grid, save_image_grid
 from .plots import save_captioned_grid
 
-__all__ = ["image_grid", "sample_grid", "save_image_grid"]
+__all__ = ["check_sampling_steps", "image_grid", "sample_grid", "save_image_grid"]
+
+
+def check_sampling_steps(scheduler, num_inference_steps: int, flag: str = "--num_inference_steps") -> None:
+    """Set a copy of ``scheduler`` to ``num_inference_steps`` as a validation grid will, so that a setting the sampler
+    refuses (e.g. more DDIM steps than training timesteps) stops the run before training, naming ``flag``."""
+    try:
+        copy.deepcopy(scheduler).set_timesteps(num_inference_steps)
+    except (ValueError, TypeError, RuntimeError, IndexError) as err:
+        raise ValueError(f"{flag} {num_inference_steps}: the validation sampler {type(scheduler).__name__} refuses "
+                         f"it ({err})") from err
 
 
 @torch.no_grad()
