@@ -340,8 +340,8 @@ def test_sequence_aware_beta_schedule_is_validated(tmp_path):
     import train_sequence_aware
 
     out = str(tmp_path / "sa")
-    with pytest.raises(ValueError, match="ᾱ_T"):  # (1 - 0.1)^1000 underflows to 0 in float32
-        train_sequence_aware.main(["--output_dir", out, "--beta_start", "0.5", "--beta_end", "0.1"])
+    with pytest.raises(ValueError, match="ᾱ_T"):  # Π(1 − β_t) with every β_t >= 0.1 underflows to 0 in float32
+        train_sequence_aware.main(["--output_dir", out, "--beta_start", "0.1", "--beta_end", "0.5"])
     with pytest.raises(ValueError, match=r"--beta_start/--beta_end.*(\(0, 1\)|0 < beta < 1)"):
         train_sequence_aware.main(["--output_dir", out, "--beta_end", "1.5"])
 
