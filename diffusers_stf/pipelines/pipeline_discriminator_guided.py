@@ -320,7 +320,8 @@ class DiscriminatorGuidedPipeline(EDMPipeline):
         precond = scheduler.preconditioning
         config = scheduler.config
         s_churn, s_noise = float(config.get("s_churn", 0.0)), float(config.get("s_noise", 1.0))
-        s_tmin, s_tmax = float(config.get("s_tmin", 0.0)), float(config.get("s_tmax", math.inf))
+        s_tmin, s_tmax = float(config.get("s_tmin", 0.0)), config.get("s_tmax")
+        s_tmax = math.inf if s_tmax is None else float(s_tmax)  # None: no upper bound
         denoiser = Denoiser(self.unet, precond)
         unet_labels = class_labels if self.unet_is_conditional else None
         n, batch, device = scheduler.num_inference_steps, sample.shape[0], sample.device
