@@ -26,7 +26,8 @@ from typing import List, Optional, Sequence
 
 from huggingface_hub import HfApi
 
-DEFAULT_IGNORE = ("checkpoint-*", "checkpoint-*/**", "logs/**", "*.partial/**")
+# the run's own bookkeeping (checkpoints, logs, temporaries, the record of a finished run) stays local
+DEFAULT_IGNORE = ("checkpoint-*", "checkpoint-*/**", "logs/**", "*.partial/**", "training_finished.json")
 # the entry point that runs main(): diffusers_stf/push.py
 PUSH_MODULE = f"{__name__.split('.')[0]}.push"
 
