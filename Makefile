@@ -5,6 +5,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The demo trains with one CPU thread whose OpenMP runtime sleeps rather than spins while it waits: next to another
+# busy process, two spinning threads ran 12x slower than one; on an idle machine two are only 1.2x faster
+# (benchmarks/bench_threads.py, docs/results.md). `make demo DEMO_THREADS=2` on a machine you have to yourself.
+DEMO_THREADS ?= 1
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +21,8 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 \
+		--num_cpu_threads_per_process $(DEMO_THREADS) --mixed_precision no --dynamo_backend no \
 		examples/train_stf.py --output_dir outputs/stf-digits --resume_from_checkpoint latest
 
 test: $(BIN)/.installed

@@ -49,11 +49,15 @@ def snapshot(folder):
 
 
 def makefile_demo_command():
-    """The demo recipe of the Makefile, its continuation lines joined, as shell words."""
+    """The demo recipe of the Makefile, its continuation lines joined and its ``NAME ?= value`` variables filled in,
+    as shell words."""
     with open(os.path.join(ROOT, "Makefile")) as f:
         text = f.read()
     recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", text, re.M).group(1)
-    return shlex.split(recipe.replace("\\\n", " ").replace("\t", " ").replace("$(BIN)/", ""))
+    recipe = recipe.replace("\\\n", " ").replace("\t", " ").replace("$(BIN)/", "")
+    for name, value in re.findall(r"^(\w+) \?= (.*)$", text, re.M):
+        recipe = recipe.replace(f"$({name})", value.strip())
+    return shlex.split(recipe)
 
 
 # --- make demo ------------------------------------------------------------------------------------------------------
