@@ -288,7 +288,6 @@ def three_d_losses():
     from diffusers_stf.losses import (DDPMEpsilonLoss, DiscriminatorBCELoss, EDMLoss, NoisyCrossEntropyLoss,
                                       SequenceAwareLoss, StableTargetFieldLoss)
     from diffusers_stf.losses.edm2 import EDM2Loss
-    from diffusers_stf.losses.score_matching import DenoisingScoreMatchingLoss
 
     never = lambda *args, **kwargs: pytest.fail("the network must not be called")  # noqa: E731
     refs = torch.zeros(8, 1, 8, 8)
@@ -298,7 +297,6 @@ def three_d_losses():
         "StableTargetFieldLoss": lambda x: StableTargetFieldLoss(EDMLoss(), 8)(never, x, refs),
         "DDPMEpsilonLoss": lambda x: DDPMEpsilonLoss()(never, x),
         "SequenceAwareLoss": lambda x: SequenceAwareLoss(torch.linspace(1e-4, 0.02, 100), num_steps=2)(never, x),
-        "DenoisingScoreMatchingLoss": lambda x: DenoisingScoreMatchingLoss(sigma_sampling="log_uniform")(never, x),
         "DiscriminatorBCELoss": lambda x: DiscriminatorBCELoss()(never, x, x),
         "NoisyCrossEntropyLoss": lambda x: NoisyCrossEntropyLoss()(never, x, torch.zeros(1, dtype=torch.long)),
     }

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .base import LossOutput, add_noise, check_images, check_reduction, check_sigma_shape, reduce_per_sample
+from .base import LossOutput, add_noise, check_reduction, check_sigma_shape, reduce_per_sample
 from .draws import rand, randint
 
 
@@ -86,7 +86,8 @@ class DenoisingScoreMatchingLoss:
             noise: z ~ N(0, I); drawn on the generator's device when omitted.
             generator: the random generator of σ and z.
         """
-        check_images(images)
+        if images.ndim < 2:  # a batch of samples of any shape (images, or vectors for toy densities)
+            raise ValueError(f"images must be a batch (B, ...), got shape {tuple(images.shape)}")
         if sigma is None:
             sigma = self.sample_sigmas(images.shape[0], generator, device=images.device)
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=images.device).to(images.dtype)
