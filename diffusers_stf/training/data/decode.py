@@ -139,7 +139,7 @@ def eight_bit(image, index: int, channels: int, report: Optional[DecodeReport] =
             raise ValueError(f"{describe(image, index)} has mode {mode} with values in [{values.min()}, "
                              f"{values.max()}], outside the 16-bit range [0, 65535]")
         report.add("sixteen_bit", mode)
-        image = Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L")  # round(v / 257)
+        image = Image.fromarray(((values + 128) // 257).astype(np.uint8))  # round(v / 257), mode L
     elif mode in ("P", "PA"):
         grey = grey_palette(image)
         report.add("palette")
