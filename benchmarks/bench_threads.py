@@ -11,7 +11,7 @@ sleep); ``GOMP_SPINCOUNT=N`` keeps the default policy but spins only N times bef
 ``--competitors 2`` occupies both cores of a 2-core machine. The configurations are interleaved over ``--rounds``
 rounds so that a change in the machine's other load hits them alike; the median it/s of each is printed.
 
-    python benchmarks/bench_threads.py                      # ~6 min on 2 cores
+    python benchmarks/bench_threads.py                      # ~8 min on 2 cores (docs/results.md's table)
     python benchmarks/bench_threads.py --rounds 1 --seconds 10
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -78,14 +79,15 @@ def measure(threads: int, policy: str, seconds: float, max_steps: int) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=12.0, help="measured time per configuration and round")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measured time per configuration and round")
     parser.add_argument("--max_steps", type=int, default=60)
     parser.add_argument("--competitors", type=int, default=1, help="spinning processes of the busy case")
     parser.add_argument("--threads", type=str, default="1,2")
-    parser.add_argument("--policies", type=str, default="default,PASSIVE,GOMP_SPINCOUNT=10000",
+    parser.add_argument("--policies", type=str, default="default,PASSIVE,GOMP_SPINCOUNT=1000",
                         help="comma-separated: default, PASSIVE, ACTIVE, GOMP_SPINCOUNT=N")
     parser.add_argument("--output_json", type=str, default=None)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a kill still stops the competing processes (finally)
     threads = [int(t) for t in args.threads.split(",")]
     policies = args.policies.split(",")
     configs = [(load, t, p) for load in ("quiet", "busy") for t in threads for p in policies
