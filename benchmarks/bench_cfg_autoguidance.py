@@ -48,7 +48,7 @@ def best_cpu_seconds(runs, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "bench_cfg_autoguidance.json"))

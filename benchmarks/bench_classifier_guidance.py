@@ -94,7 +94,7 @@ def summarize(runs, configs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     add_model_args(parser, "bench_classifier_guidance")
     parser.add_argument("--clf_steps", type=int, default=2000)
     parser.add_argument("--num_images", type=int, default=1000)

@@ -152,7 +152,7 @@ def converted_vs_built(converted, device, dtype, batch: int, rounds: int) -> dic
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=4, help="batch of the 32x32 networks")
     parser.add_argument("--adm_batch", type=int, default=1, help="batch of ADM-64 (0: skip its timing)")

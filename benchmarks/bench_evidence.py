@@ -303,7 +303,8 @@ def _run(args, protocol: Protocol) -> Dict[str, object]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="smoke test: one seed, a few steps, tiny models")
     parser.add_argument("--only", action="append", choices=(*COMPARISONS, "dg_investigation"),
                         help="run only this part (repeatable); the others keep their numbers from the existing json")

@@ -145,7 +145,7 @@ def summarize(runs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     add_model_args(parser, "bench_guidance")
     parser.add_argument("--part", type=str, default="all", choices=("all", "timing", "quality"))
     parser.add_argument("--timing_batch", type=int, default=250)

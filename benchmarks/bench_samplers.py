@@ -115,7 +115,8 @@ def accuracy():
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batch_size", type=int, default=64)
     args = ap.parse_args()

@@ -107,7 +107,8 @@ def check_euler_schedule(pipe, steps: int = 18) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--pipeline", default=os.path.join(REPO, "outputs", "edm-digits-3000"))
     parser.add_argument("--train_steps", type=int, default=3000)
     parser.add_argument("--num_images", type=int, default=1000)

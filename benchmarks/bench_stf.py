@@ -187,7 +187,7 @@ def quality(steps, seeds, num_images=1000, reference_batch_size=1024):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--rounds", type=int, default=30, help="timed steps per configuration")
     parser.add_argument("--quality_steps", type=int, default=1400, help="training steps per quality run; 0 skips it")
     parser.add_argument("--quality_seeds", type=str, default="0", help="comma-separated training seeds")

@@ -57,7 +57,8 @@ def timed(fn, device: str) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num_images", type=int, default=16)
     parser.add_argument("--batch_size", type=int, default=8)

@@ -293,6 +293,7 @@ class AugmentPipe:
     def apply(self, images: torch.Tensor, params: AugmentParameters) -> Tuple[torch.Tensor, torch.Tensor]:
         """Augment ``images`` (N, C, H, W) with given parameters; returns the images and their labels
         (N, :attr:`label_dim`)."""
+        _check_batch(images)
         n, c, h, w = images.shape
         device = images.device
         labels: List[torch.Tensor] = []
@@ -384,7 +385,17 @@ class AugmentPipe:
     def __call__(self, images: torch.Tensor,
                  generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Augment ``images`` (N, C, H, W) with freshly drawn parameters; returns the images and their labels."""
+        _check_batch(images)
         return self.apply(images, self.sample_parameters(images.shape[0], generator, images.device))
+
+
+def _check_batch(images) -> None:
+    """A ValueError naming ``images`` unless it is a batch (N, C, H, W): a single (C, H, W) image would be unpacked
+    as a batch of C images."""
+    if not torch.is_tensor(images) or images.ndim != 4:
+        got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"images must be a batch (N, C, H, W), got shape {got}; a single (C, H, W) image is the "
+                         "batch images[None]")
 
 
 def _color(images: torch.Tensor, M: torch.Tensor) -> torch.Tensor:

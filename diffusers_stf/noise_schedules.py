@@ -50,7 +50,8 @@ def betas_for_schedule(
 
     Args:
         num_train_timesteps: T, the number of discrete training steps.
-        beta_start, beta_end: first and last β of the ``linear`` and ``scaled_linear`` schedules.
+        beta_start, beta_end: first and last β of the ``linear`` and ``scaled_linear`` schedules (beta_start <=
+            beta_end; an inverted schedule is refused).
         beta_schedule: ``linear``, ``scaled_linear`` or ``squaredcos_cap_v2`` (Nichol & Dhariwal's cosine, β ≤ 0.999).
         trained_betas: explicit βs; overrides the schedule.
     """
@@ -58,6 +59,9 @@ def betas_for_schedule(
         betas = torch.as_tensor(trained_betas, dtype=torch.float64).flatten()
     elif num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+    elif beta_schedule in ("linear", "scaled_linear") and not beta_start <= beta_end:
+        raise ValueError(f"beta_start must be <= beta_end (the forward process adds more noise at each step), got "
+                         f"beta_start={beta_start}, beta_end={beta_end}")
     elif beta_schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
     elif beta_schedule == "scaled_linear":

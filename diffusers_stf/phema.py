@@ -401,7 +401,7 @@ def parse_stds(text: str) -> List[float]:
 def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     parser = argparse.ArgumentParser(prog="python -m diffusers_stf.phema",
                                      description="Post-hoc EMA reconstruction from power-function EMA snapshots "
-                                                 "(EDM2, Algorithm 3).")
+                                                 "(EDM2, Algorithm 3).", allow_abbrev=False)
     parser.add_argument("output_dir", help=f"the training output folder (snapshots in {SNAPSHOT_DIR}/ or the "
                                            "folder itself)")
     parser.add_argument("--std", required=True, help="comma-separated σ_rel to reconstruct, each in (0, 0.2887)")

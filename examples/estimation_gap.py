@@ -29,7 +29,8 @@ from diffusers_stf.evaluation.estimation_gap import estimation_gap, plot_estimat
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", action="append", required=True, metavar="NAME=FOLDER",
                         help="a saved DDPM pipeline folder; repeat to compare models")
     parser.add_argument("--images", default="digits:heldout", help="x_0: digits:heldout|train|all, a folder or an .npz")

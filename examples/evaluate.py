@@ -57,7 +57,8 @@ DEFAULT_REFERENCES = ["digits:train", "digits:heldout"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("samples", nargs="?", default=None,
                         help="a folder of images or an .npz (e.g. written by examples/generate.py)")  # fmt: skip
     parser.add_argument(
@@ -102,10 +103,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give samples (a folder or an .npz), --pipeline FOLDER, or --save_reference PATH")
     if args.save_reference is not None and (not args.reference or len(args.reference) != 1):
         parser.error("--save_reference writes the statistics of exactly one --reference; name it")
-    if args.num_images is not None and args.num_images < 1:
-        parser.error("--num_images must be >= 1")
-    if args.batch_size < 1 or args.num_inference_steps < 1 or args.checkpoint_every < 1 or args.seed < 0:
-        parser.error("--batch_size, --num_inference_steps and --checkpoint_every must be >= 1, --seed >= 0")
+    for name, minimum in (("num_images", 1), ("batch_size", 1), ("num_inference_steps", 1), ("checkpoint_every", 1),
+                          ("seed", 0), ("k", 1), ("kid_subsets", 1), ("kid_subset_size", 2)):
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            parser.error(f"--{name} must be >= {minimum}, got {value}")
     for name in ("scheduler_kwargs", "pipeline_kwargs"):
         try:
             value = json.loads(getattr(args, name))

@@ -24,7 +24,10 @@ The pipeline class is the one named in the folder's ``model_index.json`` (looked
 scheduler class name), keeping the σ range, σ_data and the network's parametrisation: on a ``DDPMPipeline`` folder
 (what ``train_sequence_aware.py`` writes) an EDM scheduler gets the ``ddpm`` preconditioning with the folder's β
 schedule and prediction type, and the UNet is sampled by an ``EDMPipeline`` (``DDPMPipeline`` never scales the
-model input). The scheduler config actually used is recorded in ``generate_config.json``.
+model input). The scheduler config actually used is recorded in ``generate_config.json``, with a fingerprint of the
+pipeline's files (names, sizes, first and last MiB of the weights): a folder holds the images of one model and one set
+of settings, so a pipeline retrained in place, or other settings, are refused while the folder holds images (a folder
+without images, e.g. after a first call that failed, takes the new settings).
 
 A class-conditional pipeline (its UNet has ``num_class_embeds``) draws the image of seed s as class s mod K
 (``--class_labels cycle``, the default; with ``--seed 0`` image i is class i mod K), or every image as one class
@@ -50,6 +53,7 @@ from diffusers_stf.evaluation.sampling import (
     generate_batch, load_guide_unet, load_pipeline, make_scheduler, pipeline_num_classes, pipeline_with_guide,
     pipeline_with_scheduler,
 )
+from diffusers_stf.evaluation.streaming import pipeline_folder_fingerprint
 
 SETTINGS_FILE = "generate_config.json"
 NPZ_FILE = "samples.npz"
@@ -59,7 +63,8 @@ LEGACY_PARTIAL_SUFFIX = ".tmp.npz"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--pipeline", required=True, help="folder saved with pipeline.save_pretrained")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_images", type=int, default=1000)
@@ -86,10 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--format", choices=("png", "npz", "both"), default="png")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
-    if args.num_images < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
-        parser.error("--num_images, --batch_size and --num_inference_steps must be >= 1")
+    for name in ("num_images", "batch_size", "num_inference_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.seed < 0:
-        parser.error("--seed must be >= 0")
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     for name in ("scheduler_kwargs", "pipeline_kwargs"):
         try:
             value = json.loads(getattr(args, name))
@@ -193,20 +199,29 @@ def _write_png(path: str, image: np.ndarray) -> None:
     _atomic_write(path, lambda f: picture.save(f, format="PNG"))
 
 
+def _holds_images(output_dir: str) -> bool:
+    """Whether the folder holds images this script wrote: ``<seed>.png`` files, ``samples.npz`` or batch parts."""
+    parts = os.path.join(output_dir, NPZ_PARTS)
+    return (any(name.endswith(".png") and name[:-4].isdigit() for name in os.listdir(output_dir))
+            or os.path.isfile(os.path.join(output_dir, NPZ_FILE)) or (os.path.isdir(parts) and bool(os.listdir(parts))))
+
+
 def _check_settings(output_dir: str, settings: dict) -> None:
-    """Refuse to mix images made with other settings into the folder."""
+    """Refuse to mix images made with other settings (or another model) into the folder; a folder without images
+    takes the new settings."""
     path = os.path.join(output_dir, SETTINGS_FILE)
     if os.path.isfile(path):
         with open(path) as f:
             previous = json.load(f)
-        if previous != settings:
+        if previous == settings:
+            return
+        if _holds_images(output_dir):
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
             raise ValueError(
                 f"{output_dir!r} holds images generated with other settings (changed: {changed}); "
                 "use a new --output_dir or empty this one"
             )
-    else:
-        _atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True).encode()))
+    _atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True).encode()))
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
@@ -231,6 +246,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     _remove_leftovers(parts_dir)
     settings = {
         "pipeline": os.path.abspath(args.pipeline),
+        "pipeline_weights": pipeline_folder_fingerprint(args.pipeline),
         "pipeline_class": type(pipe).__name__,
         "scheduler_class": type(pipe.scheduler).__name__,
         "scheduler_config": json.loads(json.dumps(dict(pipe.scheduler.config), default=str)),

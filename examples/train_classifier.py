@@ -37,6 +37,7 @@ from diffusers_stf.training import EncoderConfig, ImageData, ModelCardInfo, Trai
 from diffusers_stf.training import add_training_args, encoder_config, float_list, load_score_pipeline
 from diffusers_stf.training import load_training_images, make_accelerator, parse_training_args, require_labels
 from diffusers_stf.training import training_parser
+from diffusers_stf.training.validation import check_sampling_steps
 
 DESCRIPTION = (
     "A noise-conditional classifier p(y | x, σ) for **classifier guidance** (Dhariwal & Nichol, NeurIPS 2021, "
@@ -92,6 +93,8 @@ def check_args(args):
         raise ValueError(f"--num_heldout_images must be >= 0, got {args.num_heldout_images}")
     if args.classifier_guidance_scale < 0:
         raise ValueError(f"--classifier_guidance_scale must be >= 0, got {args.classifier_guidance_scale}")
+    if not args.validation_sigmas or not all(sigma > 0 for sigma in args.validation_sigmas):
+        raise ValueError(f"--validation_sigmas must all be > 0, got {args.validation_sigmas}")
     return encoder_config(args, "clf")
 
 
@@ -144,6 +147,7 @@ def main(argv=None):
     score = None
     if args.pretrained_model_name_or_path:
         score = load_score_pipeline(args.pretrained_model_name_or_path, data, accelerator.device)
+        check_sampling_steps(score.scheduler, training.num_inference_steps)  # of the guided grids
     train, heldout = data.split_heldout(min(args.num_heldout_images, len(data) // 2), training.seed)
     sigma_data = float(score.scheduler.config.get("sigma_data", 0.5)) if score is not None else 0.5
     classifier = build_classifier(encoder, data, num_classes, sigma_data)

@@ -41,6 +41,7 @@ from diffusers_stf.evaluation import save_side_by_side
 from diffusers_stf.training import DataConfig, EncoderConfig, ImageData, ModelCardInfo, Trainer
 from diffusers_stf.training import add_encoder_args, add_training_args, encoder_config, float_list, load_score_pipeline
 from diffusers_stf.training import load_training_images, make_accelerator, parse_training_args, training_parser
+from diffusers_stf.training.validation import check_sampling_steps
 
 logger = logging.getLogger("train_discriminator")
 
@@ -130,6 +131,8 @@ def check_args(args):
         raise ValueError(f"--num_heldout_images must be >= 0, got {args.num_heldout_images}")
     if args.dg_weight_1st_order < 0 or args.dg_weight_2nd_order < 0:
         raise ValueError("--dg_weight_1st_order and --dg_weight_2nd_order must be >= 0")
+    if not args.validation_sigmas or not all(sigma > 0 for sigma in args.validation_sigmas):
+        raise ValueError(f"--validation_sigmas must all be > 0, got {args.validation_sigmas}")
     if args.feature_extractor == "unet_encoder" and args.pretrained_model_name_or_path is None:
         raise ValueError("--feature_extractor unet_encoder needs --pretrained_model_name_or_path (the score UNet)")
     if args.feature_extractor == "transformers" and not args.backbone:
@@ -279,6 +282,8 @@ def main(argv=None):
     score = None
     if args.pretrained_model_name_or_path:
         score = load_score_pipeline(args.pretrained_model_name_or_path, real, accelerator.device)
+        check_sampling_steps(score.scheduler, args.generation_steps, "--generation_steps")  # of the fake images
+        check_sampling_steps(score.scheduler, training.num_inference_steps)  # of the guided grids
     num_classes = 0
     if args.class_conditional:
         if real.labels is None:

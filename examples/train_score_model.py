@@ -38,6 +38,7 @@ from diffusers_stf.preconditioning import Denoiser
 from diffusers_stf.training import ModelCardInfo, Trainer, add_training_args, image_grid
 from diffusers_stf.training import load_training_images, make_accelerator, make_unet, parse_training_args
 from diffusers_stf.training import training_parser
+from diffusers_stf.training.validation import check_sampling_steps
 
 logger = logging.getLogger("train_score_model")
 
@@ -244,6 +245,8 @@ def main(argv=None):
     unet = make_unet(config.unet, data.resolution, data.channels)
     sigma_max, num_levels = noise_levels(args, data)
     samplers = make_samplers(args, sigma_max, num_levels)
+    for scheduler, steps in samplers.values():  # the comparison grid's samplers take their steps, before training
+        check_sampling_steps(scheduler, steps)
     card = model_card(args, data, sigma_max, samplers)
     accelerator.print(
         f"{len(data)} training images {data.channels}x{data.resolution}x{data.resolution} ({data.name}); UNet2DModel "

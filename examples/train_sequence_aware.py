@@ -44,6 +44,7 @@ from diffusers_stf.training import class_conditioning, load_training_images
 from diffusers_stf.training import make_accelerator, make_unet, parse_training_args, sample_grid, save_image_grid
 from diffusers_stf.training import training_parser
 from diffusers_stf.training.plots import sampler_caption
+from diffusers_stf.training.validation import check_sampling_steps
 
 logger = logging.getLogger("train_sequence_aware")
 
@@ -130,6 +131,18 @@ def check_args(args, config):
         raise ValueError(f"--sa_k must be <= --num_train_timesteps ({args.num_train_timesteps}), got {args.sa_k}")
     if not 0 <= args.validation_eta <= 1:
         raise ValueError(f"--validation_eta must be in [0, 1], got {args.validation_eta}")
+    if args.beta_schedule == "cosine":
+        given = [f"--{name}" for name in ("beta_start", "beta_end") if name in config.explicit]
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} not used by --beta_schedule "
+                             "cosine (its βs follow from ᾱ(t)); drop them, or choose linear or scaled_linear")
+    elif not args.beta_start <= args.beta_end:
+        raise ValueError(f"--beta_start {args.beta_start} must be <= --beta_end {args.beta_end}: the forward process "
+                         "adds more noise at each step")
+    steps = config.training.num_inference_steps
+    if steps is not None and steps > args.num_train_timesteps:
+        raise ValueError(f"--num_inference_steps {steps} (the steps of the DDIM validation grids) must be <= "
+                         f"--num_train_timesteps {args.num_train_timesteps}")
     if args.stf:
         check_reference_batch_size(args.stf_reference_batch_size, config.training.train_batch_size)
     return args
@@ -167,6 +180,7 @@ def main(argv=None):
     check_args(args, config)
     schedule = scheduler_config(args)
     betas = checked_betas(args, schedule)
+    check_sampling_steps(DDIMScheduler(**schedule), config.training.num_inference_steps)
     training = config.training
     accelerator = make_accelerator(training)
     data = load_training_images(config.data, training.seed, accelerator)

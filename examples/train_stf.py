@@ -76,10 +76,12 @@ def model_card(precond: str, reference_batch_size, data_name: str, class_conditi
         f"importance-weighted average of a reference batch of {reference_batch_size} images{of_class}, which lowers "
         "the variance of the training targets at intermediate noise levels"
     ) if reference_batch_size else ""
+    recipe = {"edm": "EDM's preconditioning, noise distribution and loss weighting",
+              "vp": "the VP row of EDM's Table 1 (its preconditioning, noise distribution and loss weighting)",
+              "ve": "the VE row of EDM's Table 1 (its preconditioning, noise distribution and loss weighting)"}[precond]
     description = (
-        f"An unconditional `UNet2DModel` trained with EDM's {precond.upper()} preconditioning, noise distribution and "
-        f"loss weighting (Karras et al., NeurIPS 2022){stf_text}. Samples come from EDM's deterministic Heun sampler "
-        "through `diffusers_stf.EDMPipeline`."
+        f"An unconditional `UNet2DModel` trained with {recipe} (Karras et al., NeurIPS 2022){stf_text}. Samples come "
+        "from EDM's deterministic Heun sampler through `diffusers_stf.EDMPipeline`."
     )
     stf = reference_batch_size is not None
     return ModelCardInfo(title=f"{'STF' if stf else 'EDM'} UNet2DModel on {data_name}", description=description,

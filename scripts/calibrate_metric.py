@@ -185,7 +185,8 @@ def save_figure(sets, rows, path: str, per_row: int = 12) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--update_docs", default=None, help="a markdown file whose calibration section is rewritten")
     parser.add_argument("--figure", default=None, help="save a PNG with 10 images of every set, one row per set")
     args = parser.parse_args(argv)

@@ -1044,8 +1044,9 @@ def test_train_score_model_example_end_to_end(tmp_path):
     card = open(os.path.join(out, "README.md")).read()
     assert "AnnealedLangevinScheduler" in card and "![Samples of the EMA model](samples.png)" in card
 
-    # Technique 1, brute force: the largest distance between two of the 1797 digits (stored as uint8 by the trainer)
-    x = digits_tensor("all")[0].flatten(1).double()
+    # Technique 1, brute force: the largest distance between two of the 797 training digits (the default
+    # --digits_split train; stored as uint8 by the trainer)
+    x = digits_tensor("train")[0].flatten(1).double()
     sigma_1 = float(torch.cdist(x, x).max())
     als = AnnealedLangevinScheduler.from_pretrained(out, subfolder="scheduler_als")
     cas = AnnealedLangevinScheduler.from_pretrained(out, subfolder="scheduler_cas")

@@ -342,8 +342,8 @@ def test_sequence_aware_beta_schedule_is_validated(tmp_path):
     import train_sequence_aware
 
     out = str(tmp_path / "sa")
-    with pytest.raises(ValueError, match="ᾱ_T"):  # (1 - 0.1)^1000 underflows to 0 in float32
-        train_sequence_aware.main(["--output_dir", out, "--beta_start", "0.5", "--beta_end", "0.1"])
+    with pytest.raises(ValueError, match="ᾱ_T"):  # Π(1 − β_t) with every β_t >= 0.1 underflows to 0 in float32
+        train_sequence_aware.main(["--output_dir", out, "--beta_start", "0.1", "--beta_end", "0.5"])
     with pytest.raises(ValueError, match=r"--beta_start/--beta_end.*(\(0, 1\)|0 < beta < 1)"):
         train_sequence_aware.main(["--output_dir", out, "--beta_end", "1.5"])
 
@@ -699,12 +699,13 @@ def test_preserve_input_precision_trains_on_16_bit_pngs_at_16_bits(tmp_path):
                                    rtol=0, atol=1e-6)
 
 
-def test_without_preserve_input_precision_16_bit_pngs_are_reduced_to_8_bits_as_before(tmp_path):
+def test_without_preserve_input_precision_16_bit_pngs_are_reduced_to_8_bits(tmp_path):
     folder = str(tmp_path / "ramps")
     ramps = write_sixteen_bit_ramps(folder)
     data = shared_data(["--train_data_dir", folder])
-    # PIL's 8-bit conversion of a 16-bit value v (as diffusers' image.convert does) saturates: min(v, 255)
-    quantised = np.minimum(ramps, 255).astype(np.uint8)
+    # the same fraction of full scale in 8 bits: round(v · 255 / 65535) = round(v / 257) (PIL's convert would clip
+    # to min(v, 255), nearly white)
+    quantised = np.floor(ramps.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
     assert data.images.dtype == torch.uint8 and np.array_equal(data.images.numpy(), quantised)
     for index, images in served_batches(data):
         expected = torch.from_numpy(quantised[index.numpy()].astype(np.float64) / 255 * 2 - 1)

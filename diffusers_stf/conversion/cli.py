@@ -249,7 +249,7 @@ DG's CIFAR-10 setting guides the first-order evaluation of each Heun step with w
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m diffusers_stf.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     edm = commands.add_parser("edm", help="an NVlabs EDM snapshot (.pkl) → an EDMPipeline folder")
     edm.add_argument("pickle", help="edm-*.pkl or network-snapshot-*.pkl")

@@ -40,6 +40,8 @@ def compute_features(
     """Features (N, d) and logits (N, C) or None of [−1, 1] images (N, C, H, W), in float64 numpy arrays."""
     from tqdm.auto import tqdm
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = match_channels(images, extractor.channels)
     extractor.check_images(images)  # the whole set, so a bad image fails before any work
     if len(images) == 0:

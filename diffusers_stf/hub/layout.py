@@ -116,7 +116,11 @@ def write_remote_code(pipeline, save_directory: str) -> Dict:
 def write_model_remote_code(model, save_directory: str) -> Dict:
     """Make a folder written by ``model.save_pretrained`` (a model saved on its own, outside a pipeline) load with
     ``diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)``: write the model's bundle and name it in
-    ``config.json``'s ``auto_map``. Returns the new config."""
+    ``config.json``'s ``auto_map``. Returns the new config.
+
+    ``auto_map`` is also listed in ``_use_default_values``, the keys diffusers' ``extract_init_dict`` skips, so that
+    loading the folder (through this package or ``AutoModel``) does not warn that the model's ``__init__`` does not
+    take it."""
     cls = type(model)
     code = generate_remote_code(cls)
     module = content_addressed(_module_stem(cls), code)
@@ -126,6 +130,7 @@ def write_model_remote_code(model, save_directory: str) -> Dict:
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
     config["auto_map"] = {"AutoModel": f"{module}.{cls.__name__}"}
+    config["_use_default_values"] = sorted({*config.get("_use_default_values", []), "auto_map"})
     _write_json(config_path, config)
     _remove_stale_code(save_directory, {path}, cls.__module__.split(".")[0])
     return config

@@ -26,8 +26,10 @@ from typing import List, Optional, Sequence
 
 from huggingface_hub import HfApi
 
-# the run's own bookkeeping stays local: run.json records local paths
-DEFAULT_IGNORE = ("checkpoint-*", "checkpoint-*/**", "logs/**", "*.partial/**", "final.old/**", "run.json", "run.lock")
+# the run's own bookkeeping stays local: checkpoints, logs, temporaries, run.json (local paths), the lock, the
+# record of a finished run
+DEFAULT_IGNORE = ("checkpoint-*", "checkpoint-*/**", "logs/**", "*.partial/**", "final.old/**", "run.json", "run.lock",
+                  "training_finished.json")
 # the entry point that runs main(): diffusers_stf/push.py
 PUSH_MODULE = f"{__name__.split('.')[0]}.push"
 
@@ -134,7 +136,8 @@ def push_or_explain(output_dir: str, repo_id: str, hub_token: Optional[str] = No
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m {PUSH_MODULE}",
-                                     description="Upload a finished training folder to the Hugging Face Hub (again).")
+                                     description="Upload a finished training folder to the Hugging Face Hub (again).",
+                                     allow_abbrev=False)
     parser.add_argument("output_dir", help="the folder a training script wrote (model_index.json, README.md, …)")
     parser.add_argument("--hub_model_id", required=True, help="namespace/name (a bare name gets your namespace)")
     parser.add_argument("--hub_token", default=None, help="default: the token of `hf auth login` / HF_TOKEN")

@@ -80,6 +80,22 @@ def add_noise(images: torch.Tensor, sigma: torch.Tensor, generator: Optional[tor
     return images + per_sample(sigma.to(images.dtype), images.ndim) * noise.to(images.device, images.dtype)
 
 
+def check_images(images, name: str = "images") -> None:
+    """A ValueError naming ``name`` unless ``images`` is a floating-point batch (B, C, H, W) with B >= 1: a single
+    (C, H, W) image would otherwise be read as a batch of C one-channel images."""
+    shape = tuple(images.shape) if torch.is_tensor(images) else None
+    if shape is None or len(shape) != 4 or not images.is_floating_point() or shape[0] == 0:
+        got = f"shape {shape} ({images.dtype})" if shape is not None else type(images).__name__
+        raise ValueError(f"{name} must be a batch (B, C, H, W) of floating-point images with B >= 1, got {got}; "
+                         f"a single (C, H, W) image is the batch {name}[None]")
+
+
+def check_sigma_shape(sigma: torch.Tensor, batch_size: int) -> None:
+    """A ValueError unless ``sigma`` holds one value (for every image) or one per image."""
+    if sigma.numel() not in (1, batch_size):
+        raise ValueError(f"sigma must hold one value or one per image ({batch_size}), got shape {tuple(sigma.shape)}")
+
+
 def check_on_host(condition: torch.Tensor, message: str) -> None:
     """Raise ``ValueError(message)`` when ``condition`` is not all true, for a CPU tensor only.
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import LossOutput, add_noise
+from .base import LossOutput, add_noise, check_images
 from .discriminator import DG_TRAIN_SIGMA_MAX, DG_TRAIN_SIGMA_MIN, sample_sigma_log_uniform
 
 
@@ -39,6 +39,7 @@ class NoisyCrossEntropyLoss:
             labels: their classes c (B,).
             generator: randomness of σ and of the noise.
         """
+        check_images(images)
         sigma = sample_sigma_log_uniform(len(images), self.sigma_min, self.sigma_max, generator, device=images.device)
         logits = classifier(add_noise(images, sigma, generator), sigma).logits.float()
         correct = (logits.argmax(dim=1) == labels).double()

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..preconditioning import VPPreconditioning
-from .base import LossOutput, add_noise
+from .base import LossOutput, add_noise, check_images
 from .draws import rand
 
 _VP = VPPreconditioning()
@@ -132,8 +132,8 @@ class DiscriminatorLoss(abc.ABC):
             real_labels, fake_labels: class labels, for a class-conditional discriminator.
             generator: randomness of σ and of the noise.
         """
-        if len(real) == 0 or len(fake) == 0:
-            raise ValueError("need at least one real and one fake image")
+        check_images(real, "real")
+        check_images(fake, "fake")
         logits_real, sigma_real = self.logits(discriminator, real, real_labels, generator)
         logits_fake, sigma_fake = self.logits(discriminator, fake, fake_labels, generator)
         real_terms, fake_terms = self.real_term(logits_real.float()), self.fake_term(logits_fake.float())

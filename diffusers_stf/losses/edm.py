@@ -31,7 +31,10 @@ from ..preconditioning import (
     VPPreconditioning,
 )
 from ..noise_schedules import betas_for_schedule
-from .base import LossOutput, add_noise, check_finite, check_on_host, check_reduction, per_sample, reduce_per_sample
+from .base import (
+    LossOutput, add_noise, check_finite, check_images, check_on_host, check_reduction, check_sigma_shape, per_sample,
+    reduce_per_sample,
+)
 from .draws import rand, randint, randn
 
 Target = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -83,10 +86,13 @@ class DenoisingLoss(abc.ABC):
             noise: n ~ N(0, I) shaped like ``images``; drawn with ``generator`` when None (e.g. given as rows of a
                 draw for the global batch of several processes).
         """
+        check_images(images)
         if sigma is None:
             sigma = self.sample_sigma(images.shape[0], generator, images.device)
         else:
-            sigma = torch.as_tensor(sigma, dtype=torch.float32).to(images.device).reshape(-1).expand(images.shape[0])
+            sigma = torch.as_tensor(sigma, dtype=torch.float32).to(images.device)
+            check_sigma_shape(sigma, images.shape[0])
+            sigma = sigma.reshape(-1).expand(images.shape[0])
             check_on_host(sigma > 0, "sigma must be > 0 (and not NaN) for every sample")
         noisy = add_noise(images, sigma, generator, noise)
         goal = images if target is None else target(noisy, sigma, images)
@@ -256,10 +262,15 @@ class DDPMEpsilonLoss:
             target: ``target(noisy, sigma, images) -> T`` in the x̃ = y + σ·n coordinates (default: ε itself).
             noise: ε ~ N(0, I) shaped like ``images``; drawn with ``generator`` when None.
         """
+        check_images(images)
         if timesteps is None:
             timesteps = self.sample_timesteps(images.shape[0], generator, images.device)
         else:
-            timesteps = torch.as_tensor(timesteps).to(images.device).long().reshape(-1).expand(images.shape[0])
+            timesteps = torch.as_tensor(timesteps).to(images.device).long()
+            if timesteps.numel() not in (1, images.shape[0]):
+                raise ValueError(f"timesteps must hold one value or one per image ({images.shape[0]}), got shape "
+                                 f"{tuple(timesteps.shape)}")
+            timesteps = timesteps.reshape(-1).expand(images.shape[0])
             check_on_host((timesteps >= 0) & (timesteps < self.num_train_timesteps),
                           f"timesteps must lie in 0..{self.num_train_timesteps - 1}")
         sigma64 = self.sigma(timesteps)

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .base import LossOutput, add_noise, check_reduction, reduce_per_sample
+from .base import LossOutput, add_noise, check_reduction, check_sigma_shape, reduce_per_sample
 from .draws import rand, randint
 
 
@@ -86,10 +86,13 @@ class DenoisingScoreMatchingLoss:
             noise: z ~ N(0, I); drawn on the generator's device when omitted.
             generator: the random generator of σ and z.
         """
+        if images.ndim < 2:  # a batch of samples of any shape (images, or vectors for toy densities)
+            raise ValueError(f"images must be a batch (B, ...), got shape {tuple(images.shape)}")
         if sigma is None:
             sigma = self.sample_sigmas(images.shape[0], generator, device=images.device)
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=images.device).to(images.dtype)
-        sigma = sigma.expand(images.shape[0]) if sigma.ndim == 0 else sigma.reshape(images.shape[0])
+        check_sigma_shape(sigma, images.shape[0])
+        sigma = sigma.reshape(-1).expand(images.shape[0])
         denoised = denoiser(add_noise(images, sigma, generator, noise), sigma, **model_kwargs)
         s = sigma.reshape(-1, *([1] * (images.ndim - 1)))
         return LossOutput(loss=0.5 * reduce_per_sample(((denoised - images) / s).pow(2), self.reduction), sigma=sigma)

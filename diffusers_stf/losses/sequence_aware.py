@@ -51,7 +51,7 @@ import torch
 
 from ..noise_schedules import betas_for_schedule
 from ..preconditioning import DDPMPreconditioning, Preconditioning
-from .base import REDUCTIONS, LossOutput, add_noise, check_on_host, per_sample, reduce_per_sample
+from .base import REDUCTIONS, LossOutput, add_noise, check_images, check_on_host, per_sample, reduce_per_sample
 from .draws import randint, randn
 from .stable_target_field import stable_target_field
 
@@ -281,6 +281,7 @@ class SequenceAwareLoss:
                 :func:`~diffusers_stf.losses.stable_target_field.stable_target_field`).
             null_label: see ``reference_labels``.
         """
+        check_images(images)
         B, K, T = images.shape[0], self.num_steps, self.num_train_timesteps
         device = images.device
         if window_start is None:

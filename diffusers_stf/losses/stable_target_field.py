@@ -31,7 +31,7 @@ from typing import Optional, Union
 
 import torch
 
-from .base import LossOutput, check_on_host, per_sample
+from .base import LossOutput, check_images, check_on_host, per_sample
 from .edm import DDPMEpsilonLoss, DenoisingLoss, EDMLoss
 
 CHUNK_BYTES = 8 * 1024**2  # float64 reference chunk
@@ -209,6 +209,12 @@ class StableTargetFieldLoss:
             draws: explicit ``sigma=`` (EDM/VP/VE) or ``timesteps=`` (DDPM), and ``noise=``, passed to the base
                 loss.
         """
+        check_images(images)
+        if extra_references is not None and len(extra_references):
+            check_images(extra_references, "extra_references")
+            if extra_references.shape[1:] != images.shape[1:]:
+                raise ValueError(f"extra_references must be images of the shape of images {tuple(images.shape[1:])}, "
+                                 f"got {tuple(extra_references.shape[1:])}")
         self.num_extra_references(images.shape[0])
         references = self.reference_set(images, extra_references)
         conditional = {}

@@ -180,11 +180,14 @@ class DiscriminatorGuidedPipeline(EDMPipeline):
             arrays = [np.asarray(im.convert(mode), dtype=np.float32) / 255.0 for im in image]
             image = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])  # (N, H, W, C)
         if isinstance(image, np.ndarray):  # channel-last, as pipelines return with output_type="np"
+            given = tuple(image.shape)
             image = torch.from_numpy(np.asarray(image, dtype=np.float32))
             image = image[..., None] if image.ndim == 2 else image  # (H, W) grey
             image = image[None] if image.ndim == 3 else image  # (H, W, C)
-            if image.ndim != 4:
-                raise ValueError(f"a numpy image must be (H, W), (H, W, C) or (N, H, W, C), got shape {tuple(image.shape)}")
+            if image.ndim != 4 or image.shape[-1] != self.unet.config.in_channels:
+                raise ValueError(f"a numpy image is channel-last, (H, W), (H, W, C) or (N, H, W, C) with C = "
+                                 f"{self.unet.config.in_channels}, got shape {given}; pass a channel-first image as a "
+                                 "torch tensor")
             image = image.permute(0, 3, 1, 2)
         if not torch.is_tensor(image):
             raise ValueError("image must be a PIL image, a list of them, a numpy array or a torch tensor in [0, 1]")
@@ -324,7 +327,8 @@ class DiscriminatorGuidedPipeline(EDMPipeline):
         precond = scheduler.preconditioning
         config = scheduler.config
         s_churn, s_noise = float(config.get("s_churn", 0.0)), float(config.get("s_noise", 1.0))
-        s_tmin, s_tmax = float(config.get("s_tmin", 0.0)), float(config.get("s_tmax", math.inf))
+        s_tmin, s_tmax = float(config.get("s_tmin", 0.0)), config.get("s_tmax")
+        s_tmax = math.inf if s_tmax is None else float(s_tmax)  # None: no upper bound
         denoiser = Denoiser(self.unet, precond)
         unet_labels = class_labels if self.unet_is_conditional else None
         n, batch, device = scheduler.num_inference_steps, sample.shape[0], sample.device

@@ -74,7 +74,9 @@ class EDMHeunScheduler(PreconditionedScheduler):
         beta_start, beta_end, beta_schedule, trained_betas: the DDPM β schedule, as in diffusers' ``DDPMScheduler``, for
             ``ddpm`` (and its continuous limit for ``vp``); ``trained_betas`` overrides the others.
         s_churn: S_churn, the total amount of churn (0: Algorithm 1; EDM ImageNet-64: 40).
-        s_tmin, s_tmax: the σ window in which churn is applied.
+        s_tmin, s_tmax: the σ window in which churn is applied. ``s_tmax=None`` (the default) means no upper bound,
+            EDM's S_tmax = ∞; ``float("inf")`` is taken as None, so that ``scheduler_config.json`` stays strict JSON
+            (``"s_tmax": null``; the ``Infinity`` of older files, which only Python's parser reads, still loads).
         s_noise: S_noise, the noise inflation (EDM ImageNet-64: 1.003).
         epsilon_t: ε_t of ``vp``: the network's smallest σ is σ(ε_t) (EDM Table 1: 1e-5).
         ve_sigma_min, ve_sigma_max: the σ range a ``ve`` network supports (EDM Table 1: 0.02, 100).
@@ -105,7 +107,7 @@ class EDMHeunScheduler(PreconditionedScheduler):
         trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
         s_churn: float = 0.0,
         s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
+        s_tmax: Optional[float] = None,
         s_noise: float = 1.0,
         epsilon_t: float = 1e-5,
         ve_sigma_min: float = 0.02,
@@ -127,8 +129,12 @@ class EDMHeunScheduler(PreconditionedScheduler):
             raise ValueError(f"preconditioning must be one of {PRECONDITIONINGS}, got {preconditioning!r}")
         for name, value in (("s_churn", s_churn), ("s_noise", s_noise), ("s_tmin", s_tmin)):
             check_nonnegative_finite(name, value)  # a NaN would silently switch churn off
-        if isinstance(s_tmax, bool) or not isinstance(s_tmax, numbers.Real) or not s_tmin <= s_tmax:
-            raise ValueError(f"s_tmax must be a number >= s_tmin (inf allowed), got s_tmin={s_tmin!r}, s_tmax={s_tmax!r}")
+        if s_tmax is not None and (isinstance(s_tmax, bool) or not isinstance(s_tmax, numbers.Real)
+                                   or not s_tmin <= s_tmax):
+            raise ValueError(f"s_tmax must be None (no upper bound) or a number >= s_tmin, got s_tmin={s_tmin!r}, "
+                             f"s_tmax={s_tmax!r}")
+        if s_tmax == math.inf:  # stored as null: Infinity is not JSON
+            self.register_to_config(s_tmax=None)
         self.preconditioning = make_preconditioning(
             preconditioning,
             sigma_data=sigma_data,
@@ -181,7 +187,8 @@ class EDMHeunScheduler(PreconditionedScheduler):
         final = 0.0 if self.config.final_sigmas_type == "zero" else self.sigma_range[0]
         self.sigmas = torch.cat([sigmas, torch.tensor([final], dtype=torch.float64)])
         c = self.config
-        gammas = churn_gamma(sigmas, num_inference_steps, c.s_churn, c.s_tmin, c.s_tmax)  # Algorithm 2 line 4
+        s_tmax = math.inf if c.s_tmax is None else c.s_tmax
+        gammas = churn_gamma(sigmas, num_inference_steps, c.s_churn, c.s_tmin, s_tmax)  # Algorithm 2 line 4
         self.sigmas_hat = churn_sigma(sigmas, gammas, p.round_sigma)
         self.num_inference_steps = num_inference_steps
         # python floats: step() reads them without touching a device tensor

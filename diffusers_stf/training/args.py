@@ -44,8 +44,9 @@ def add_data_args(parser: argparse.ArgumentParser):
     g.add_argument("--dataset_config_name", type=str, default=None, help="configuration of --dataset_name")
     g.add_argument("--dataset_split", type=str, default="train", help="split of --dataset_name / --train_data_dir")
     g.add_argument("--train_data_dir", type=str, default=None, help="folder of images, read with the imagefolder builder")
-    g.add_argument("--digits_split", type=str, default="all", choices=("all", "train"),
-                   help="embedded digits: all 1797 images, or the 797-image train split of the evaluation")
+    g.add_argument("--digits_split", type=str, default="train", choices=("train", "all"),
+                   help="embedded digits: the 797-image training split (evaluation scores samples against it and "
+                        "holds out the other 1000), or all 1797 images, the held-out ones included")
     g.add_argument("--image_column", type=str, default=None, help="image column (default: image, img or the first Image feature)")
     g.add_argument("--label_column", type=str, default=None,
                    help="column of class labels (default: label, which an image folder's class subfolders fill)")
@@ -231,9 +232,10 @@ def add_hub_args(parser: argparse.ArgumentParser):
 
 def training_parser(script_doc: str) -> argparse.ArgumentParser:
     """The parser of a training script: its description is the first paragraph of ``script_doc`` (the script's
-    docstring) and ``--help`` shows every default."""
+    docstring), ``--help`` shows every default, and a flag must be spelled out (``--learning_rat`` is an error, not
+    ``--learning_rate``)."""
     return argparse.ArgumentParser(description=script_doc.split("\n\n")[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
 
 
 def add_training_args(parser: argparse.ArgumentParser, unet: bool = True, default_num_epochs: int = 100,
@@ -347,8 +349,8 @@ def apply_diffusers_flags(args: argparse.Namespace, explicit: frozenset) -> List
     if not args.use_ema and "ema_halflife_kimg" not in explicit and args.ema_halflife_kimg > 0:
         differing.append("EDM's half-life EMA (diffusers: none unless --use_ema)")
     if differing:
-        notes.append("Defaults that differ from diffusers' train_unconditional.py (give the flag to choose): "
-                     + "; ".join(differing) + ".")
+        notes.append("Defaults that differ from diffusers' train_unconditional.py (give the flag to choose):\n"
+                     + "\n".join(f"  {line}" for line in differing))
     return notes
 
 

@@ -13,6 +13,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
+# The seed seeds NumPy's legacy generator too (accelerate's set_seed), which takes 32-bit seeds.
+MAX_SEED = 2**32 - 1
+# Adam moves every weight by about the learning rate per step; a larger one diverges at the first step, and one past
+# float32's range makes the optimizer fail without naming the option.
+MAX_LEARNING_RATE = 1.0
 LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 TRACKERS = ("auto", "tensorboard", "wandb", "none")
 
@@ -38,9 +43,12 @@ def check_count(name: str, value: Optional[int], minimum: int = 1):
 
 def check_levels(flag_prefix: str, block_out_channels: Sequence[int], attention_levels: Sequence[int]):
     """Raise a ``ValueError`` naming ``--{flag_prefix}block_out_channels`` / ``--{flag_prefix}attention_levels``
-    unless there is at least one level and every attention level is one of them."""
+    unless there is at least one level, every level has channels, and every attention level is one of them."""
     if len(block_out_channels) == 0:
         raise ValueError(f"--{flag_prefix}block_out_channels needs at least one level")
+    for channels in block_out_channels:
+        if channels < 1:
+            raise ValueError(f"--{flag_prefix}block_out_channels entries must be >= 1, got {channels}")
     for level in attention_levels:
         if not 0 <= level < len(block_out_channels):
             raise ValueError(f"--{flag_prefix}attention_levels entries must be in [0, {len(block_out_channels) - 1}], "
@@ -250,7 +258,9 @@ class TrainingConfig:
         for name in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "checkpoints_total_limit",
                      "dataloader_num_workers"):
             check_count(name, getattr(self, name), minimum=0)
-        check_finite("learning_rate", self.learning_rate, 0.0, False)
+        check_finite("learning_rate", self.learning_rate, 0.0, False, MAX_LEARNING_RATE)
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
         check_finite("checkpointing_minutes", self.checkpointing_minutes, 0.0)
         check_finite("lr_rampup_kimg", self.lr_rampup_kimg, 0.0)
         check_finite("adam_beta1", self.adam_beta1, 0.0, True, 1.0, False)

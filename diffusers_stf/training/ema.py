@@ -79,6 +79,11 @@ class MovingAverage(abc.ABC):
 
     rule = ""
 
+    @property
+    def averages(self) -> bool:
+        """Whether the copy is an average of past weights (False: it follows the trained weights exactly)."""
+        return True
+
     def __init__(self, model: nn.Module):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.beta = 0.0
@@ -126,6 +131,10 @@ class HalfLifeEMA(MovingAverage):
         self.halflife_kimg, self.rampup_ratio = float(halflife_kimg), float(rampup_ratio)
         self.rule = (f"EDM half-life EMA (--ema_halflife_kimg {halflife_kimg:g}, --ema_rampup_ratio {rampup_ratio:g})"
                      if halflife_kimg > 0 else "no EMA (--ema_halflife_kimg 0: the saved weights are the trained ones)")
+
+    @property
+    def averages(self) -> bool:
+        return self.halflife_kimg > 0
 
     def decay(self, nimg, batch_images, step):
         return ema_beta(nimg, batch_images, self.halflife_kimg, self.rampup_ratio)

@@ -64,6 +64,19 @@ class ModelCardInfo:
     extra: Dict = field(default_factory=dict)
 
 
+def local_name(path: str) -> str:
+    """How a card's snippets name a local folder: its path relative to the working directory when it lies below it,
+    else the folder's name (an absolute path names one machine's disk)."""
+    absolute = os.path.abspath(path)
+    try:
+        relative = os.path.relpath(absolute)
+    except ValueError:  # another drive
+        relative = os.pardir
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        return os.path.basename(os.path.normpath(absolute))
+    return relative
+
+
 def is_hub_repo_id(value) -> bool:
     """Whether ``value`` is a well-formed Hub repo id (``name`` or ``namespace/name``) and not a local path."""
     return (isinstance(value, str) and bool(_REPO_ID.match(value)) and ".." not in value
@@ -134,7 +147,7 @@ def plain_usage(folder: str, repo: str, sample_kwargs: Optional[Dict] = None) ->
 
 def write_model_card(folder: str, info: ModelCardInfo, repo: str, datasets: Optional[List[str]] = None,
                      training_config: Optional[Dict] = None, sample_grid: Optional[str] = None,
-                     metrics: Optional[Dict] = None) -> str:
+                     metrics: Optional[Dict] = None, weights: str = "EMA") -> str:
     """Render ``folder/README.md``; returns its path.
 
     Args:
@@ -146,6 +159,7 @@ def write_model_card(folder: str, info: ModelCardInfo, repo: str, datasets: Opti
             the card's ``base_model`` unless ``info.base_model`` is set.
         sample_grid: path of the sample grid, relative to ``folder``.
         metrics: extra facts for the template (e.g. final loss, steps, wall time).
+        weights: which weights the folder and the grid hold, ``EMA`` or ``trained`` (a run without an EMA).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -171,7 +185,7 @@ def write_model_card(folder: str, info: ModelCardInfo, repo: str, datasets: Opti
                    plain_usage=plain_usage(folder, repo, info.sample_kwargs), remote_code=remote_code,
                    install=INSTALL, sample_grid=sample_grid, training_config=training_config or {},
                    metrics={**(metrics or {}), **info.facts}, repo=repo, loading_note=info.loading_note,
-                   **info.extra)
+                   weights=weights, **info.extra)
     context.setdefault("script", os.path.basename(sys.argv[0]) or "diffusers_stf")
     card = ModelCard.from_template(card_data, template_str=load_template(info.template), **context)
     out = os.path.join(folder, "README.md")

@@ -34,13 +34,14 @@ from .checkpoints import (
 from .config import TrainingConfig
 from .data import ArrowImages, BatchSchedule, ImageData, derived_seed
 from .ema import HalfLifeEMA, WarmupEMA
+from .finished_run import FINISHED_FILE, finished_record, write_finished
 from .global_batch import BatchShare, global_indices, share_of, take_rows
 from .metrics_log import MetricsLogger
 from .plots import record_validation, sampler_caption
-from .model_card import ModelCardInfo, hub_dataset_ids, write_model_card
+from .model_card import ModelCardInfo, hub_dataset_ids, local_name, write_model_card
 from .resume_settings import apply_changed_settings, check_resume_settings, run_fingerprint
 from .run_folder import final_save_error, install_folder, open_run_folder
-from .validation import sample_grid
+from .validation import check_sampling_steps, sample_grid
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class TrainingResult:
     metrics_path: Optional[str] = None
     pushed_to: Optional[str] = None
     saved_class: Optional[str] = None
+    ema: bool = True  # whether the saved weights are a moving average of the trained ones
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -108,6 +110,9 @@ class Trainer:
                                                  config.output_dir)
         self.accelerator = accelerator if accelerator is not None else make_accelerator(config)
         self.make_pipeline, self.validation_fn, self.model_card = make_pipeline, validation_fn, model_card
+        if make_pipeline is not None and validation_fn is None and config.num_inference_steps:
+            # the grids' sampler takes the run's settings: a refusal stops the run now, not after training
+            check_sampling_steps(make_pipeline(model).scheduler, config.num_inference_steps)
         self.hub_ignore_patterns = tuple(hub_ignore_patterns)
         self.optimizer = optimizer or torch.optim.AdamW(
             model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
@@ -205,7 +210,7 @@ class Trainer:
 
     def trainer_state(self, wall_time: float, reason: str = "steps") -> Dict:
         return {"step": self.step, "reason": reason, "nimg": self.nimg, "epoch": self.step // self.steps_per_epoch,
-                "wall_time": round(wall_time, 3), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "wall_time": round(elapsed, 3), "lr_scheduler": self.lr_scheduler.state_dict(),
                 "num_processes": self.accelerator.num_processes, "run_id": self.run_id,
                 "fingerprint": self.fingerprint}
 
@@ -241,6 +246,12 @@ class Trainer:
         latest = config.resume_from_checkpoint == "latest"
         path = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint,
                                   run_id=folder.run_id if folder.from_disk and latest else None, warn=acc.print)
+        if path is not None and int(read_state(path).get("step", 0)) > self.max_steps:
+            length = (f"--max_train_steps {config.max_train_steps}" if config.max_train_steps else
+                      f"the run's length ({self.max_steps} steps from --num_epochs)")
+            raise ValueError(f"{length} is smaller than step {read_state(path).get('step')} of checkpoint {path!r}: "
+                             "that run already trained further. Give a length of at least that step to continue it, "
+                             "or --overwrite_output_dir to start a new run.")
         if path is None:
             if latest:
                 acc.print(f"No checkpoint in {self.output_dir}; starting a new run.")
@@ -270,7 +281,13 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def train(self) -> TrainingResult:
-        """Train for ``max_steps`` optimizer steps (resuming from ``resume_from_checkpoint``), then :meth:`finish`."""
+        """Train for ``max_steps`` optimizer steps (resuming from ``resume_from_checkpoint``), then :meth:`finish`.
+
+        A ``latest`` resume of a run that already finished with these settings and this length changes nothing: it
+        says so and returns that run's result."""
+        record = finished_record(self.output_dir, self.config.resume_from_checkpoint, self.fingerprint, self.max_steps)
+        if record is not None:
+            return self.report_finished(record)
         if self.read_ahead:
             self.data.images.start_prefetch(self.read_ahead)
         try:
@@ -396,7 +413,9 @@ class Trainer:
                      if s == self.step and saved_state(p).get("run_id") == self.run_id), None)
         if kept is None:
             kept = self.save_checkpoint(wall_time(), "final")
-        result = TrainingResult(self.output_dir, self.step, self.nimg, wall_time(), metrics_path=metrics.jsonl_path)
+        elapsed = wall_time()
+        result = TrainingResult(self.output_dir, self.step, self.nimg, elapsed, metrics_path=metrics.jsonl_path,
+                                ema=self.ema.averages)
         result.samples_path = self.validate(os.path.join(self.output_dir, "samples.png"))
         if acc.is_main_process:
             try:
@@ -410,12 +429,35 @@ class Trainer:
             if config.push_to_hub:
                 result.pushed_to = config.hub_model_id
             print_summary(result)
+            relative = lambda path: os.path.relpath(path, self.output_dir) if path else None  # noqa: E731
+            self.run_folder.claim(os.path.join(self.output_dir, FINISHED_FILE))
+            write_finished(self.output_dir, {
+                "run_id": self.run_id, "step": self.step, "fingerprint": self.fingerprint, "nimg": self.nimg,
+                "wall_time": round(elapsed, 3), "samples_path": relative(result.samples_path),
+                "model_card_path": relative(result.model_card_path), "metrics_path": relative(result.metrics_path),
+                "saved_class": result.saved_class, "ema": result.ema})
         acc.wait_for_everyone()
         acc.end_training()
         if config.push_to_hub and acc.is_main_process:  # last: other processes are not left waiting if it fails
             push_or_explain(self.output_dir, config.hub_model_id, config.hub_token, private=config.hub_private_repo,
                             commit_message=f"Training finished at step {self.step}",
                             ignore_patterns=(*DEFAULT_IGNORE, *self.hub_ignore_patterns))
+        return result
+
+    def report_finished(self, record: Dict) -> TrainingResult:
+        """The result of the finished run ``record`` describes, printed with where everything is; nothing is
+        written."""
+        absolute = lambda path: os.path.join(self.output_dir, path) if path else None  # noqa: E731
+        result = TrainingResult(self.output_dir, record["step"], record.get("nimg", 0), record.get("wall_time", 0.0),
+                                samples_path=absolute(record.get("samples_path")),
+                                model_card_path=absolute(record.get("model_card_path")),
+                                metrics_path=absolute(record.get("metrics_path")),
+                                saved_class=record.get("saved_class"), ema=record.get("ema", True))
+        if self.accelerator.is_main_process:
+            print(f"The run in {os.path.abspath(self.output_dir)} already finished at step {result.step} with these "
+                  "settings: nothing to do, nothing changed. To train it further, raise --max_train_steps (or "
+                  "--num_epochs); to start over, pass --overwrite_output_dir.")
+            print_summary(result)
         return result
 
     def save_folder(self) -> str:
@@ -438,30 +480,32 @@ class Trainer:
 
     def write_card(self, result: TrainingResult) -> str:
         config, acc = self.config, self.accelerator
-        repo = config.hub_model_id if config.push_to_hub else os.path.abspath(self.output_dir)
+        repo = config.hub_model_id if config.push_to_hub else local_name(self.output_dir)
         model = self.ema.model
         parameters = model.num_parameters() if hasattr(model, "num_parameters") else \
             sum(p.numel() for p in model.parameters())
         facts = {"optimizer steps": self.step, "training images seen": self.nimg,
                  "wall time (s)": round(result.wall_time, 1), "processes": acc.num_processes,
-                 "parameters": parameters}
+                 "device": acc.device.type, "parameters": parameters}
         if "loss" in self.last_row:
             facts[f"training loss (last {config.logging_steps} steps)"] = round(self.last_row["loss"], 4)
-        table = {k: v for k, v in dataclasses.asdict(config).items()
-                 if k not in ("hub_token", "default_num_epochs", "notes")}
+        table = {k: v for k, v in dataclasses.asdict(config).items()  # the device actually used is a fact above
+                 if k not in ("hub_token", "default_num_epochs", "notes", "cpu")}
         table.update(self.fingerprint["script"])
         table = dict(sorted(table.items()))
         datasets = hub_dataset_ids(self.data.name if self.data.name not in (DIGITS_NAME, "imagefolder") else None)
         grid = os.path.relpath(result.samples_path, self.output_dir) if result.samples_path else None
         self.run_folder.claim(os.path.join(self.output_dir, "README.md"))
-        return write_model_card(self.output_dir, self.model_card, repo, datasets, table, grid, facts)
+        return write_model_card(self.output_dir, self.model_card, repo, datasets, table, grid, facts,
+                                weights="EMA" if result.ema else "trained")
 
 
 def print_summary(result: TrainingResult):
     """The end-of-run summary: steps, images, time, and where everything went."""
     lines = [f"\nTrained {result.step} steps ({result.nimg} images) in {result.wall_time / 60:.1f} min."]
     if result.samples_path:
-        lines.append(f"Samples (EMA weights): {os.path.abspath(result.samples_path)}")
+        label = "Samples (EMA weights):" if result.ema else "Samples:"
+        lines.append(f"{label:<23}{os.path.abspath(result.samples_path)}")
     if result.model_card_path:
         lines.append(f"Model card:            {os.path.abspath(result.model_card_path)}")
     lines.append(f"Saved folder:          {os.path.abspath(result.output_dir)}  ({result.saved_class}.from_pretrained)")

@@ -1,10 +1,12 @@
 """Sample grids of the validation steps, drawn with the package's one grid helper
 (:func:`diffusers_stf.evaluation.images.image_grid`, on ``diffusers.utils.make_image_grid``), captioned by
 :func:`~diffusers_stf.training.plots.save_captioned_grid`. A class-conditional pipeline's grid shows the classes in
-rows: row r asks for class r (mod K)."""
+rows: row r asks for class r (mod K); and the check, before training, that the validation sampler takes the
+run's settings."""
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -15,7 +17,8 @@ from ..evaluation.images import image_grid, save_image_grid
 from ..evaluation.sampling import pipeline_num_classes
 from .plots import save_captioned_grid
 
-__all__ = ["grid_class_labels", "image_grid", "pipeline_num_classes", "sample_grid", "save_image_grid"]
+__all__ = ["check_sampling_steps", "grid_class_labels", "image_grid", "pipeline_num_classes", "sample_grid",
+           "save_image_grid"]
 
 
 def grid_class_labels(num_images: int, num_classes: int) -> torch.Tensor:
@@ -23,6 +26,16 @@ def grid_class_labels(num_images: int, num_classes: int) -> torch.Tensor:
     asks for class r mod K."""
     per_row = max(1, math.ceil(math.sqrt(num_images)))
     return (torch.arange(num_images) // per_row) % num_classes
+
+
+def check_sampling_steps(scheduler, num_inference_steps: int, flag: str = "--num_inference_steps") -> None:
+    """Set a copy of ``scheduler`` to ``num_inference_steps`` as a validation grid will, so that a setting the sampler
+    refuses (e.g. more DDIM steps than training timesteps) stops the run before training, naming ``flag``."""
+    try:
+        copy.deepcopy(scheduler).set_timesteps(num_inference_steps)
+    except (ValueError, TypeError, RuntimeError, IndexError) as err:
+        raise ValueError(f"{flag} {num_inference_steps}: the validation sampler {type(scheduler).__name__} refuses "
+                         f"it ({err})") from err
 
 
 @torch.no_grad()

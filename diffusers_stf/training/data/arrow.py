@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import decode
-from .decode import GREY_MODES, HIGH_BIT_MODES
+from .decode import HIGH_BIT_MODES, DecodeReport, describe, eight_bit, image_channels
 from .schedule import derived_seed
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,23 @@ def _open_lazily(item):
     return item
 
 
+def survey_report(image, report: DecodeReport):
+    """What :func:`~diffusers_stf.training.data.decode.eight_bit` will do to ``image``, from its header: 16 bits,
+    a palette, several frames, an alpha channel (whether it is transparent needs the pixels, read later)."""
+    from .decode import ALPHA_MODES, SIXTEEN_BIT_MODES, grey_palette
+
+    if getattr(image, "n_frames", 1) > 1:
+        report.add("frames")
+    if image.mode in SIXTEEN_BIT_MODES:
+        report.add("sixteen_bit", image.mode)
+    elif image.mode in ("P", "PA"):
+        report.add("palette")
+        if grey_palette(image):
+            report.add("palette_grey")
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        report.add("alpha")
+
+
 def _resized_size(size: Tuple[int, int], resolution: Optional[int]) -> Tuple[int, int]:
     w, h = size
     if resolution is None or min(w, h) == resolution:
@@ -142,17 +159,22 @@ def survey_images(dataset, column: str, resolution: Optional[int], channels: Opt
         raw = dataset.cast_column(column, datasets.Image(decode=False))
     kinds, sizes = set(), set()
     first_kind = None
+    report = DecodeReport()
     for i, item in enumerate(raw[column] if len(raw) <= 100_000 else (ex[column] for ex in raw)):
         try:
             image = _open_lazily(item)
         except Exception as err:  # PIL raises several types for unreadable files
             raise ValueError(f"cannot read image {i}: {err}") from err
+        if image.mode == "F":
+            raise ValueError(f"{describe(image, i)} has mode F (32-bit float), which has no full-scale value to map "
+                             "to [-1, 1]; convert it to 8- or 16-bit integer images")
+        survey_report(image, report)
         if preserve_input_precision and image.mode in HIGH_BIT_MODES:
             raise ValueError(f"--preserve_input_precision: image {i} has mode {image.mode} (more than 8 bits per "
                              "channel), but the memory-mapped Arrow file used for sets over the in-memory cap "
                              f"MAX_IN_MEMORY_BYTES ({decode.MAX_IN_MEMORY_BYTES / 1e9:.1f} GB) stores 8 bits; lower "
                              "--resolution or --max_train_samples to fit the cap, or drop --preserve_input_precision")
-        kind = 1 if image.mode in GREY_MODES else 3
+        kind = image_channels(image)
         first_kind = first_kind or kind
         kinds.add(kind)
         if resolution is None and sizes and image.size not in sizes:
@@ -162,6 +184,7 @@ def survey_images(dataset, column: str, resolution: Optional[int], channels: Opt
         sizes.add(_resized_size(image.size, resolution))
     if not sizes:
         raise ValueError("the dataset contains no images")
+    report.warn()
     target = channels or (3 if len(kinds) > 1 else first_kind)
     if channels is None and len(kinds) > 1:
         logger.warning("the images mix greyscale and colour; converting all of them to RGB; pass --channels 1 or 3 "
@@ -175,10 +198,9 @@ def _decode_to_pixels(batch, indices, column, layout, center_crop, seed):
     from PIL import Image
 
     w, h = layout["size"]
-    mode = "L" if layout["channels"] == 1 else "RGB"
     out = []
     for index, item in zip(indices, batch[column]):
-        image = _open_lazily(item).convert(mode)
+        image = eight_bit(_open_lazily(item), index, layout["channels"])
         size = _resized_size(image.size, min(w, h))
         if image.size != size:
             image = image.resize(size, Image.BILINEAR)
@@ -250,6 +272,6 @@ def decoded_bytes_estimate(dataset, column: str, resolution: Optional[int], chan
         raw = dataset.cast_column(column, datasets.Image(decode=False))
     image = _open_lazily(raw[0][column])
     w, h = _resized_size(image.size, resolution)
-    c = channels or (1 if image.mode in GREY_MODES else 3)
+    c = channels or image_channels(image)
     bytes_per_value = 2 if preserve_input_precision and image.mode in HIGH_BIT_MODES else 1
     return len(dataset) * c * h * w * bytes_per_value

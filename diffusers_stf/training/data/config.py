@@ -17,7 +17,8 @@ class DataConfig:
         dataset_config_name: its configuration.
         dataset_split: the split to read.
         train_data_dir: a folder of images (``imagefolder`` builder). With neither source, the embedded digits.
-        digits_split: ``all`` (1797) or ``train`` (797) digits.
+        digits_split: ``train``, the 797 digits evaluation scores against (its other 1000 digits are held out), or
+            ``all`` 1797 digits.
         image_column: the image column (default: ``image``, ``img`` or the first ``Image`` feature).
         label_column: the column of class labels (default: ``label`` when the set has one; an image folder's class
             subfolders fill it); see :mod:`.labels`.
@@ -38,7 +39,7 @@ class DataConfig:
     dataset_config_name: Optional[str] = None
     dataset_split: str = "train"
     train_data_dir: Optional[str] = None
-    digits_split: str = "all"
+    digits_split: str = "train"
     image_column: Optional[str] = None
     label_column: Optional[str] = None
     cache_dir: Optional[str] = None
