@@ -80,9 +80,12 @@ def check_dropped(seen, expected, null_label):
 
 
 def sklearn_digit_labels():
+    """The labels of the digits' training split (the scripts' default ``--digits_split train``), in its order."""
     from sklearn.datasets import load_digits
 
-    return torch.from_numpy(load_digits().target).long()
+    from diffusers_stf.digits import digits_split_indices
+
+    return torch.from_numpy(load_digits().target[digits_split_indices()["train"]]).long()
 
 
 # --- label dropout over the global batch --------------------------------------------------------------------------

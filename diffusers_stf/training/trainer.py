@@ -210,7 +210,7 @@ class Trainer:
 
     def trainer_state(self, wall_time: float, reason: str = "steps") -> Dict:
         return {"step": self.step, "reason": reason, "nimg": self.nimg, "epoch": self.step // self.steps_per_epoch,
-                "wall_time": round(elapsed, 3), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "wall_time": round(wall_time, 3), "lr_scheduler": self.lr_scheduler.state_dict(),
                 "num_processes": self.accelerator.num_processes, "run_id": self.run_id,
                 "fingerprint": self.fingerprint}
 
@@ -287,6 +287,7 @@ class Trainer:
         says so and returns that run's result."""
         record = finished_record(self.output_dir, self.config.resume_from_checkpoint, self.fingerprint, self.max_steps)
         if record is not None:
+            self.run_folder.release()
             return self.report_finished(record)
         if self.read_ahead:
             self.data.images.start_prefetch(self.read_ahead)
