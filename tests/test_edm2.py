@@ -101,7 +101,6 @@ TINY = dict(sample_size=8, in_channels=2, out_channels=3, num_class_embeds=3, mo
 
 def layout(cfg):
     """The modules of NVlabs' UNet for ``cfg``, in order: (name, kind, in, out, flavor, resample, attention)."""
-    widths = [cfg["model_channels"] * m for m in cfg["channel_mult"]]
     size, attn = cfg["sample_size"], cfg["attn_resolutions"]
     enc, dec, skips = [], [], []
     width = cfg["in_channels"] + 1
@@ -132,7 +131,6 @@ def layout(cfg):
 
 def expected_state(cfg):
     """[(key, shape)] of NVlabs' UNet state_dict for ``cfg`` (module's own parameters, then buffers, then children)."""
-    widths = [cfg["model_channels"] * m for m in cfg["channel_mult"]]
     cnoise = cfg["model_channels"] * cfg["channel_mult_noise"]
     cemb = cfg["model_channels"] * cfg["channel_mult_emb"]
     keys = [("out_gain", ()), ("emb_fourier.freqs", (cnoise,)), ("emb_fourier.phases", (cnoise,)),
