@@ -101,6 +101,7 @@ TINY = dict(sample_size=8, in_channels=2, out_channels=3, num_class_embeds=3, mo
 
 def layout(cfg):
     """The modules of NVlabs' UNet for ``cfg``, in order: (name, kind, in, out, flavor, resample, attention)."""
+    widths = [cfg["model_channels"] * m for m in cfg["channel_mult"]]
     size, attn = cfg["sample_size"], cfg["attn_resolutions"]
     enc, dec, skips = [], [], []
     width = cfg["in_channels"] + 1
