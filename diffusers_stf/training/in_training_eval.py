@@ -305,7 +305,7 @@ class InTrainingEvaluation:
             return
         start = time.perf_counter()
         if self.accelerator.is_main_process:
-            self.record(self.evaluate(step, ema_model))
+            self.record(self.evaluate(step, ema_model), start)
         self.accelerator.wait_for_everyone()
         elapsed = time.perf_counter() - start
         self.segment_seconds += elapsed
@@ -315,9 +315,8 @@ class InTrainingEvaluation:
 
     @torch.no_grad()
     def evaluate(self, step: int, model: torch.nn.Module) -> Dict:
-        """The row of ``model`` at ``step``."""
+        """The row of ``model`` at ``step`` (without its ``eval_seconds``)."""
         config, sampler, device = self.config, self.sampler, self.accelerator.device
-        start = time.perf_counter()
         with preserved_random_state(device), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # FD undefined at this n: said once at the start
             pipeline = sampler.make_pipeline(model).to(device)
@@ -328,21 +327,23 @@ class InTrainingEvaluation:
                                        seed=config.seed, batch_size=config.generation_batch_size,
                                        pipeline_kwargs=dict(sampler.pipeline_kwargs), kid_subsets=config.kid_subsets)
             extra = sampler.extra_metrics(model) if sampler.extra_metrics is not None else {}
-        row = {"step": int(step), **{k: _number(result.get(k)) for k in ROW_METRICS if k in result}, **extra,
-               "eval_num_images": int(result["num_images"]), "eval_seconds": round(time.perf_counter() - start, 3)}
-        return row
+        return {"step": int(step), **{k: _number(result.get(k)) for k in ROW_METRICS if k in result}, **extra,
+                "eval_num_images": int(result["num_images"])}
 
-    def record(self, row: Dict):
-        """Append ``row`` to ``metrics.jsonl``, send its numbers to the trackers, redraw ``metrics.png``, print it."""
+    def record(self, row: Dict, start: float):
+        """Redraw ``metrics.png`` with ``row``, then append it to ``metrics.jsonl`` with ``eval_seconds``, the time
+        since ``start`` (the plot included), send its numbers to the trackers and print it."""
         acc = self.accelerator
+        rows = evaluation_rows(read_metrics(self.log_dir)) + [row]
+        plot_evaluation_curves(rows, os.path.join(self.log_dir, "metrics.png"),
+                               title=f"{self.config.num_images} images vs {self.config.reference} · "
+                                     f"{self.sampler_name} · {self.extractor.name}")
+        row["eval_seconds"] = round(time.perf_counter() - start, 3)
         os.makedirs(self.log_dir, exist_ok=True)
         with open(os.path.join(self.log_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
         if acc.trackers:
             acc.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=row["step"])
-        plot_evaluation_curves(evaluation_rows(read_metrics(self.log_dir)), os.path.join(self.log_dir, "metrics.png"),
-                               title=f"{self.config.num_images} images vs {self.config.reference} · "
-                                     f"{self.sampler_name} · {self.extractor.name}")
         fd = "undefined" if row.get("fd") is None else f"{row['fd']:.4g}"
         kid = "n/a" if row.get("kid") is None else f"{row['kid']:.4g}" + _error(row.get("kid_se"))
         print(f"step {row['step']}: FD {fd}, KID {kid} ({row['eval_num_images']} images, {row['eval_seconds']:.1f} s)")
