@@ -143,12 +143,13 @@ def add_evaluation_args(parser):
 def evaluation_config(args, explicit=frozenset()) -> EvaluationConfig:
     """The :class:`EvaluationConfig` of parsed ``--eval_*`` flags; such a flag given without ``--eval_every_steps``
     is refused (it would have no effect)."""
-    if not args.eval_every_steps:
+    values = vars(args)
+    if not values["eval_every_steps"]:
         given = [f"--{name}" for name in EVAL_FLAGS if name in explicit]
         if given:
             raise ValueError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
                              "--eval_every_steps N")
-    return EvaluationConfig(**{name: getattr(args, f"eval_{name}") for name in EvaluationConfig.__dataclass_fields__})
+    return EvaluationConfig(**{name: values[f"eval_{name}"] for name in EvaluationConfig.__dataclass_fields__})
 
 
 @dataclass
