@@ -38,6 +38,7 @@ from diffusers_stf.preconditioning import Denoiser
 from diffusers_stf.training import ModelCardInfo, Trainer, add_training_args, image_grid
 from diffusers_stf.training import load_training_images, make_accelerator, make_unet, parse_training_args
 from diffusers_stf.training import training_parser
+from diffusers_stf.training.in_training_eval import EvaluationSampler
 from diffusers_stf.training.validation import check_sampling_steps
 
 logger = logging.getLogger("train_score_model")
@@ -293,7 +294,8 @@ def main(argv=None):
     fingerprint = {"loss": "denoising_score_matching", "sigma_sampling": "log_uniform", "sigma_min": args.sigma_min,
                    "sigma_max": sigma_max, "ncsnv2_conditioning": args.ncsnv2_conditioning}
     trainer = Trainer(training, unet, loss_fn, data, accelerator=accelerator, make_pipeline=make_pipeline,
-                      model_card=card, fingerprint=fingerprint, validation_fn=validation_fn)
+                      model_card=card, fingerprint=fingerprint, validation_fn=validation_fn,
+                      evaluation_sampler=EvaluationSampler(make_pipeline, samplers["als"][1]))  # the saved sampler
     result = trainer.train()
     accelerator.print(f"Sampler configs:       {os.path.abspath(result.output_dir)}/scheduler_{{{','.join(SAMPLERS)}}}/")
     return result
