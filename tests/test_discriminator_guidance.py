@@ -83,12 +83,30 @@ class SigmaRecorder:
 # σ ↔ VP-time translation and the correction term
 
 
-def test_paper_sample_values_of_vp_time():
-    """The reference values of τ(σ) (reference notes §3(a)) and the identity mean_vp(τ(σ)) = 1/√(1+σ²)."""
+def test_library_vp_time_has_the_papers_sample_values():
+    """The package's σ ↔ VP-time maps (the ``vp`` preconditioning the Discriminator uses, DGDiscriminator's τ and √ᾱ,
+    and DG's guidance window) give DG's sample values of τ(σ) (reference notes §3(a)) and the formulas written here
+    from DG's ``vpsde``; √ᾱ(τ(σ)) = 1/√(1 + σ²) and σ(τ(σ)) = σ."""
+    from diffusers_stf.guidance import DG_GUIDANCE_SIGMA_MAX, DG_GUIDANCE_SIGMA_MIN
+    from diffusers_stf.models.dg_discriminator import vp_mean, vp_time
+    from diffusers_stf.noise_schedules import vp_sigma
+    from diffusers_stf.preconditioning import VPPreconditioning
+
     sigmas = torch.tensor([80.0, 1.0, 0.1, 0.002], dtype=torch.float64)
-    tau = paper_tau(sigmas)
-    assert torch.allclose(tau, torch.tensor([0.9335, 0.259, 0.027, 4e-5], dtype=torch.float64), rtol=2e-2)
-    assert torch.allclose(paper_mean_vp(tau), 1 / torch.sqrt(1 + sigmas**2), rtol=1e-10)
+    published = torch.tensor([0.9335, 0.259, 0.027, 4e-5], dtype=torch.float64)  # 2 to 4 significant digits
+    precond = VPPreconditioning(beta_d=BETA1 - BETA0, beta_min=BETA0)
+    for tau in (vp_time(sigmas), precond.sigma_inv(sigmas), precond.c_noise(sigmas) / 999):
+        assert torch.allclose(tau, published, rtol=2e-2)
+        assert torch.allclose(tau, paper_tau(sigmas), rtol=1e-9, atol=0)  # log1p against log: 3e-11 at σ = 0.002
+    assert torch.allclose(vp_mean(vp_time(sigmas)), 1 / torch.sqrt(1 + sigmas**2), rtol=1e-12)
+    assert torch.allclose(vp_mean(paper_tau(sigmas)), paper_mean_vp(paper_tau(sigmas)), rtol=1e-12)
+    assert torch.allclose(precond.c_in(sigmas), 1 / torch.sqrt(1 + sigmas**2), rtol=1e-12)
+    assert torch.allclose(vp_sigma(vp_time(sigmas)), sigmas, rtol=1e-9)
+    assert torch.allclose(vp_sigma(paper_tau(sigmas)), paper_sigma(paper_tau(sigmas)), rtol=1e-12)
+    # DG guides for τ ∈ [0.01, 1]: σ ∈ [σ(0.01), σ(1)] ≈ [0.0447, 152.2]
+    assert math.isclose(DG_GUIDANCE_SIGMA_MIN, float(paper_sigma(0.01)), rel_tol=1e-12)
+    assert math.isclose(DG_GUIDANCE_SIGMA_MAX, float(paper_sigma(1.0)), rel_tol=1e-12)
+    assert abs(DG_GUIDANCE_SIGMA_MIN - 0.0447) < 1e-4 and abs(DG_GUIDANCE_SIGMA_MAX - 152.167) < 1e-3
 
 
 def test_discriminator_sees_vp_scaled_input_at_999_tau():
@@ -782,13 +800,28 @@ def official_edm_sampler(boosting, time_min, time_max, w1, w2, disc, net, latent
     return x_next
 
 
+def edm_denoiser(unet, sigma_data=0.5):
+    """D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise) with EDM's Table 1 scalings written out (eq. 7), F in float32 as
+    the pipeline runs it: the reference side shares no preconditioning code with the package."""
+
+    def denoise(x, sigma):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0]).reshape(-1, 1, 1, 1)
+        c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+        c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+        c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
+        c_noise = sigma.log().reshape(-1) / 4
+        F = unet((c_in * x).float(), c_noise.float()).sample.double()
+        return c_skip * x + c_out * F
+
+    return denoise
+
+
 @pytest.mark.parametrize("bias", [8.0, -8.0, 0.0], ids=["accepting", "rejecting", "mixed"])
 @pytest.mark.parametrize("s_churn", [0.0, 10.0], ids=["heun", "stochastic"])
 def test_guided_edm_sampler_with_boosting_equals_the_official_sampler(bias, s_churn):
     """Our EDM-G++ (w1 = 2, w2 = 1, DG's window, boosting) equals DG's ``edm_sampler`` transcribed above, from the
-    same latents and the same per-step noise (DG draws z at every step, and so do we)."""
-    from diffusers_stf import Denoiser
-
+    same latents and the same per-step noise (DG draws z at every step, and so do we); the transcription's denoiser is
+    EDM eq. 7 written here."""
     disc = make_disc(seed=6)
     with torch.no_grad():
         disc.head.linear_out.bias.fill_(bias)
@@ -800,7 +833,7 @@ def test_guided_edm_sampler_with_boosting_equals_the_official_sampler(bias, s_ch
                 dg_weight_1st_order=2.0, dg_weight_2nd_order=1.0, boosting=True, output_type="pt").images
 
     g = torch.Generator().manual_seed(1)
-    denoiser = Denoiser(pipe.unet, EDMHeunScheduler().preconditioning)
+    denoiser = edm_denoiser(pipe.unet)
     with torch.no_grad():
         x = official_edm_sampler(True, 0.01, 1.0, 2.0, 1.0, disc, denoiser, latents,
                                  lambda x: torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.dtype),
@@ -810,17 +843,15 @@ def test_guided_edm_sampler_with_boosting_equals_the_official_sampler(bias, s_ch
 
 def test_guided_scheduler_loop_equals_the_official_sampler_without_boosting():
     """The scheduler-driven path (guidance converted into F before ``EDMHeunScheduler.step``) equals DG's
-    ``edm_sampler`` with boosting off, S_churn = 0, w1 = 2, w2 = 1."""
-    from diffusers_stf import Denoiser
-
+    ``edm_sampler`` with boosting off, S_churn = 0, w1 = 2, w2 = 1, its denoiser EDM eq. 7 written here."""
     disc = make_disc(seed=7)
     pipe = make_pipe(disc, EDMHeunScheduler())
     latents = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     ours = pipe(batch_size=4, num_inference_steps=12, latents=latents, dg_weight_1st_order=2.0,
                 dg_weight_2nd_order=1.0, output_type="pt").images
     with torch.no_grad():
-        x = official_edm_sampler(False, 0.01, 1.0, 2.0, 1.0, disc, Denoiser(pipe.unet, EDMHeunScheduler().preconditioning),
-                                 latents, torch.randn_like, num_steps=12)
+        x = official_edm_sampler(False, 0.01, 1.0, 2.0, 1.0, disc, edm_denoiser(pipe.unet), latents, torch.randn_like,
+                                 num_steps=12)
     assert torch.allclose(ours, (x / 2 + 0.5).clamp(0, 1).float(), atol=1e-5)
 
 
