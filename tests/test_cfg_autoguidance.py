@@ -108,8 +108,11 @@ def test_autoguidance_with_guide_two_good_minus_target_samples_the_target(name, 
 
 
 def test_an_interval_without_a_schedule_sigma_is_bit_identical_to_unguided():
+    """Guidance restricted to an interval that holds no σ of the schedule changes nothing, bit for bit; the same
+    guidance without the interval gives its exact samples: CFG at w = 4 those of classifier guidance with the exact
+    classifier, autoguidance at w = 1.5 with a guide N(0, s²) of the classes' s those of class k's N(1.5·m_k, s²)."""
     net = conditional_mixture("edm", "epsilon")
-    guide = exact_net("edm", "epsilon", (0.0,), (1.0,), 0.3, 2)
+    guide = exact_net("edm", "epsilon", (0.0,), (1.0,), STD, 2)
     pipe = EDMPipeline(net, EDMHeunScheduler(), null_class_label=2)
     pipe.register_modules(guide_unet=LinearCombination.of([guide], (1.0,)))
     pipe.set_progress_bar_config(disable=True)
@@ -117,13 +120,22 @@ def test_an_interval_without_a_schedule_sigma_is_bit_identical_to_unguided():
     levels = sorted(set(pipe.scheduler.sigmas.tolist()) | set(pipe.scheduler.sigmas_hat.tolist()))
     gap = next((a, b) for a, b in zip(levels, levels[1:]) if b > a * 1.5)  # between two consecutive σ of the schedule
     interval = (gap[0] * 1.1, gap[1] * 0.9)
-    kwargs = dict(batch_size=4, num_inference_steps=6, output_type="pt", class_labels=torch.tensor([0, 1, 0, 1]))
+    labels = torch.arange(32) % 2
+    kwargs = dict(batch_size=32, num_inference_steps=6, output_type="pt", class_labels=labels)
     plain = pipe(generator=torch.Generator().manual_seed(2), **kwargs).images
-    for guidance in ({"guidance_scale": 4.0}, {"autoguidance_scale": 3.0}):
+    clf = ExactMixtureClassifier(means=MEANS, weights=WEIGHTS, std=STD, sample_size=2)
+    by_classifier = DiscriminatorGuidedPipeline(exact_net("edm", "epsilon", MEANS, WEIGHTS, STD, 2), EDMHeunScheduler(),
+                                                classifier=clf)
+    scaled_classes = ExactMixtureNet(means=tuple(1.5 * m for m in MEANS), weights=WEIGHTS, std=STD, sample_size=2,
+                                     num_class_embeds=3)
+    exact = {"guidance_scale": sample(by_classifier, 6, 32, seed=2, class_labels=labels, classifier_guidance_scale=4.0),
+             "autoguidance_scale": sample(EDMPipeline(scaled_classes, EDMHeunScheduler()), 6, 32, seed=2,
+                                          class_labels=labels)}
+    for guidance in ({"guidance_scale": 4.0}, {"autoguidance_scale": 1.5}):
         kept = pipe(generator=torch.Generator().manual_seed(2), guidance_interval=interval, **guidance, **kwargs).images
         assert torch.equal(kept, plain)
-        moved = pipe(generator=torch.Generator().manual_seed(2), **guidance, **kwargs).images
-        assert not torch.allclose(moved, plain, atol=1e-3)
+        moved = pipe(generator=torch.Generator().manual_seed(2), **guidance, **kwargs).images.double() * 2 - 1
+        assert_same_samples(moved, exact[next(iter(guidance))], guidance)
 
 
 def test_zero_effect_scales_are_bit_identical_to_the_plain_loop_under_every_scheduler():
