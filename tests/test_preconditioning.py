@@ -241,3 +241,128 @@ def test_scheduler_constants_of_the_table1_rows():
     assert c2.C2 == 0.02 and not torch.allclose(c2.table, EDMHeunScheduler(preconditioning="iddpm").preconditioning.table)
     with pytest.raises(ValueError, match="iddpm_levels must hold M = 4 levels"):
         EDMHeunScheduler(preconditioning="iddpm", num_train_timesteps=4, iddpm_levels=[2.0, 1.0])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Table 1's VE row, the discrete tables' devices and dtypes, the score preconditionings' conventions
+
+
+def test_ve_preconditioning_is_edm_table_1():
+    """VE: c_skip = 1, c_out = σ, c_in = 1, c_noise = ln(½σ), σ ∈ [0.02, 100]."""
+    from diffusers_stf import VEPreconditioning
+
+    p = VEPreconditioning()
+    assert (p.sigma_min, p.sigma_max) == (0.02, 100.0)
+    c_skip, c_out, c_in, c_noise = p.scalings(SIGMAS)
+    assert torch.equal(c_skip, torch.ones_like(SIGMAS)) and torch.equal(c_in, torch.ones_like(SIGMAS))
+    assert torch.allclose(c_out, SIGMAS, rtol=1e-15) and torch.allclose(c_noise, torch.log(SIGMAS / 2), rtol=1e-14)
+
+
+def test_discrete_tables_follow_the_device_and_dtype_of_sigma():
+    """The table is copied once to each device a σ lives on (here ``meta``); a rounded σ keeps its dtype; c_noise is
+    the level's index as a float of σ's precision; integral float timesteps are indices."""
+    p = DDPMPreconditioning(betas_for_schedule(1000))
+    on_meta = p.table_on("meta")
+    assert on_meta.device.type == "meta" and p.table_on("meta") is on_meta
+    assert p.round_sigma(torch.tensor([0.5], device="meta")).device.type == "meta"
+    for dtype in (torch.float32, torch.float64):
+        sigma = torch.tensor([0.5, 3.0], dtype=dtype)
+        assert p.round_sigma(sigma).dtype == dtype and p.c_noise(sigma).dtype == dtype
+        assert torch.equal(p.c_noise(sigma), p.index(sigma).to(dtype))
+    assert torch.equal(p.sigma_at_index(torch.tensor([3.0, 999.0])), p.table[[3, 999]])
+
+
+def test_iddpm_table_is_edm_eq_99_in_float64():
+    """u_j of EDM eq. 99 written here in python floats; the network's levels, given, are kept as they are."""
+    assert torch.allclose(IDDPMPreconditioning().table, iddpm_u_table(), rtol=1e-12, atol=0)
+    levels = [9.123456789, 3.0, 1.0, 0.5]
+    table = IDDPMPreconditioning(M=4, levels=levels).table
+    assert table.dtype == torch.float64 and table.tolist() == levels[::-1]
+
+
+def test_ncsn_preconditioning_timesteps_and_levels():
+    """NCSN: defaults ``scaled_score`` at ln σ; the levels kept in float64; σ snapped to a level only for ``index``
+    labels; sigma_of_timestep inverts c_noise for each timestep type; one level fixes the σ range."""
+    from diffusers_stf.preconditioning.score import NCSNPreconditioning
+
+    p = NCSNPreconditioning()
+    assert (p.prediction_type, p.timestep_type) == ("scaled_score", "log_sigma")
+    levels = [1.1, 0.33, 0.1]
+    sigma = torch.tensor([1.0, 0.3, 0.12], dtype=torch.float64)
+    index = NCSNPreconditioning(timestep_type="index", sigmas=levels)
+    assert index.round_sigma(sigma).tolist() == levels and index.c_noise(sigma).tolist() == [0, 1, 2]
+    assert index.sigma_of_timestep(torch.tensor([0, 1, 2])).tolist() == levels
+    for kind in ("log_sigma", "sigma"):
+        q = NCSNPreconditioning(timestep_type=kind, sigmas=levels)
+        assert torch.equal(q.round_sigma(sigma), sigma)
+        assert torch.allclose(q.sigma_of_timestep(q.c_noise(sigma)), sigma, rtol=1e-15)
+    with pytest.raises(ValueError, match="none"):
+        NCSNPreconditioning(timestep_type="none").sigma_of_timestep(torch.tensor([0.0]))
+    one = NCSNPreconditioning(sigmas=[0.7])
+    assert (one.sigma_min, one.sigma_max) == (0.7, 0.7)
+
+
+@pytest.mark.parametrize("sde", ["ve", "vp"])
+@pytest.mark.parametrize("timestep_type", ["sigma", "log_sigma", "t", "discrete"])
+def test_score_sde_timesteps_invert_their_noise_levels(sde, timestep_type):
+    """c_noise then sigma_of_timestep is the identity for every timestep type; the VP network's ``sigma`` is the
+    noise std √(1 − ᾱ) = σ/√(1 + σ²) of its state, so σ = std/√(1 − std²)."""
+    from diffusers_stf.preconditioning.score import ScoreSDEPreconditioning
+
+    p = ScoreSDEPreconditioning(sde_type=sde, timestep_type=timestep_type, sigma_min=0.02, sigma_max=60.0,
+                                beta_min=0.2, beta_max=15.0, num_train_timesteps=500)
+    sigma = torch.tensor([0.05, 0.5, 2.0, 20.0], dtype=torch.float64)
+    assert torch.allclose(p.sigma_of_timestep(p.c_noise(sigma)), sigma, rtol=1e-9)
+    if timestep_type == "sigma":
+        std = sigma if sde == "ve" else sigma / (1 + sigma**2).sqrt()
+        assert torch.allclose(p.c_noise(sigma), std, rtol=1e-15)
+    if sde == "ve":  # σ(t) = σ_min·(σ_max/σ_min)^t
+        assert torch.allclose(p.time(sigma), torch.log(sigma / 0.02) / math.log(60.0 / 0.02), rtol=1e-12)
+
+
+def test_score_sde_defaults_are_song_et_al():
+    """VE σ ∈ [0.01, 50] and VP β ∈ [0.1, 20] with N = 1000 (Song et al. 2021), a score at the noise std."""
+    from diffusers_stf.preconditioning.score import ScoreSDEPreconditioning
+
+    ve = ScoreSDEPreconditioning()
+    assert (ve.sde_type, ve.prediction_type, ve.timestep_type, ve.name) == ("ve", "score", "sigma", "score_sde_ve")
+    assert (ve.sigma_min, ve.sigma_max, ve.num_train_timesteps) == (0.01, 50.0, 1000)
+    vp = ScoreSDEPreconditioning(sde_type="vp")
+    assert vp.name == "score_sde_vp" and (vp.vp.beta_min, vp.vp.beta_d, vp.vp.M) == (0.1, 19.9, 1000)
+    for bad in (dict(sigma_min=0.5, sigma_max=0.5), dict(sigma_min=0.0)):
+        with pytest.raises(ValueError, match="sigma_max > sigma_min > 0"):
+            ScoreSDEPreconditioning(**bad)
+
+
+class ChannelNet(torch.nn.Module):
+    """F(x_in, c_noise) = x_in + c_noise per sample, remembering what it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros((), dtype=torch.float32))
+        self.seen = {}
+
+    def forward(self, x, t, **kwargs):
+        self.seen.update(x=x, t=t, **kwargs)
+        return x + t.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_denoiser_computes_eq_7_in_the_dtype_of_x(dtype):
+    """D = c_skip·x + c_out·F(c_in·x, c_noise) in x's dtype (EDM keeps float64), the network fed its own dtype and a
+    float32 c_noise of one entry per sample; a scalar σ serves a batch of any channel count; EDM's augmentation labels
+    reach the network."""
+    net = ChannelNet()
+    D = Denoiser(net, EDMPreconditioning())
+    x = torch.randn(2, 3, 2, 2, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    augment = torch.zeros(2, 9)
+    out = D(x, 0.7, augment_labels=augment)
+    sd, s = 0.5, torch.tensor(0.7, dtype=torch.float64)
+    c_in, c_noise = 1 / torch.sqrt(s**2 + sd**2), torch.log(s) / 4
+    F = ((c_in * x.double()).float() + c_noise.float()).double()  # the network runs in float32
+    expected = sd**2 / (s**2 + sd**2) * x.double() + s * sd / torch.sqrt(s**2 + sd**2) * F
+    assert out.dtype == dtype and torch.allclose(out.double(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-12)
+    assert net.seen["t"].dtype == torch.float32 and net.seen["t"].shape == (2,)
+    assert net.seen["x"].dtype == torch.float32 and net.seen["augment_labels"] is augment
+    per_sample = D(x, torch.tensor([0.7, 0.7], dtype=dtype))
+    assert torch.allclose(per_sample, out, rtol=1e-12)
