@@ -192,3 +192,78 @@ def test_a_guide_trained_with_another_preconditioning_is_refused(tmp_path):
     with pytest.raises(ValueError, match="guide_unet was trained with another preconditioning"):
         EDMPipeline(tiny_unet(), Scheduler(), guide_unet=guide)
     EDMPipeline(tiny_unet(), Scheduler(preconditioning="vp"), guide_unet=guide)  # the same one is accepted
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The terms themselves, at one evaluation
+
+
+class RecordingGuide(torch.nn.Module):
+    """A guide network F_g(x_in, t) = 0.5·x_in + t, in float64, remembering its inputs."""
+
+    def __init__(self, num_class_embeds=None):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+        self.config = {"num_class_embeds": num_class_embeds}
+        self.seen = {}
+
+    @property
+    def dtype(self):
+        return self.anchor.dtype
+
+    def forward(self, x, t, class_labels=None):
+        self.seen.update(x=x, t=t, class_labels=class_labels)
+        return type("Out", (), {"sample": 0.5 * x + t.reshape(-1, 1, 1, 1)})
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_autoguidance_term_is_w_minus_one_times_the_denoiser_difference(conditional):
+    """ΔD = (w − 1)·(D_1 − D_0) in float64 (Karras et al. 2024, eq. 1), the guide evaluated at the main network's
+    own input (in the guide's dtype) and timestep (float32, one per sample), with the labels only if it takes them."""
+    from diffusers_stf.guidance import Autoguidance, GuidedEvaluation
+    from diffusers_stf.preconditioning import EDMPreconditioning
+
+    p, sigma, w = EDMPreconditioning(), 1.3, 2.5
+    x = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    model_output = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    model_input = (x / math.sqrt(sigma**2 + 0.25)).float()
+    labels = torch.tensor([1, 0])
+    guide = RecordingGuide(num_class_embeds=3 if conditional else None)
+    term = Autoguidance(guide, w, conditional=conditional)
+    evaluation = GuidedEvaluation(x, sigma, model_output, p, model_input=model_input,
+                                  timestep=torch.tensor(math.log(sigma) / 4), class_labels=labels)
+    delta = term.correction(evaluation)
+    guide_output = 0.5 * model_input.double() + math.log(sigma) / 4
+    c_skip, c_out = 0.25 / (sigma**2 + 0.25), sigma * 0.5 / math.sqrt(sigma**2 + 0.25)
+    expected = (w - 1) * c_out * (model_output.double() - guide_output)  # D_1 − D_0 = c_out·(F_1 − F_0)
+    assert delta.dtype == torch.float64 and torch.allclose(delta, expected, rtol=1e-6)
+    assert guide.seen["x"].dtype == torch.float64 and torch.equal(guide.seen["x"], model_input.double())
+    assert guide.seen["t"].dtype == torch.float32 and guide.seen["t"].shape == (2,)
+    assert (guide.seen["class_labels"] is labels) if conditional else guide.seen["class_labels"] is None
+
+
+def test_scale_one_switches_cfg_and_autoguidance_off():
+    """w = 1 is plain sampling: the terms are inactive at every σ (no extra rows, no guide evaluation)."""
+    from diffusers_stf.guidance import Autoguidance, ClassifierFreeGuidance
+
+    for term in (ClassifierFreeGuidance(1.0, 2), Autoguidance(RecordingGuide(), 1.0)):
+        assert not term.is_active(1.0) and not term.is_active(1.0, first_order=False)
+    for term in (ClassifierFreeGuidance(0.0, 2), Autoguidance(RecordingGuide(), 0.0),
+                 ClassifierFreeGuidance(3.0, 2), Autoguidance(RecordingGuide(), 3.0)):
+        assert term.is_active(1.0) and term.weight(True) == term.guidance_scale - 1
+
+
+def test_cfg_term_is_w_minus_one_times_conditional_minus_unconditional():
+    from diffusers_stf.guidance import ClassifierFreeGuidance, GuidedEvaluation
+    from diffusers_stf.preconditioning import EDMPreconditioning
+
+    p, sigma, w = EDMPreconditioning(), 0.8, 3.0
+    x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    conditional, unconditional = (torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    term = ClassifierFreeGuidance(w, null_class_label=5)
+    assert torch.equal(term.network_labels(torch.tensor([1, 3])), torch.tensor([5, 5]))
+    evaluation = GuidedEvaluation(x, sigma, conditional, p, extra_outputs={id(term): unconditional})
+    c_out = sigma * 0.5 / math.sqrt(sigma**2 + 0.25)
+    delta = term.correction(evaluation)
+    assert delta.dtype == torch.float64
+    assert torch.allclose(delta, (w - 1) * c_out * (conditional - unconditional).double(), rtol=1e-6)
