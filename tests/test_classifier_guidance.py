@@ -413,3 +413,24 @@ def test_train_classifier_reads_labels_from_class_subfolders(tmp_path):
     assert (defaults.sigma_min, defaults.sigma_max) == (DG_TRAIN_SIGMA_MIN, DG_TRAIN_SIGMA_MAX)
     with pytest.raises(ValueError, match="--sigma_min"):
         module.main(["--output_dir", str(tmp_path / "bad"), "--sigma_min", "2", "--sigma_max", "1", *TINY_RUN])
+
+
+def test_classifier_term_defaults_to_scale_one_and_differentiates_in_the_classifiers_dtype():
+    """Dhariwal & Nichol's s = 1 by default; the gradient is taken in the classifier's own dtype (float32 here) and
+    returned in float64."""
+    from diffusers_stf.guidance import ClassifierGuidance
+
+    seen = []
+
+    class Float32Classifier(LinearLogProb):
+        def log_prob(self, sample, sigma, class_labels):
+            seen.append(sample.dtype)
+            return super().log_prob(sample, sigma, class_labels)
+
+    clf = Float32Classifier(shift=0.05, std=0.2, sample_size=2).float()
+    term = ClassifierGuidance(clf, torch.tensor([1, 0]))
+    assert term.guidance_scale == 1.0
+    x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    delta = classifier_correction(clf, x, 1.0, torch.tensor([1, 0]))
+    assert seen == [torch.float32] and delta.dtype == torch.float64
+    assert torch.allclose(delta[0], torch.full_like(delta[0], 0.05 / 1.04)) and torch.allclose(delta[1], -delta[0])

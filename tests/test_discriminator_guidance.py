@@ -941,3 +941,40 @@ def test_nan_is_reported_once_at_the_end_of_sampling():
     assert len(calls) == 7  # the loop ran to the end: no check inside the steps
     with pytest.raises(ValueError, match="sampling produced NaN"):
         EDMPipeline(pipe.unet, EDMHeunScheduler())(batch_size=1, num_inference_steps=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The DG term at one evaluation: its window, dtypes, shapes and labels
+
+
+def test_dg_term_window_is_closed_and_its_outputs_are_float64_per_sample():
+    """w·σ²·∇ log r inside [σ_min, σ_max], both ends included; outside, zero correction and log r = +inf (DG's
+    "accepted"); corrections and log-ratios in float64, one log-ratio per sample whatever the channel count."""
+    from guidance_exact import ExactLogRatio, log_normal
+
+    disc = ExactLogRatio(mean_real=0.3, mean_model=-0.1, std=0.2, sample_size=2, in_channels=3)
+    term = DiscriminatorGuidance(disc, 1.5, 0.0, sigma_min=0.5, sigma_max=2.0)
+    x = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    for sigma in (0.5, 1.0, 2.0):
+        correction, log_ratio = term.correction_and_log_ratio(x, sigma, 1.5)
+        var = torch.full((2,), 0.2**2 + sigma**2, dtype=torch.float64)
+        expected_log_ratio = log_normal(x.double(), 0.3, var) - log_normal(x.double(), -0.1, var)
+        assert correction.dtype == log_ratio.dtype == torch.float64 and log_ratio.shape == (2,)
+        assert torch.allclose(correction, torch.full_like(correction, 1.5 * sigma**2 * 0.4 / (0.04 + sigma**2)))
+        assert torch.allclose(log_ratio, expected_log_ratio, rtol=1e-6)
+    for sigma in (0.49, 2.01):
+        correction, log_ratio = term.correction_and_log_ratio(x, sigma, 1.5)
+        assert correction.dtype == log_ratio.dtype == torch.float64 and log_ratio.shape == (2,)
+        assert torch.equal(correction, torch.zeros_like(correction)) and bool(torch.isinf(log_ratio).all())
+
+
+def test_dg_term_passes_its_labels_to_a_class_conditional_discriminator():
+    disc = make_disc(num_class_embeds=4).double()
+    labels = torch.tensor([3, 0])
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    correction, log_ratio = DiscriminatorGuidance(disc, 1.0, 0.0, 0.0, math.inf, class_labels=labels) \
+        .correction_and_log_ratio(x, 2.0, 1.0)
+    expected, expected_log_ratio = discriminator_correction(disc, x, 2.0, labels)
+    assert torch.equal(correction, expected) and torch.equal(log_ratio, expected_log_ratio.double())
+    other, _ = discriminator_correction(disc, x, 2.0, torch.tensor([1, 2]))
+    assert not torch.allclose(other, expected)  # the labels matter to this discriminator

@@ -262,3 +262,16 @@ def test_stable_target_references_are_the_batch_the_extra_images_and_the_other_p
                      DDPMStableTargetFieldLoss(50, reference_batch_size=10, accelerator=TwoProcesses(), gather=True)):
         both = gathered.reference_set(x, one_extra)
         assert torch.equal(both, torch.cat([refs, -refs]))
+
+
+def test_denoising_losses_take_sigma_as_float32_and_hand_the_target_function_the_clean_images():
+    """An explicit σ (any dtype, one per sample or one for all) enters as float32, as a drawn one does; a target
+    function ``target(noisy, σ, images)`` gets the clean images, so T = y gives the plain loss."""
+    x, n = images(), torch.randn(B, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    for loss in (EDMLoss(), VPLoss(), VELoss()):
+        plain = loss(Recorder(), x, sigma=torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64), noise=n)
+        assert plain.sigma.dtype == torch.float32
+        seen = []
+        same = loss(Recorder(), x, sigma=[0.5, 1.0, 2.0, 4.0], noise=n, target=lambda noisy, s, y: seen.append(y) or y)
+        assert torch.equal(seen[0], x) and torch.equal(same.loss, plain.loss)
+        assert loss(Recorder(), x, sigma=2.0, noise=n).sigma.tolist() == [2.0] * B
