@@ -366,3 +366,75 @@ def test_denoiser_computes_eq_7_in_the_dtype_of_x(dtype):
     assert net.seen["x"].dtype == torch.float32 and net.seen["augment_labels"] is augment
     per_sample = D(x, torch.tensor([0.7, 0.7], dtype=dtype))
     assert torch.allclose(per_sample, out, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# make_preconditioning: every family's defaults, and every config entry reaching its class
+
+
+def scalings_equal(a, b, sigma=torch.tensor([0.01, 0.3, 2.0, 40.0], dtype=torch.float64)):
+    return all(torch.allclose(x, y, rtol=1e-12, atol=0) for x, y in zip(a.scalings(sigma), b.scalings(sigma)))
+
+
+def test_make_preconditioning_defaults_are_the_documented_ones():
+    """EDM σ_data 0.5; VP the continuous limit of diffusers' default DDPM schedule (β_min = 0.1, β_d = 19.9, M = 1000,
+    ε_t = 1e-5); VE [0.02, 100]; iDDPM M = 1000, C1 = 0.001, C2 = 0.008; DDPM diffusers' linear 1e-4..0.02 over
+    1000 steps; NCSN a scaled score at ln σ; score SDEs a score at σ with Song et al.'s ranges."""
+    from diffusers_stf.preconditioning.score import NCSNPreconditioning, ScoreSDEPreconditioning
+
+    assert scalings_equal(make_preconditioning("edm"), EDMPreconditioning(0.5, "epsilon"))
+    vp = make_preconditioning("vp")
+    assert (vp.M, vp.epsilon_t, vp.prediction_type) == (1000, 1e-5, "epsilon")
+    assert math.isclose(vp.beta_min, 0.1, rel_tol=1e-12) and math.isclose(vp.beta_d, 19.9, rel_tol=1e-12)
+    ve = make_preconditioning("ve")
+    assert (ve.sigma_min, ve.sigma_max) == (0.02, 100.0)
+    iddpm = make_preconditioning("iddpm")
+    assert (iddpm.M, iddpm.C1, iddpm.C2, iddpm.prediction_type) == (1000, 0.001, 0.008, "epsilon")
+    ddpm = make_preconditioning("ddpm")
+    assert ddpm.prediction_type == "epsilon" and torch.allclose(
+        ddpm.alphas_cumprod, torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0), rtol=1e-12)
+    assert make_preconditioning("ddpm", num_train_timesteps=None).alphas_cumprod.shape == (1000,)
+    ncsn = make_preconditioning("ncsn")
+    assert isinstance(ncsn, NCSNPreconditioning) and (ncsn.prediction_type, ncsn.timestep_type) == ("scaled_score", "log_sigma")
+    for sde in ("ve", "vp"):
+        p = make_preconditioning(f"score_sde_{sde}")
+        q = ScoreSDEPreconditioning(sde_type=sde)
+        assert (p.sde_type, p.prediction_type, p.timestep_type, p.sigma_min, p.sigma_max, p.num_train_timesteps) == \
+            (sde, "score", "sigma", q.sigma_min, q.sigma_max, 1000)
+    assert make_preconditioning("score_sde_ve").sigma_max == 50.0 and make_preconditioning("score_sde_ve").sigma_min == 0.01
+
+
+def test_make_preconditioning_reads_every_config_entry():
+    from diffusers_stf.preconditioning.score import ScoreSDEPreconditioning
+
+    edm = make_preconditioning("edm", sigma_data=0.7, prediction_type="v_prediction")
+    assert scalings_equal(edm, EDMPreconditioning(0.7, "v_prediction"))
+    vp = make_preconditioning("vp", num_train_timesteps=500, beta_start=2e-4, beta_end=0.03, epsilon_t=1e-3,
+                              prediction_type="sample")
+    assert math.isclose(vp.beta_min, 0.1, rel_tol=1e-12) and math.isclose(vp.beta_d, 500 * (0.03 - 2e-4), rel_tol=1e-12)
+    assert (vp.M, vp.epsilon_t, vp.prediction_type) == (500, 1e-3, "sample")
+    ve = make_preconditioning("ve", ve_sigma_min=0.05, ve_sigma_max=30.0)
+    assert (ve.sigma_min, ve.sigma_max) == (0.05, 30.0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        make_preconditioning("ve", prediction_type="sample")
+    iddpm = make_preconditioning("iddpm", num_train_timesteps=100, iddpm_c1=0.002, iddpm_c2=0.01,
+                                 prediction_type="v_prediction")
+    assert (iddpm.M, iddpm.C1, iddpm.C2, iddpm.prediction_type) == (100, 0.002, 0.01, "v_prediction")
+    assert torch.allclose(iddpm.table, iddpm_u_table(100, 0.002, 0.01), rtol=1e-12)
+    assert make_preconditioning("iddpm", num_train_timesteps=3, iddpm_levels=[4.0, 2.0, 1.0]).table.tolist() == [1.0, 2.0, 4.0]
+    ddpm = make_preconditioning("ddpm", num_train_timesteps=200, beta_start=3e-4, beta_end=0.04,
+                                beta_schedule="scaled_linear", prediction_type="v_prediction")
+    assert ddpm.prediction_type == "v_prediction" and torch.allclose(
+        ddpm.alphas_cumprod, torch.cumprod(1 - betas_for_schedule(200, 3e-4, 0.04, "scaled_linear"), 0), rtol=1e-12)
+    trained = [0.01, 0.02, 0.05]
+    assert torch.allclose(make_preconditioning("ddpm", num_train_timesteps=3, trained_betas=trained).alphas_cumprod,
+                          torch.cumprod(1 - torch.tensor(trained, dtype=torch.float64), 0), rtol=1e-12)
+    ncsn = make_preconditioning("ncsn", prediction_type="score", timestep_type="index", sigmas=[1.0, 0.5, 0.1])
+    assert (ncsn.prediction_type, ncsn.timestep_type, ncsn.sigmas.tolist()) == ("score", "index", [1.0, 0.5, 0.1])
+    ve_sde = make_preconditioning("score_sde_ve", prediction_type="epsilon", timestep_type="t", sigma_min=0.02,
+                                  sigma_max=80.0, num_train_timesteps=300)
+    assert (ve_sde.prediction_type, ve_sde.timestep_type, ve_sde.sigma_min, ve_sde.sigma_max,
+            ve_sde.num_train_timesteps) == ("epsilon", "t", 0.02, 80.0, 300)
+    vp_sde = make_preconditioning("score_sde_vp", beta_min=0.2, beta_max=15.0)
+    expected = ScoreSDEPreconditioning(sde_type="vp", beta_min=0.2, beta_max=15.0)
+    assert (vp_sde.vp.beta_min, vp_sde.vp.beta_d) == (expected.vp.beta_min, expected.vp.beta_d) == (0.2, 14.8)
