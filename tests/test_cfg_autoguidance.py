@@ -267,3 +267,71 @@ def test_cfg_term_is_w_minus_one_times_conditional_minus_unconditional():
     delta = term.correction(evaluation)
     assert delta.dtype == torch.float64
     assert torch.allclose(delta, (w - 1) * c_out * (conditional - unconditional).double(), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# guidance/base.py: the checks every term uses, the window, σ per sample, the σ²·gradient
+
+
+@pytest.mark.parametrize("value", [True, -0.1, math.nan, math.inf, "1", None])
+def test_check_weight_refuses_what_is_not_a_finite_number_at_least_zero(value):
+    from diffusers_stf.guidance import check_weight
+
+    with pytest.raises(ValueError, match="my_weight must be a finite number >= 0"):
+        check_weight("my_weight", value)
+
+
+def test_check_weight_and_check_interval_accept_their_boundaries():
+    from diffusers_stf.guidance import check_interval, check_weight
+
+    assert check_weight("w", 0) == 0.0 and isinstance(check_weight("w", 2), float) and check_weight("w", 1.5) == 1.5
+    assert check_interval("i", (0, math.inf)) == (0.0, math.inf) and check_interval("i", [0.5, 2]) == (0.5, 2.0)
+    assert check_interval("i", (1.0, 1.0), strict=False) == (1.0, 1.0)
+    for bad, strict in (((1.0, 1.0), True), ((2.0, 1.0), False), ((-1.0, 1.0), False), ((math.nan, 1.0), False)):
+        with pytest.raises(ValueError, match=r"my_interval must satisfy 0 <= sigma_lo " + ("<" if strict else "<=")):
+            check_interval("my_interval", bad, strict=strict)
+    for bad in ("ab", (1.0,), None, (1.0, 2.0, 3.0), ("x", 1.0)):
+        with pytest.raises(ValueError, match="my_interval must be a pair"):
+            check_interval("my_interval", bad)
+
+
+def test_a_term_is_active_on_its_closed_window_at_non_zero_weight():
+    from diffusers_stf.guidance import ClassifierFreeGuidance
+
+    term = ClassifierFreeGuidance(2.0, 0, sigma_interval=(0.5, 2.0))
+    assert [term.is_active(s) for s in (0.49, 0.5, 1.0, 2.0, 2.01)] == [False, True, True, True, False]
+    assert term.network_labels(torch.tensor([1])).tolist() == [0]
+    from diffusers_stf.guidance import GuidanceTerm
+
+    class Plain(GuidanceTerm):
+        def correction(self, evaluation):
+            return evaluation.x
+
+    plain = Plain()
+    assert plain.weight(True) == plain.weight(False) == 1.0 and plain.network_labels(torch.tensor([1])) is None
+    assert plain.sigma_interval == (0.0, math.inf) and plain.is_active(1e6)
+
+
+def test_sigma_squared_gradient_per_sample_in_the_given_dtype_under_no_grad():
+    """σ²·∇ₓ f for f(x, σ) = Σ a·x²/σ (gradient 2a·x/σ), σ one level or one per sample, as a python float, a 0-d or a
+    (B,) tensor; the gradient is taken in the dtype given, returned in float64 with f detached."""
+    from diffusers_stf.guidance import sigma_squared_gradient
+
+    x = torch.randn(3, 2, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def f(x_, sigma):
+        seen.append((x_.dtype, x_.requires_grad, sigma if isinstance(sigma, float) else sigma.shape))
+        s = sigma if isinstance(sigma, float) else sigma.to(x_.dtype).reshape(-1, 1, 1, 1)
+        return (0.7 * x_**2 / s).flatten(1).sum(1)
+
+    with torch.no_grad():
+        for sigma in (1.5, torch.tensor(1.5), torch.tensor([1.5, 1.5, 1.5])):
+            value, log_density = sigma_squared_gradient(f, torch.float32, x, sigma)
+            assert value.dtype == torch.float64 and torch.allclose(value, 1.5**2 * 1.4 * x / 1.5, rtol=1e-6)
+            assert not log_density.requires_grad and log_density.shape == (3,)
+        per_sample, _ = sigma_squared_gradient(f, torch.float64, x, torch.tensor([0.5, 1.0, 2.0]))
+    s = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64).reshape(-1, 1, 1, 1)
+    assert torch.allclose(per_sample, s**2 * 1.4 * x / s, rtol=1e-12)
+    assert seen[0] == (torch.float32, True, 1.5) and seen[1][2] == (3,) and seen[2][2] == (3,)
+    assert seen[3][0] == torch.float64
