@@ -438,3 +438,35 @@ def test_make_preconditioning_reads_every_config_entry():
     vp_sde = make_preconditioning("score_sde_vp", beta_min=0.2, beta_max=15.0)
     expected = ScoreSDEPreconditioning(sde_type="vp", beta_min=0.2, beta_max=15.0)
     assert (vp_sde.vp.beta_min, vp_sde.vp.beta_d) == (expected.vp.beta_min, expected.vp.beta_d) == (0.2, 14.8)
+
+
+@pytest.mark.parametrize("sde", ["ve", "vp"])
+@pytest.mark.parametrize("prediction_type", ["score", "epsilon"])
+def test_score_of_a_network_output_for_one_or_per_sample_levels(sde, prediction_type):
+    """Tweedie on the SDE's state x_t = m·x: a ``score`` network's output is the score itself, an ``epsilon``
+    network's is −std·s_t with std = m·σ; the same for σ as a number, a 0-d tensor or one per sample, in x_t's
+    dtype."""
+    from diffusers_stf.preconditioning.score import ScoreSDEPreconditioning
+
+    p = ScoreSDEPreconditioning(sde_type=sde, prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    x_t, F = torch.randn(2, 1, 2, 2, generator=g), torch.randn(2, 1, 2, 2, generator=g)
+    sigma = torch.tensor([0.4, 3.0], dtype=torch.float64)
+    std = sigma if sde == "ve" else sigma / (1 + sigma**2).sqrt()
+    expected = F.double() if prediction_type == "score" else -F.double() / std.reshape(-1, 1, 1, 1)
+    per_sample = p.score(x_t, F, sigma)
+    assert per_sample.dtype == torch.float32 and torch.allclose(per_sample.double(), expected, rtol=1e-5)
+    for i in range(2):
+        for level in (float(sigma[i]), sigma[i], sigma[i:i + 1]):
+            assert torch.allclose(p.score(x_t[i:i + 1], F[i:i + 1], level).double(), expected[i:i + 1], rtol=1e-5)
+
+
+def test_score_sde_vp_range_and_the_none_timestep():
+    from diffusers_stf.preconditioning.score import ScoreSDEPreconditioning
+
+    vp = ScoreSDEPreconditioning(sde_type="vp", beta_min=0.5, beta_max=0.5, num_train_timesteps=300)  # β constant
+    assert vp.vp.M == 300 and vp.vp.beta_d == 0.0
+    with pytest.raises(ValueError, match="beta_max >= beta_min > 0"):
+        ScoreSDEPreconditioning(sde_type="vp", beta_min=0.0)
+    none = ScoreSDEPreconditioning(timestep_type="none")
+    assert torch.equal(none.c_noise(torch.tensor([0.5, 2.0])), torch.zeros(2))
