@@ -145,3 +145,20 @@ class ExactMixtureClassifier(ModelMixin, ConfigMixin):
         sigma = torch.as_tensor(sigma, dtype=torch.float64).to(sample.device).reshape(-1)
         log_post = torch.log_softmax(mixture_log_joint(sample, sigma, c.means, c.weights, c.std), dim=1)
         return log_post.gather(1, torch.as_tensor(class_labels).long().reshape(-1, 1).to(sample.device)).squeeze(1)
+
+
+class LinearLogProb(ModelMixin, ConfigMixin):
+    """A 'classifier' whose log p(y | x, σ) is (2y − 1)·δ·Σ_pixels x/(s² + σ²) (unnormalised: only its gradient
+    matters). On the exact network of N(μ, s²), classifier guidance at scale w adds w·(2y − 1)·δ/(s² + σ²) to the score
+    −(x − μ)/(s² + σ²): the score of N(μ + w·(2y − 1)·δ, s²) at every σ, so class y samples that Gaussian exactly."""
+
+    @register_to_config
+    def __init__(self, shift=0.05, std=0.5, sample_size=4, in_channels=1, num_classes=2):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def log_prob(self, sample, sigma, class_labels):
+        c = self.config
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).to(sample.device).reshape(-1)
+        sign = 2 * torch.as_tensor(class_labels).to(sample.device).reshape(-1).double() - 1
+        return sign * c.shift * sample.flatten(1).sum(1) / (c.std**2 + sigma**2)

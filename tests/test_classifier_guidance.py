@@ -20,7 +20,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
-from guidance_exact import ExactLogRatio, ExactMixtureClassifier, ExactMixtureNet
+from guidance_exact import ExactLogRatio, ExactMixtureClassifier, ExactMixtureNet, LinearLogProb
 
 from diffusers_stf import Discriminator, DiscriminatorGuidedPipeline, EDMPipeline, NoiseConditionalClassifier
 from diffusers_stf import EDMHeunScheduler, EDMStochasticScheduler
@@ -151,9 +151,36 @@ def test_zero_weights_and_no_components_are_bit_identical_to_unguided_sampling(n
     zero = full(generator=gen(), dg_weight_1st_order=0.0, classifier_guidance_scale=0.0, class_labels=[1, 2, 3], **kw).images
     none = empty(generator=gen(), **kw).images
     assert torch.equal(zero, expected) and torch.equal(none, expected)
-    dg = full(generator=gen(), dg_weight_1st_order=2.0, dg_sigma_min=0.0, dg_sigma_max=math.inf, **kw).images
-    cg = full(generator=gen(), dg_weight_1st_order=0.0, classifier_guidance_scale=5.0, class_labels=[1, 2, 3], **kw).images
-    assert not torch.equal(dg, expected) and not torch.equal(cg, expected)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_guidance_at_weight_two_moves_the_samples_by_twice_the_exact_shift(name):
+    """Guidance on, under the same schedulers, with exact Gaussian parts whose effect has a closed form: on the
+    network of N(μ, s²), DG at weight w with the exact log-ratio to N(μ', s²) is the score of N(μ + w·(μ' − μ), s²),
+    and classifier guidance at scale w with ∇log p(y | x, σ) = (2y − 1)·δ/(s² + σ²) that of N(μ + w·(2y − 1)·δ, s²)
+    (tests/guidance_exact.py). At w = 2 the samples must be those of these exact networks, from the same noise."""
+    parametrisation = "edm" if name.startswith("edm") else "ddpm"
+    mu, mu_real, std, delta, w = 0.1, 0.2, 0.2, 0.05, 2.0
+    net = lambda mean: ExactMixtureNet(means=(mean,), weights=(1.0,), std=std, sample_size=4,  # noqa: E731
+                                       parametrisation=parametrisation)
+    disc = ExactLogRatio(mean_real=mu_real, mean_model=mu, std=std, sample_size=4)
+    pipe = DiscriminatorGuidedPipeline(net(mu), SCHEDULERS[name](), disc, LinearLogProb(shift=delta, std=std, sample_size=4))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(batch_size=64, num_inference_steps=6, output_type="pt")
+    run = lambda p, **extra: p(generator=torch.Generator().manual_seed(5), **kw, **extra).images.double() * 2 - 1  # noqa: E731
+    labels = torch.arange(64) % 2
+    dg = run(pipe, dg_weight_1st_order=w, dg_weight_2nd_order=w, dg_sigma_min=0.0, dg_sigma_max=math.inf)
+    cg = run(pipe, dg_weight_1st_order=0.0, classifier_guidance_scale=w, class_labels=labels)
+    plain = run(pipe, dg_weight_1st_order=0.0)
+    for guided, rows, mean in ((dg, labels >= 0, mu + w * (mu_real - mu)), (cg, labels == 0, mu - w * delta),
+                               (cg, labels == 1, mu + w * delta)):
+        exact = DiscriminatorGuidedPipeline(net(mean), SCHEDULERS[name]())
+        exact.set_progress_bar_config(disable=True)
+        target = run(exact)
+        assert (guided[rows] - target[rows]).abs().max() < 2e-3, (name, mean, float((guided - target)[rows].abs().max()))
+        # the shift of the mean, sample by sample (the sampler's path is an affine map of the same noise)
+        shift = float((guided[rows] - plain[rows]).mean())
+        assert abs(shift - (mean - mu)) < 0.2 * abs(mean - mu), (name, shift, mean - mu)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,3 +413,24 @@ def test_train_classifier_reads_labels_from_class_subfolders(tmp_path):
     assert (defaults.sigma_min, defaults.sigma_max) == (DG_TRAIN_SIGMA_MIN, DG_TRAIN_SIGMA_MAX)
     with pytest.raises(ValueError, match="--sigma_min"):
         module.main(["--output_dir", str(tmp_path / "bad"), "--sigma_min", "2", "--sigma_max", "1", *TINY_RUN])
+
+
+def test_classifier_term_defaults_to_scale_one_and_differentiates_in_the_classifiers_dtype():
+    """Dhariwal & Nichol's s = 1 by default; the gradient is taken in the classifier's own dtype (float32 here) and
+    returned in float64."""
+    from diffusers_stf.guidance import ClassifierGuidance
+
+    seen = []
+
+    class Float32Classifier(LinearLogProb):
+        def log_prob(self, sample, sigma, class_labels):
+            seen.append(sample.dtype)
+            return super().log_prob(sample, sigma, class_labels)
+
+    clf = Float32Classifier(shift=0.05, std=0.2, sample_size=2).float()
+    term = ClassifierGuidance(clf, torch.tensor([1, 0]))
+    assert term.guidance_scale == 1.0
+    x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    delta = classifier_correction(clf, x, 1.0, torch.tensor([1, 0]))
+    assert seen == [torch.float32] and delta.dtype == torch.float64
+    assert torch.allclose(delta[0], torch.full_like(delta[0], 0.05 / 1.04)) and torch.allclose(delta[1], -delta[0])

@@ -557,11 +557,17 @@ def test_dg_discriminator_guides_the_pipeline_with_dgs_gradient():
                                               x, torch.full((2,), 2.5, dtype=torch.float64))
     assert torch.allclose(log_ratio.double(), ref, rtol=1e-4, atol=1e-5)
     assert torch.allclose(correction, 2.5**2 * ref_grad, rtol=1e-3, atol=1e-6)
+    # In the pipeline: one Euler step from σ_0 = 80 to 0 returns D_guided(x_0; σ_0) = D + w·σ_0²·∇ₓ log r (DG eq. 9),
+    # so guided − unguided is w·σ_0² times DG's gradient at x_0 = 80·latents (τ(80) = 0.93: inside DG's window).
     pipe.set_progress_bar_config(disable=True)
     latents = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(9))
-    guided = pipe(batch_size=2, num_inference_steps=3, latents=latents, output_type="latent").images
-    plain = pipe(batch_size=2, num_inference_steps=3, latents=latents, output_type="latent", dg_weight_1st_order=0).images
-    assert not torch.allclose(guided, plain)
+    guided = pipe(batch_size=2, num_inference_steps=1, latents=latents, output_type="latent").images
+    plain = pipe(batch_size=2, num_inference_steps=1, latents=latents, output_type="latent", dg_weight_1st_order=0).images
+    _, grad_x0 = dg_log_ratio_and_gradient((params(classifier[0]), classifier[1]), (params(head[0]), head[1]),
+                                           latents.double() * 80, torch.full((2,), 80.0, dtype=torch.float64))
+    expected = 2.0 * 80.0**2 * grad_x0  # dg_weight_1st_order defaults to DG's 2
+    assert expected.abs().amax() > 0.1  # the discriminator is not saturated: the correction is there
+    assert torch.allclose(guided - plain, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().amax()))
 
 
 def dg_encoder(image_size, depth, channel_mult, in_channels=3, out_channels=1000, condition=False):

@@ -114,11 +114,12 @@ def test_heun_model_evaluations():
 
 @pytest.mark.parametrize("scheduler_class", [EDMStochasticScheduler, EDMHeunScheduler])
 @pytest.mark.parametrize("s_churn,s_tmin,s_tmax,s_noise", [(40.0, 0.0, math.inf, 1.0), (10.0, 0.05, 50.0, 1.003),
-                                                           (40.0, 0.0, math.inf, 1.5)])
+                                                           (40.0, 0.0, math.inf, 1.5), (20.0, 1.0, 10.0, 1.0)])
 def test_stochastic_equals_algorithm_2_under_same_noise(scheduler_class, s_churn, s_tmin, s_tmax, s_noise):
     """Both names take EDM's churn arguments, as NVlabs' edm_sampler and k-diffusion's sample_heun do. The reference
     makes its own initial draw (step 0's churn with its S_noise, from the same standard normal), so a scheduler whose
-    initial noise level forgets S_noise fails here (S_noise = 1.5 with step 0 churned)."""
+    initial noise level forgets S_noise fails here (S_noise = 1.5 with step 0 churned); with a window [1, 10] the
+    unchurned steps above it come first, so a scheduler that draws noise for them too falls out of step."""
     n, shape = 12, (2, 1, 4, 4)
     sched = scheduler_class(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     x_hat0, x = run_standard_loop(sched, n, shape, seed=3)
@@ -480,3 +481,39 @@ def test_churned_sigma_is_rounded_to_the_ddpm_table():
         churned += sched.state_in_first_order and 0.05 <= sigma <= 50 * math.sqrt(2)
         x = sched.step(torch.zeros_like(x), t, x, generator=torch.Generator().manual_seed(0)).prev_sample
     assert churned >= 3
+
+
+def test_churn_is_computed_in_the_precision_of_the_state():
+    """x̂ = x + √(t̂² − t²)·S_noise·z in float64 (EDM keeps its state in float64), for one level and per sample, with
+    z drawn in float32 as the scheduler draws it."""
+    from diffusers_stf.schedulers.edm_sampling import churn
+
+    x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    expected = x + math.sqrt(6.1**2 - 5.3**2) * 1.003 * z.double()
+    assert torch.allclose(churn(x, 5.3, 6.1, 1.003, z), expected, rtol=1e-15, atol=0)
+    per_sample = churn(x, 5.3, torch.tensor([6.1, 5.3, 6.1], dtype=torch.float64), 1.003, z)
+    expected[1] = x[1]
+    assert per_sample.dtype == torch.float64 and torch.allclose(per_sample, expected, rtol=1e-15, atol=0)
+
+
+def test_add_noise_and_timestep_lookup_keep_float64_levels():
+    """add_noise uses the schedule's float64 σ (not a float32 rounding of it), and a timestep given in float64 (a
+    c_noise computed in double precision) finds its evaluation like the float32 entry of ``timesteps``."""
+    s = EDMHeunScheduler()
+    s.set_timesteps(5)
+    sigma = s.sigmas[2].item()
+    t64 = torch.tensor(math.log(sigma) / 4, dtype=torch.float64)
+    assert s.sigma_for_timestep(t64) == sigma == s.sigma_for_timestep(s.timesteps[4])
+    x, n = torch.zeros(1, 1, 1, 1, dtype=torch.float64), torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    assert s.add_noise(x, n, t64[None]).item() == sigma
+
+
+def test_after_the_last_step_the_scheduler_is_at_a_first_order_evaluation():
+    """The step to σ = 0 is a plain Euler step: it leaves no Heun state behind."""
+    s = EDMHeunScheduler()
+    s.set_timesteps(3)
+    x = torch.randn(1, 1, 2, 2, dtype=torch.float64)
+    for t in s.timesteps:
+        x = s.step(torch.zeros_like(x), t, s.scale_model_input(x, t) * 0 + x).prev_sample
+    assert s.state_in_first_order

@@ -289,6 +289,70 @@ def test_sampled_windows_are_unbiased_for_the_paper_range():
         assert abs(mass - 1 / (T + K)) < 0.004 if t > 1 - K else mass == 0.0
 
 
+def test_official_windows_end_at_the_drawn_step_and_the_output_names_it():
+    """``window="official"``: k = K − 1 (s is the window's last step). The output's ``timestep`` is s = t + k and its
+    σ is σ_s of the table (1-based s: σ_s = √((1 − ᾱ_s)/ᾱ_s), ᾱ computed here); ``logs`` carries both terms' means."""
+    T, K, B = 12, 3, 64
+    betas = torch.linspace(0.02, 0.3, T, dtype=torch.float64)
+    loss = SequenceAwareLoss(betas, num_steps=K, window="official")
+    start, position = loss.sample_windows(B, generator=torch.Generator().manual_seed(0))
+    assert position.dtype == torch.long and torch.equal(position, torch.full((B,), K - 1))
+    abar = torch.cumprod(1 - betas, 0)
+    x = torch.rand(4, 1, 2, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    window_start, position = torch.tensor([1, 4, 7, 10]), torch.tensor([2, 0, 1, 2])
+    out = loss(lambda x_, t: 0.5 * x_, x, window_start=window_start, position=position,
+               generator=torch.Generator().manual_seed(2))
+    s = window_start + position
+    assert torch.equal(out.timestep, s)
+    assert torch.allclose(out.sigma.double(), ((1 - abar[s - 1]) / abar[s - 1]).sqrt(), rtol=1e-6)
+    assert set(out.logs) == {"loss_simple", "loss_sa"}
+    assert torch.allclose(out.logs["loss_simple"], out.simple.mean()) and torch.allclose(out.logs["loss_sa"], out.sa.mean())
+
+
+@pytest.mark.parametrize("window_start,position", [(1, 3), (1, -1), (10, 3), (0, 0), (12, 1)])
+def test_explicit_windows_outside_the_schedule_are_refused(window_start, position):
+    """The position k must lie in 0..K−1 and the L_simple step t + k in 1..T (T = 12, K = 3)."""
+    loss = SequenceAwareLoss(torch.linspace(0.02, 0.3, 12, dtype=torch.float64), num_steps=3)
+    with pytest.raises(ValueError, match="position|window_start"):
+        loss(lambda x_, t: x_, torch.zeros(1, 1, 2, 2), window_start=torch.tensor([window_start]),
+             position=torch.tensor([position]))
+
+
+def test_betas_are_checked_and_kept_in_float64():
+    """β from a python list keeps its float64 value (ᾱ and the weights too); β must be a 1-D table of length >= 2
+    with 0 < β < 1 (T = 2 and β close to 1 are fine)."""
+    betas = [0.0123456789, 0.2, 0.3]
+    loss = SequenceAwareLoss(betas, num_steps=2)
+    expected = torch.cumprod(1 - torch.tensor(betas, dtype=torch.float64), 0)
+    assert loss.alphas_cumprod.dtype == torch.float64 and torch.equal(loss.alphas_cumprod, expected)
+    assert sequence_aware_weights(betas).dtype == torch.float64
+    assert torch.equal(sequence_aware_weights(betas), sequence_aware_weights(torch.tensor(betas, dtype=torch.float64)))
+    SequenceAwareLoss([0.1, 0.999], num_steps=2)
+    for bad in ([0.1], [[0.1, 0.2], [0.2, 0.3]], [0.1, 1.0], [0.1, 1.5], [0.0, 0.1]):
+        with pytest.raises(ValueError, match="betas|beta"):
+            SequenceAwareLoss(bad, num_steps=1)
+    with pytest.raises(ValueError, match="num_steps"):
+        SequenceAwareLoss([0.1, 0.2], num_steps=3)
+    SequenceAwareLoss([0.1, 0.2], num_steps=2)  # K = T
+
+
+def test_from_scheduler_config_reads_every_schedule_setting():
+    """T, β_start, β_end, the schedule and trained βs, from a config dict or an object with attributes."""
+    from types import SimpleNamespace
+
+    settings = dict(num_train_timesteps=30, beta_start=2e-4, beta_end=0.05, beta_schedule="scaled_linear")
+    expected = torch.cumprod(1 - betas_for_schedule(30, 2e-4, 0.05, "scaled_linear"), 0)
+    for config in (dict(settings), SimpleNamespace(**settings), DDPMScheduler(**settings).config):
+        loss = SequenceAwareLoss.from_scheduler_config(config, num_steps=3)
+        assert loss.num_steps == 3 and torch.allclose(loss.alphas_cumprod, expected, rtol=1e-12, atol=0)
+    trained = torch.linspace(1e-3, 0.1, 20, dtype=torch.float64)
+    for config in (dict(trained_betas=trained.tolist()), SimpleNamespace(trained_betas=trained.tolist())):
+        loss = SequenceAwareLoss.from_scheduler_config(config)
+        assert torch.equal(loss.alphas_cumprod, torch.cumprod(1 - trained, 0))
+    defaults = SequenceAwareLoss.from_scheduler_config(SimpleNamespace())  # diffusers' DDPMScheduler defaults
+    assert torch.allclose(defaults.alphas_cumprod, torch.cumprod(1 - betas_for_schedule(1000), 0), rtol=1e-12)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Theorem 2 and the estimation gap
 

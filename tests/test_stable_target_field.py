@@ -168,20 +168,32 @@ def test_vp_epsilon_target_matches_vp_kernel_formula():
 
 
 def test_edm_loss_is_one_per_element_for_the_optimal_denoiser_of_gaussian_data():
-    # For y ~ N(0, σ_d² I) the ideal denoiser is σ_d²/(σ_d²+σ²)·x and E[(D* − y)²] = σ_d²σ²/(σ_d²+σ²); EDM's weight
-    # λ(σ) = (σ²+σ_d²)/(σ·σ_d)² makes the expected loss exactly 1 at every σ.
+    # For y ~ N(μ, σ_d² I) the ideal denoiser is μ + σ_d²/(σ_d²+σ²)·(x − μ) and E[(D* − y)²] = σ_d²σ²/(σ_d²+σ²); EDM's
+    # weight λ(σ) = (σ²+σ_d²)/(σ·σ_d)² makes the expected loss exactly 1 at every σ. μ ≠ 0, so a loss that noises or
+    # compares anything but y itself (a sign, a dropped offset) cannot pass by the symmetry of zero-mean data.
+    mu = 0.3
     g = torch.Generator().manual_seed(6)
     loss = EDMLoss(sigma_data=0.5)
-    y = 0.5 * torch.randn(4000, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = mu + 0.5 * torch.randn(4000, 1, 4, 4, generator=g, dtype=torch.float64)
 
     def ideal(x, sigma, class_labels=None):
         s = sigma.reshape(-1, 1, 1, 1).double()
-        return 0.25 / (0.25 + s**2) * x
+        return mu + 0.25 / (0.25 + s**2) * (x - mu)
 
     per_pixel = EDMLoss(sigma_data=0.5, reduction="mean")(ideal, y, generator=g).loss
-    assert abs(per_pixel.mean().item() - 1.0) < 0.03
-    sigma = loss.sample_sigma(20000, torch.Generator().manual_seed(7))
-    assert abs(sigma.log().mean().item() + 1.2) < 0.03 and abs(sigma.log().std().item() - 1.2) < 0.03
+    # given σ, each element of λ·(D* − y)² is a χ²₁ variable: the mean of 64000 has a standard error of 0.0056
+    assert abs(per_pixel.mean().item() - 1.0) < 0.025
+    # sample by sample, with σ and n given: λ(σ)·mean((D*(y + σn) − y)²), computed here
+    sigma = torch.exp(-1.2 + 1.2 * torch.randn(4000, generator=g, dtype=torch.float64))
+    n = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    s = sigma.reshape(-1, 1, 1, 1)
+    expected = ((s**2 + 0.25) / (s * 0.5) ** 2 * (ideal(y + s * n, sigma) - y) ** 2).mean((1, 2, 3))
+    given = EDMLoss(sigma_data=0.5, reduction="mean")(ideal, y, sigma=sigma, noise=n).loss
+    torch.testing.assert_close(given, expected, rtol=2e-6, atol=0)  # σ enters the loss in float32
+    # ln σ ~ N(P_mean, P_std²): σ is exp(−1.2 + 1.2·z) for the generator's standard normal z
+    drawn = loss.sample_sigma(20000, torch.Generator().manual_seed(7))
+    z = torch.randn(20000, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(drawn, (z * 1.2 - 1.2).exp(), rtol=1e-6, atol=0)
     torch.testing.assert_close(loss.weight(torch.tensor([0.5])), torch.tensor([8.0]))
 
 

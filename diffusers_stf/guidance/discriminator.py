@@ -4,7 +4,7 @@
 
 As DG's ``edm_sampler``: the first-order (Euler) evaluation of each Heun step uses ``weight_first_order`` (DG's
 ``dg_weight_1st_order``, default 2), the Heun corrector ``weight_second_order`` (default 0), and the discriminator
-guides only for σ in DG's VP-time window [0.01, 1] (σ ∈ [0.0447, 152.3]). Since the Heun update averages the two
+guides only for σ in DG's VP-time window [0.01, 1] (σ ∈ [0.0447, 152.2]). Since the Heun update averages the two
 slopes, the Euler slope's guidance enters a Heun step with weight w₁/2 and the final Euler step with w₁ (as in DG).
 """
 
@@ -20,7 +20,7 @@ from .base import GuidanceTerm, GuidedEvaluation, Sigma, check_weight, per_sampl
 
 DG_TIME_MIN, DG_TIME_MAX = 0.01, 1.0  # DG generate.py: the VP-time window in which guidance is applied
 DG_GUIDANCE_SIGMA_MIN = float(vp_sigma(DG_TIME_MIN))  # ≈ 0.0447
-DG_GUIDANCE_SIGMA_MAX = float(vp_sigma(DG_TIME_MAX))  # ≈ 152.3
+DG_GUIDANCE_SIGMA_MAX = float(vp_sigma(DG_TIME_MAX))  # ≈ 152.2
 
 
 def discriminator_correction(discriminator, sample: torch.Tensor, sigma: Sigma,
