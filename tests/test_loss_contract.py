@@ -169,10 +169,11 @@ def test_invalid_loss_settings_are_refused_by_name(make, word):
 
 
 def test_boundary_settings_are_accepted():
-    """The other side of each boundary above: the smallest valid values construct."""
-    VPLoss(beta_d=0.5, beta_min=0.0)
-    DenoisingScoreMatchingLoss(sigmas=[0.5])  # one noise level is a table
-    DenoisingScoreMatchingLoss(sigma_sampling="log_uniform", sigma_min=0.2, sigma_max=0.3)
+    """The other side of each boundary above: the smallest valid values construct and keep them."""
+    assert VPLoss(beta_d=0.5, beta_min=0.0).preconditioning.beta_min == 0.0
+    assert DenoisingScoreMatchingLoss(sigmas=[0.5]).sigmas.tolist() == [0.5]  # one noise level is a table
+    log_uniform = DenoisingScoreMatchingLoss(sigma_sampling="log_uniform", sigma_min=0.2, sigma_max=0.3)
+    assert (log_uniform.sigma_min, log_uniform.sigma_max) == (0.2, 0.3)
 
 
 def test_settings_reach_the_preconditioning_and_the_reduction():
