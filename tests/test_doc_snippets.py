@@ -304,3 +304,18 @@ def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
     assert broken_links(str(tmp_path), ["README.md", "docs/c.md"]) == [
         "README.md: docs/b.md (no such file)", "README.md: docs/a.md#results (no heading #results)",
         "docs/c.md: #results (no heading #results)"]
+
+
+def test_pip_install_diffusers_stf_appears_only_as_what_works_once_published():
+    """The package is not on PyPI: wherever the index name appears (pages, card templates, code), the same line says
+    it works only once published."""
+    files = [os.path.join(ROOT, p) for p in PAGES]
+    for folder, _, names in os.walk(os.path.join(ROOT, "diffusers_stf")):
+        files += [os.path.join(folder, n) for n in names if n.endswith((".py", ".md"))]
+    offending = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if "pip install diffusers-stf" in line and "published" not in line:
+                    offending.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
+    assert not offending, "\n".join(offending)
