@@ -688,7 +688,11 @@ def test_model_cards_carry_metadata_the_hub_parses(cards):
         assert data.datasets == ["someone/digits"]
         guides = template in ("discriminator.md", "classifier.md")
         assert data.base_model == ("someone/edm-digits" if guides else None)
-        assert "pip install diffusers-stf" in card.text and "pip install -e" not in card.text
+        # how to install today (not on PyPI yet: a checkout or its wheel), and the index name only as a promise
+        assert "not on PyPI yet" in card.text and "`pip install .` in a checkout" in card.text, template
+        assert "`pip install dist/diffusers_stf-*.whl`" in card.text and "pip install -e" not in card.text
+        assert card.text.count("pip install diffusers-stf") == 1, template
+        assert "pip install diffusers-stf` once it is published" in card.text, template
         assert not re.search(r"https://github\.com/?(?=[\s)\]]|$)", card.text), template
         blocks = python_blocks(card.text)
         assert len(blocks) == 2, template
@@ -811,6 +815,37 @@ def test_repo_is_created_early_and_a_failed_upload_keeps_files_and_prints_the_re
     assert '"me/run"' in (folder / "README.md").read_text()
     with pytest.raises(SystemExit, match="not a folder"):
         push.main([str(tmp_path / "missing"), "--hub_model_id", "me/run"])
+
+
+def test_the_retry_points_a_card_written_for_a_local_folder_at_the_repo(saved, tmp_path, monkeypatch):
+    """A run's card names its folder relatively or by name, never by its absolute path; the retry of a push, from
+    any working directory, points every snippet naming that folder at the repo and leaves other folders alone."""
+    import re
+    import shutil
+
+    from diffusers_stf.hub.push import point_card_at_repo
+    from diffusers_stf.training.model_card import ModelCardInfo, local_name, write_model_card
+
+    usage = 'from diffusers_stf import EDMPipeline\npipeline = EDMPipeline.from_pretrained("{repo}")\n' \
+            'guide = EDMPipeline.from_pretrained("runs/stf-guide")'
+    (tmp_path / "elsewhere").mkdir()
+    for cwd, expected in ((tmp_path, "runs/stf"), (tmp_path / "elsewhere", "stf")):
+        folder = tmp_path / "runs" / "stf"
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(saved["edm_heun"][0], folder)
+        monkeypatch.chdir(cwd)
+        name = local_name(str(folder))
+        assert name == expected
+        write_model_card(str(folder), ModelCardInfo(usage=usage), name)
+        text = (folder / "README.md").read_text()
+        snippets = "".join(re.findall(r"```python\n(.*?)```", text, re.S))
+        assert str(tmp_path) not in snippets and snippets.count(f'from_pretrained("{expected}"') == 2
+        monkeypatch.chdir(tmp_path / "elsewhere" if cwd == tmp_path else tmp_path)  # the retry runs elsewhere
+        assert point_card_at_repo(str(folder), "me/stf")
+        text = (folder / "README.md").read_text()
+        assert text.count('from_pretrained("me/stf"') == 2 and f'from_pretrained("{expected}"' not in text
+        assert 'from_pretrained("runs/stf-guide")' in text
+        assert not point_card_at_repo(str(folder), "me/stf")
 
 
 def load_example(name):

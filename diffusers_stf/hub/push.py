@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 from typing import List, Optional, Sequence
 
@@ -147,13 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def point_card_at_repo(output_dir: str, repo_id: str) -> bool:
-    """Replace the local folder in ``README.md``'s snippets by ``repo_id``; returns whether the card changed."""
+    """Replace the local folder in ``README.md``'s snippets by ``repo_id``; returns whether the card changed.
+
+    A card written for a local folder names it in ``from_pretrained("…")`` by its path relative to the run's working
+    directory, by its name, or by its absolute path (``training.model_card.local_name``); each is a trailing part of
+    the folder's absolute path, whatever the working directory is now."""
     card = os.path.join(output_dir, "README.md")
     if not os.path.isfile(card):
         return False
     with open(card, encoding="utf-8") as f:
         text = f.read()
-    new = text.replace(f'"{os.path.abspath(output_dir)}"', f'"{repo_id}"')
+    parts = os.path.abspath(output_dir).split(os.sep)
+    names = {os.path.abspath(output_dir)} | {os.sep.join(parts[i:]) for i in range(1, len(parts)) if parts[i]}
+
+    def repoint(match):
+        return f'{match.group(1)}"{repo_id}"' if os.path.normpath(match.group(2)) in names else match.group(0)
+
+    new = re.sub(r'(from_pretrained\()"([^"\n]+)"', repoint, text)
     if new != text:
         with open(card, "w", encoding="utf-8") as f:
             f.write(new)

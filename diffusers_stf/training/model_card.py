@@ -16,7 +16,9 @@ from importlib import resources
 from typing import Dict, List, Optional
 
 DEFAULT_TEMPLATE = "unconditional_image_generation.md"
-INSTALL = "pip install diffusers-stf"
+# How to install the package, as a clause of a card's sentence: it is not on PyPI yet
+INSTALL = ("not on PyPI yet: `pip install .` in a checkout of its source, or `python -m build` there and "
+           "`pip install dist/diffusers_stf-*.whl`; `pip install diffusers-stf` once it is published")
 
 DEFAULT_USAGE = """import torch
 from diffusers_stf import EDMPipeline
