@@ -17,6 +17,7 @@ Conventions of the pages (also in docs/testing.md):
   seconds (or a GPU) here; the rest runs with the page's own values.
 """
 
+import ast
 import os
 import re
 import shutil
@@ -226,11 +227,30 @@ def as_run(code):
 NAMESPACES = {}  # page → (namespace, index of the next block to run)
 
 
+def assigned_names(code):
+    """The names a block binds at its top level (assignments, imports, definitions, for-loop targets)."""
+    names = set()
+    for node in ast.parse(code).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name != "*"}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        else:
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign, ast.For)) else []
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
 def run_block(page, n, code, placeholders, monkeypatch):
+    """Runs the block in its page's namespace and checks that it ran to its end: every name it binds is bound."""
     monkeypatch.chdir(placeholders)
     monkeypatch.setenv("DIFFUSERS_STF_CACHE", str(placeholders / "cache"))
     monkeypatch.syspath_prepend(str(placeholders))
-    exec(compile(as_run(code), f"{page} (block {n})", "exec"), NAMESPACES[page][0])
+    namespace = NAMESPACES[page][0]
+    exec(compile(as_run(code), f"{page} (block {n})", "exec"), namespace)
+    missing = assigned_names(as_run(code)) - namespace.keys()
+    assert not missing, f"{page} block {n} ended before binding {sorted(missing)}"
 
 
 @pytest.mark.parametrize("page,n", [(b[0], b[1]) for b in RUNNABLE], ids=[f"{b[0]}-{b[1]}" for b in RUNNABLE])
