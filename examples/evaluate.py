@@ -52,6 +52,7 @@ from diffusers_stf.evaluation import (
     score_features,
 )
 from diffusers_stf.evaluation.classification import class_statistics
+from diffusers_stf.evaluation.sampler_options import add_sampler_args, parse_json_options
 
 DEFAULT_REFERENCES = ["digits:train", "digits:heldout"]
 
@@ -86,14 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     stream = parser.add_argument_group("streaming evaluation of a pipeline (instead of samples)")
     stream.add_argument("--pipeline", default=None, help="folder saved with pipeline.save_pretrained")
     stream.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    stream.add_argument("--num_inference_steps", type=int, default=18, help="sampler steps (Heun: 2N-1 NFE)")
-    stream.add_argument("--scheduler", default=None, help="heun | stochastic | euler | a scheduler class name")
-    stream.add_argument("--s_churn", type=float, default=None, help="EDM S_churn (stochastic scheduler)")
-    stream.add_argument("--s_tmin", type=float, default=None)
-    stream.add_argument("--s_tmax", type=float, default=None)
-    stream.add_argument("--s_noise", type=float, default=None)
-    stream.add_argument("--scheduler_kwargs", default="{}", help="JSON of other scheduler config overrides")
-    stream.add_argument("--pipeline_kwargs", default="{}", help="JSON of extra pipeline call options (guidance)")
+    add_sampler_args(stream)
     stream.add_argument("--state_dir", default=None, help="checkpoints of the run (default <pipeline>/eval_state/...)")
     stream.add_argument("--checkpoint_every", type=int, default=10, help="batches between checkpoints")
     args = parser.parse_args(argv)
@@ -108,14 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < minimum:
             parser.error(f"--{name} must be >= {minimum}, got {value}")
-    for name in ("scheduler_kwargs", "pipeline_kwargs"):
-        try:
-            value = json.loads(getattr(args, name))
-        except json.JSONDecodeError as err:
-            parser.error(f"--{name} must be a JSON object: {err}")
-        if not isinstance(value, dict):
-            parser.error(f"--{name} must be a JSON object, got {getattr(args, name)!r}")
-        setattr(args, name, value)
+    parse_json_options(parser, args)
     return args
 
 
@@ -146,15 +133,12 @@ def format_report(result: Dict[str, object]) -> str:
 
 def _streaming_pipeline(args):
     """The pipeline of ``--pipeline`` with the scheduler options applied, and the settings that determine its images."""
-    from diffusers_stf.evaluation.sampling import load_pipeline, make_scheduler, pipeline_with_scheduler
+    from diffusers_stf.evaluation.sampler_options import apply_scheduler_args
+    from diffusers_stf.evaluation.sampling import load_pipeline
     from diffusers_stf.evaluation.streaming import pipeline_folder_fingerprint
 
     pipe = load_pipeline(args.pipeline, device=args.device)
-    overrides = {k: getattr(args, k) for k in ("s_churn", "s_tmin", "s_tmax", "s_noise") if getattr(args, k) is not None}
-    overrides.update(args.scheduler_kwargs)
-    if args.scheduler is not None or overrides:
-        name = args.scheduler or type(pipe.scheduler).__name__
-        pipe = pipeline_with_scheduler(pipe, make_scheduler(pipe.scheduler, name, **overrides))
+    pipe = apply_scheduler_args(pipe, args)
     settings = {
         "pipeline_files": pipeline_folder_fingerprint(args.pipeline),
         "pipeline_class": type(pipe).__name__,

@@ -49,9 +49,9 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_stf.evaluation.images import to_uint8
+from diffusers_stf.evaluation.sampler_options import add_sampler_args, apply_scheduler_args, parse_json_options
 from diffusers_stf.evaluation.sampling import (
-    generate_batch, load_guide_unet, load_pipeline, make_scheduler, pipeline_num_classes, pipeline_with_guide,
-    pipeline_with_scheduler,
+    generate_batch, load_guide_unet, load_pipeline, pipeline_num_classes, pipeline_with_guide,
 )
 from diffusers_stf.evaluation.streaming import pipeline_folder_fingerprint
 
@@ -70,14 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_images", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    parser.add_argument("--num_inference_steps", type=int, default=18, help="sampler steps (Heun: 2N-1 NFE)")
-    parser.add_argument("--scheduler", default=None, help="heun | stochastic | euler | a scheduler class name")
-    parser.add_argument("--s_churn", type=float, default=None, help="EDM S_churn (stochastic scheduler)")
-    parser.add_argument("--s_tmin", type=float, default=None)
-    parser.add_argument("--s_tmax", type=float, default=None)
-    parser.add_argument("--s_noise", type=float, default=None)
-    parser.add_argument("--scheduler_kwargs", default="{}", help="JSON of other scheduler config overrides")
-    parser.add_argument("--pipeline_kwargs", default="{}", help="JSON of extra pipeline call options (guidance)")
+    add_sampler_args(parser)
     parser.add_argument("--class_labels", default=None,
                         help="class-conditional pipelines: 'cycle' (default: the image of seed s is class s mod K) or "
                              "one class index for every image")
@@ -96,14 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
-    for name in ("scheduler_kwargs", "pipeline_kwargs"):
-        try:
-            value = json.loads(getattr(args, name))
-        except json.JSONDecodeError as err:
-            parser.error(f"--{name} must be a JSON object: {err}")
-        if not isinstance(value, dict):
-            parser.error(f"--{name} must be a JSON object, got {getattr(args, name)!r}")
-        setattr(args, name, value)
+    parse_json_options(parser, args)
     if args.class_labels is not None and args.class_labels != "cycle":
         try:
             args.class_labels = int(args.class_labels)
@@ -228,11 +214,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.pipeline, device=device)
-    overrides = {k: getattr(args, k) for k in ("s_churn", "s_tmin", "s_tmax", "s_noise") if getattr(args, k) is not None}
-    overrides.update(args.scheduler_kwargs)
-    if args.scheduler is not None or overrides:
-        name = args.scheduler or type(pipe.scheduler).__name__
-        pipe = pipeline_with_scheduler(pipe, make_scheduler(pipe.scheduler, name, **overrides))
+    pipe = apply_scheduler_args(pipe, args)
     if args.guide_unet is not None:
         pipe = pipeline_with_guide(pipe, load_guide_unet(args.guide_unet).to(pipe.device))
     num_classes = pipeline_num_classes(pipe)

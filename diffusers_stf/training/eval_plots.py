@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional, Sequence
 
 import numpy as np
+
+from .plots import save_figure
 
 
 def plot_evaluation_curves(rows: Sequence[Dict], path: str, title: Optional[str] = None) -> Optional[str]:
@@ -48,14 +49,4 @@ def plot_evaluation_curves(rows: Sequence[Dict], path: str, title: Optional[str]
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_figure(fig, path)

@@ -17,6 +17,24 @@ from ..evaluation.images import image_grid, save_png
 SIGMA_LOSS_PREFIX = "loss_sigma_"
 
 
+def save_figure(fig, path: str) -> str:
+    """Save a matplotlib figure as a PNG under a temporary name, then rename it to ``path`` (a killed write leaves no
+    truncated plot behind), and close it; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def sampler_caption(step: int, pipeline=None, num_inference_steps: Optional[int] = None) -> str:
     """``"step 500 · EDMHeunScheduler, 18 steps"``: what a validation grid shows."""
     parts = [f"step {int(step)}"]
@@ -129,17 +147,7 @@ def plot_loss_curves(rows: Sequence[Dict], path: str, title: Optional[str] = Non
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_figure(fig, path)
 
 
 def record_validation(accelerator, grid_path: Optional[str], step: int, log_dir: str,
