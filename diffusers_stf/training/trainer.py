@@ -27,19 +27,17 @@ from ..hub import write_model_remote_code
 from ..hub.push import DEFAULT_IGNORE, check_hub_settings, create_repo_early, push_or_explain
 from ..losses import LossOutput
 from .accelerator import check_launcher, launcher_pid, make_accelerator, step_generator, to_device
-from .checkpoints import (
-    kill_point, list_checkpoints, load_checkpoint, read_state, register_model_hooks, resolve_checkpoint,
-    save_checkpoint, save_weights, saved_state,
-)
+from .checkpoints import kill_point, list_checkpoints, register_model_hooks, save_weights, saved_state
 from .config import TrainingConfig
 from .data import ArrowImages, BatchSchedule, ImageData, derived_seed
-from .ema import HalfLifeEMA, WarmupEMA
 from .finished_run import FINISHED_FILE, finished_record, write_finished
 from .global_batch import BatchShare, global_indices, share_of, take_rows
 from .metrics_log import MetricsLogger
 from .plots import record_validation, sampler_caption
 from .model_card import ModelCardInfo, hub_dataset_ids, local_name, write_model_card
-from .resume_settings import apply_changed_settings, check_resume_settings, run_fingerprint
+from .optimization import make_ema, make_lr_scheduler, make_optimizer, optimizer_settings, warmup_steps
+from .resume_settings import run_fingerprint
+from .run_checkpoints import RunCheckpoints
 from .run_folder import final_save_error, install_folder, open_run_folder
 from .validation import check_sampling_steps, sample_grid
 
@@ -68,7 +66,7 @@ class NonFiniteLossError(FloatingPointError):
 LossFn = Callable[[torch.nn.Module, Dict[str, torch.Tensor], torch.Generator], Union[LossOutput, torch.Tensor]]
 
 
-class Trainer:
+class Trainer(RunCheckpoints):
     """Train ``model`` on ``data`` by minimising ``loss_fn``; EMA, checkpoints, logs, grids, card, Hub.
 
     Args:
@@ -114,11 +112,8 @@ class Trainer:
             # the grids' sampler takes the run's settings: a refusal stops the run now, not after training
             check_sampling_steps(make_pipeline(model).scheduler, config.num_inference_steps)
         self.hub_ignore_patterns = tuple(hub_ignore_patterns)
-        self.optimizer = optimizer or torch.optim.AdamW(
-            model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
-        self.optimizer_settings = {"class": type(self.optimizer).__name__,
-                                   **{k: v for k, v in self.optimizer.defaults.items() if k != "params"}}
+        self.optimizer = optimizer or make_optimizer(config, model.parameters())
+        self.optimizer_settings = optimizer_settings(self.optimizer)
         acc = self.accelerator
         self.schedule = BatchSchedule(len(data), config.train_batch_size, config.seed, acc.num_processes,
                                       acc.process_index)
@@ -148,14 +143,9 @@ class Trainer:
         epochs = config.num_epochs or config.default_num_epochs
         self.max_steps = config.max_train_steps or epochs * self.steps_per_epoch
         self.global_batch = self.schedule.global_batch * self.accumulation
-        warmup = config.lr_warmup_steps
-        if warmup is None:
-            warmup = round(config.lr_rampup_kimg * 1000 / self.global_batch)
-        from diffusers.optimization import get_scheduler
-
-        self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=warmup,
-                                          num_training_steps=self.max_steps)
-        self.fingerprint = run_fingerprint(config, model, self.optimizer_settings, warmup, data, acc.num_processes,
+        self.lr_scheduler = make_lr_scheduler(config, self.optimizer, self.global_batch, self.max_steps)
+        self.fingerprint = run_fingerprint(config, model, self.optimizer_settings,
+                                           warmup_steps(config, self.global_batch), data, acc.num_processes,
                                            self.accumulation, self.global_batch, self.max_steps,
                                            self.global_draws, fingerprint)
         self.validation_steps = config.validation_steps
@@ -208,12 +198,6 @@ class Trainer:
         batch["share"] = self.share
         return batch, generator
 
-    def trainer_state(self, wall_time: float, reason: str = "steps") -> Dict:
-        return {"step": self.step, "reason": reason, "nimg": self.nimg, "epoch": self.step // self.steps_per_epoch,
-                "wall_time": round(wall_time, 3), "lr_scheduler": self.lr_scheduler.state_dict(),
-                "num_processes": self.accelerator.num_processes, "run_id": self.run_id,
-                "fingerprint": self.fingerprint}
-
     def validate(self, path: str) -> Optional[str]:
         """Sample grid (or ``validation_fn``) of the EMA weights, captioned with the step and the sampler, on the main
         process; the grid also goes to the tracker, and ``logs/loss.png`` is redrawn."""
@@ -232,41 +216,6 @@ class Trainer:
             record_validation(acc, out, self.step, self.run_folder.log_dir, caption)
         acc.wait_for_everyone()
         return out
-
-    def check_settings(self, path: str) -> bool:
-        """Compare the checkpoint's fingerprint with this run's (see :func:`check_resume_settings`); returns whether
-        the resume is exact."""
-        return check_resume_settings(read_state(path), self.fingerprint, path, self.config.allow_changed_settings,
-                                     self.accelerator.print)
-
-    def resume(self, metrics: MetricsLogger):
-        """Continue the run in ``output_dir`` (``resume_from_checkpoint``) or start a new one there."""
-        config, acc, folder = self.config, self.accelerator, self.run_folder
-        self.run_id = folder.run_id
-        latest = config.resume_from_checkpoint == "latest"
-        path = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint,
-                                  run_id=folder.run_id if folder.from_disk and latest else None, warn=acc.print)
-        if path is not None and int(read_state(path).get("step", 0)) > self.max_steps:
-            length = (f"--max_train_steps {config.max_train_steps}" if config.max_train_steps else
-                      f"the run's length ({self.max_steps} steps from --num_epochs)")
-            raise ValueError(f"{length} is smaller than step {read_state(path).get('step')} of checkpoint {path!r}: "
-                             "that run already trained further. Give a length of at least that step to continue it, "
-                             "or --overwrite_output_dir to start a new run.")
-        if path is None:
-            if latest:
-                acc.print(f"No checkpoint in {self.output_dir}; starting a new run.")
-            acc.wait_for_everyone()
-            metrics.truncate(0)
-            return
-        exact = self.check_settings(path)
-        state = load_checkpoint(acc, path, self.ema, exact=exact)
-        self.step, self.nimg = int(state["step"]), int(state["nimg"])
-        self.wall_offset = float(state.get("wall_time", 0.0))
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if not exact:
-            apply_changed_settings(self.optimizer, self.lr_scheduler, self.optimizer_settings, config.learning_rate)
-        metrics.truncate(self.step)
-        acc.print(f"Resumed from {path} at step {self.step}.")
 
     def check_finite(self, first_bad: torch.Tensor):
         """Raise :class:`NonFiniteLossError` naming the first step whose loss was NaN or ±inf (on any process)."""
@@ -309,12 +258,7 @@ class Trainer:
                   f"({self.max_steps / self.steps_per_epoch:.3g} epochs of {self.steps_per_epoch} steps)")
         segment_start = time.time()
         self.run_folder.start()
-        unwrapped = self.model
-        if config.use_ema:
-            self.ema = WarmupEMA(unwrapped, config.ema_inv_gamma, config.ema_power, config.ema_max_decay)
-        else:
-            self.ema = HalfLifeEMA(unwrapped, config.ema_halflife_kimg, config.ema_rampup_ratio)
-        self.ema.to(acc.device)
+        self.ema = make_ema(config, self.model).to(acc.device)
         acc.print(f"EMA: {self.ema.rule}")
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         register_model_hooks(acc)
@@ -380,27 +324,6 @@ class Trainer:
         progress.close()
         self.check_finite(first_bad)
         return self.finish(wall_time, metrics)
-
-    def save_checkpoint(self, wall_time: float, reason: str) -> str:
-        path = save_checkpoint(self.accelerator, self.output_dir, self.step, self.ema,
-                               self.trainer_state(wall_time, reason), self.config.checkpoints_total_limit,
-                               run_id=self.run_id)
-        self.last_checkpoint = time.monotonic()
-        return path
-
-    def checkpoint_due_by_time(self) -> bool:
-        """Whether ``checkpointing_minutes`` have passed since the last checkpoint (or the start of this segment), by
-        the main process's clock, so that every process takes the same decision (called at logging steps, which
-        wait for the device anyway)."""
-        minutes, acc = self.config.checkpointing_minutes, self.accelerator
-        if not minutes:
-            return False
-        due = time.monotonic() - self.last_checkpoint >= 60 * minutes
-        if acc.num_processes > 1:
-            from accelerate.utils import broadcast
-
-            due = bool(broadcast(torch.tensor(due, device=acc.device), from_process=0))
-        return due
 
     def finish(self, wall_time: Callable[[], float], metrics: MetricsLogger) -> TrainingResult:
         """Final grid, ``save_pretrained`` folder, model card, summary, and last the Hub upload (main process; a

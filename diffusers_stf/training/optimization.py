@@ -1,0 +1,46 @@
+"""What a run optimises with, from its :class:`~diffusers_stf.training.config.TrainingConfig`: the optimizer, the
+learning-rate schedule and the moving average of the weights."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable
+
+import torch
+
+from .config import TrainingConfig
+from .ema import HalfLifeEMA, MovingAverage, WarmupEMA
+
+
+def make_optimizer(config: TrainingConfig, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW with the ``adam_*`` settings and ``learning_rate`` of ``config``."""
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> Dict:
+    """The optimizer's class and defaults (learning rate, betas, …), for the run's fingerprint."""
+    return {"class": type(optimizer).__name__, **{k: v for k, v in optimizer.defaults.items() if k != "params"}}
+
+
+def warmup_steps(config: TrainingConfig, global_batch: int) -> int:
+    """The learning-rate warm-up in optimizer steps: ``lr_warmup_steps``, else ``lr_rampup_kimg`` thousand images of
+    ``global_batch`` each, rounded."""
+    if config.lr_warmup_steps is not None:
+        return config.lr_warmup_steps
+    return round(config.lr_rampup_kimg * 1000 / global_batch)
+
+
+def make_lr_scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer, global_batch: int, max_steps: int):
+    """diffusers' ``get_scheduler(config.lr_scheduler)`` with the warm-up of :func:`warmup_steps`, stepped once per
+    optimizer step."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(config, global_batch),
+                         num_training_steps=max_steps)
+
+
+def make_ema(config: TrainingConfig, model: torch.nn.Module) -> MovingAverage:
+    """diffusers' warm-up EMA with ``use_ema``, else EDM's half-life EMA (see :mod:`~diffusers_stf.training.ema`)."""
+    if config.use_ema:
+        return WarmupEMA(model, config.ema_inv_gamma, config.ema_power, config.ema_max_decay)
+    return HalfLifeEMA(model, config.ema_halflife_kimg, config.ema_rampup_ratio)
