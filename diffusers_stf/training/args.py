@@ -107,11 +107,15 @@ def add_optimization_args(parser: argparse.ArgumentParser):
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--learning_rate", type=float, default=1e-3)
     g.add_argument("--lr_scheduler", type=str, default="constant_with_warmup", choices=LR_SCHEDULERS,
-                   help="EDM: linear warm-up, then constant (constant_with_warmup)")
+                   help="EDM: linear warm-up, then constant (constant_with_warmup); EDM2: inverse_sqrt, "
+                        "lr/sqrt(max(step/--lr_ref_steps, 1)) after the warm-up")
     g.add_argument("--lr_warmup_steps", type=int, default=None,
                    help="warm-up length in optimizer steps (default: from --lr_rampup_kimg)")
     g.add_argument("--lr_rampup_kimg", type=float, default=6.4,
-                   help="EDM's warm-up length in thousands of training images (EDM CIFAR: 10000)")
+                   help="EDM's warm-up length in thousands of training images (EDM CIFAR: 10000; EDM2: 10000)")
+    g.add_argument("--lr_ref_steps", type=float, default=70000.0,
+                   help="--lr_scheduler inverse_sqrt: the optimizer step t_ref where the 1/sqrt decay starts "
+                        "(EDM2's ref_batches: 70000 for ImageNet-512, 35000 for ImageNet-64); 0: no decay")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
@@ -317,6 +321,9 @@ def apply_diffusers_flags(args: argparse.Namespace, explicit: frozenset) -> List
                                  "does not train a DDPM noise predictor")
     else:
         map_ddpm_flags(args, explicit)
+    if "lr_ref_steps" in explicit and args.lr_scheduler != "inverse_sqrt":
+        raise ValueError(f"--lr_ref_steps sets the decay of --lr_scheduler inverse_sqrt; this run's schedule is "
+                         f"{args.lr_scheduler}")
     if args.use_ema and explicit & {"ema_halflife_kimg", "ema_rampup_ratio"}:
         raise ValueError("--use_ema (diffusers' warm-up EMA) and --ema_halflife_kimg/--ema_rampup_ratio (EDM's "
                          "half-life EMA) choose two EMA rules; give the options of one")

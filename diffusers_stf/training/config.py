@@ -18,7 +18,8 @@ MAX_SEED = 2**32 - 1
 # Adam moves every weight by about the learning rate per step; a larger one diverges at the first step, and one past
 # float32's range makes the optimizer fail without naming the option.
 MAX_LEARNING_RATE = 1.0
-LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
+LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                 "inverse_sqrt")
 TRACKERS = ("auto", "tensorboard", "wandb", "none")
 
 
@@ -169,8 +170,10 @@ class TrainingConfig:
         default_num_epochs: the script's length when neither of the two is given.
         gradient_accumulation_steps: micro-steps per optimizer step.
         learning_rate, lr_scheduler, lr_warmup_steps, lr_rampup_kimg: the learning-rate schedule (diffusers'
-            ``get_scheduler``; the warm-up from ``lr_rampup_kimg``, EDM's ramp-up in thousands of images, when
-            ``lr_warmup_steps`` is None).
+            ``get_scheduler``, or EDM2's ``inverse_sqrt``; the warm-up from ``lr_rampup_kimg``, EDM's ramp-up in
+            thousands of images, when ``lr_warmup_steps`` is None).
+        lr_ref_steps: ``inverse_sqrt``: t_ref, the optimizer step where the decay α_ref/√(t/t_ref) starts (EDM2's
+            ``ref_batches``; 0: no decay).
         adam_beta1, adam_beta2, adam_weight_decay, adam_epsilon: the default AdamW optimizer.
         max_grad_norm: gradient clipping; 0 disables it.
         seed: the training seed (initialisation, batches, every draw of the loss).
@@ -212,6 +215,7 @@ class TrainingConfig:
     lr_scheduler: str = "constant_with_warmup"
     lr_warmup_steps: Optional[int] = None
     lr_rampup_kimg: float = 6.4
+    lr_ref_steps: float = 70000.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.0
@@ -263,6 +267,7 @@ class TrainingConfig:
             raise ValueError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
         check_finite("checkpointing_minutes", self.checkpointing_minutes, 0.0)
         check_finite("lr_rampup_kimg", self.lr_rampup_kimg, 0.0)
+        check_finite("lr_ref_steps", self.lr_ref_steps, 0.0)
         check_finite("adam_beta1", self.adam_beta1, 0.0, True, 1.0, False)
         check_finite("adam_beta2", self.adam_beta2, 0.0, True, 1.0, False)
         check_finite("adam_weight_decay", self.adam_weight_decay, 0.0)

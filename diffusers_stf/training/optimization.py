@@ -3,12 +3,13 @@ learning-rate schedule and the moving average of the weights."""
 
 from __future__ import annotations
 
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Union
 
 import torch
 
 from .config import TrainingConfig
 from .ema import HalfLifeEMA, MovingAverage, WarmupEMA
+from .lr_schedules import get_inverse_sqrt_schedule
 
 
 def make_optimizer(config: TrainingConfig, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -22,21 +23,25 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> Dict:
     return {"class": type(optimizer).__name__, **{k: v for k, v in optimizer.defaults.items() if k != "params"}}
 
 
-def warmup_steps(config: TrainingConfig, global_batch: int) -> int:
+def warmup_steps(config: TrainingConfig, global_batch: int) -> Union[int, float]:
     """The learning-rate warm-up in optimizer steps: ``lr_warmup_steps``, else ``lr_rampup_kimg`` thousand images of
-    ``global_batch`` each, rounded."""
+    ``global_batch`` each, rounded (``inverse_sqrt``: not rounded, EDM2 ramps up over images)."""
     if config.lr_warmup_steps is not None:
         return config.lr_warmup_steps
-    return round(config.lr_rampup_kimg * 1000 / global_batch)
+    steps = config.lr_rampup_kimg * 1000 / global_batch
+    return steps if config.lr_scheduler == "inverse_sqrt" else round(steps)
 
 
 def make_lr_scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer, global_batch: int, max_steps: int):
-    """diffusers' ``get_scheduler(config.lr_scheduler)`` with the warm-up of :func:`warmup_steps`, stepped once per
-    optimizer step."""
+    """The schedule ``config.lr_scheduler`` with the warm-up of :func:`warmup_steps`, stepped once per optimizer
+    step: EDM2's :func:`~diffusers_stf.training.lr_schedules.get_inverse_sqrt_schedule` with t_ref =
+    ``lr_ref_steps`` for ``inverse_sqrt``, else diffusers' ``get_scheduler``."""
+    warmup = warmup_steps(config, global_batch)
+    if config.lr_scheduler == "inverse_sqrt":
+        return get_inverse_sqrt_schedule(optimizer, config.lr_ref_steps, warmup)
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(config, global_batch),
-                         num_training_steps=max_steps)
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
 
 
 def make_ema(config: TrainingConfig, model: torch.nn.Module) -> MovingAverage:

@@ -15,7 +15,7 @@ import torch
 
 from .checkpoints import fingerprint_differences, jsonable, model_fingerprint
 
-CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup", "inverse_sqrt")  # the same whatever the run's length
 
 
 def run_fingerprint(config, model, optimizer_settings: Dict, warmup: int, data, num_processes: int,
@@ -38,8 +38,10 @@ def run_fingerprint(config, model, optimizer_settings: Dict, warmup: int, data, 
         settings["data_files"] = data.content
     if global_draws and num_processes > 1:  # one process draws the same either way
         settings["global_draws"] = True
-    if config.lr_scheduler not in CONSTANT_SCHEDULES:  # the schedule's shape depends on the run's length
+    if config.lr_scheduler not in LENGTH_FREE_SCHEDULES:  # the schedule's shape depends on the run's length
         settings["max_train_steps"] = max_steps
+    if config.lr_scheduler == "inverse_sqrt":
+        settings["lr_ref_steps"] = config.lr_ref_steps
     return jsonable({"model": model_fingerprint(model), "settings": settings, "script": dict(script or {}),
                      "environment": {"torch_threads": torch.get_num_threads()}})
 
