@@ -97,8 +97,8 @@ class UNetConfig:
         looks_local = path is not None and (os.path.isabs(path) or path.startswith(".") or path.endswith(".json")
                                             or path.count("/") != 1)
         if looks_local and not os.path.exists(path):
-            raise ValueError(f"--model_config_name_or_path {path!r} does not exist (give a UNet2DModel config.json, "
-                             "a folder holding one, or a Hub model id)")
+            raise ValueError(f"--model_config_name_or_path {path!r} does not exist (give a config.json of the "
+                             "--architecture's model class, a folder holding one, or a Hub model id)")
         if path is not None and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"--model_config_name_or_path {path!r} is a folder without a config.json")
         check_levels("", self.block_out_channels, self.attention_levels)
@@ -184,6 +184,10 @@ class TrainingConfig:
             default rule.
         use_ema, ema_inv_gamma, ema_power, ema_max_decay: diffusers' warm-up EMA
             (:class:`~diffusers_stf.training.ema.WarmupEMA`) instead.
+        ema_stds: σ_rel of EDM2's power-function EMAs tracked beside that EMA, each in (0, 1/√12) (EDM2: 0.05, 0.10);
+            empty: none (:mod:`~diffusers_stf.training.power_ema`).
+        ema_snapshot_steps, ema_snapshot_kimg: their snapshots every N steps, or every N thousand images (0: at the
+            last step only).
         checkpointing_steps: a resumable checkpoint every N steps (0: never).
         checkpointing_minutes: also a checkpoint at the first logging step after this many minutes without one (0:
             never); only the newest such checkpoint is kept, and it does not count against ``checkpoints_total_limit``.
@@ -231,6 +235,9 @@ class TrainingConfig:
     ema_inv_gamma: float = 1.0
     ema_power: float = 0.75
     ema_max_decay: float = 0.9999
+    ema_stds: Tuple[float, ...] = ()
+    ema_snapshot_steps: int = 0
+    ema_snapshot_kimg: float = 0.0
     checkpointing_steps: int = 500
     checkpointing_minutes: float = 0.0
     checkpoints_total_limit: Optional[int] = 2
@@ -279,6 +286,7 @@ class TrainingConfig:
         check_finite("ema_power", self.ema_power, 0.0, False)
         check_finite("ema_max_decay", self.ema_max_decay, 0.0, True, 1.0, False)
         check_count("save_images_epochs", self.save_images_epochs)
+        self.check_power_ema()
         check_count("save_model_epochs", self.save_model_epochs)
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"--lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
@@ -292,6 +300,26 @@ class TrainingConfig:
         if self.overwrite_output_dir and self.resume_from_checkpoint:
             raise ValueError("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one; "
                              "give one of them")
+
+    def check_power_ema(self):
+        """``--ema_stds`` in (0, 1/√12), distinct, and snapshot intervals only with them (one of the two)."""
+        from ..phema import MAX_STD
+
+        stds = tuple(self.ema_stds)
+        if any(not (isinstance(s, (int, float)) and 0 < s < MAX_STD) for s in stds):
+            raise ValueError(f"--ema_stds must lie in (0, 1/sqrt(12) = {MAX_STD:.4f}) (EDM2's valid range, rounded "
+                             f"to (0, 0.289): the power-function profile needs an exponent > 0), got "
+                             f"{','.join(f'{s:g}' for s in stds)}")
+        if len({f"{s:.3f}" for s in stds}) != len(stds):
+            raise ValueError(f"--ema_stds must differ in their first three decimals (the snapshot file names), got "
+                             f"{','.join(f'{s:g}' for s in stds)}")
+        check_count("ema_snapshot_steps", self.ema_snapshot_steps, minimum=0)
+        check_finite("ema_snapshot_kimg", self.ema_snapshot_kimg, 0.0)
+        if (self.ema_snapshot_steps or self.ema_snapshot_kimg) and not stds:
+            raise ValueError("--ema_snapshot_steps/--ema_snapshot_kimg write the snapshots of --ema_stds: give "
+                             "--ema_stds too (e.g. 0.05,0.10)")
+        if self.ema_snapshot_steps and self.ema_snapshot_kimg:
+            raise ValueError("give either --ema_snapshot_steps or --ema_snapshot_kimg, not both")
 
     def length_note(self) -> Optional[str]:
         """A sentence saying which option decided the run's length when both ``max_train_steps`` and

@@ -44,6 +44,19 @@ def make_lr_scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer, 
     return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
 
 
+def finish_gradients(accelerator, model: torch.nn.Module, trained_modules, max_grad_norm: float):
+    """The gradients of an optimizer step, after its last backward pass: the ``trained_modules``' (see
+    :class:`~diffusers_stf.training.trained_modules.TrainedModules`) averaged over the processes, NaN → 0 and ±inf →
+    ±1e5 as EDM does, then clipped to ``max_grad_norm`` together (0: no clipping)."""
+    trained_modules.average_gradients(accelerator)
+    parameters = [*model.parameters(), *trained_modules.parameters()]
+    for p in parameters:
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+    if max_grad_norm:
+        accelerator.clip_grad_norm_(parameters, max_grad_norm)
+
+
 def make_ema(config: TrainingConfig, model: torch.nn.Module) -> MovingAverage:
     """diffusers' warm-up EMA with ``use_ema``, else EDM's half-life EMA (see :mod:`~diffusers_stf.training.ema`)."""
     if config.use_ema:

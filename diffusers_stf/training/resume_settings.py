@@ -34,6 +34,9 @@ def run_fingerprint(config, model, optimizer_settings: Dict, warmup: int, data, 
         "resolution": data.resolution, "channels": data.channels, "center_crop": data.center_crop,
         "random_flip": data.random_flip,
     }
+    if config.ema_stds:  # the power-function EMAs and where their snapshots fall
+        settings.update(ema_stds=list(config.ema_stds), ema_snapshot_steps=config.ema_snapshot_steps,
+                        ema_snapshot_kimg=config.ema_snapshot_kimg)
     if data.content:  # the files of a local folder: replaced images with the same count are another data set
         settings["data_files"] = data.content
     if global_draws and num_processes > 1:  # one process draws the same either way

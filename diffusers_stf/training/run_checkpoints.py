@@ -4,13 +4,14 @@ wall time, and resuming from one (see :mod:`~diffusers_stf.training.checkpoints`
 
 :class:`RunCheckpoints` is a part of :class:`~diffusers_stf.training.Trainer`, which provides ``accelerator``,
 ``config``, ``output_dir``, ``run_folder``, ``fingerprint``, ``optimizer``, ``optimizer_settings``, ``lr_scheduler``,
-``ema``, ``max_steps`` and the counters ``step``, ``nimg``, ``wall_offset``, ``run_id`` and ``last_checkpoint``.
+``ema``, ``power_ema`` (None without ``--ema_stds``), ``trained_modules``, ``max_steps`` and the counters ``step``,
+``nimg``, ``wall_offset``, ``run_id`` and ``last_checkpoint``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
@@ -21,6 +22,11 @@ from .resume_settings import apply_changed_settings, check_resume_settings
 
 class RunCheckpoints:
     """Writing, timing and resuming the checkpoints of a :class:`~diffusers_stf.training.Trainer`."""
+
+    def checkpoint_parts(self) -> List:
+        """What a checkpoint holds besides accelerate's states and the EMA: the power-function EMAs and the modules
+        trained with the network, when the run has them."""
+        return [part for part in (self.power_ema, self.trained_modules) if part]
 
     def trainer_state(self, wall_time: float, reason: str = "steps") -> Dict:
         """The ``trainer_state.json`` of a checkpoint written now (``reason``: steps, time or final)."""
@@ -51,23 +57,33 @@ class RunCheckpoints:
         if path is None:
             if latest:
                 acc.print(f"No checkpoint in {self.output_dir}; starting a new run.")
+            self.forget_snapshots_after(0)
             acc.wait_for_everyone()
             metrics.truncate(0)
             return
         exact = self.check_settings(path)
-        state = load_checkpoint(acc, path, self.ema, exact=exact)
+        state = load_checkpoint(acc, path, self.ema, exact=exact, parts=self.checkpoint_parts())
         self.step, self.nimg = int(state["step"]), int(state["nimg"])
         self.wall_offset = float(state.get("wall_time", 0.0))
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if not exact:
             apply_changed_settings(self.optimizer, self.lr_scheduler, self.optimizer_settings, config.learning_rate)
         metrics.truncate(self.step)
+        self.forget_snapshots_after(self.step)
         acc.print(f"Resumed from {path} at step {self.step}.")
+
+    def forget_snapshots_after(self, step: int):
+        """Remove the power-function EMA snapshots a killed segment wrote after ``step`` (they are written again)."""
+        if self.power_ema is not None:
+            removed = self.power_ema.forget_after(step)
+            if removed:
+                self.accelerator.print(f"Removed {len(removed)} EMA snapshot file(s) of steps after {step}, written "
+                                       "before the run stopped; they are written again as training reaches them.")
 
     def save_checkpoint(self, wall_time: float, reason: str) -> str:
         path = save_checkpoint(self.accelerator, self.output_dir, self.step, self.ema,
                                self.trainer_state(wall_time, reason), self.config.checkpoints_total_limit,
-                               run_id=self.run_id)
+                               run_id=self.run_id, parts=self.checkpoint_parts())
         self.last_checkpoint = time.monotonic()
         return path
 

@@ -35,10 +35,14 @@ from .global_batch import BatchShare, global_indices, share_of, take_rows
 from .metrics_log import MetricsLogger
 from .plots import record_validation, sampler_caption
 from .model_card import ModelCardInfo, hub_dataset_ids, local_name, write_model_card
-from .optimization import make_ema, make_lr_scheduler, make_optimizer, optimizer_settings, warmup_steps
+from .optimization import (
+    finish_gradients, make_ema, make_lr_scheduler, make_optimizer, optimizer_settings, warmup_steps,
+)
+from .power_ema import power_ema_tracking
 from .resume_settings import run_fingerprint
 from .run_checkpoints import RunCheckpoints
 from .run_folder import final_save_error, install_folder, open_run_folder
+from .trained_modules import TrainedModules
 from .validation import check_sampling_steps, sample_grid
 
 logger = logging.getLogger(__name__)
@@ -92,6 +96,9 @@ class Trainer(RunCheckpoints):
         fingerprint: the script's settings that change the maths (e.g. the loss and its parameters); together with
             the model config and the trainer's own settings they must match a checkpoint to resume it.
         hub_ignore_patterns: more patterns of files in ``output_dir`` that the Hub upload leaves out.
+        trained_modules: ``{name: module}`` trained with the model but not part of it, e.g. the log-variance head of
+            EDM2's loss (:mod:`~diffusers_stf.training.trained_modules`): optimised with it, on the device in training
+            mode, gradients averaged over the processes, saved in checkpoints.
         global_draws: every process gets the same step generator and the batch of the whole global batch's rows
             (images, crops, flips), so that a ``loss_fn`` drawing σ and noise for ``batch["share"].total`` images and
             keeping ``batch["share"]``'s rows makes the same steps with any number of processes (see
@@ -102,8 +109,10 @@ class Trainer(RunCheckpoints):
     def __init__(self, config: TrainingConfig, model: torch.nn.Module, loss_fn: LossFn, data: ImageData,
                  accelerator=None, make_pipeline: Optional[Callable] = None, validation_fn: Optional[Callable] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None, model_card: Optional[ModelCardInfo] = None,
-                 fingerprint: Optional[Dict] = None, hub_ignore_patterns: tuple = (), global_draws: bool = False):
+                 fingerprint: Optional[Dict] = None, hub_ignore_patterns: tuple = (), global_draws: bool = False,
+                 trained_modules: Optional[Dict[str, torch.nn.Module]] = None):
         self.config, self.model, self.loss_fn, self.data = config, model, loss_fn, data
+        self.trained_modules, self.power_ema = TrainedModules(trained_modules), None
         config.hub_model_id = check_hub_settings(config.push_to_hub, config.hub_model_id, config.hub_token,
                                                  config.output_dir)
         self.accelerator = accelerator if accelerator is not None else make_accelerator(config)
@@ -112,7 +121,7 @@ class Trainer(RunCheckpoints):
             # the grids' sampler takes the run's settings: a refusal stops the run now, not after training
             check_sampling_steps(make_pipeline(model).scheduler, config.num_inference_steps)
         self.hub_ignore_patterns = tuple(hub_ignore_patterns)
-        self.optimizer = optimizer or make_optimizer(config, model.parameters())
+        self.optimizer = optimizer or make_optimizer(config, [*model.parameters(), *self.trained_modules.parameters()])
         self.optimizer_settings = optimizer_settings(self.optimizer)
         acc = self.accelerator
         self.schedule = BatchSchedule(len(data), config.train_batch_size, config.seed, acc.num_processes,
@@ -260,6 +269,9 @@ class Trainer(RunCheckpoints):
         self.run_folder.start()
         self.ema = make_ema(config, self.model).to(acc.device)
         acc.print(f"EMA: {self.ema.rule}")
+        self.power_ema = power_ema_tracking(config, self.model, self.global_batch, self.max_steps, self.run_folder,
+                                            acc)
+        self.trained_modules.prepare(acc.device)
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         register_model_hooks(acc)
         metrics = MetricsLogger(acc, self.run_folder.log_dir, config.sigma_buckets)
@@ -287,11 +299,7 @@ class Trainer(RunCheckpoints):
                     objective = out.loss.mean()
                     acc.backward(objective)
                     if acc.sync_gradients:
-                        for p in self.model.parameters():  # as EDM: NaN → 0, ±inf → ±1e5
-                            if p.grad is not None:
-                                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
-                        if config.max_grad_norm:
-                            acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                        finish_gradients(acc, self.model, self.trained_modules, config.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 finite = torch.isfinite(objective.detach())
@@ -302,6 +310,8 @@ class Trainer(RunCheckpoints):
             beta = self.ema.update(acc.unwrap_model(self.model), self.nimg, self.global_batch, self.step)
             self.nimg += self.global_batch
             self.step += 1
+            if self.power_ema is not None:  # before any checkpoint of this step: a resume never lacks its snapshot
+                self.power_ema.update(self.step, self.nimg, self.global_batch)
             progress.update(1)
             kill_point("step", self.step)
             check_launcher(self.launcher, self.step)
