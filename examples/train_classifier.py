@@ -37,6 +37,7 @@ from diffusers_stf.training import EncoderConfig, ImageData, ModelCardInfo, Trai
 from diffusers_stf.training import add_training_args, encoder_config, float_list, load_score_pipeline
 from diffusers_stf.training import load_training_images, make_accelerator, parse_training_args, require_labels
 from diffusers_stf.training import training_parser
+from diffusers_stf.training.in_training_eval import EvaluationSampler
 from diffusers_stf.training.validation import check_sampling_steps
 
 DESCRIPTION = (
@@ -95,6 +96,9 @@ def check_args(args):
         raise ValueError(f"--classifier_guidance_scale must be >= 0, got {args.classifier_guidance_scale}")
     if not args.validation_sigmas or not all(sigma > 0 for sigma in args.validation_sigmas):
         raise ValueError(f"--validation_sigmas must all be > 0, got {args.validation_sigmas}")
+    if args.eval_every_steps and args.pretrained_model_name_or_path is None:
+        raise ValueError("--eval_every_steps measures the guidance metric, FD/KID of the score model guided by the "
+                         "classifier: it needs --pretrained_model_name_or_path")
     return encoder_config(args, "clf")
 
 
@@ -119,9 +123,14 @@ def heldout_accuracy(classifier, data: ImageData, sigmas, device, seed: int = 0)
     return row
 
 
+def guided_pipeline(score, classifier) -> DiscriminatorGuidedPipeline:
+    """The score model guided by ``classifier``: the grids' sampler, which ``--eval_every_steps`` measures."""
+    return DiscriminatorGuidedPipeline(score.unet, score.scheduler, classifier=classifier)
+
+
 def guided_grid(score, classifier, args, training, num_classes: int, path: str, device) -> str:
     """Unguided (left) and classifier-guided (right) samples from the same latents; row r is guided to class r mod K."""
-    pipe = DiscriminatorGuidedPipeline(score.unet, score.scheduler, classifier=classifier).to(device)
+    pipe = guided_pipeline(score, classifier).to(device)
     pipe.set_progress_bar_config(disable=True)
     n = training.num_validation_images
     nrow = max(1, math.ceil(math.sqrt(n)))
@@ -178,6 +187,18 @@ def main(argv=None):
     def make_pipeline(ema_classifier):
         return DiscriminatorGuidedPipeline(score.unet, score.scheduler, score.discriminator, ema_classifier)
 
+    def heldout_metrics(ema_classifier):  # beside the guided FD/KID of each evaluation
+        if heldout is None:
+            return {}
+        accuracy = heldout_accuracy(ema_classifier, heldout, args.validation_sigmas, accelerator.device)
+        return {f"heldout_{k}": v for k, v in accuracy.items()}
+
+    # image i is guided to class (seed of image i) mod K, with the grids' weight
+    evaluation_sampler = None if score is None else EvaluationSampler(
+        lambda ema_classifier: guided_pipeline(score, ema_classifier), training.num_inference_steps,
+        {"classifier_guidance_scale": args.classifier_guidance_scale}, extra_metrics=heldout_metrics,
+        class_cycle=num_classes)
+
     card = ModelCardInfo(
         title=f"Noise-conditional classifier for guidance on {data.name}",
         description=DESCRIPTION.format(data=data.name, num_classes=num_classes),
@@ -193,7 +214,7 @@ def main(argv=None):
                    "num_heldout_images": args.num_heldout_images, "clf_preconditioning": args.clf_preconditioning}
     trainer = Trainer(training, classifier, loss_fn, train, accelerator=accelerator,
                       make_pipeline=make_pipeline if score is not None else None, validation_fn=validation_fn,
-                      model_card=card, fingerprint=fingerprint)
+                      model_card=card, fingerprint=fingerprint, evaluation_sampler=evaluation_sampler)
     return trainer.train()
 
 

@@ -41,6 +41,7 @@ from diffusers_stf.evaluation import save_side_by_side
 from diffusers_stf.training import DataConfig, EncoderConfig, ImageData, ModelCardInfo, Trainer
 from diffusers_stf.training import add_encoder_args, add_training_args, encoder_config, float_list, load_score_pipeline
 from diffusers_stf.training import load_training_images, make_accelerator, parse_training_args, training_parser
+from diffusers_stf.training.in_training_eval import EvaluationSampler
 from diffusers_stf.training.validation import check_sampling_steps
 
 logger = logging.getLogger("train_discriminator")
@@ -133,6 +134,9 @@ def check_args(args):
         raise ValueError("--dg_weight_1st_order and --dg_weight_2nd_order must be >= 0")
     if not args.validation_sigmas or not all(sigma > 0 for sigma in args.validation_sigmas):
         raise ValueError(f"--validation_sigmas must all be > 0, got {args.validation_sigmas}")
+    if args.eval_every_steps and args.pretrained_model_name_or_path is None:
+        raise ValueError("--eval_every_steps measures the guidance metric, FD/KID of the score model guided by the "
+                         "discriminator: it needs --pretrained_model_name_or_path")
     if args.feature_extractor == "unet_encoder" and args.pretrained_model_name_or_path is None:
         raise ValueError("--feature_extractor unet_encoder needs --pretrained_model_name_or_path (the score UNet)")
     if args.feature_extractor == "transformers" and not args.backbone:
@@ -255,9 +259,14 @@ def heldout_accuracy(disc, real: ImageData, fake: ImageData, sigmas, device, see
     return row
 
 
+def guided_pipeline(score, disc) -> DiscriminatorGuidedPipeline:
+    """The score model guided by ``disc``: the grids' sampler, which ``--eval_every_steps`` measures."""
+    return DiscriminatorGuidedPipeline(score.unet, score.scheduler, disc)
+
+
 def guided_grid(score, disc, args, training, path: str, device) -> str:
     """Unguided (left) and guided (right) samples from the same latents, as one PNG."""
-    pipe = DiscriminatorGuidedPipeline(score.unet, score.scheduler, disc).to(device)
+    pipe = guided_pipeline(score, disc).to(device)
     pipe.set_progress_bar_config(disable=True)
     n = training.num_validation_images
     kwargs = dict(batch_size=n, num_inference_steps=training.num_inference_steps, output_type="pt")
@@ -334,7 +343,18 @@ def main(argv=None):
         return guided_grid(score, ema_disc, args, training, path, device) if score is not None else None
 
     def make_pipeline(ema_disc):
-        return DiscriminatorGuidedPipeline(score.unet, score.scheduler, ema_disc)
+        return guided_pipeline(score, ema_disc)
+
+    def heldout_metrics(ema_disc):  # beside the guided FD/KID of each evaluation
+        if real_heldout is None or fake_heldout is None:
+            return {}
+        accuracy = heldout_accuracy(ema_disc, real_heldout, fake_heldout, args.validation_sigmas, accelerator.device)
+        return {f"heldout_{k}": v for k, v in accuracy.items()}
+
+    evaluation_sampler = None if score is None else EvaluationSampler(
+        make_pipeline, training.num_inference_steps,
+        {"dg_weight_1st_order": args.dg_weight_1st_order, "dg_weight_2nd_order": args.dg_weight_2nd_order},
+        extra_metrics=heldout_metrics)
 
     arch = {"none": "a noise-conditional U-Net encoder", "unet_encoder": "a head on the frozen encoder of the score UNet",
             "transformers": f"a head on the frozen transformers model {args.backbone}"}[args.feature_extractor]
@@ -359,7 +379,8 @@ def main(argv=None):
     trainer = Trainer(training, disc, loss_fn, real_train, accelerator=accelerator,
                       make_pipeline=make_pipeline if score is not None else None, optimizer=optimizer,
                       model_card=card, fingerprint=fingerprint, validation_fn=validation_fn,
-                      hub_ignore_patterns=fake_ignore_patterns(fake_dir, training.output_dir))
+                      hub_ignore_patterns=fake_ignore_patterns(fake_dir, training.output_dir),
+                      evaluation_sampler=evaluation_sampler)
     return trainer.train()
 
 

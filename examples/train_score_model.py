@@ -40,6 +40,7 @@ from diffusers_stf.training import ModelCardInfo, Trainer, add_training_args, im
 from diffusers_stf.training import load_training_images, make_accelerator, parse_training_args
 from diffusers_stf.training.network import make_network, network_class, network_summary
 from diffusers_stf.training import training_parser
+from diffusers_stf.training.in_training_eval import EvaluationSampler
 from diffusers_stf.training.validation import check_sampling_steps
 
 logger = logging.getLogger("train_score_model")
@@ -299,7 +300,8 @@ def main(argv=None):
                    "sigma_max": sigma_max, "ncsnv2_conditioning": args.ncsnv2_conditioning,
                    **config.network.fingerprint()}
     trainer = Trainer(training, unet, loss_fn, data, accelerator=accelerator, make_pipeline=make_pipeline,
-                      model_card=card, fingerprint=fingerprint, validation_fn=validation_fn)
+                      model_card=card, fingerprint=fingerprint, validation_fn=validation_fn,
+                      evaluation_sampler=EvaluationSampler(make_pipeline, samplers["als"][1]))  # the saved sampler
     result = trainer.train()
     accelerator.print(f"Sampler configs:       {os.path.abspath(result.output_dir)}/scheduler_{{{','.join(SAMPLERS)}}}/")
     return result

@@ -49,6 +49,7 @@ from diffusers_stf.training import make_accelerator, parse_training_args, sample
 from diffusers_stf.training import training_parser
 from diffusers_stf.training.model_card import DEFAULT_TEMPLATE
 from diffusers_stf.training.network import make_network, network_summary
+from diffusers_stf.training.in_training_eval import EvaluationSampler
 from diffusers_stf.training.plots import sampler_caption
 from diffusers_stf.training.validation import check_sampling_steps
 
@@ -248,14 +249,19 @@ def main(argv=None):
                                **(conditioning.pipeline_kwargs() if conditioning is not None else {}))
         return DDPMPipeline(unet=model, scheduler=DDPMScheduler(**schedule))
 
-    def validation_fn(model, step, path):
+    def grid_pipeline(model):
+        """The validation grids' sampler (DDIM; its η is a call argument), which --eval_every_steps measures."""
         if conditioning is not None:  # the guided pipeline's loop takes class labels and DDIM's η
-            pipeline = DiscriminatorGuidedPipeline(model, DDIMScheduler(**schedule),
-                                                   **conditioning.pipeline_kwargs()).to(accelerator.device)
+            return DiscriminatorGuidedPipeline(model, DDIMScheduler(**schedule), **conditioning.pipeline_kwargs())
+        return DDIMPipeline(unet=model, scheduler=DDIMScheduler(**schedule))
+
+    def validation_fn(model, step, path):
+        if conditioning is not None:
+            pipeline = grid_pipeline(model).to(accelerator.device)
             return sample_grid(pipeline, path, training.num_validation_images, training.num_inference_steps,
                                training.validation_seed, sampler_caption(step, pipeline, training.num_inference_steps),
                                eta=args.validation_eta)
-        pipeline = DDIMPipeline(unet=model, scheduler=DDIMScheduler(**schedule)).to(accelerator.device)
+        pipeline = grid_pipeline(model).to(accelerator.device)
         pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(training.validation_seed)
         images = pipeline(batch_size=training.num_validation_images, generator=generator, eta=args.validation_eta,
@@ -296,7 +302,9 @@ def main(argv=None):
     if fingerprint["prediction_type"] == "epsilon":
         fingerprint.pop("prediction_type")  # runs from before the flag existed still resume
     trainer = Trainer(training, unet, loss_fn, data, accelerator=accelerator, make_pipeline=make_pipeline,
-                      model_card=card, fingerprint=fingerprint, validation_fn=validation_fn)
+                      model_card=card, fingerprint=fingerprint, validation_fn=validation_fn,
+                      evaluation_sampler=EvaluationSampler(grid_pipeline, training.num_inference_steps,
+                                                           {"eta": args.validation_eta}))
     return trainer.train()
 
 

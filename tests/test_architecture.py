@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffusers_stf"
 
 # bottom → top; a module may import its own layer and the ones below
 LAYERS = [
-    {"noise_schedules", "digits", "hub"},
+    {"noise_schedules", "digits", "files", "hub"},
     {"preconditioning", "augment", "mp_layers"},
     {"schedulers"},
     {"losses"},

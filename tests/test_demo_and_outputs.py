@@ -9,10 +9,8 @@ import logging
 import os
 import re
 import shlex
-import sys
 import warnings
 
-import numpy as np
 import pytest
 import torch
 

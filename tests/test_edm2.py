@@ -132,7 +132,6 @@ def layout(cfg):
 
 def expected_state(cfg):
     """[(key, shape)] of NVlabs' UNet state_dict for ``cfg`` (module's own parameters, then buffers, then children)."""
-    widths = [cfg["model_channels"] * m for m in cfg["channel_mult"]]
     cnoise = cfg["model_channels"] * cfg["channel_mult_noise"]
     cemb = cfg["model_channels"] * cfg["channel_mult_emb"]
     keys = [("out_gain", ()), ("emb_fourier.freqs", (cnoise,)), ("emb_fourier.phases", (cnoise,)),

@@ -7,7 +7,6 @@ import ast
 import importlib.util
 import logging
 import os
-import sys
 
 import numpy as np
 import pytest

@@ -17,12 +17,12 @@ command that wrote it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shlex
 import sys
 from typing import List, Optional, Sequence
 
+from ..files import file_sha256
 from ..pipelines.pipeline_discriminator_guided import DiscriminatorGuidedPipeline
 from ..pipelines.pipeline_edm import EDMPipeline
 from .dg import load_dg_discriminator
@@ -52,14 +52,6 @@ EDM_CITATION = ("Karras, Aittala, Aila, Laine. Elucidating the Design Space of D
                 "NeurIPS 2022. https://github.com/NVlabs/edm")
 DG_CITATION = ("Kim, Kim, Kwon, Kang, Moon. Refining Generative Process with Discriminator Guidance in Score-based "
                "Diffusion Models. ICML 2023. https://github.com/alsdudrla10/DG")
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_output_dir(path: str):
@@ -105,7 +97,7 @@ samples as NVlabs' `generate.py` (`edm_sampler`).
 
 | file | SHA-256 |
 |---|---|
-| `{name}` | `{sha256(args.pickle)}` |
+| `{name}` | `{file_sha256(args.pickle)}` |
 
 Converted with diffusers_stf's restricted unpickler, which executes nothing from the pickle:
 
@@ -146,7 +138,7 @@ def convert_edm2(args, command: str) -> EDMPipeline:
     config, unet = pipeline.scheduler.config, pipeline.unet.config
     encoder = data.get("encoder")
     vae_name = encoder.attributes.get("vae_name") if vae is not None else None
-    rows = "\n".join(f"| `{os.path.basename(p)}` | `{sha256(p)}` |" for p in sources)
+    rows = "\n".join(f"| `{os.path.basename(p)}` | `{file_sha256(p)}` |" for p in sources)
     call = "batch_size=16, num_inference_steps=32"
     if unet.num_class_embeds:
         call += ", class_labels=[0, 1, 2, 3] * 4"
@@ -206,7 +198,7 @@ def convert_dg(args, command: str) -> DiscriminatorGuidedPipeline:
                                           conditional=args.conditional)
     pipeline = DiscriminatorGuidedPipeline(unet=score.unet, scheduler=score.scheduler, discriminator=discriminator)
     pipeline.save_pretrained(args.output_dir)
-    rows = "\n".join(f"| `{os.path.basename(p)}` | `{sha256(p)}` |" for p in (args.classifier, args.discriminator))
+    rows = "\n".join(f"| `{os.path.basename(p)}` | `{file_sha256(p)}` |" for p in (args.classifier, args.discriminator))
     weight = 1.0 if args.conditional else 2.0
     body = f"""
 Discriminator Guidance ({DG_CITATION}) with its published discriminator: the frozen ADM classifier `{os.path.basename(

@@ -9,13 +9,7 @@ from .classifier import NoiseConditionalClassifier, NoiseConditionalClassifierOu
 from .dg_discriminator import DGDiscriminator
 from .dhariwal_unet import DhariwalUNet
 from .edm2_unet import EDM2UNet
-from .discriminator import (
-    LOG_RATIO_CLIP,
-    Discriminator,
-    DiscriminatorOutput,
-    NoiseConditionalEncoder,
-    TransformersFeatures,
-    UNetEncoderFeatures,
-)
+from .discriminator import LOG_RATIO_CLIP, Discriminator, DiscriminatorOutput
+from .noise_conditional_encoder import NoiseConditionalEncoder, TransformersFeatures, UNetEncoderFeatures
 from .song_unet import SongUNet
 from .unet_2d_augmented import AugmentConditionedUNet2DModel

@@ -22,7 +22,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
 from ..preconditioning import make_preconditioning
-from .discriminator import (
+from .noise_conditional_encoder import (
     NoiseConditionalEncoder,
     _labels_as_indices,
     _network_inputs,

@@ -23,7 +23,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from .adm_encoder import EncoderUNetModel
-from .discriminator import LOG_RATIO_CLIP, DiscriminatorOutput, _sigma_per_sample, check_sample_shape
+from .discriminator import LOG_RATIO_CLIP, DiscriminatorOutput
+from .noise_conditional_encoder import _sigma_per_sample, check_sample_shape
 
 DG_BETA_0, DG_BETA_1 = 0.1, 20.0  # DG classifier_lib.vpsde
 DG_TIME_SCALE = 999.0  # DG's EncoderUNetModel multiplies the VP time by 999

@@ -37,6 +37,7 @@ from .config import EncoderConfig, TrainingConfig, UNetConfig, check_finite, fro
 from .class_conditioning import ClassConditioning, add_class_conditioning_args, class_conditioning, drop_labels
 from .ema import HalfLifeEMA, MovingAverage, WarmupEMA, ema_beta, halflife_ema_std, rampup_ratio_for_std, warmup_ema_beta
 from ..hub.push import push_folder_to_hub
+from .in_training_eval import EvaluationConfig, EvaluationSampler, InTrainingEvaluation, add_evaluation_args
 from .metrics_log import MetricsLogger, bucket_names, read_metrics
 from .model_card import ModelCardInfo, write_model_card
 from .score_model import load_score_pipeline

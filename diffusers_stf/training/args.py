@@ -18,6 +18,7 @@ from .data import DATASET_FINGERPRINTS, DataConfig
 from .config import ENCODER_MID_BLOCKS, LR_SCHEDULERS, TRACKERS, EncoderConfig, TrainingConfig, UNetConfig
 from .config import from_namespace
 from .network import ARCHITECTURES, NetworkConfig
+from .in_training_eval import add_evaluation_args, evaluation_config
 from ..hub.push import check_hub_settings
 
 
@@ -281,6 +282,7 @@ def add_training_args(parser: argparse.ArgumentParser, unet: bool = True, defaul
     add_checkpoint_args(parser)
     add_logging_args(parser)
     add_hub_args(parser)
+    add_evaluation_args(parser)
     add_diffusers_args(parser, ddpm)
     parser.set_defaults(default_num_epochs=default_num_epochs)
     return parser
@@ -410,7 +412,8 @@ def parse_training_args(parser: argparse.ArgumentParser,
     explicit = explicit_options(parser, argv)
     notes = apply_diffusers_flags(args, explicit)
     has_unet = any(action.dest == "block_out_channels" for action in parser._actions)
-    config = ScriptConfig(training=from_namespace(TrainingConfig, args, notes=tuple(notes)),
+    config = ScriptConfig(training=from_namespace(TrainingConfig, args, notes=tuple(notes),
+                                                  evaluation=evaluation_config(args, explicit)),
                           data=from_namespace(DataConfig, args),
                           unet=from_namespace(UNetConfig, args) if has_unet else None, explicit=explicit,
                           network=from_namespace(NetworkConfig, args, explicit=explicit) if has_unet else None)

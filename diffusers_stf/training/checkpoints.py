@@ -37,13 +37,14 @@ and replacing touch only checkpoints of the run that writes.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
 import shutil
 import signal
 from typing import Dict, List, Optional, Tuple
+
+from ..files import file_sha256
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -105,14 +106,6 @@ def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
     return sorted(found)
 
 
-def file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_manifest(folder: str) -> Dict[str, List]:
     """``{relative path: [size, sha256]}`` of every file under ``folder`` except the state file."""
     manifest = {}
@@ -121,7 +114,7 @@ def file_manifest(folder: str) -> Dict[str, List]:
             path = os.path.join(root, name)
             rel = os.path.relpath(path, folder)
             if rel != STATE_FILE:
-                manifest[rel] = [os.path.getsize(path), file_digest(path)]
+                manifest[rel] = [os.path.getsize(path), file_sha256(path)]
     return manifest
 
 
@@ -170,7 +163,7 @@ def checkpoint_problem(path: str) -> Optional[str]:
             size, digest = expected
             if os.path.getsize(file) != size:
                 return f"{file} has {os.path.getsize(file)} bytes, {size} were written"
-            if file_digest(file) != digest:
+            if file_sha256(file) != digest:
                 return f"{file} does not match its recorded SHA-256"
     for rel in sorted(manifest):
         if rel.endswith((".pkl", ".bin")):

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
+from .in_training_eval import EvaluationConfig
+
 # The seed seeds NumPy's legacy generator too (accelerate's set_seed), which takes 32-bit seeds.
 MAX_SEED = 2**32 - 1
 # Adam moves every weight by about the learning rate per step; a larger one diverges at the first step, and one past
@@ -206,6 +208,8 @@ class TrainingConfig:
         enable_xformers_memory_efficient_attention: xformers attention in the model.
         push_to_hub, hub_model_id, hub_token, hub_private_repo: upload of the final folder.
         notes: lines the run prints at its start (e.g. defaults that differ from diffusers').
+        evaluation: the metrics during training (``--eval_*``, :mod:`~diffusers_stf.training.in_training_eval`);
+            not part of the resume fingerprint.
     """
 
     output_dir: str = "outputs/train"
@@ -261,6 +265,7 @@ class TrainingConfig:
     hub_token: Optional[str] = field(default=None, repr=False)
     hub_private_repo: bool = False
     notes: Tuple[str, ...] = ()
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self):
         for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "default_num_epochs",

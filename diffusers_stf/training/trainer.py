@@ -32,6 +32,7 @@ from .config import TrainingConfig
 from .data import ArrowImages, BatchSchedule, ImageData, derived_seed
 from .finished_run import FINISHED_FILE, finished_record, write_finished
 from .global_batch import BatchShare, global_indices, share_of, take_rows
+from .in_training_eval import EvaluationSampler, InTrainingEvaluation
 from .metrics_log import MetricsLogger
 from .plots import record_validation, sampler_caption
 from .model_card import ModelCardInfo, hub_dataset_ids, local_name, write_model_card
@@ -61,6 +62,7 @@ class TrainingResult:
     pushed_to: Optional[str] = None
     saved_class: Optional[str] = None
     ema: bool = True  # whether the saved weights are a moving average of the trained ones
+    eval_seconds: float = 0.0  # time of the metrics during training, not counted in wall_time
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -104,13 +106,16 @@ class Trainer(RunCheckpoints):
             keeping ``batch["share"]``'s rows makes the same steps with any number of processes (see
             :mod:`~diffusers_stf.training.global_batch`). Without it each process draws for its own rows; then
             ``batch["share"]`` covers just this process's batch, so the same ``loss_fn`` works either way.
+        evaluation_sampler: what ``--eval_every_steps`` samples (default: ``make_pipeline`` with
+            ``num_inference_steps``); see :mod:`~diffusers_stf.training.in_training_eval`.
     """
 
     def __init__(self, config: TrainingConfig, model: torch.nn.Module, loss_fn: LossFn, data: ImageData,
                  accelerator=None, make_pipeline: Optional[Callable] = None, validation_fn: Optional[Callable] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None, model_card: Optional[ModelCardInfo] = None,
                  fingerprint: Optional[Dict] = None, hub_ignore_patterns: tuple = (), global_draws: bool = False,
-                 trained_modules: Optional[Dict[str, torch.nn.Module]] = None):
+                 trained_modules: Optional[Dict[str, torch.nn.Module]] = None,
+                 evaluation_sampler: Optional[EvaluationSampler] = None):
         self.config, self.model, self.loss_fn, self.data = config, model, loss_fn, data
         self.trained_modules, self.power_ema = TrainedModules(trained_modules), None
         config.hub_model_id = check_hub_settings(config.push_to_hub, config.hub_model_id, config.hub_token,
@@ -120,6 +125,9 @@ class Trainer(RunCheckpoints):
         if make_pipeline is not None and validation_fn is None and config.num_inference_steps:
             # the grids' sampler takes the run's settings: a refusal stops the run now, not after training
             check_sampling_steps(make_pipeline(model).scheduler, config.num_inference_steps)
+        if evaluation_sampler is None and make_pipeline is not None:
+            evaluation_sampler = EvaluationSampler(make_pipeline, config.num_inference_steps)
+        self.evaluation = InTrainingEvaluation(config.evaluation, self.accelerator, evaluation_sampler, data, model)
         self.hub_ignore_patterns = tuple(hub_ignore_patterns)
         self.optimizer = optimizer or make_optimizer(config, [*model.parameters(), *self.trained_modules.parameters()])
         self.optimizer_settings = optimizer_settings(self.optimizer)
@@ -276,6 +284,7 @@ class Trainer(RunCheckpoints):
         register_model_hooks(acc)
         metrics = MetricsLogger(acc, self.run_folder.log_dir, config.sigma_buckets)
         self.resume(metrics)
+        self.evaluation.start(self.run_folder.log_dir)
         if config.push_to_hub and acc.is_main_process:  # a bad token or a taken name stops the run before training
             config.hub_model_id = create_repo_early(config.hub_model_id, config.hub_token,
                                                     private=config.hub_private_repo)
@@ -288,7 +297,7 @@ class Trainer(RunCheckpoints):
         self.last_checkpoint = time.monotonic()  # --checkpointing_minutes count from here
 
         def wall_time():
-            return self.wall_offset + time.time() - segment_start
+            return self.wall_offset + time.time() - segment_start - self.evaluation.segment_seconds
 
         while self.step < self.max_steps:
             for micro in range(self.accumulation):
@@ -321,6 +330,7 @@ class Trainer(RunCheckpoints):
                                               lr=lr, ema_beta=beta, seconds=round(wall_time(), 2))
                 progress.set_postfix(loss=f"{self.last_row['loss']:.4f}", lr=f"{lr:.2e}")
                 self.check_finite(first_bad)
+            self.evaluation.after_step(self.step, self.max_steps, self.ema.model, progress)
             by_steps = bool(config.checkpointing_steps) and self.step % config.checkpointing_steps == 0
             if by_steps or (logging_step and self.checkpoint_due_by_time()):
                 self.check_finite(first_bad)
@@ -349,7 +359,7 @@ class Trainer(RunCheckpoints):
             kept = self.save_checkpoint(wall_time(), "final")
         elapsed = wall_time()
         result = TrainingResult(self.output_dir, self.step, self.nimg, elapsed, metrics_path=metrics.jsonl_path,
-                                ema=self.ema.averages)
+                                ema=self.ema.averages, eval_seconds=self.evaluation.total_seconds())
         result.samples_path = self.validate(os.path.join(self.output_dir, "samples.png"))
         if acc.is_main_process:
             try:
@@ -369,7 +379,7 @@ class Trainer(RunCheckpoints):
                 "run_id": self.run_id, "step": self.step, "fingerprint": self.fingerprint, "nimg": self.nimg,
                 "wall_time": round(elapsed, 3), "samples_path": relative(result.samples_path),
                 "model_card_path": relative(result.model_card_path), "metrics_path": relative(result.metrics_path),
-                "saved_class": result.saved_class, "ema": result.ema})
+                "saved_class": result.saved_class, "ema": result.ema, "eval_seconds": round(result.eval_seconds, 3)})
         acc.wait_for_everyone()
         acc.end_training()
         if config.push_to_hub and acc.is_main_process:  # last: other processes are not left waiting if it fails
@@ -386,7 +396,8 @@ class Trainer(RunCheckpoints):
                                 samples_path=absolute(record.get("samples_path")),
                                 model_card_path=absolute(record.get("model_card_path")),
                                 metrics_path=absolute(record.get("metrics_path")),
-                                saved_class=record.get("saved_class"), ema=record.get("ema", True))
+                                saved_class=record.get("saved_class"), ema=record.get("ema", True),
+                                eval_seconds=record.get("eval_seconds", 0.0))
         if self.accelerator.is_main_process:
             print(f"The run in {os.path.abspath(self.output_dir)} already finished at step {result.step} with these "
                   "settings: nothing to do, nothing changed. To train it further, raise --max_train_steps (or "
@@ -423,6 +434,7 @@ class Trainer(RunCheckpoints):
                  "device": acc.device.type, "parameters": parameters}
         if "loss" in self.last_row:
             facts[f"training loss (last {config.logging_steps} steps)"] = round(self.last_row["loss"], 4)
+        facts.update(self.evaluation.card_facts())
         table = {k: v for k, v in dataclasses.asdict(config).items()  # the device actually used is a fact above
                  if k not in ("hub_token", "default_num_epochs", "notes", "cpu")}
         table.update(self.fingerprint["script"])
@@ -437,6 +449,9 @@ class Trainer(RunCheckpoints):
 def print_summary(result: TrainingResult):
     """The end-of-run summary: steps, images, time, and where everything went."""
     lines = [f"\nTrained {result.step} steps ({result.nimg} images) in {result.wall_time / 60:.1f} min."]
+    if result.eval_seconds:
+        took = f"{result.eval_seconds:.1f} s" if result.eval_seconds < 60 else f"{result.eval_seconds / 60:.1f} min"
+        lines[0] += f" Metrics during training: {took} more (not counted above)."
     if result.samples_path:
         label = "Samples (EMA weights):" if result.ema else "Samples:"
         lines.append(f"{label:<23}{os.path.abspath(result.samples_path)}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+from ...files import file_sha256
+
 DATASET_FINGERPRINTS = ("stat", "bytes")
 
 
@@ -26,10 +28,6 @@ def folder_fingerprint(folder: str, mode: str = "stat") -> str:
                 stat = os.stat(path)
                 entry = f"{rel}\t{stat.st_size}\t{stat.st_mtime_ns}"
             else:
-                content = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        content.update(block)
-                entry = f"{rel}\t{content.hexdigest()}"
+                entry = f"{rel}\t{file_sha256(path)}"
             digest.update(entry.encode() + b"\n")
     return f"{mode}:{digest.hexdigest()}"
