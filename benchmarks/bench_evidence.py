@@ -49,7 +49,8 @@ seed, ``seeds``, ``setup``, and a ``summary`` with mean ± sd, the ratio method/
 under ``--work_dir``, so an interrupted run resumes and skips what finished; ``render_table`` turns the json into the
 README's table (``--table`` prints it).
 
-    python benchmarks/bench_evidence.py                      # the full protocol (about an hour on 2 idle cores)
+    python benchmarks/bench_evidence.py                      # the full protocol (about an hour on 2 idle cores;
+                                                             # posthoc_ema and edm2_vs_unet2d: about 20 min more)
     python benchmarks/bench_evidence.py --quick              # smoke test: one seed, a few steps, tiny models
     python benchmarks/bench_evidence.py --only stf_vs_edm    # one comparison
     python benchmarks/bench_evidence.py --table              # print the markdown table of the existing json

@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Union
 
 import torch
@@ -41,29 +40,13 @@ from .optimization import (
 )
 from .power_ema import power_ema_tracking
 from .resume_settings import run_fingerprint
+from .run_result import TrainingResult, print_summary, record_of_result, result_of_record
 from .run_checkpoints import RunCheckpoints
 from .run_folder import final_save_error, install_folder, open_run_folder
 from .trained_modules import TrainedModules
 from .validation import check_sampling_steps, sample_grid
 
 logger = logging.getLogger(__name__)
-
-@dataclass
-class TrainingResult:
-    """Where a finished run put things."""
-
-    output_dir: str
-    step: int
-    nimg: int
-    wall_time: float
-    samples_path: Optional[str] = None
-    model_card_path: Optional[str] = None
-    metrics_path: Optional[str] = None
-    pushed_to: Optional[str] = None
-    saved_class: Optional[str] = None
-    ema: bool = True  # whether the saved weights are a moving average of the trained ones
-    eval_seconds: float = 0.0  # time of the metrics during training, not counted in wall_time
-
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or ±inf."""
@@ -373,13 +356,9 @@ class Trainer(RunCheckpoints):
             if config.push_to_hub:
                 result.pushed_to = config.hub_model_id
             print_summary(result)
-            relative = lambda path: os.path.relpath(path, self.output_dir) if path else None  # noqa: E731
             self.run_folder.claim(os.path.join(self.output_dir, FINISHED_FILE))
-            write_finished(self.output_dir, {
-                "run_id": self.run_id, "step": self.step, "fingerprint": self.fingerprint, "nimg": self.nimg,
-                "wall_time": round(elapsed, 3), "samples_path": relative(result.samples_path),
-                "model_card_path": relative(result.model_card_path), "metrics_path": relative(result.metrics_path),
-                "saved_class": result.saved_class, "ema": result.ema, "eval_seconds": round(result.eval_seconds, 3)})
+            write_finished(self.output_dir, {"run_id": self.run_id, "fingerprint": self.fingerprint,
+                                             **record_of_result(result)})
         acc.wait_for_everyone()
         acc.end_training()
         if config.push_to_hub and acc.is_main_process:  # last: other processes are not left waiting if it fails
@@ -391,13 +370,7 @@ class Trainer(RunCheckpoints):
     def report_finished(self, record: Dict) -> TrainingResult:
         """The result of the finished run ``record`` describes, printed with where everything is; nothing is
         written."""
-        absolute = lambda path: os.path.join(self.output_dir, path) if path else None  # noqa: E731
-        result = TrainingResult(self.output_dir, record["step"], record.get("nimg", 0), record.get("wall_time", 0.0),
-                                samples_path=absolute(record.get("samples_path")),
-                                model_card_path=absolute(record.get("model_card_path")),
-                                metrics_path=absolute(record.get("metrics_path")),
-                                saved_class=record.get("saved_class"), ema=record.get("ema", True),
-                                eval_seconds=record.get("eval_seconds", 0.0))
+        result = result_of_record(self.output_dir, record)
         if self.accelerator.is_main_process:
             print(f"The run in {os.path.abspath(self.output_dir)} already finished at step {result.step} with these "
                   "settings: nothing to do, nothing changed. To train it further, raise --max_train_steps (or "
@@ -445,21 +418,3 @@ class Trainer(RunCheckpoints):
         return write_model_card(self.output_dir, self.model_card, repo, datasets, table, grid, facts,
                                 weights="EMA" if result.ema else "trained")
 
-
-def print_summary(result: TrainingResult):
-    """The end-of-run summary: steps, images, time, and where everything went."""
-    lines = [f"\nTrained {result.step} steps ({result.nimg} images) in {result.wall_time / 60:.1f} min."]
-    if result.eval_seconds:
-        took = f"{result.eval_seconds:.1f} s" if result.eval_seconds < 60 else f"{result.eval_seconds / 60:.1f} min"
-        lines[0] += f" Metrics during training: {took} more (not counted above)."
-    if result.samples_path:
-        label = "Samples (EMA weights):" if result.ema else "Samples:"
-        lines.append(f"{label:<23}{os.path.abspath(result.samples_path)}")
-    if result.model_card_path:
-        lines.append(f"Model card:            {os.path.abspath(result.model_card_path)}")
-    lines.append(f"Saved folder:          {os.path.abspath(result.output_dir)}  ({result.saved_class}.from_pretrained)")
-    if result.metrics_path:
-        lines.append(f"Metrics:               {os.path.abspath(result.metrics_path)}")
-    if result.pushed_to:
-        lines.append(f"Hub repo:              https://huggingface.co/{result.pushed_to}  (uploaded last)")
-    print("\n".join(lines))
