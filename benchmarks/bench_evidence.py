@@ -23,10 +23,18 @@ unguided``                                                      of the same seed
                                                                 shipped classifier's accuracy of the requested
                                                                 label; the baseline also at the same number of
                                                                 network evaluations (twice the steps)
+``posthoc_ema``        the run's EDM    EDM2's post-hoc EMA,    ``train_stf.py --loss edm --ema_stds 0.05,0.10``
+                       half-life EMA    σ_rel chosen on a       with snapshots, then ``python -m
+                                        separate seed           diffusers_stf.phema`` for a sweep of σ_rel; both
+                                                                arms from the same runs; FD against σ_rel of
+                                                                every seed in ``evidence_posthoc_ema_curves.png``
+``edm2_vs_unet2d``     UNet2DModel      EDM2's MP U-Net         ``--architecture edm2`` against the EDM arm of
+                       (the EDM arm)    (``EDM2UNet``)          ``stf_vs_edm``: EDM loss, equal steps, parameter
+                                                                counts within 1 % (both in the setup)
 =====================  ===============  ======================  ==============================================
 
-Guidance weights are chosen on training seed ``Protocol.selection_seed`` (3), whose models are never reported, so the
-reported seeds do not select their own weight.
+Guidance weights and the post-hoc σ_rel are chosen on training seed ``Protocol.selection_seed`` (3), whose models are
+never reported, so the reported seeds do not select their own setting.
 
 Discriminator guidance is also investigated on the seed-0 score model (``dg_investigation`` in the json):
 the discriminator's held-out accuracy at each validation σ; whether the gain grows with the model–data gap (score
@@ -41,7 +49,8 @@ seed, ``seeds``, ``setup``, and a ``summary`` with mean ± sd, the ratio method/
 under ``--work_dir``, so an interrupted run resumes and skips what finished; ``render_table`` turns the json into the
 README's table (``--table`` prints it).
 
-    python benchmarks/bench_evidence.py                      # the full protocol (about an hour on 2 idle cores)
+    python benchmarks/bench_evidence.py                      # the full protocol (about an hour on 2 idle cores;
+                                                             # posthoc_ema and edm2_vs_unet2d: about 20 min more)
     python benchmarks/bench_evidence.py --quick              # smoke test: one seed, a few steps, tiny models
     python benchmarks/bench_evidence.py --only stf_vs_edm    # one comparison
     python benchmarks/bench_evidence.py --table              # print the markdown table of the existing json
@@ -61,16 +70,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from evidence_plots import plot_comparison, plot_investigation  # noqa: E402
+from evidence_plots import plot_comparison, plot_investigation, plot_posthoc_curves  # noqa: E402
 from evidence_runner import METRIC, REFERENCE, Protocol, Runner  # noqa: E402, F401
 from evidence_stats import render_table, summarize, verdict  # noqa: E402, F401
 
-COMPARISONS = ("stf_vs_edm", "sa2_vs_ddpm_ddim10", "dg_vs_unguided", "autoguidance_vs_unguided", "cfg_vs_conditional")
+COMPARISONS = ("stf_vs_edm", "sa2_vs_ddpm_ddim10", "dg_vs_unguided", "autoguidance_vs_unguided", "cfg_vs_conditional",
+               "posthoc_ema", "edm2_vs_unet2d")
 MIN_DG_GAP_FD = 10.0  # below this the score model is near the floor and guidance has nothing to correct
 
 
 class EvidenceRunner(Runner):
     """The comparisons, on the runner's cached training and evaluation."""
+
+    results_dir = os.path.join(ROOT, "benchmarks", "results")  # where plots of more than one comparison go
 
     def stf_vs_edm(self) -> Dict[str, object]:
         p = self.p
@@ -215,6 +227,61 @@ class EvidenceRunner(Runner):
                                       f"{2 * double - 1} evaluations (≈ CFG's {2 * (2 * p.heun_steps - 1)})",
                                       "summary": summarize(equal_evaluations, method)}}
 
+    def posthoc_ema(self) -> Dict[str, object]:
+        p, key = self.p, f"heun{self.p.heun_steps}"
+
+        def curve(seed):
+            folder = self.phema_model(seed)
+            return {f"{s:g}": self.fd(self.posthoc(folder, s), key)[METRIC] for s in p.posthoc_stds}
+
+        chosen = self.choose({f"σ_rel={s:g}": {"std": s} for s in p.posthoc_stds},
+                             lambda options: {METRIC: curve(p.selection_seed)[f"{options['std']:g}"]})
+        std = chosen["options"]["std"]
+        baseline, method, curves = [], [], {str(p.selection_seed): curve(p.selection_seed)}
+        for seed in p.seeds:
+            folder = self.phema_model(seed)
+            baseline.append(self.fd(folder, key)[METRIC])
+            curves[str(seed)] = curve(seed)
+            method.append(curves[str(seed)][f"{std:g}"])
+        training_ema = {str(seed): value for seed, value in zip(p.seeds, baseline)}
+        training_ema[str(p.selection_seed)] = self.fd(self.phema_model(p.selection_seed), key)[METRIC]
+        comparison = {
+            "name": "posthoc_ema", "metric": METRIC, "baseline": baseline, "method": method, "seeds": p.seeds,
+            "baseline_label": "the run's EDM EMA", "method_label": f"post-hoc EMA, σ_rel = {std:g}",
+            "setup": f"train_stf.py --loss edm, {p.stf_steps} steps, --ema_stds "
+                     f"{','.join(f'{s:g}' for s in p.ema_stds)}, a snapshot every {p.ema_snapshot_steps} steps; "
+                     f"Heun {2 * p.heun_steps - 1} NFE, {p.num_images} samples; σ_rel chosen on the selection seed "
+                     f"among {', '.join(f'{s:g}' for s in p.posthoc_stds)}; baseline: the same runs' half-life EMA "
+                     "(--ema_halflife_kimg 500, --ema_rampup_ratio 0.05)",
+            "selection": chosen, "fd_by_std": curves, "training_ema_fd": training_ema}
+        comparison["curves_plot"] = os.path.relpath(plot_posthoc_curves(comparison, os.path.join(
+            self.results_dir, "evidence_posthoc_ema_curves.png")), ROOT)
+        return comparison
+
+    def edm2_vs_unet2d(self) -> Dict[str, object]:
+        p, key = self.p, f"heun{self.p.heun_steps}"
+        baseline, method = [], []
+        for seed in p.seeds:
+            baseline.append(self.fd(self.score_model("edm", p.stf_steps, seed), key)[METRIC])
+            method.append(self.fd(self.edm2_model(seed), key)[METRIC])
+        counts = {name: parameter_count(folder) for name, folder in
+                  (("unet2d", self.score_model("edm", p.stf_steps, p.seeds[0])), ("edm2", self.edm2_model(p.seeds[0])))}
+        return {"name": "edm2_vs_unet2d", "metric": METRIC, "baseline": baseline, "method": method, "seeds": p.seeds,
+                "baseline_label": f"UNet2DModel ({counts['unet2d'] / 1e6:.3f}M)",
+                "method_label": f"EDM2UNet ({counts['edm2'] / 1e6:.3f}M)",
+                "setup": f"EDM loss, {p.stf_steps} steps, batch 64; UNet2DModel {counts['unet2d']:,} parameters "
+                         f"{' '.join(p.model_args) or '(the default 32,64)'} at lr 1e-3 (the EDM arm of stf_vs_edm); "
+                         f"EDM2UNet {counts['edm2']:,} parameters {' '.join(p.edm2_args)}; Heun "
+                         f"{2 * p.heun_steps - 1} NFE, EMA, {p.num_images} samples",
+                "parameters": counts}
+
+
+def parameter_count(folder: str) -> int:
+    """Parameters of the network of the pipeline in ``folder``."""
+    from diffusers_stf.evaluation import load_pipeline
+
+    return sum(p.numel() for p in load_pipeline(folder).unet.parameters())
+
 
 def write_json(path: str, data: Dict[str, object]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -252,7 +319,7 @@ def run(args) -> Dict[str, object]:
 
 def _run(args, protocol: Protocol) -> Dict[str, object]:
     runner = EvidenceRunner(args.work_dir, protocol, quiet=args.quiet)
-    results_dir = args.results_dir
+    results_dir = runner.results_dir = args.results_dir
     path = os.path.join(results_dir, "evidence.json")
     protocol_record = json.loads(json.dumps(vars(protocol)))
     previous, previous_file = {}, {}
@@ -268,7 +335,8 @@ def _run(args, protocol: Protocol) -> Dict[str, object]:
                 "protocol": protocol_record}
     steps = {"stf_vs_edm": runner.stf_vs_edm, "sa2_vs_ddpm_ddim10": runner.sa2_vs_ddpm,
              "dg_vs_unguided": runner.dg_vs_unguided, "autoguidance_vs_unguided": runner.autoguidance_vs_unguided,
-             "cfg_vs_conditional": runner.cfg_vs_conditional}
+             "cfg_vs_conditional": runner.cfg_vs_conditional, "posthoc_ema": runner.posthoc_ema,
+             "edm2_vs_unet2d": runner.edm2_vs_unet2d}
     start = time.perf_counter()
     for name in COMPARISONS:
         if args.only and name not in args.only:

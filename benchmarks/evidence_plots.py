@@ -1,4 +1,5 @@
-"""Plots of the evidence benchmark (``bench_evidence.py``): one per comparison, and DG's investigation."""
+"""Plots of the evidence benchmark (``bench_evidence.py``): one per comparison, DG's investigation, and FD against
+σ_rel of the post-hoc EMAs."""
 
 from __future__ import annotations
 
@@ -83,6 +84,39 @@ def plot_investigation(investigation: Dict[str, object], path: str) -> str:
     right.set_ylabel("held-out discriminator accuracy")
     right.legend(fontsize=6)
     fig.tight_layout()
+    fig.savefig(path + ".partial.png", dpi=110)
+    os.replace(path + ".partial.png", path)
+    plt.close(fig)
+    return path
+
+
+def plot_posthoc_curves(comparison: Dict[str, object], path: str) -> str:
+    """FD against the post-hoc σ_rel for every training seed (the selection seed dashed), each seed's own half-life
+    EMA as a dotted line of its colour, and the chosen σ_rel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    selection = str(comparison["selection"]["seed"])
+    for i, (seed, curve) in enumerate(sorted(comparison["fd_by_std"].items())):
+        color = f"C{i}"
+        stds = sorted(curve, key=float)
+        label = f"seed {seed}" + (" (selection)" if seed == selection else "")
+        ax.plot([float(s) for s in stds], [curve[s] for s in stds], marker="o", color=color, label=label,
+                linestyle="--" if seed == selection else "-")
+        own = comparison["training_ema_fd"].get(seed)
+        if own is not None:
+            ax.axhline(own, color=color, linestyle=":", linewidth=1)
+    ax.axvline(comparison["selection"]["options"]["std"], color="grey", linewidth=0.8)
+    ax.set_xlabel("σ_rel of the post-hoc EMA (dotted: the run's half-life EMA)")
+    ax.set_ylabel("FD vs train (digits CNN) ↓")
+    ax.set_title(comparison["setup"][:90] + ("…" if len(comparison["setup"]) > 90 else ""), fontsize=7)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path + ".partial.png", dpi=110)
     os.replace(path + ".partial.png", path)
     plt.close(fig)

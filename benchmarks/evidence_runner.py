@@ -52,6 +52,13 @@ class Protocol:
     guidance_interval: tuple = (0.05, 5.0)  # Kynkäänniemi et al.: guide only at intermediate σ
     cfg_weights: List[float] = field(default_factory=lambda: [1.5, 2.0, 3.0, 4.0])
     label_dropout: float = 0.1
+    ema_stds: tuple = (0.05, 0.10)  # EDM2's tracked power-function EMAs
+    ema_snapshot_steps: int = 50  # snapshots every N steps of the posthoc_ema runs
+    posthoc_stds: List[float] = field(default_factory=lambda: [0.02, 0.04, 0.06, 0.08, 0.10, 0.15])
+    # EDM2's network at the digits size closest to UNet2DModel's 0.634M parameters (0.631M; one head at 4x4), at
+    # EDM2's α_ref: the magnitude-preserving layers keep unit-scale weights, so it needs about 10x Adam's usual rate
+    edm2_args: List[str] = field(default_factory=lambda: ["--model_channels", "31", "--channel_mult", "1,2",
+                                                          "--channels_per_head", "62", "--learning_rate", "1e-2"])
 
     @classmethod
     def full(cls) -> "Protocol":
@@ -67,7 +74,9 @@ class Protocol:
                    disc_model_args=["--disc_block_out_channels", "8,16"], variants=["default", "narrow_window"],
                    num_validation_images=4, disc_validation_steps=0, num_heldout_images=32, selection_seed=1,
                    guide_args=["--block_out_channels", "8,8", "--norm_num_groups", "8"], guide_fraction=2,
-                   autoguidance_weights=[1.5, 2.0], cfg_weights=[2.0])
+                   autoguidance_weights=[1.5, 2.0], cfg_weights=[2.0], ema_snapshot_steps=2,
+                   posthoc_stds=[0.04, 0.10], edm2_args=["--model_channels", "8", "--channel_mult", "1,2",
+                                                         "--channels_per_head", "16", "--learning_rate", "1e-2"])
 
 
 class Runner:
@@ -147,6 +156,35 @@ class Runner:
                 str(max(steps // 10, 1)), *self.p.model_args]
         return self.train("train_stf", f"cond-edm-{steps}-seed{seed}", argv)
 
+    def phema_model(self, seed: int) -> str:
+        """The EDM score model of ``seed`` trained with EDM2's power-function EMAs (``--ema_stds``) and their
+        snapshots; its saved pipeline holds the run's own half-life EMA."""
+        steps = self.p.stf_steps
+        argv = ["--loss", "edm", "--seed", str(seed), "--digits_split", "train", "--max_train_steps", str(steps),
+                "--ema_stds", ",".join(f"{s:g}" for s in self.p.ema_stds), "--ema_snapshot_steps",
+                str(self.p.ema_snapshot_steps), "--validation_steps", "0", "--num_validation_images",
+                str(self.p.num_validation_images), "--logging_steps", str(max(steps // 10, 1)), *self.p.model_args]
+        return self.train("train_stf", f"phema-edm-{steps}-seed{seed}", argv)
+
+    def posthoc(self, folder: str, std: float) -> str:
+        """The post-hoc EMA of σ_rel ``std`` at the last snapshot of the run in ``folder``
+        (``python -m diffusers_stf.phema folder --std ...``, all of ``Protocol.posthoc_stds`` at once), cached as its
+        pipeline folder ``folder/posthoc_ema/posthoc-<step>-<std>``."""
+        from diffusers_stf import phema
+
+        def made(value):
+            return os.path.join(folder, phema.RECONSTRUCTION_DIR, f"posthoc-{self.p.stf_steps:09d}-{value:.3f}")
+
+        stds = sorted(set(self.p.posthoc_stds) | {std})
+        if all(os.path.isfile(os.path.join(made(s), "posthoc_ema.json")) for s in stds):
+            self.cache_hits += made(std) not in self._made_here
+            return made(std)
+        self.log(f"post-hoc EMA of {os.path.basename(folder)}: σ_rel {', '.join(f'{s:g}' for s in stds)}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            paths = phema.main([folder, "--std", ",".join(f"{s:g}" for s in stds)])
+        self._made_here.update(paths)
+        return made(std)
+
     def ddpm_model(self, sa: bool, seed: int) -> str:
         """DDPM L_simple or SA-2 (K = 2, λ = 1, uniform τ as the official code) with ``train_sequence_aware.py``."""
         options = ["--sa_k", "2", "--sa_lambda", "1"] if sa else ["--sa_lambda", "0"]
@@ -155,6 +193,15 @@ class Runner:
                 "0", "--num_validation_images", str(self.p.num_validation_images), "--num_inference_steps", "10",
                 "--logging_steps", str(max(steps // 10, 1)), *options, *self.p.model_args]
         return self.train("train_sequence_aware", f"{'sa2' if sa else 'ddpm'}-{steps}-seed{seed}", argv)
+
+    def edm2_model(self, seed: int) -> str:
+        """EDM2's magnitude-preserving U-Net (``--architecture edm2``) with the EDM loss, the EDM arm's steps and
+        settings otherwise."""
+        steps = self.p.stf_steps
+        argv = ["--architecture", "edm2", "--loss", "edm", "--seed", str(seed), "--digits_split", "train",
+                "--max_train_steps", str(steps), "--validation_steps", "0", "--num_validation_images",
+                str(self.p.num_validation_images), "--logging_steps", str(max(steps // 10, 1)), *self.p.edm2_args]
+        return self.train("train_stf", f"edm2-edm-{steps}-seed{seed}", argv)
 
     def discriminator(self, score_folder: str, seed: int, variant: str = "default") -> str:
         """``train_discriminator.py`` on ``score_folder``'s unguided Heun samples; ``variant``: ``default`` (a small

@@ -34,14 +34,15 @@ from the model; floating-point tensors in float16 by default, as EDM2's snapshot
     step     the optimizer step (integer)
     buffers  JSON list of the state-dict keys that are buffers (copied, not averaged, in a reconstruction)
 
-``python -m diffusers_stf.phema OUTPUT_DIR --std 0.02,0.05,0.10,0.15 [--at_step N]`` reads the snapshots in
-``OUTPUT_DIR/phema_snapshots`` (or in OUTPUT_DIR itself), solves for each σ_rel at the step (default: the last
-snapshot) and writes ``posthoc-<step:09d>-<std:.3f>.safetensors`` state dicts to ``OUTPUT_DIR/posthoc_ema``.
+``python -m diffusers_stf.phema OUTPUT_DIR --std 0.02,0.05,0.10,0.15 [--at_step N] [--plot]`` reads the snapshots
+in ``OUTPUT_DIR/phema_snapshots`` (or in OUTPUT_DIR itself), solves for each σ_rel at the step (default: the last
+snapshot) and writes to ``OUTPUT_DIR/posthoc_ema`` one pipeline folder per σ_rel when OUTPUT_DIR holds a training
+run's pipeline, else ``posthoc-<step:09d>-<std:.3f>.safetensors`` state dicts (the command line is
+:mod:`diffusers_stf.training.posthoc`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -388,38 +389,11 @@ def safetensors_saver(out_dir: str) -> Callable[..., str]:
 # Command line
 
 
-def parse_stds(text: str) -> List[float]:
-    """'0.05,0.10' → [0.05, 0.1], each checked to lie in (0, 1/√12)."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--std must be a comma-separated list of numbers, got {text!r}") from None
-    check_stds(values, "--std")
-    return sorted(set(values))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> List[str]:
-    parser = argparse.ArgumentParser(prog="python -m diffusers_stf.phema",
-                                     description="Post-hoc EMA reconstruction from power-function EMA snapshots "
-                                                 "(EDM2, Algorithm 3).", allow_abbrev=False)
-    parser.add_argument("output_dir", help=f"the training output folder (snapshots in {SNAPSHOT_DIR}/ or the "
-                                           "folder itself)")
-    parser.add_argument("--std", required=True, help="comma-separated σ_rel to reconstruct, each in (0, 0.2887)")
-    parser.add_argument("--at_step", type=int, default=None, help="snapshot step to reconstruct at (default: last)")
-    parser.add_argument("--snapshot_dir", default=None, help=f"snapshot folder (default: OUTPUT_DIR/{SNAPSHOT_DIR})")
-    parser.add_argument("--out_dir", default=None, help=f"where to write (default: OUTPUT_DIR/{RECONSTRUCTION_DIR})")
-    args = parser.parse_args(argv)
-    snapshot_dir = args.snapshot_dir or (os.path.join(args.output_dir, SNAPSHOT_DIR)
-                                         if os.path.isdir(os.path.join(args.output_dir, SNAPSHOT_DIR))
-                                         else args.output_dir)
-    out_dir = args.out_dir or os.path.join(args.output_dir, RECONSTRUCTION_DIR)
-    try:
-        paths = write_reconstructions(snapshot_dir, parse_stds(args.std), safetensors_saver(out_dir), args.at_step)
-    except ValueError as err:
-        parser.error(str(err))
-    for path in paths:
-        print(path)
-    return paths
+    """``python -m diffusers_stf.phema``: see :func:`diffusers_stf.training.posthoc.main`."""
+    from .training.posthoc import main as command_line
+
+    return command_line(argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ probability-flow ODE, and write a comparison grid.
 The noise levels follow NCSNv2 (Song & Ermon 2020): σ_1 = the largest distance between two training images
 (Technique 1), a geometric schedule down to σ_L = ``--sigma_min`` whose ratio γ solves Technique 2 for the data
 dimension D, and Technique 4's Langevin step size ε for T = ``--steps_per_level`` steps per level. The network is a
-``UNet2DModel`` that receives log σ as its timestep and outputs σ·s_θ(x, σ) (``prediction_type="scaled_score"``;
+``UNet2DModel`` (or another ``--architecture``: EDM's SongUNet, DhariwalUNet, EDM2's network) that receives log σ as
+its timestep and outputs σ·s_θ(x, σ) (``prediction_type="scaled_score"``;
 ``--ncsnv2_conditioning`` makes it unconditional, NCSNv2's Technique 3), trained with NCSN's denoising score
 matching loss (λ(σ) = σ², log σ uniform on [log σ_L, log σ_1]). The four samplers get the same number of network
 evaluations.
@@ -36,7 +37,8 @@ from diffusers_stf.losses.score_matching import DenoisingScoreMatchingLoss
 from diffusers_stf.noise_schedules import max_pairwise_distance, ncsnv2_sigmas, ncsnv2_step_size
 from diffusers_stf.preconditioning import Denoiser
 from diffusers_stf.training import ModelCardInfo, Trainer, add_training_args, image_grid
-from diffusers_stf.training import load_training_images, make_accelerator, make_unet, parse_training_args
+from diffusers_stf.training import load_training_images, make_accelerator, parse_training_args
+from diffusers_stf.training.network import make_network, network_class, network_summary
 from diffusers_stf.training import training_parser
 from diffusers_stf.training.in_training_eval import EvaluationSampler
 from diffusers_stf.training.validation import check_sampling_steps
@@ -48,8 +50,8 @@ SAMPLER_TITLES = {"als": "ALS (NCSN)", "cas": "CAS", "pc": "PC (reverse diffusio
                   "ode": "probability-flow ODE"}
 
 DESCRIPTION = (
-    "A noise-conditional score network s_θ(x, σ) ≈ ∇ log p_σ(x) (a `UNet2DModel`{conditioning}) trained with "
-    "NCSN's denoising score matching loss (Song & Ermon, NeurIPS 2019, [arXiv:1907.05600]"
+    "A noise-conditional score network s_θ(x, σ) ≈ ∇ log p_σ(x) (a network of class `{network}`{conditioning}) "
+    "trained with NCSN's denoising score matching loss (Song & Ermon, NeurIPS 2019, [arXiv:1907.05600]"
     "(https://arxiv.org/abs/1907.05600)), λ(σ) = σ², log σ uniform on [log {sigma_min:g}, log {sigma_max:.3g}]. "
     "The noise levels follow NCSNv2 (Song & Ermon, NeurIPS 2020, "
     "[arXiv:2006.09011](https://arxiv.org/abs/2006.09011)): "
@@ -64,7 +66,7 @@ CONDITIONING = {
     True: " without noise conditioning: s_θ(x, σ) = F(x)/σ, NCSNv2's Technique 3",
 }
 USAGE = """import torch
-from diffusers import UNet2DModel
+from {network_module} import {network}
 from diffusers_stf import AnnealedLangevinScheduler, EDMPipeline, PredictorCorrectorScheduler
 
 # annealed Langevin dynamics (NCSN Algorithm 1): {L} noise levels, {T} Langevin steps each
@@ -81,7 +83,7 @@ pipeline.scheduler = PredictorCorrectorScheduler.from_pretrained("{{repo}}", sub
 images = pipeline(batch_size=16, num_inference_steps={ode_steps}, generator=generator).images
 
 # the same annealed Langevin sampler as a plain diffusers loop
-unet = UNet2DModel.from_pretrained("{{repo}}", subfolder="unet")
+unet = {network}.from_pretrained("{{repo}}", subfolder="unet")
 scheduler = AnnealedLangevinScheduler.from_pretrained("{{repo}}", subfolder="scheduler_als")
 scheduler.set_timesteps({L})
 x = torch.randn(16, {channels}, {size}, {size}, generator=generator) * scheduler.init_noise_sigma
@@ -207,20 +209,23 @@ def digits_summary(data):
     return summary
 
 
-def model_card(args, data, sigma_max: float, samplers: dict) -> ModelCardInfo:
+def model_card(args, data, sigma_max: float, samplers: dict, architecture: str = "unet2d") -> ModelCardInfo:
     """The card: the method and the NCSNv2 numbers; ``validation_fn`` adds each sampler's result to ``facts``."""
     als = samplers["als"][0].config
     levels, T = als.num_train_timesteps, als.steps_per_level
     gamma = (sigma_max / args.sigma_min) ** (1 / (levels - 1))
     return ModelCardInfo(
         title=f"Noise-conditional score model (NCSNv2) on {data.name}",
-        description=DESCRIPTION.format(conditioning=CONDITIONING[args.ncsnv2_conditioning], sigma_min=args.sigma_min,
+        description=DESCRIPTION.format(network=network_class(architecture).__name__,
+                                       conditioning=CONDITIONING[args.ncsnv2_conditioning], sigma_min=args.sigma_min,
                                        sigma_max=sigma_max, L=levels, gamma=gamma, eps=als.step_size, T=T,
                                        sigma_1_source=", the largest distance between two training images "
                                        "(Technique 1)" if args.sigma_max is None else "",
                                        levels_source=" from Technique 2" if args.num_inference_steps is None else ""),
         tags=["score-based", "ncsn", "ncsnv2", "annealed-langevin", "score-sde"],
-        usage=USAGE.format(L=levels, T=T, nfe=levels * T, pc_steps=samplers["pc"][1], ode_steps=samplers["ode"][1],
+        usage=USAGE.format(network=network_class(architecture).__name__,
+                           network_module="diffusers" if architecture == "unet2d" else "diffusers_stf.models",
+                           L=levels, T=T, nfe=levels * T, pc_steps=samplers["pc"][1], ode_steps=samplers["ode"][1],
                            channels=data.channels, size=data.resolution),
         loading_note=LOADING_NOTE,
         sample_kwargs={"num_inference_steps": levels},
@@ -243,15 +248,15 @@ def main(argv=None):
         torch.set_num_threads(args.num_threads)
     accelerator = make_accelerator(training)
     data = load_training_images(config.data, training.seed, accelerator)
-    unet = make_unet(config.unet, data.resolution, data.channels)
+    unet = make_network(config.network, config.unet, data.resolution, data.channels)
     sigma_max, num_levels = noise_levels(args, data)
     samplers = make_samplers(args, sigma_max, num_levels)
     for scheduler, steps in samplers.values():  # the comparison grid's samplers take their steps, before training
         check_sampling_steps(scheduler, steps)
-    card = model_card(args, data, sigma_max, samplers)
+    card = model_card(args, data, sigma_max, samplers, config.network.architecture)
     accelerator.print(
-        f"{len(data)} training images {data.channels}x{data.resolution}x{data.resolution} ({data.name}); UNet2DModel "
-        f"with {unet.num_parameters() / 1e6:.2f}M parameters\nNCSNv2: "
+        f"{len(data)} training images {data.channels}x{data.resolution}x{data.resolution} ({data.name}); "
+        f"{network_summary(unet, config.network)}\nNCSNv2: "
         + ", ".join(f"{k} = {v}" for k, v in card.facts.items() if k != "grid_caption"))
 
     dsm = DenoisingScoreMatchingLoss(sigma_min=args.sigma_min, sigma_max=sigma_max, sigma_sampling="log_uniform")
@@ -292,7 +297,8 @@ def main(argv=None):
         for name, (scheduler, _) in samplers.items():
             scheduler.save_config(os.path.join(training.output_dir, f"scheduler_{name}"))
     fingerprint = {"loss": "denoising_score_matching", "sigma_sampling": "log_uniform", "sigma_min": args.sigma_min,
-                   "sigma_max": sigma_max, "ncsnv2_conditioning": args.ncsnv2_conditioning}
+                   "sigma_max": sigma_max, "ncsnv2_conditioning": args.ncsnv2_conditioning,
+                   **config.network.fingerprint()}
     trainer = Trainer(training, unet, loss_fn, data, accelerator=accelerator, make_pipeline=make_pipeline,
                       model_card=card, fingerprint=fingerprint, validation_fn=validation_fn,
                       evaluation_sampler=EvaluationSampler(make_pipeline, samplers["als"][1]))  # the saved sampler

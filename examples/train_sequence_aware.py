@@ -6,6 +6,7 @@
     accelerate launch examples/train_sequence_aware.py --sa_k 3 --sa_lambda 0.3 --beta_schedule cosine
     accelerate launch examples/train_sequence_aware.py --stf --stf_reference_batch_size 512   # + Stable Target Field
     accelerate launch examples/train_sequence_aware.py --class_conditional --label_dropout 0.1   # for CFG
+    accelerate launch examples/train_sequence_aware.py --architecture ddpmpp    # EDM's DDPM++ network (SongUNet)
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/train_sequence_aware.py --cpu
     accelerate launch examples/train_sequence_aware.py --dataset_name cifar10 --resolution 32 --random_flip \\
         --block_out_channels 128,256,256,256 --layers_per_block 2 --attention_levels 1 --dropout 0.1 \\
@@ -22,6 +23,9 @@ card. ``DDPMPipeline``/``DDIMPipeline`` load it directly; ``diffusers_stf.EDMPip
 images' classes (``num_class_embeds`` = K + 1, labels dropped to the null label K with probability
 ``--label_dropout``) and the folder is an ``EDMPipeline`` with the ``DDPMScheduler`` and ``null_class_label`` = K
 (diffusers' ``DDPMPipeline`` passes no class labels), sampled with ``class_labels`` and ``guidance_scale``.
+``--architecture ddpmpp|adm`` trains EDM's DDPM++ or ADM network instead of the UNet2DModel (their positional noise
+embeddings take the step index, as in their papers); the folder is then an ``EDMPipeline`` with the
+``DDPMScheduler``, which plain diffusers loads with ``trust_remote_code=True``.
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ from diffusers_stf.losses.sequence_aware import NOISE_COUPLINGS, REDUCTIONS, TIM
 from diffusers_stf.noise_schedules import betas_for_schedule
 from diffusers_stf.training import ModelCardInfo, Trainer, add_class_conditioning_args, add_training_args
 from diffusers_stf.training import class_conditioning, load_training_images
-from diffusers_stf.training import make_accelerator, make_unet, parse_training_args, sample_grid, save_image_grid
+from diffusers_stf.training import make_accelerator, parse_training_args, sample_grid, save_image_grid
 from diffusers_stf.training import training_parser
+from diffusers_stf.training.model_card import DEFAULT_TEMPLATE
+from diffusers_stf.training.network import make_network, network_summary
 from diffusers_stf.training.in_training_eval import EvaluationSampler
 from diffusers_stf.training.plots import sampler_caption
 from diffusers_stf.training.validation import check_sampling_steps
@@ -53,7 +59,7 @@ PARAMETRISATIONS = {"epsilon": "ε", "sample": "x₀", "v_prediction": "v"}
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear"}
 
 DESCRIPTION = (
-    "An unconditional {parametrisation}-prediction `UNet2DModel` trained the DDPM way (Ho et al., 2020; {T} steps, {schedule} β "
+    "An unconditional {parametrisation}-prediction {network} trained the DDPM way (Ho et al., 2020; {T} steps, {schedule} β "
     "schedule){sa}{stf}. It is a plain diffusers `DDPMPipeline`."
 )
 SA_TEXT = (
@@ -82,6 +88,18 @@ from diffusers_stf import EDMHeunScheduler, EDMPipeline
 edm = EDMPipeline(unet=pipeline.unet,
                   scheduler=EDMHeunScheduler.from_config(pipeline.scheduler.config, preconditioning="ddpm"))
 images = edm(batch_size=16, num_inference_steps=18, generator=torch.Generator().manual_seed(0)).images"""
+NETWORK_TEXT = {"unet2d": "`UNet2DModel`",
+                "ddpmpp": "DDPM++ network (`SongUNet`: Song et al., ICLR 2021, as re-implemented in EDM)",
+                "adm": "ADM network (`DhariwalUNet`: Dhariwal & Nichol, NeurIPS 2021, as re-implemented in EDM)"}
+EDM_FOLDER_TEXT = ("It is saved as a `diffusers_stf.EDMPipeline` with the `DDPMScheduler` ({why}); any diffusers "
+                   "scheduler samples it (DDIM below).")
+EDM_USAGE = """import torch
+from diffusers import DDIMScheduler
+from diffusers_stf import EDMPipeline
+
+pipeline = EDMPipeline.from_pretrained("{repo}")  # with the DDPMScheduler it was trained for
+pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)  # 50 deterministic DDIM steps
+images = pipeline(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The networks whose noise embedding takes DDPM's step index t = 0 … T − 1: UNet2DModel, DDPM++ and ADM use
+# sinusoidal (positional) embeddings made for it. NCSN++'s and EDM2's random Fourier features are made for
+# c_noise = ln(σ)/4 (about −2 … 1.5); at integer steps up to 999 their frequencies alias.
+DDPM_ARCHITECTURES = ("unet2d", "ddpmpp", "adm")
+
+
 def check_args(args, config):
+    if config.network.architecture not in DDPM_ARCHITECTURES:
+        raise ValueError(f"--architecture {config.network.architecture}: a DDPM network takes the step index "
+                         f"t = 0 … T-1 as its noise input, and the Fourier noise features of ncsnpp and edm2 are made "
+                         f"for EDM's c_noise = ln(sigma)/4 (they alias at integer steps); choose one of "
+                         f"{DDPM_ARCHITECTURES}, or train ncsnpp/edm2 with train_stf.py")
     if args.sa_k < 1:
         raise ValueError(f"--sa_k must be >= 1, got {args.sa_k}")
     if args.sa_lambda < 0:
@@ -186,14 +215,16 @@ def main(argv=None):
     accelerator = make_accelerator(training)
     data = load_training_images(config.data, training.seed, accelerator)
     conditioning = class_conditioning(args, data, config.explicit)  # None: unconditional
-    unet = make_unet(config.unet, data.resolution, data.channels,
-                     **(conditioning.unet_kwargs() if conditioning is not None else {}))
+    unet = make_network(config.network, config.unet, data.resolution, data.channels,
+                        **(conditioning.unet_kwargs() if conditioning is not None else {}))
+    # diffusers' DDPMPipeline passes no class labels, and plain diffusers loads other networks through our code
+    edm_folder = conditioning is not None or config.network.architecture != "unet2d"
     loss = SequenceAwareLoss(betas, num_steps=args.sa_k, sa_lambda=args.sa_lambda, weighting=args.sa_weighting,
                              window=args.sa_window, noise=args.sa_noise, reduction=args.loss_reduction,
                              timesteps=args.sa_timesteps, prediction_type=schedule["prediction_type"])
     name = f"SA-{args.sa_k} (λ={args.sa_lambda:g}, {args.sa_weighting})" if args.sa_lambda > 0 else "DDPM L_simple"
     accelerator.print(f"{len(data)} training images {data.channels}x{data.resolution}x{data.resolution} ({data.name}); "
-                      f"UNet2DModel ({schedule['prediction_type']}) with {unet.num_parameters() / 1e6:.2f}M parameters; "
+                      f"{network_summary(unet, config.network)} ({schedule['prediction_type']}); "
                       f"loss {name}"
                       + (f" + STF (R={args.stf_reference_batch_size})" if args.stf else "")
                       + (f"; class-conditional on {conditioning.num_classes} classes, label dropout "
@@ -213,8 +244,9 @@ def main(argv=None):
         return loss(model, images, class_labels=labels, generator=generator, reference_images=refs, **conditional_refs)
 
     def make_pipeline(model):
-        if conditioning is not None:  # DDPMPipeline takes no class labels
-            return EDMPipeline(unet=model, scheduler=DDPMScheduler(**schedule), **conditioning.pipeline_kwargs())
+        if edm_folder:
+            return EDMPipeline(unet=model, scheduler=DDPMScheduler(**schedule),
+                               **(conditioning.pipeline_kwargs() if conditioning is not None else {}))
         return DDPMPipeline(unet=model, scheduler=DDPMScheduler(**schedule))
 
     def grid_pipeline(model):
@@ -238,32 +270,34 @@ def main(argv=None):
 
     sa_text = SA_TEXT.format(k=args.sa_k, lam=f"{args.sa_lambda:g}", weighting=args.sa_weighting) \
         if args.sa_lambda > 0 else ""
+    architecture = config.network.architecture
     card = ModelCardInfo(
-        title=f"{name.split(' (')[0]} DDPM UNet2DModel on {data.name}",
+        title=f"{name.split(' (')[0]} DDPM {NETWORK_TEXT[architecture].split('`')[1]} on {data.name}",
         description=DESCRIPTION.format(parametrisation=PARAMETRISATIONS[schedule["prediction_type"]],
+                                       network=NETWORK_TEXT[architecture],
                                        T=args.num_train_timesteps, schedule=args.beta_schedule, sa=sa_text,
                                        stf=STF_TEXT.format(r=args.stf_reference_batch_size) if args.stf else ""),
         tags=["ddpm"] + (["sequence-aware", "sa-dpm"] if args.sa_lambda > 0 else [])
-        + (["stable-target-field"] if args.stf else []),
+        + (["stable-target-field"] if args.stf else []) + ([architecture] if architecture != "unet2d" else []),
         template="sequence_aware_ddpm.md",
         usage=USAGE,
         extra={"script": "examples/train_sequence_aware.py",
                "grid_caption": f"EMA weights, DDIM with {training.num_inference_steps} steps, "
                                f"η={args.validation_eta:g}."},
     )
+    if edm_folder:
+        why = "diffusers' `DDPMPipeline` passes no class labels" if conditioning is not None else \
+            "plain diffusers loads it with `trust_remote_code=True`"
+        card = dataclasses.replace(card, template=DEFAULT_TEMPLATE, usage=EDM_USAGE, description=card.description.replace(
+            "It is a plain diffusers `DDPMPipeline`.", EDM_FOLDER_TEXT.format(why=why)))
     if conditioning is not None:
-        card = conditioning.card(
-            dataclasses.replace(card, description=card.description.replace(
-                "It is a plain diffusers `DDPMPipeline`.", "It is saved as a `diffusers_stf.EDMPipeline` with the "
-                "`DDPMScheduler` (diffusers' `DDPMPipeline` passes no class labels); any diffusers scheduler samples "
-                "it (DDIM below).")),
-            conditioning.usage(num_inference_steps=50, scheduler="DDIMScheduler"),
-            card.extra["grid_caption"].rstrip("."))
+        card = conditioning.card(card, conditioning.usage(num_inference_steps=50, scheduler="DDIMScheduler"),
+                                 card.extra["grid_caption"].rstrip("."))
     fingerprint = {"loss": "sequence_aware", **schedule, "sa_k": args.sa_k, "sa_lambda": args.sa_lambda,
                    "sa_weighting": args.sa_weighting, "sa_window": args.sa_window, "sa_noise": args.sa_noise,
                    "sa_timesteps": args.sa_timesteps, "loss_reduction": args.loss_reduction,
                    "stf_reference_batch_size": args.stf_reference_batch_size if args.stf else None,
-                   **(conditioning.fingerprint() if conditioning else {})}
+                   **(conditioning.fingerprint() if conditioning else {}), **config.network.fingerprint()}
     fingerprint.pop("clip_sample")  # a sampling setting: changing it on resume is fine
     if fingerprint["prediction_type"] == "epsilon":
         fingerprint.pop("prediction_type")  # runs from before the flag existed still resume

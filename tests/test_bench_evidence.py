@@ -63,7 +63,7 @@ def test_quick_smoke_run_writes_the_evidence_and_resumes_skipping_finished_work(
         assert json.load(f) == json.loads(json.dumps(evidence))
     names = [c["name"] for c in evidence["comparisons"]]
     assert names == ["stf_vs_edm", "sa2_vs_ddpm_ddim10", "dg_vs_unguided", "autoguidance_vs_unguided",
-                     "cfg_vs_conditional"]
+                     "cfg_vs_conditional", "posthoc_ema", "edm2_vs_unet2d"]
     for c in evidence["comparisons"]:
         assert c["metric"] == "fd_train" and c["seeds"] == [0] and isinstance(c["setup"], str)
         assert len(c["baseline"]) == len(c["method"]) == 1 and all(math.isfinite(v) for v in c["baseline"] + c["method"])
@@ -83,6 +83,24 @@ def test_quick_smoke_run_writes_the_evidence_and_resumes_skipping_finished_work(
     assert len(autog["with_interval"]["method"]) == 1
     assert cfg["selection"]["seed"] == 1 and len(cfg["equal_evaluations"]["baseline"]) == 1
     assert all(0 <= a <= 1 for arm in cfg["label_accuracy"].values() for a in arm)
+    posthoc, edm2 = evidence["comparisons"][5], evidence["comparisons"][6]
+    # σ_rel chosen on the selection seed's curve, reported on seed 0's; the baseline is each run's saved EMA
+    assert posthoc["selection"]["seed"] == 1 and set(posthoc["fd_by_std"]) == {"0", "1"}
+    curve = posthoc["fd_by_std"]["1"]
+    assert set(curve) == {"0.04", "0.1"} and posthoc["selection"]["chosen"] == f"σ_rel={min(curve, key=curve.get)}"
+    assert posthoc["method"] == [posthoc["fd_by_std"]["0"][min(curve, key=curve.get)]]
+    assert posthoc["baseline"] == [posthoc["training_ema_fd"]["0"]]
+    run0 = work / "models" / "phema-edm-4-seed0"
+    assert sorted(os.listdir(run0 / "phema_snapshots")) == [f"phema-00000000{s}-{std}.safetensors" for s in (2, 4)
+                                                             for std in ("0.050", "0.100")]
+    assert json.loads((run0 / "posthoc_ema" / "posthoc-000000004-0.040" / "posthoc_ema.json").read_text())["std"] \
+        == 0.04
+    assert os.path.isfile(os.path.join(bench.ROOT, posthoc["curves_plot"]))
+    counts = edm2["parameters"]
+    assert abs(counts["edm2"] / counts["unet2d"] - 1) < 0.05 and f"{counts['edm2']:,}" in edm2["setup"]
+    assert edm2["baseline"] == evidence["comparisons"][0]["baseline"]  # the EDM arm, the same seeds
+    unet = json.loads((work / "models" / "edm2-edm-4-seed0" / "unet" / "config.json").read_text())
+    assert unet["_class_name"] == "EDM2UNet"
     assert evidence["cached"] is False and evidence["commit"]
     investigation = evidence["dg_investigation"]
     assert [v["variant"] for v in investigation["variants"]] == ["default", "narrow_window"]
@@ -104,3 +122,22 @@ def test_quick_smoke_run_writes_the_evidence_and_resumes_skipping_finished_work(
     shown = bench.main(["--table", "--results_dir", str(work / "results")])
     printed = capsys.readouterr().out
     assert bench.render_table(shown) in printed and shown["comparisons"][0]["verdict"] in printed
+
+
+def test_the_full_protocols_edm2_network_has_the_unet2d_arms_parameter_count(bench):
+    """edm2_vs_unet2d compares at equal size: the full protocol's EDM2 flags against train_stf.py's default
+    UNet2DModel on the 8x8 digits, both built from the script's own parser."""
+    spec = importlib.util.spec_from_file_location("train_stf_bench", os.path.join(ROOT, "examples", "train_stf.py"))
+    train_stf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_stf)
+    from diffusers_stf.training import parse_training_args
+    from diffusers_stf.training.network import make_network
+
+    protocol = bench.Protocol.full()
+    counts = {}
+    for name, argv in (("unet2d", protocol.model_args), ("edm2", ["--architecture", "edm2", *protocol.edm2_args])):
+        _, config = parse_training_args(train_stf.build_parser(), argv)
+        model = make_network(config.network, config.unet, 8, 1)
+        counts[name] = sum(p.numel() for p in model.parameters())
+    assert type(model).__name__ == "EDM2UNet"
+    assert abs(counts["edm2"] / counts["unet2d"] - 1) < 0.01, counts

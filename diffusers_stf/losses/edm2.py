@@ -63,11 +63,12 @@ class EDM2Loss(EDMLoss):
         sigma_data: σ_data of the data and the preconditioning (EDM2: 0.5).
         logvar_channels: width of the Fourier features of :class:`LogVarianceHead` (EDM2: 128).
         logvar_head: a module c_noise (B,) → u (B,) in place of :class:`LogVarianceHead`.
+        reduction: ``sum`` over C·H·W (EDM2) or ``mean``.
     """
 
     def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5,
-                 logvar_channels: int = 128, logvar_head: Optional[nn.Module] = None):
-        super().__init__(P_mean, P_std, sigma_data)
+                 logvar_channels: int = 128, logvar_head: Optional[nn.Module] = None, reduction: str = "sum"):
+        super().__init__(P_mean, P_std, sigma_data, reduction)
         self.logvar_head = logvar_head if logvar_head is not None else LogVarianceHead(logvar_channels)
 
     def parameters(self):

@@ -56,9 +56,13 @@ def init_(tensor: torch.Tensor, mode: str, fan_in: int, fan_out: int, gain: floa
 def resample_filter_2d(taps: Sequence[float]) -> torch.Tensor:
     """The separable low-pass filter f fᵀ / (Σf)², shape (1, 1, k, k): [1, 1] is the box filter of DDPM++ (average
     pooling, nearest upsampling), [1, 3, 3, 1] the binomial filter of NCSN++ (bilinear resampling)."""
-    f = torch.as_tensor(taps, dtype=torch.float32)
-    if f.ndim != 1 or f.numel() == 0 or f.sum() == 0:
+    try:  # checked on the host: the filter may be built under torch.device("meta")
+        values = [float(v) for v in taps]
+    except (TypeError, ValueError):
+        values = []
+    if not values or sum(values) == 0:
         raise ValueError(f"resample_filter must be a non-empty list of taps with a non-zero sum, got {list(taps)}")
+    f = torch.tensor(values, dtype=torch.float32)
     return (torch.outer(f, f) / f.sum() ** 2)[None, None]
 
 

@@ -41,6 +41,7 @@ from .in_training_eval import EvaluationConfig, EvaluationSampler, InTrainingEva
 from .metrics_log import MetricsLogger, bucket_names, read_metrics
 from .model_card import ModelCardInfo, write_model_card
 from .score_model import load_score_pipeline
-from .trainer import NonFiniteLossError, Trainer, TrainingResult, print_summary
+from .run_result import TrainingResult, print_summary
+from .trainer import NonFiniteLossError, Trainer
 from .unet import make_unet, unet_config
 from .validation import grid_class_labels, image_grid, sample_grid, save_image_grid

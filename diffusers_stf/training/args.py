@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 from .data import DATASET_FINGERPRINTS, DataConfig
 from .config import ENCODER_MID_BLOCKS, LR_SCHEDULERS, TRACKERS, EncoderConfig, TrainingConfig, UNetConfig
 from .config import from_namespace
+from .network import ARCHITECTURES, NetworkConfig
 from .in_training_eval import add_evaluation_args, evaluation_config
 from ..hub.push import check_hub_settings
 
@@ -67,17 +68,35 @@ def add_data_args(parser: argparse.ArgumentParser):
 
 
 def add_unet_args(parser: argparse.ArgumentParser):
-    g = parser.add_argument_group("model (UNet2DModel)")
+    g = parser.add_argument_group("model (--architecture; docs/training.md has the papers' presets)")
+    g.add_argument("--architecture", type=str, default="unet2d", choices=ARCHITECTURES,
+                   help="unet2d: diffusers' UNet2DModel; ddpmpp, ncsnpp: EDM's SongUNet (DDPM++, NCSN++); adm: "
+                        "EDM's DhariwalUNet; edm2: EDM2's magnitude-preserving U-Net")
     g.add_argument("--model_config_name_or_path", type=str, default=None,
-                   help="a UNet2DModel config.json (or a folder holding one); overrides the options below")
-    g.add_argument("--block_out_channels", type=int_list, default=(32, 64), help="channels per level, e.g. 32,64")
-    g.add_argument("--layers_per_block", type=int, default=1)
-    g.add_argument("--attention_levels", type=int_list, default=(),
-                   help="levels (0 = highest resolution) with attention blocks, e.g. 1")
-    g.add_argument("--mid_block_attention", action="store_true", help="attention in the middle block")
-    g.add_argument("--attention_head_dim", type=int, default=32)
-    g.add_argument("--norm_num_groups", type=int, default=None, help="default: min(32, first block's channels)")
+                   help="a config.json of the --architecture's model class (or a folder holding one); overrides the "
+                        "size options")
+    g.add_argument("--layers_per_block", "--num_blocks", dest="layers_per_block", type=int, default=1,
+                   help="residual blocks per resolution in the encoder (one more in the decoder): UNet2DModel's "
+                        "layers_per_block, EDM's num_blocks")
     g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--block_out_channels", type=int_list, default=(32, 64),
+                   help="unet2d: channels per level, e.g. 32,64")
+    g.add_argument("--attention_levels", type=int_list, default=(),
+                   help="unet2d: levels (0 = highest resolution) with attention blocks, e.g. 1")
+    g.add_argument("--mid_block_attention", action="store_true", help="unet2d: attention in the middle block")
+    g.add_argument("--attention_head_dim", type=int, default=32, help="unet2d: channels per attention head")
+    g.add_argument("--norm_num_groups", type=int, default=None,
+                   help="unet2d: group-norm groups; default: min(32, first block's channels)")
+    g.add_argument("--model_channels", type=int, default=None,
+                   help="ddpmpp, ncsnpp, adm, edm2: base width (default 32; EDM CIFAR-10: 128, ADM 64: 192, EDM2-S: "
+                        "192)")
+    g.add_argument("--channel_mult", type=int_list, default=None,
+                   help="ddpmpp, ncsnpp, adm, edm2: width multipliers per resolution (default 1,2; EDM CIFAR-10: "
+                        "2,2,2)")
+    g.add_argument("--attn_resolutions", type=int_list, default=(),
+                   help="ddpmpp, ncsnpp, adm, edm2: resolutions with self-attention (the lowest always has it), e.g. "
+                        "16")
+    g.add_argument("--channels_per_head", type=int, default=64, help="edm2: attention channels per head")
     return g
 
 
@@ -108,11 +127,15 @@ def add_optimization_args(parser: argparse.ArgumentParser):
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--learning_rate", type=float, default=1e-3)
     g.add_argument("--lr_scheduler", type=str, default="constant_with_warmup", choices=LR_SCHEDULERS,
-                   help="EDM: linear warm-up, then constant (constant_with_warmup)")
+                   help="EDM: linear warm-up, then constant (constant_with_warmup); EDM2: inverse_sqrt, "
+                        "lr/sqrt(max(step/--lr_ref_steps, 1)) after the warm-up")
     g.add_argument("--lr_warmup_steps", type=int, default=None,
                    help="warm-up length in optimizer steps (default: from --lr_rampup_kimg)")
     g.add_argument("--lr_rampup_kimg", type=float, default=6.4,
-                   help="EDM's warm-up length in thousands of training images (EDM CIFAR: 10000)")
+                   help="EDM's warm-up length in thousands of training images (EDM CIFAR: 10000; EDM2: 10000)")
+    g.add_argument("--lr_ref_steps", type=float, default=70000.0,
+                   help="--lr_scheduler inverse_sqrt: the optimizer step t_ref where the 1/sqrt decay starts "
+                        "(EDM2's ref_batches: 70000 for ImageNet-512, 35000 for ImageNet-64); 0: no decay")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
@@ -138,6 +161,13 @@ def add_ema_args(parser: argparse.ArgumentParser):
     g.add_argument("--ema_inv_gamma", type=float, default=1.0, help="--use_ema: inverse gamma of the warm-up")
     g.add_argument("--ema_power", type=float, default=0.75, help="--use_ema: power of the warm-up")
     g.add_argument("--ema_max_decay", type=float, default=0.9999, help="--use_ema: the largest decay")
+    g.add_argument("--ema_stds", type=float_list, default=(),
+                   help="also track EDM2's power-function EMAs with these relative widths σ_rel, each in (0, 0.289) "
+                        "(EDM2: 0.05,0.10), for post-hoc reconstruction with python -m diffusers_stf.phema")
+    g.add_argument("--ema_snapshot_steps", type=int, default=0,
+                   help="--ema_stds: write their snapshots every N steps (and at the last step)")
+    g.add_argument("--ema_snapshot_kimg", type=float, default=0.0,
+                   help="--ema_stds: write their snapshots every N thousand images (EDM2: 8192), in whole steps")
     return g
 
 
@@ -260,13 +290,15 @@ def add_training_args(parser: argparse.ArgumentParser, unet: bool = True, defaul
 
 @dataclass
 class ScriptConfig:
-    """The typed options of a training script: the trainer's, the data's and (scripts that train a UNet) the UNet's,
-    and which options were given on the command line (``explicit``)."""
+    """The typed options of a training script: the trainer's, the data's and (scripts that train a score network) the
+    network's (``--architecture`` and the EDM networks' sizes in ``network``, the ``UNet2DModel`` and shared ones in
+    ``unet``), and which options were given on the command line (``explicit``)."""
 
     training: TrainingConfig
     data: DataConfig
     unet: Optional[UNetConfig] = None
     explicit: frozenset = frozenset()
+    network: Optional[NetworkConfig] = None
 
 
 def explicit_options(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> frozenset:
@@ -319,6 +351,9 @@ def apply_diffusers_flags(args: argparse.Namespace, explicit: frozenset) -> List
                                  "does not train a DDPM noise predictor")
     else:
         map_ddpm_flags(args, explicit)
+    if "lr_ref_steps" in explicit and args.lr_scheduler != "inverse_sqrt":
+        raise ValueError(f"--lr_ref_steps sets the decay of --lr_scheduler inverse_sqrt; this run's schedule is "
+                         f"{args.lr_scheduler}")
     if args.use_ema and explicit & {"ema_halflife_kimg", "ema_rampup_ratio"}:
         raise ValueError("--use_ema (diffusers' warm-up EMA) and --ema_halflife_kimg/--ema_rampup_ratio (EDM's "
                          "half-life EMA) choose two EMA rules; give the options of one")
@@ -380,7 +415,8 @@ def parse_training_args(parser: argparse.ArgumentParser,
     config = ScriptConfig(training=from_namespace(TrainingConfig, args, notes=tuple(notes),
                                                   evaluation=evaluation_config(args, explicit)),
                           data=from_namespace(DataConfig, args),
-                          unet=from_namespace(UNetConfig, args) if has_unet else None, explicit=explicit)
+                          unet=from_namespace(UNetConfig, args) if has_unet else None, explicit=explicit,
+                          network=from_namespace(NetworkConfig, args, explicit=explicit) if has_unet else None)
     training = config.training
     training.hub_model_id = check_hub_settings(training.push_to_hub, training.hub_model_id, training.hub_token,
                                                training.output_dir)

@@ -6,6 +6,7 @@ Layout of a checkpoint folder::
     ema/                 its EMA copy (same format)
     optimizer.bin        accelerate's optimizer state
     random_states_<i>.pkl  the RNG states of process i
+    *.safetensors        the run's other parts, when it has them: power-function EMAs, modules of the loss
     trainer_state.json   step, images seen, wall time, lr-scheduler state, the run's id and fingerprint, and the size
                          and SHA-256 of every other file (written last)
 
@@ -328,8 +329,9 @@ def disk_limit_error(limit: str, what: str, folder: str, needed: int, advice: st
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, ema, state: Dict,
-                    total_limit: Optional[int] = None, run_id: Optional[str] = None) -> str:
-    """Write ``checkpoint-<step>`` (call on every process). Returns its path.
+                    total_limit: Optional[int] = None, run_id: Optional[str] = None, parts=()) -> str:
+    """Write ``checkpoint-<step>`` (call on every process), with each of ``parts`` (objects with ``save(folder)``
+    and ``load(folder)``) saving its files into it on the main process. Returns its path.
 
     Written into ``checkpoint-<step>.partial``, fsynced, renamed; only then are checkpoints of run ``run_id`` pruned
     (see :func:`prune_checkpoints`; ``state["reason"]`` is the checkpoint's reason). A checkpoint of the same step
@@ -354,6 +356,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, ema, state: Dict,
         if accelerator.is_main_process:
             if ema is not None:
                 save_weights(ema.model, os.path.join(partial, "ema"))
+            for part in parts:
+                part.save(partial)
             kill_point("checkpoint_files_written", step)
             state = {**jsonable(state), "files": file_manifest(partial)}
             with open(os.path.join(partial, STATE_FILE), "w") as f:
@@ -422,9 +426,10 @@ def restore_random_states(path: str, process_index: int):
         torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
 
 
-def load_checkpoint(accelerator, path: str, ema, exact: bool = True) -> Dict:
-    """Restore model, optimizer and RNG states (accelerate; the RNGs again here, see :func:`restore_random_states`)
-    and the EMA from an intact checkpoint; returns the trainer state (step, images seen, lr-scheduler state...).
+def load_checkpoint(accelerator, path: str, ema, exact: bool = True, parts=()) -> Dict:
+    """Restore model, optimizer and RNG states (accelerate; the RNGs again here, see :func:`restore_random_states`),
+    the EMA and ``parts`` from an intact checkpoint; returns the trainer state (step, images seen, lr-scheduler
+    state...).
     With ``exact=False`` (another process count) a missing RNG state of this process is only reported."""
     accelerator.load_state(path)
     try:
@@ -435,4 +440,6 @@ def load_checkpoint(accelerator, path: str, ema, exact: bool = True) -> Dict:
         accelerator.print(f"WARNING: {err}")
     if ema is not None:
         load_weights(ema.model, os.path.join(path, "ema"))
+    for part in parts:
+        part.load(path)
     return read_state(path)

@@ -20,7 +20,8 @@ MAX_SEED = 2**32 - 1
 # Adam moves every weight by about the learning rate per step; a larger one diverges at the first step, and one past
 # float32's range makes the optimizer fail without naming the option.
 MAX_LEARNING_RATE = 1.0
-LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
+LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                 "inverse_sqrt")
 TRACKERS = ("auto", "tensorboard", "wandb", "none")
 
 
@@ -98,8 +99,8 @@ class UNetConfig:
         looks_local = path is not None and (os.path.isabs(path) or path.startswith(".") or path.endswith(".json")
                                             or path.count("/") != 1)
         if looks_local and not os.path.exists(path):
-            raise ValueError(f"--model_config_name_or_path {path!r} does not exist (give a UNet2DModel config.json, "
-                             "a folder holding one, or a Hub model id)")
+            raise ValueError(f"--model_config_name_or_path {path!r} does not exist (give a config.json of the "
+                             "--architecture's model class, a folder holding one, or a Hub model id)")
         if path is not None and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"--model_config_name_or_path {path!r} is a folder without a config.json")
         check_levels("", self.block_out_channels, self.attention_levels)
@@ -171,8 +172,10 @@ class TrainingConfig:
         default_num_epochs: the script's length when neither of the two is given.
         gradient_accumulation_steps: micro-steps per optimizer step.
         learning_rate, lr_scheduler, lr_warmup_steps, lr_rampup_kimg: the learning-rate schedule (diffusers'
-            ``get_scheduler``; the warm-up from ``lr_rampup_kimg``, EDM's ramp-up in thousands of images, when
-            ``lr_warmup_steps`` is None).
+            ``get_scheduler``, or EDM2's ``inverse_sqrt``; the warm-up from ``lr_rampup_kimg``, EDM's ramp-up in
+            thousands of images, when ``lr_warmup_steps`` is None).
+        lr_ref_steps: ``inverse_sqrt``: t_ref, the optimizer step where the decay α_ref/√(t/t_ref) starts (EDM2's
+            ``ref_batches``; 0: no decay).
         adam_beta1, adam_beta2, adam_weight_decay, adam_epsilon: the default AdamW optimizer.
         max_grad_norm: gradient clipping; 0 disables it.
         seed: the training seed (initialisation, batches, every draw of the loss).
@@ -183,6 +186,10 @@ class TrainingConfig:
             default rule.
         use_ema, ema_inv_gamma, ema_power, ema_max_decay: diffusers' warm-up EMA
             (:class:`~diffusers_stf.training.ema.WarmupEMA`) instead.
+        ema_stds: σ_rel of EDM2's power-function EMAs tracked beside that EMA, each in (0, 1/√12) (EDM2: 0.05, 0.10);
+            empty: none (:mod:`~diffusers_stf.training.power_ema`).
+        ema_snapshot_steps, ema_snapshot_kimg: their snapshots every N steps, or every N thousand images (0: at the
+            last step only).
         checkpointing_steps: a resumable checkpoint every N steps (0: never).
         checkpointing_minutes: also a checkpoint at the first logging step after this many minutes without one (0:
             never); only the newest such checkpoint is kept, and it does not count against ``checkpoints_total_limit``.
@@ -216,6 +223,7 @@ class TrainingConfig:
     lr_scheduler: str = "constant_with_warmup"
     lr_warmup_steps: Optional[int] = None
     lr_rampup_kimg: float = 6.4
+    lr_ref_steps: float = 70000.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.0
@@ -231,6 +239,9 @@ class TrainingConfig:
     ema_inv_gamma: float = 1.0
     ema_power: float = 0.75
     ema_max_decay: float = 0.9999
+    ema_stds: Tuple[float, ...] = ()
+    ema_snapshot_steps: int = 0
+    ema_snapshot_kimg: float = 0.0
     checkpointing_steps: int = 500
     checkpointing_minutes: float = 0.0
     checkpoints_total_limit: Optional[int] = 2
@@ -268,6 +279,7 @@ class TrainingConfig:
             raise ValueError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
         check_finite("checkpointing_minutes", self.checkpointing_minutes, 0.0)
         check_finite("lr_rampup_kimg", self.lr_rampup_kimg, 0.0)
+        check_finite("lr_ref_steps", self.lr_ref_steps, 0.0)
         check_finite("adam_beta1", self.adam_beta1, 0.0, True, 1.0, False)
         check_finite("adam_beta2", self.adam_beta2, 0.0, True, 1.0, False)
         check_finite("adam_weight_decay", self.adam_weight_decay, 0.0)
@@ -279,6 +291,7 @@ class TrainingConfig:
         check_finite("ema_power", self.ema_power, 0.0, False)
         check_finite("ema_max_decay", self.ema_max_decay, 0.0, True, 1.0, False)
         check_count("save_images_epochs", self.save_images_epochs)
+        self.check_power_ema()
         check_count("save_model_epochs", self.save_model_epochs)
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"--lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
@@ -292,6 +305,26 @@ class TrainingConfig:
         if self.overwrite_output_dir and self.resume_from_checkpoint:
             raise ValueError("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one; "
                              "give one of them")
+
+    def check_power_ema(self):
+        """``--ema_stds`` in (0, 1/√12), distinct, and snapshot intervals only with them (one of the two)."""
+        from ..phema import MAX_STD
+
+        stds = tuple(self.ema_stds)
+        if any(not (isinstance(s, (int, float)) and 0 < s < MAX_STD) for s in stds):
+            raise ValueError(f"--ema_stds must lie in (0, 1/sqrt(12) = {MAX_STD:.4f}) (EDM2's valid range, rounded "
+                             f"to (0, 0.289): the power-function profile needs an exponent > 0), got "
+                             f"{','.join(f'{s:g}' for s in stds)}")
+        if len({f"{s:.3f}" for s in stds}) != len(stds):
+            raise ValueError(f"--ema_stds must differ in their first three decimals (the snapshot file names), got "
+                             f"{','.join(f'{s:g}' for s in stds)}")
+        check_count("ema_snapshot_steps", self.ema_snapshot_steps, minimum=0)
+        check_finite("ema_snapshot_kimg", self.ema_snapshot_kimg, 0.0)
+        if (self.ema_snapshot_steps or self.ema_snapshot_kimg) and not stds:
+            raise ValueError("--ema_snapshot_steps/--ema_snapshot_kimg write the snapshots of --ema_stds: give "
+                             "--ema_stds too (e.g. 0.05,0.10)")
+        if self.ema_snapshot_steps and self.ema_snapshot_kimg:
+            raise ValueError("give either --ema_snapshot_steps or --ema_snapshot_kimg, not both")
 
     def length_note(self) -> Optional[str]:
         """A sentence saying which option decided the run's length when both ``max_train_steps`` and

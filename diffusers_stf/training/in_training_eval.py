@@ -33,7 +33,6 @@ from ..evaluation.evaluator import DIGITS_REFERENCES, compute_features, fd_undef
 from ..evaluation.feature_extractors import load_feature_extractor
 from ..evaluation.frechet import feature_statistics
 from ..evaluation.images import list_image_files, match_channels
-from ..evaluation.reference_stats import is_reference_stats_file, read_reference_stats
 from ..evaluation.streaming import evaluate_pipeline
 from .eval_plots import plot_evaluation_curves
 from .metrics_log import read_metrics

@@ -15,7 +15,7 @@ import torch
 
 from .checkpoints import fingerprint_differences, jsonable, model_fingerprint
 
-CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup", "inverse_sqrt")  # the same whatever the run's length
 
 
 def run_fingerprint(config, model, optimizer_settings: Dict, warmup: int, data, num_processes: int,
@@ -34,12 +34,17 @@ def run_fingerprint(config, model, optimizer_settings: Dict, warmup: int, data, 
         "resolution": data.resolution, "channels": data.channels, "center_crop": data.center_crop,
         "random_flip": data.random_flip,
     }
+    if config.ema_stds:  # the power-function EMAs and where their snapshots fall
+        settings.update(ema_stds=list(config.ema_stds), ema_snapshot_steps=config.ema_snapshot_steps,
+                        ema_snapshot_kimg=config.ema_snapshot_kimg)
     if data.content:  # the files of a local folder: replaced images with the same count are another data set
         settings["data_files"] = data.content
     if global_draws and num_processes > 1:  # one process draws the same either way
         settings["global_draws"] = True
-    if config.lr_scheduler not in CONSTANT_SCHEDULES:  # the schedule's shape depends on the run's length
+    if config.lr_scheduler not in LENGTH_FREE_SCHEDULES:  # the schedule's shape depends on the run's length
         settings["max_train_steps"] = max_steps
+    if config.lr_scheduler == "inverse_sqrt":
+        settings["lr_ref_steps"] = config.lr_ref_steps
     return jsonable({"model": model_fingerprint(model), "settings": settings, "script": dict(script or {}),
                      "environment": {"torch_threads": torch.get_num_threads()}})
 

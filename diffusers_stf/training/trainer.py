@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Union
 
 import torch
@@ -27,41 +26,27 @@ from ..hub import write_model_remote_code
 from ..hub.push import DEFAULT_IGNORE, check_hub_settings, create_repo_early, push_or_explain
 from ..losses import LossOutput
 from .accelerator import check_launcher, launcher_pid, make_accelerator, step_generator, to_device
-from .checkpoints import (
-    kill_point, list_checkpoints, load_checkpoint, read_state, register_model_hooks, resolve_checkpoint,
-    save_checkpoint, save_weights, saved_state,
-)
+from .checkpoints import kill_point, list_checkpoints, register_model_hooks, save_weights, saved_state
 from .config import TrainingConfig
 from .data import ArrowImages, BatchSchedule, ImageData, derived_seed
-from .ema import HalfLifeEMA, WarmupEMA
 from .finished_run import FINISHED_FILE, finished_record, write_finished
 from .global_batch import BatchShare, global_indices, share_of, take_rows
 from .in_training_eval import EvaluationSampler, InTrainingEvaluation
 from .metrics_log import MetricsLogger
 from .plots import record_validation, sampler_caption
 from .model_card import ModelCardInfo, hub_dataset_ids, local_name, write_model_card
-from .resume_settings import apply_changed_settings, check_resume_settings, run_fingerprint
+from .optimization import (
+    finish_gradients, make_ema, make_lr_scheduler, make_optimizer, optimizer_settings, warmup_steps,
+)
+from .power_ema import power_ema_tracking
+from .resume_settings import run_fingerprint
+from .run_result import TrainingResult, print_summary, record_of_result, result_of_record
+from .run_checkpoints import RunCheckpoints
 from .run_folder import final_save_error, install_folder, open_run_folder
+from .trained_modules import TrainedModules
 from .validation import check_sampling_steps, sample_grid
 
 logger = logging.getLogger(__name__)
-
-@dataclass
-class TrainingResult:
-    """Where a finished run put things."""
-
-    output_dir: str
-    step: int
-    nimg: int
-    wall_time: float
-    samples_path: Optional[str] = None
-    model_card_path: Optional[str] = None
-    metrics_path: Optional[str] = None
-    pushed_to: Optional[str] = None
-    saved_class: Optional[str] = None
-    ema: bool = True  # whether the saved weights are a moving average of the trained ones
-    eval_seconds: float = 0.0  # time of the metrics during training, not counted in wall_time
-
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or ±inf."""
@@ -70,7 +55,7 @@ class NonFiniteLossError(FloatingPointError):
 LossFn = Callable[[torch.nn.Module, Dict[str, torch.Tensor], torch.Generator], Union[LossOutput, torch.Tensor]]
 
 
-class Trainer:
+class Trainer(RunCheckpoints):
     """Train ``model`` on ``data`` by minimising ``loss_fn``; EMA, checkpoints, logs, grids, card, Hub.
 
     Args:
@@ -96,6 +81,9 @@ class Trainer:
         fingerprint: the script's settings that change the maths (e.g. the loss and its parameters); together with
             the model config and the trainer's own settings they must match a checkpoint to resume it.
         hub_ignore_patterns: more patterns of files in ``output_dir`` that the Hub upload leaves out.
+        trained_modules: ``{name: module}`` trained with the model but not part of it, e.g. the log-variance head of
+            EDM2's loss (:mod:`~diffusers_stf.training.trained_modules`): optimised with it, on the device in training
+            mode, gradients averaged over the processes, saved in checkpoints.
         global_draws: every process gets the same step generator and the batch of the whole global batch's rows
             (images, crops, flips), so that a ``loss_fn`` drawing σ and noise for ``batch["share"].total`` images and
             keeping ``batch["share"]``'s rows makes the same steps with any number of processes (see
@@ -109,8 +97,10 @@ class Trainer:
                  accelerator=None, make_pipeline: Optional[Callable] = None, validation_fn: Optional[Callable] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None, model_card: Optional[ModelCardInfo] = None,
                  fingerprint: Optional[Dict] = None, hub_ignore_patterns: tuple = (), global_draws: bool = False,
+                 trained_modules: Optional[Dict[str, torch.nn.Module]] = None,
                  evaluation_sampler: Optional[EvaluationSampler] = None):
         self.config, self.model, self.loss_fn, self.data = config, model, loss_fn, data
+        self.trained_modules, self.power_ema = TrainedModules(trained_modules), None
         config.hub_model_id = check_hub_settings(config.push_to_hub, config.hub_model_id, config.hub_token,
                                                  config.output_dir)
         self.accelerator = accelerator if accelerator is not None else make_accelerator(config)
@@ -122,11 +112,8 @@ class Trainer:
             evaluation_sampler = EvaluationSampler(make_pipeline, config.num_inference_steps)
         self.evaluation = InTrainingEvaluation(config.evaluation, self.accelerator, evaluation_sampler, data, model)
         self.hub_ignore_patterns = tuple(hub_ignore_patterns)
-        self.optimizer = optimizer or torch.optim.AdamW(
-            model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
-        self.optimizer_settings = {"class": type(self.optimizer).__name__,
-                                   **{k: v for k, v in self.optimizer.defaults.items() if k != "params"}}
+        self.optimizer = optimizer or make_optimizer(config, [*model.parameters(), *self.trained_modules.parameters()])
+        self.optimizer_settings = optimizer_settings(self.optimizer)
         acc = self.accelerator
         self.schedule = BatchSchedule(len(data), config.train_batch_size, config.seed, acc.num_processes,
                                       acc.process_index)
@@ -156,14 +143,9 @@ class Trainer:
         epochs = config.num_epochs or config.default_num_epochs
         self.max_steps = config.max_train_steps or epochs * self.steps_per_epoch
         self.global_batch = self.schedule.global_batch * self.accumulation
-        warmup = config.lr_warmup_steps
-        if warmup is None:
-            warmup = round(config.lr_rampup_kimg * 1000 / self.global_batch)
-        from diffusers.optimization import get_scheduler
-
-        self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=warmup,
-                                          num_training_steps=self.max_steps)
-        self.fingerprint = run_fingerprint(config, model, self.optimizer_settings, warmup, data, acc.num_processes,
+        self.lr_scheduler = make_lr_scheduler(config, self.optimizer, self.global_batch, self.max_steps)
+        self.fingerprint = run_fingerprint(config, model, self.optimizer_settings,
+                                           warmup_steps(config, self.global_batch), data, acc.num_processes,
                                            self.accumulation, self.global_batch, self.max_steps,
                                            self.global_draws, fingerprint)
         self.validation_steps = config.validation_steps
@@ -216,12 +198,6 @@ class Trainer:
         batch["share"] = self.share
         return batch, generator
 
-    def trainer_state(self, wall_time: float, reason: str = "steps") -> Dict:
-        return {"step": self.step, "reason": reason, "nimg": self.nimg, "epoch": self.step // self.steps_per_epoch,
-                "wall_time": round(wall_time, 3), "lr_scheduler": self.lr_scheduler.state_dict(),
-                "num_processes": self.accelerator.num_processes, "run_id": self.run_id,
-                "fingerprint": self.fingerprint}
-
     def validate(self, path: str) -> Optional[str]:
         """Sample grid (or ``validation_fn``) of the EMA weights, captioned with the step and the sampler, on the main
         process; the grid also goes to the tracker, and ``logs/loss.png`` is redrawn."""
@@ -240,41 +216,6 @@ class Trainer:
             record_validation(acc, out, self.step, self.run_folder.log_dir, caption)
         acc.wait_for_everyone()
         return out
-
-    def check_settings(self, path: str) -> bool:
-        """Compare the checkpoint's fingerprint with this run's (see :func:`check_resume_settings`); returns whether
-        the resume is exact."""
-        return check_resume_settings(read_state(path), self.fingerprint, path, self.config.allow_changed_settings,
-                                     self.accelerator.print)
-
-    def resume(self, metrics: MetricsLogger):
-        """Continue the run in ``output_dir`` (``resume_from_checkpoint``) or start a new one there."""
-        config, acc, folder = self.config, self.accelerator, self.run_folder
-        self.run_id = folder.run_id
-        latest = config.resume_from_checkpoint == "latest"
-        path = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint,
-                                  run_id=folder.run_id if folder.from_disk and latest else None, warn=acc.print)
-        if path is not None and int(read_state(path).get("step", 0)) > self.max_steps:
-            length = (f"--max_train_steps {config.max_train_steps}" if config.max_train_steps else
-                      f"the run's length ({self.max_steps} steps from --num_epochs)")
-            raise ValueError(f"{length} is smaller than step {read_state(path).get('step')} of checkpoint {path!r}: "
-                             "that run already trained further. Give a length of at least that step to continue it, "
-                             "or --overwrite_output_dir to start a new run.")
-        if path is None:
-            if latest:
-                acc.print(f"No checkpoint in {self.output_dir}; starting a new run.")
-            acc.wait_for_everyone()
-            metrics.truncate(0)
-            return
-        exact = self.check_settings(path)
-        state = load_checkpoint(acc, path, self.ema, exact=exact)
-        self.step, self.nimg = int(state["step"]), int(state["nimg"])
-        self.wall_offset = float(state.get("wall_time", 0.0))
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if not exact:
-            apply_changed_settings(self.optimizer, self.lr_scheduler, self.optimizer_settings, config.learning_rate)
-        metrics.truncate(self.step)
-        acc.print(f"Resumed from {path} at step {self.step}.")
 
     def check_finite(self, first_bad: torch.Tensor):
         """Raise :class:`NonFiniteLossError` naming the first step whose loss was NaN or ±inf (on any process)."""
@@ -317,13 +258,11 @@ class Trainer:
                   f"({self.max_steps / self.steps_per_epoch:.3g} epochs of {self.steps_per_epoch} steps)")
         segment_start = time.time()
         self.run_folder.start()
-        unwrapped = self.model
-        if config.use_ema:
-            self.ema = WarmupEMA(unwrapped, config.ema_inv_gamma, config.ema_power, config.ema_max_decay)
-        else:
-            self.ema = HalfLifeEMA(unwrapped, config.ema_halflife_kimg, config.ema_rampup_ratio)
-        self.ema.to(acc.device)
+        self.ema = make_ema(config, self.model).to(acc.device)
         acc.print(f"EMA: {self.ema.rule}")
+        self.power_ema = power_ema_tracking(config, self.model, self.global_batch, self.max_steps, self.run_folder,
+                                            acc)
+        self.trained_modules.prepare(acc.device)
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         register_model_hooks(acc)
         metrics = MetricsLogger(acc, self.run_folder.log_dir, config.sigma_buckets)
@@ -352,11 +291,7 @@ class Trainer:
                     objective = out.loss.mean()
                     acc.backward(objective)
                     if acc.sync_gradients:
-                        for p in self.model.parameters():  # as EDM: NaN → 0, ±inf → ±1e5
-                            if p.grad is not None:
-                                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
-                        if config.max_grad_norm:
-                            acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                        finish_gradients(acc, self.model, self.trained_modules, config.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 finite = torch.isfinite(objective.detach())
@@ -367,6 +302,8 @@ class Trainer:
             beta = self.ema.update(acc.unwrap_model(self.model), self.nimg, self.global_batch, self.step)
             self.nimg += self.global_batch
             self.step += 1
+            if self.power_ema is not None:  # before any checkpoint of this step: a resume never lacks its snapshot
+                self.power_ema.update(self.step, self.nimg, self.global_batch)
             progress.update(1)
             kill_point("step", self.step)
             check_launcher(self.launcher, self.step)
@@ -390,27 +327,6 @@ class Trainer:
         progress.close()
         self.check_finite(first_bad)
         return self.finish(wall_time, metrics)
-
-    def save_checkpoint(self, wall_time: float, reason: str) -> str:
-        path = save_checkpoint(self.accelerator, self.output_dir, self.step, self.ema,
-                               self.trainer_state(wall_time, reason), self.config.checkpoints_total_limit,
-                               run_id=self.run_id)
-        self.last_checkpoint = time.monotonic()
-        return path
-
-    def checkpoint_due_by_time(self) -> bool:
-        """Whether ``checkpointing_minutes`` have passed since the last checkpoint (or the start of this segment), by
-        the main process's clock, so that every process takes the same decision (called at logging steps, which
-        wait for the device anyway)."""
-        minutes, acc = self.config.checkpointing_minutes, self.accelerator
-        if not minutes:
-            return False
-        due = time.monotonic() - self.last_checkpoint >= 60 * minutes
-        if acc.num_processes > 1:
-            from accelerate.utils import broadcast
-
-            due = bool(broadcast(torch.tensor(due, device=acc.device), from_process=0))
-        return due
 
     def finish(self, wall_time: Callable[[], float], metrics: MetricsLogger) -> TrainingResult:
         """Final grid, ``save_pretrained`` folder, model card, summary, and last the Hub upload (main process; a
@@ -440,13 +356,9 @@ class Trainer:
             if config.push_to_hub:
                 result.pushed_to = config.hub_model_id
             print_summary(result)
-            relative = lambda path: os.path.relpath(path, self.output_dir) if path else None  # noqa: E731
             self.run_folder.claim(os.path.join(self.output_dir, FINISHED_FILE))
-            write_finished(self.output_dir, {
-                "run_id": self.run_id, "step": self.step, "fingerprint": self.fingerprint, "nimg": self.nimg,
-                "wall_time": round(elapsed, 3), "samples_path": relative(result.samples_path),
-                "model_card_path": relative(result.model_card_path), "metrics_path": relative(result.metrics_path),
-                "saved_class": result.saved_class, "ema": result.ema, "eval_seconds": round(result.eval_seconds, 3)})
+            write_finished(self.output_dir, {"run_id": self.run_id, "fingerprint": self.fingerprint,
+                                             **record_of_result(result)})
         acc.wait_for_everyone()
         acc.end_training()
         if config.push_to_hub and acc.is_main_process:  # last: other processes are not left waiting if it fails
@@ -458,13 +370,7 @@ class Trainer:
     def report_finished(self, record: Dict) -> TrainingResult:
         """The result of the finished run ``record`` describes, printed with where everything is; nothing is
         written."""
-        absolute = lambda path: os.path.join(self.output_dir, path) if path else None  # noqa: E731
-        result = TrainingResult(self.output_dir, record["step"], record.get("nimg", 0), record.get("wall_time", 0.0),
-                                samples_path=absolute(record.get("samples_path")),
-                                model_card_path=absolute(record.get("model_card_path")),
-                                metrics_path=absolute(record.get("metrics_path")),
-                                saved_class=record.get("saved_class"), ema=record.get("ema", True),
-                                eval_seconds=record.get("eval_seconds", 0.0))
+        result = result_of_record(self.output_dir, record)
         if self.accelerator.is_main_process:
             print(f"The run in {os.path.abspath(self.output_dir)} already finished at step {result.step} with these "
                   "settings: nothing to do, nothing changed. To train it further, raise --max_train_steps (or "
@@ -512,21 +418,3 @@ class Trainer:
         return write_model_card(self.output_dir, self.model_card, repo, datasets, table, grid, facts,
                                 weights="EMA" if result.ema else "trained")
 
-
-def print_summary(result: TrainingResult):
-    """The end-of-run summary: steps, images, time, and where everything went."""
-    lines = [f"\nTrained {result.step} steps ({result.nimg} images) in {result.wall_time / 60:.1f} min."]
-    if result.eval_seconds:
-        took = f"{result.eval_seconds:.1f} s" if result.eval_seconds < 60 else f"{result.eval_seconds / 60:.1f} min"
-        lines[0] += f" Metrics during training: {took} more (not counted above)."
-    if result.samples_path:
-        label = "Samples (EMA weights):" if result.ema else "Samples:"
-        lines.append(f"{label:<23}{os.path.abspath(result.samples_path)}")
-    if result.model_card_path:
-        lines.append(f"Model card:            {os.path.abspath(result.model_card_path)}")
-    lines.append(f"Saved folder:          {os.path.abspath(result.output_dir)}  ({result.saved_class}.from_pretrained)")
-    if result.metrics_path:
-        lines.append(f"Metrics:               {os.path.abspath(result.metrics_path)}")
-    if result.pushed_to:
-        lines.append(f"Hub repo:              https://huggingface.co/{result.pushed_to}  (uploaded last)")
-    print("\n".join(lines))
