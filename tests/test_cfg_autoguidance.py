@@ -234,7 +234,7 @@ def test_autoguidance_term_is_w_minus_one_times_the_denoiser_difference(conditio
                                   timestep=torch.tensor(math.log(sigma) / 4), class_labels=labels)
     delta = term.correction(evaluation)
     guide_output = 0.5 * model_input.double() + math.log(sigma) / 4
-    c_skip, c_out = 0.25 / (sigma**2 + 0.25), sigma * 0.5 / math.sqrt(sigma**2 + 0.25)
+    c_out = sigma * 0.5 / math.sqrt(sigma**2 + 0.25)
     expected = (w - 1) * c_out * (model_output.double() - guide_output)  # D_1 − D_0 = c_out·(F_1 − F_0)
     assert delta.dtype == torch.float64 and torch.allclose(delta, expected, rtol=1e-6)
     assert guide.seen["x"].dtype == torch.float64 and torch.equal(guide.seen["x"], model_input.double())
