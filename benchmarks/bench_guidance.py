@@ -10,7 +10,12 @@ The score model: ``--pipeline`` or the first EDM pipeline folder found under ``o
 ``examples/train_stf.py`` writes); if there is none, one is trained here with ``examples/train_stf.py --loss edm``.
 The discriminator is trained here with ``examples/train_discriminator.py`` (reused on reruns).
 
-    python benchmarks/bench_guidance.py [--pipeline outputs/train_stf] [--disc_steps 2000] [--part all|timing|quality]
+3. Classifier-free guidance and autoguidance cost (``--part cfg_autoguidance``, :mod:`bench_cfg_autoguidance`): one
+   batched CFG step against a conditional step (target <= 2.1), and an autoguided step against the main and the
+   guide network's forwards (target <= 1.1), on digits-size networks that need no training.
+
+    python benchmarks/bench_guidance.py [--pipeline outputs/train_stf] [--disc_steps 2000]
+                                        [--part all|timing|quality|cfg_autoguidance]
 """
 
 from __future__ import annotations
@@ -147,7 +152,7 @@ def summarize(runs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     add_model_args(parser, "bench_guidance")
-    parser.add_argument("--part", type=str, default="all", choices=("all", "timing", "quality"))
+    parser.add_argument("--part", type=str, default="all", choices=("all", "timing", "quality", "cfg_autoguidance"))
     parser.add_argument("--timing_batch", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--num_images", type=int, default=1000)
@@ -159,6 +164,13 @@ def main(argv=None):
     parser.add_argument("--results_dir", type=str, default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.part in ("all", "cfg_autoguidance"):
+        import bench_cfg_autoguidance
+
+        results = os.path.join(args.results_dir, f"bench_cfg_autoguidance{args.tag}.json")
+        bench_cfg_autoguidance.main(["--results", results])
+        if args.part == "cfg_autoguidance":
+            return
 
     score = find_score_pipeline(args)
     dg_folder = train_discriminator(args, score)
