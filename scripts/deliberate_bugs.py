@@ -82,7 +82,8 @@ def run(name: str, timeout: float) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--only", action="append", choices=tuple(BUGS), help="one bug (repeatable)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per bug")
     args = parser.parse_args(argv)

@@ -133,7 +133,7 @@ def run_mutant(workdir: pathlib.Path, relative: str, mutated: str, tests, timeou
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--jobs", type=int, default=2, help="mutants run at once (default 2)")
     parser.add_argument("--only", default=None, help="only the target whose qualname contains this")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant before it counts as a timeout")

@@ -62,7 +62,7 @@ def change(orig, mutant) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--mutants", default="mutants", help="mutmut's working folder (default: ./mutants)")
     parser.add_argument("--survivors", action="store_true", help="print the change of every surviving mutant")
     parser.add_argument("--only", default="*", help="a glob on mutant names, without the leading 'diffusers_stf.'")

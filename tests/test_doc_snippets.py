@@ -204,6 +204,8 @@ def placeholders(tmp_path_factory):
         for seed, name in ((31, "guid"), (33, "autog")):
             save(EDMPipeline(tiny_edm2(seed, 1000), EDMHeunScheduler(**edm2), guide_unet=tiny_edm2(seed + 1, 1000)),
                  f"converted/edm2-img512-xxl-{name}-fid")
+        save(EDMPipeline(tiny_edm2(40, None), EDMHeunScheduler(**edm2)),
+             "outputs/edm2-digits/posthoc_ema/posthoc-000000400-0.080")  # docs/training.md's phema folder
 
         extractor = load_feature_extractor("digits")
         stats = reference_statistics(extractor, "digits:train", cache_dir=str(root / "cache" / "reference_stats"))
