@@ -54,6 +54,7 @@ README's table (``--table`` prints it).
     python benchmarks/bench_evidence.py --quick              # smoke test: one seed, a few steps, tiny models
     python benchmarks/bench_evidence.py --only stf_vs_edm    # one comparison
     python benchmarks/bench_evidence.py --table              # print the markdown table of the existing json
+    python benchmarks/bench_evidence.py --combine A B        # one json from parallel --only parts (--results_dir A, B)
 """
 
 from __future__ import annotations
@@ -370,6 +371,39 @@ def _run(args, protocol: Protocol) -> Dict[str, object]:
     return evidence
 
 
+def combine(part_dirs, results_dir: str) -> Dict[str, object]:
+    """One ``evidence.json`` from the parts of one protocol run as parallel ``--only`` processes (one per core) of the
+    same commit, each with its own ``--results_dir``: the comparisons in the table's order, the plots copied beside
+    it; the wall time is the longest part's, and ``cached`` is true when any part took anything from a cache."""
+    import shutil
+
+    parts = []
+    for folder in part_dirs:
+        with open(os.path.join(folder, "evidence.json")) as f:
+            parts.append(json.load(f))
+    for key in ("protocol", "commit", "quick"):
+        if len({json.dumps(part.get(key), sort_keys=True) for part in parts}) != 1:
+            raise ValueError(f"--combine: the parts differ in {key}; combine only parts of one protocol and commit")
+    by_name = {c["name"]: c for part in parts for c in part["comparisons"]}
+    evidence = {**parts[0], "comparisons": [by_name[name] for name in COMPARISONS if name in by_name],
+                "seconds": max(part["seconds"] for part in parts), "cached": any(part["cached"] for part in parts),
+                "parallel_parts": len(parts)}
+    evidence.pop("dg_investigation", None)
+    for part in parts:
+        if "dg_investigation" in part:
+            evidence["dg_investigation"] = part["dg_investigation"]
+    os.makedirs(results_dir, exist_ok=True)
+    for record in [*evidence["comparisons"], evidence.get("dg_investigation", {})]:
+        for key in ("plot", "curves_plot"):
+            if key in record:
+                target = os.path.join(results_dir, os.path.basename(record[key]))
+                shutil.copyfile(os.path.join(ROOT, record[key]), target)
+                record[key] = os.path.relpath(target, ROOT)
+    write_json(os.path.join(results_dir, "evidence.json"), evidence)
+    print(render_table(evidence))
+    return evidence
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -386,7 +420,11 @@ def main(argv=None):
                              "two contending OpenMP threads can be 20x slower than one)")
     parser.add_argument("--quiet", action="store_true", help="hide the training scripts' own output")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the existing json and exit")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="PART_RESULTS_DIR",
+                        help="write --results_dir's evidence.json from parallel --only parts (their --results_dir)")
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.results_dir)
     if args.table:
         with open(os.path.join(args.results_dir, "evidence.json")) as f:
             evidence = json.load(f)

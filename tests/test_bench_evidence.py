@@ -141,3 +141,42 @@ def test_the_full_protocols_edm2_network_has_the_unet2d_arms_parameter_count(ben
         counts[name] = sum(p.numel() for p in model.parameters())
     assert type(model).__name__ == "EDM2UNet"
     assert abs(counts["edm2"] / counts["unet2d"] - 1) < 0.01, counts
+
+
+def test_combine_orders_the_parts_copies_their_plots_and_refuses_parts_of_another_commit(bench, tmp_path):
+    """Two parallel --only parts become one json: the table's order, the longest part's wall time, the plots beside
+    the combined json; parts of another commit are refused."""
+    def part(name, comparisons, seconds, commit="abc", cached=False, investigation=False):
+        folder = tmp_path / name
+        folder.mkdir()
+        records = []
+        for comparison in comparisons:
+            plot = folder / f"evidence_{comparison}.png"
+            plot.write_bytes(comparison.encode())
+            records.append({"name": comparison, "plot": os.path.relpath(plot, ROOT), "baseline": [1.0, 1.2],
+                            "method": [0.5, 0.7], "seeds": [0, 1]})
+        evidence = {"comparisons": records, "protocol": {"seeds": [0]}, "commit": commit, "quick": False,
+                    "seconds": seconds, "cached": cached, "real_heldout_fd_train": 2.6}
+        if investigation:
+            evidence["dg_investigation"] = {"weights": [1.0]}
+        (folder / "evidence.json").write_text(json.dumps(evidence))
+        return str(folder)
+
+    a = part("a", ["dg_vs_unguided", "stf_vs_edm"], 100.0, investigation=True)
+    b = part("b", ["posthoc_ema", "sa2_vs_ddpm_ddim10"], 250.0)
+    results = tmp_path / "results"
+    evidence = bench.main(["--combine", a, b, "--results_dir", str(results)])
+    names = [c["name"] for c in evidence["comparisons"]]
+    assert names == [n for n in bench.COMPARISONS if n in {"dg_vs_unguided", "stf_vs_edm", "posthoc_ema",
+                                                             "sa2_vs_ddpm_ddim10"}]
+    assert names[:2] == ["stf_vs_edm", "sa2_vs_ddpm_ddim10"]
+    assert evidence["seconds"] == 250.0 and evidence["cached"] is False and evidence["parallel_parts"] == 2
+    assert evidence["dg_investigation"] == {"weights": [1.0]}
+    for comparison in evidence["comparisons"]:
+        copied = os.path.join(ROOT, comparison["plot"])
+        assert os.path.dirname(os.path.realpath(copied)) == os.path.realpath(results)
+        assert open(copied, "rb").read() == comparison["name"].encode()
+    assert json.loads((results / "evidence.json").read_text())["comparisons"] == evidence["comparisons"]
+    other = part("c", ["cfg_vs_conditional"], 10.0, commit="def")
+    with pytest.raises(ValueError, match="commit"):
+        bench.main(["--combine", a, other, "--results_dir", str(tmp_path / "r2")])
