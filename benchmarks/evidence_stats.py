@@ -69,5 +69,5 @@ def verdict(comparison: Dict[str, object], alpha: float = 0.05) -> str:
         return f"{comparison['name']}: the method helps: {where} ({change:.0f} % lower, Welch p = {s['p_value']:.2g})."
     if s["p_value"] < alpha:
         return f"{comparison['name']}: the method hurts: {where} ({-change:.0f} % higher, Welch p = {s['p_value']:.2g})."
-    return (f"{comparison['name']}: no significant difference: {where} ({change:+.0f} %, Welch p = "
-            f"{s['p_value']:.2g}).")
+    direction = f"{abs(change):.0f} % {'lower' if change >= 0 else 'higher'}"
+    return f"{comparison['name']}: no significant difference: {where} ({direction}, Welch p = {s['p_value']:.2g})."

@@ -52,6 +52,9 @@ def test_table_and_verdict_state_each_arm_the_ratio_and_p(bench):
     assert cells[6] == f"{p:.2g}" and cells[7] == "3" and "evidence_stf_vs_edm.png" in cells[8]
     assert "helps" in bench.verdict(evidence["comparisons"][0])
     assert "no significant difference" in bench.verdict(evidence["comparisons"][1])
+    lower = {"name": "x", "baseline": [20.0, 23.0, 26.0], "method": [19.0, 22.0, 25.0], "seeds": [0, 1, 2]}
+    higher = {**lower, "method": [21.0, 24.0, 27.0]}
+    assert "(4 % lower, Welch p" in bench.verdict(lower) and "(4 % higher, Welch p" in bench.verdict(higher)
 
 
 def test_quick_smoke_run_writes_the_evidence_and_resumes_skipping_finished_work(bench, tmp_path, monkeypatch, capsys):
