@@ -21,6 +21,7 @@ import ast
 import os
 import re
 import shutil
+import sys
 import textwrap
 
 import pytest
@@ -154,7 +155,16 @@ def write_nvlabs_edm_snapshot(path, label_dim, seed):
 
 @pytest.fixture(scope="module")
 def placeholders(tmp_path_factory):
-    """A folder where every path the pages name exists, built from tiny random networks."""
+    """A folder where every path the pages name exists, built from tiny random networks; the modules the pages
+    import from it (``benchmarks/`` through its link) leave ``sys.modules`` with it, so later tests import their own."""
+    root = tmp_path_factory.mktemp("pages")
+    yield build_placeholders(root)
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(root)):
+            del sys.modules[name]
+
+
+def build_placeholders(root):
     from diffusers import DDPMPipeline, DDPMScheduler
 
     from diffusers_stf import (
@@ -167,7 +177,6 @@ def placeholders(tmp_path_factory):
     from diffusers_stf.conversion.cli import main as convert
     from diffusers_stf.evaluation import load_feature_extractor, reference_statistics, save_reference_stats
 
-    root = tmp_path_factory.mktemp("pages")
     cwd = os.getcwd()
     os.chdir(root)
     try:
