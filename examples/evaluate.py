@@ -133,12 +133,12 @@ def format_report(result: Dict[str, object]) -> str:
 
 def _streaming_pipeline(args):
     """The pipeline of ``--pipeline`` with the scheduler options applied, and the settings that determine its images."""
-    from diffusers_stf.evaluation.sampler_options import apply_scheduler_args
+    from diffusers_stf.evaluation.sampler_options import SamplerOptions
     from diffusers_stf.evaluation.sampling import load_pipeline
     from diffusers_stf.evaluation.streaming import pipeline_folder_fingerprint
 
     pipe = load_pipeline(args.pipeline, device=args.device)
-    pipe = apply_scheduler_args(pipe, args)
+    pipe = SamplerOptions.from_args(args).apply(pipe)
     settings = {
         "pipeline_files": pipeline_folder_fingerprint(args.pipeline),
         "pipeline_class": type(pipe).__name__,

@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_stf.evaluation.images import to_uint8
-from diffusers_stf.evaluation.sampler_options import add_sampler_args, apply_scheduler_args, parse_json_options
+from diffusers_stf.evaluation.sampler_options import SamplerOptions, add_sampler_args, parse_json_options
 from diffusers_stf.evaluation.sampling import (
     generate_batch, load_guide_unet, load_pipeline, pipeline_num_classes, pipeline_with_guide,
 )
@@ -214,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.pipeline, device=device)
-    pipe = apply_scheduler_args(pipe, args)
+    pipe = SamplerOptions.from_args(args).apply(pipe)
     if args.guide_unet is not None:
         pipe = pipeline_with_guide(pipe, load_guide_unet(args.guide_unet).to(pipe.device))
     num_classes = pipeline_num_classes(pipe)

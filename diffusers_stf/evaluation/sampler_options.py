@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from typing import Mapping, Optional
 
 from .sampling import make_scheduler, pipeline_with_scheduler
 
@@ -36,12 +38,28 @@ def parse_json_options(parser: argparse.ArgumentParser, args: argparse.Namespace
         setattr(args, name, value)
 
 
-def apply_scheduler_args(pipe, args: argparse.Namespace):
-    """``pipe`` with the scheduler of ``--scheduler`` (default: its own class) configured by the churn options and
-    ``--scheduler_kwargs``; ``pipe`` itself when none is given."""
-    overrides = {k: getattr(args, k) for k in CHURN_OPTIONS if getattr(args, k) is not None}
-    overrides.update(args.scheduler_kwargs)
-    if args.scheduler is None and not overrides:
-        return pipe
-    name = args.scheduler or type(pipe.scheduler).__name__
-    return pipeline_with_scheduler(pipe, make_scheduler(pipe.scheduler, name, **overrides))
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+    """The scheduler a pipeline samples with: ``scheduler`` (None: the pipeline's own class), EDM's churn settings and
+    other config overrides (None: the saved value)."""
+
+    scheduler: Optional[str] = None
+    s_churn: Optional[float] = None
+    s_tmin: Optional[float] = None
+    s_tmax: Optional[float] = None
+    s_noise: Optional[float] = None
+    scheduler_kwargs: Mapping = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "SamplerOptions":
+        """The options of a command line built with :func:`add_sampler_args` (after :func:`parse_json_options`)."""
+        return cls(**{f.name: vars(args)[f.name] for f in dataclasses.fields(cls)})
+
+    def apply(self, pipe):
+        """``pipe`` with the chosen scheduler configured by the overrides; ``pipe`` itself when none is given."""
+        overrides = {k: getattr(self, k) for k in CHURN_OPTIONS if getattr(self, k) is not None}
+        overrides.update(self.scheduler_kwargs)
+        if self.scheduler is None and not overrides:
+            return pipe
+        name = self.scheduler or type(pipe.scheduler).__name__
+        return pipeline_with_scheduler(pipe, make_scheduler(pipe.scheduler, name, **overrides))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from .config import UNetConfig, check_count
-from .unet import make_unet
+from .unet import config_file_kwargs, make_unet
 
 ARCHITECTURES = ("unet2d", "ddpmpp", "ncsnpp", "adm", "edm2")
 EDM_NETWORKS = ("ddpmpp", "ncsnpp", "adm", "edm2")
@@ -130,27 +130,6 @@ def edm_network_kwargs(network: NetworkConfig, unet: UNetConfig) -> Dict:
     if network.architecture == "edm2":
         kwargs["channels_per_head"] = network.channels_per_head
     return {**kwargs, **SONG_VARIANTS.get(network.architecture, {})}
-
-
-def config_file_kwargs(cls, path: str, sample_size: int, channels: int) -> Dict:
-    """The arguments in the ``config.json`` at ``path`` (a file, a folder or a Hub id) of a ``cls`` model, with the
-    data's resolution and channels; a ValueError naming the flag when it is unreadable, of another class, or made for
-    other images."""
-    try:
-        loaded = dict(cls.load_config(path))
-    except Exception as err:  # diffusers raises several types for missing files and unknown Hub ids
-        raise ValueError(f"--model_config_name_or_path {path!r}: cannot read a {cls.__name__} config there "
-                         f"({type(err).__name__}: {err})") from err
-    found = loaded.get("_class_name")
-    if found not in (None, cls.__name__):
-        raise ValueError(f"--model_config_name_or_path {path!r} is a {found} config; --architecture needs a "
-                         f"{cls.__name__}")
-    loaded = {k: v for k, v in loaded.items() if not k.startswith("_")}
-    for key, value in (("sample_size", sample_size), ("in_channels", channels), ("out_channels", channels)):
-        if loaded.get(key) not in (None, value):
-            raise ValueError(f"--model_config_name_or_path has {key}={loaded[key]} but the data needs {value}")
-        loaded[key] = value
-    return loaded
 
 
 def make_network(network: NetworkConfig, unet: UNetConfig, sample_size: int, channels: int,

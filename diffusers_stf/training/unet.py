@@ -7,22 +7,32 @@ from diffusers import UNet2DModel
 from .config import UNetConfig
 
 
+def config_file_kwargs(cls, path: str, sample_size: int, channels: int) -> dict:
+    """The arguments in the ``config.json`` at ``path`` (a file, a folder or a Hub id) of a ``cls`` model, with the
+    data's resolution and channels; a ValueError naming the flag when it is unreadable, of another class, or made for
+    other images."""
+    try:
+        loaded = dict(cls.load_config(path))
+    except Exception as err:  # diffusers raises several types for missing files and unknown Hub ids
+        raise ValueError(f"--model_config_name_or_path {path!r}: cannot read a {cls.__name__} config there "
+                         f"({type(err).__name__}: {err})") from err
+    found = loaded.get("_class_name")
+    if found not in (None, cls.__name__):
+        raise ValueError(f"--model_config_name_or_path {path!r} is a {found} config; --architecture needs a "
+                         f"{cls.__name__}")
+    loaded = {k: v for k, v in loaded.items() if not k.startswith("_")}
+    for key, value in (("sample_size", sample_size), ("in_channels", channels), ("out_channels", channels)):
+        if loaded.get(key) not in (None, value):
+            raise ValueError(f"--model_config_name_or_path has {key}={loaded[key]} but the data needs {value}")
+        loaded[key] = value
+    return loaded
+
+
 def unet_config(config: UNetConfig, sample_size: int, channels: int) -> dict:
     """``UNet2DModel`` keyword arguments for ``config`` (no attention unless asked; positional time embedding, which
     takes the float c_noise of the EDM preconditioning)."""
     if config.model_config_name_or_path:
-        path = config.model_config_name_or_path
-        try:
-            loaded = dict(UNet2DModel.load_config(path))
-        except Exception as err:  # diffusers raises several types for missing files and unknown Hub ids
-            raise ValueError(f"--model_config_name_or_path {path!r}: cannot read a UNet2DModel config there "
-                             f"({type(err).__name__}: {err})") from err
-        loaded = {k: v for k, v in loaded.items() if not k.startswith("_")}
-        for key, value in (("sample_size", sample_size), ("in_channels", channels), ("out_channels", channels)):
-            if loaded.get(key) not in (None, value):
-                raise ValueError(f"--model_config_name_or_path has {key}={loaded[key]} but the data needs {value}")
-            loaded[key] = value
-        return loaded
+        return config_file_kwargs(UNet2DModel, config.model_config_name_or_path, sample_size, channels)
     blocks = tuple(config.block_out_channels)
     attention = set(config.attention_levels)
     groups = config.norm_num_groups or min(32, blocks[0])
